@@ -1,0 +1,306 @@
+//! `Link`: an established, authenticated, bidirectional message channel to one peer.
+//!
+//! A link is backend-agnostic: each backend supplies a [`SendHalf`] and a [`RecvHalf`], and the
+//! collectives above never know which backend they run on (NCCL's shape). Messages are sent from
+//! the caller's buffer and received into the caller's buffer, so a backend with registered memory
+//! (RDMA) needs no hidden copy. Every call takes a deadline, or inherits the link's timeout.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::deadline::Deadline;
+use crate::error::{Error, Result};
+use crate::handshake::TransportKind;
+use crate::wait::WaitStrategy;
+
+/// Default timeout of a link's calls that are given no deadline.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A received message: its tag and its length (the bytes are in the caller's buffer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The sender's tag.
+    pub tag: u32,
+    /// Payload length: the first `len` bytes of the buffer hold it.
+    pub len: usize,
+}
+
+/// Facts about an established link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The backend carrying the link.
+    pub transport: TransportKind,
+    /// The peer's address, printable.
+    pub peer_addr: String,
+    /// The peer's node id, as it proved in the handshake.
+    pub peer_node_id: u64,
+    /// The protocol version in use.
+    pub version: u16,
+    /// The largest message either side may send.
+    pub max_payload: u32,
+    /// How the link waits.
+    pub wait: WaitStrategy,
+}
+
+impl fmt::Display for LinkInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} link to node {:#x} at {} (protocol v{}, max message {} B, wait {})",
+            self.transport,
+            self.peer_node_id,
+            self.peer_addr,
+            self.version,
+            self.max_payload,
+            self.wait
+        )
+    }
+}
+
+/// The sending half of a backend.
+pub trait SendHalf: Send {
+    /// Sends one message from `payload`, blocking until it is handed to the medium or the
+    /// deadline passes.
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`], [`Error::Timeout`], [`Error::PeerGone`], [`Error::Broken`], ...
+    fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()>;
+}
+
+/// The receiving half of a backend.
+pub trait RecvHalf: Send {
+    /// Receives the next message into `buf`.
+    ///
+    /// # Errors
+    /// [`Error::BufferTooSmall`] (nothing consumed), [`Error::Timeout`], [`Error::Closed`],
+    /// [`Error::PeerGone`], [`Error::Frame`], [`Error::Broken`], ...
+    fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message>;
+}
+
+/// The sending half of a [`Link`], usable from its own thread.
+pub struct LinkSender {
+    half: Box<dyn SendHalf>,
+    timeout: Duration,
+    info: Arc<LinkInfo>,
+}
+
+/// The receiving half of a [`Link`], usable from its own thread.
+pub struct LinkReceiver {
+    half: Box<dyn RecvHalf>,
+    timeout: Duration,
+    info: Arc<LinkInfo>,
+}
+
+/// An established, authenticated, bidirectional message link to one peer.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use transport::{ClusterKey, LinkConfig, tcp};
+///
+/// let key = ClusterKey::from_hex(&"00".repeat(32), "example")?;
+/// let mut link = tcp::connect("10.0.0.2:7470", &LinkConfig::new(key))?;
+/// link.send(7, b"hello")?;
+/// let mut buf = vec![0u8; 1 << 20];
+/// let msg = link.recv(&mut buf)?;
+/// println!("tag {} carried {:?}", msg.tag, &buf[..msg.len]);
+/// # Ok::<(), transport::Error>(())
+/// ```
+pub struct Link {
+    tx: LinkSender,
+    rx: LinkReceiver,
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("info", &*self.tx.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Assembles a link from a backend's halves. Used by backends.
+    pub fn from_halves(
+        tx: Box<dyn SendHalf>,
+        rx: Box<dyn RecvHalf>,
+        info: LinkInfo,
+        timeout: Duration,
+    ) -> Self {
+        let info = Arc::new(info);
+        Link {
+            tx: LinkSender {
+                half: tx,
+                timeout,
+                info: info.clone(),
+            },
+            rx: LinkReceiver {
+                half: rx,
+                timeout,
+                info,
+            },
+        }
+    }
+
+    /// Facts about the link.
+    pub fn info(&self) -> &LinkInfo {
+        &self.tx.info
+    }
+
+    /// Sets the timeout of calls given no deadline.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.tx.timeout = timeout;
+        self.rx.timeout = timeout;
+    }
+
+    /// Sends `payload` with `tag`, within the link's timeout.
+    ///
+    /// # Errors
+    /// As [`SendHalf::send`].
+    pub fn send(&mut self, tag: u32, payload: &[u8]) -> Result<()> {
+        self.tx.send(tag, payload)
+    }
+
+    /// Sends `payload` with `tag` before `deadline`.
+    ///
+    /// # Errors
+    /// As [`SendHalf::send`].
+    pub fn send_until(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
+        self.tx.send_until(tag, payload, deadline)
+    }
+
+    /// Receives the next message into `buf`, within the link's timeout.
+    ///
+    /// # Errors
+    /// As [`RecvHalf::recv`].
+    pub fn recv(&mut self, buf: &mut [u8]) -> Result<Message> {
+        self.rx.recv(buf)
+    }
+
+    /// Receives the next message into `buf` before `deadline`.
+    ///
+    /// # Errors
+    /// As [`RecvHalf::recv`].
+    pub fn recv_until(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
+        self.rx.recv_until(buf, deadline)
+    }
+
+    /// Splits the link into halves that two threads can use at once.
+    pub fn split(self) -> (LinkSender, LinkReceiver) {
+        (self.tx, self.rx)
+    }
+
+    /// Reassembles halves split from the same link.
+    ///
+    /// # Errors
+    /// Gives the halves back when they come from different links.
+    pub fn unsplit(
+        tx: LinkSender,
+        rx: LinkReceiver,
+    ) -> std::result::Result<Link, (LinkSender, LinkReceiver)> {
+        if Arc::ptr_eq(&tx.info, &rx.info) {
+            Ok(Link { tx, rx })
+        } else {
+            Err((tx, rx))
+        }
+    }
+}
+
+impl LinkSender {
+    /// Facts about the link.
+    pub fn info(&self) -> &LinkInfo {
+        &self.info
+    }
+
+    /// Sends within the link's timeout.
+    ///
+    /// # Errors
+    /// As [`SendHalf::send`].
+    pub fn send(&mut self, tag: u32, payload: &[u8]) -> Result<()> {
+        self.half.send(tag, payload, Deadline::after(self.timeout))
+    }
+
+    /// Sends before `deadline`.
+    ///
+    /// # Errors
+    /// As [`SendHalf::send`].
+    pub fn send_until(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
+        self.half.send(tag, payload, deadline)
+    }
+}
+
+impl LinkReceiver {
+    /// Facts about the link.
+    pub fn info(&self) -> &LinkInfo {
+        &self.info
+    }
+
+    /// Receives within the link's timeout.
+    ///
+    /// # Errors
+    /// As [`RecvHalf::recv`].
+    pub fn recv(&mut self, buf: &mut [u8]) -> Result<Message> {
+        self.half.recv(buf, Deadline::after(self.timeout))
+    }
+
+    /// Receives before `deadline`.
+    ///
+    /// # Errors
+    /// As [`RecvHalf::recv`].
+    pub fn recv_until(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
+        self.half.recv(buf, deadline)
+    }
+}
+
+/// Settings shared by every link a node opens or accepts.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// The pre-shared cluster key.
+    pub key: crate::key::ClusterKey,
+    /// This node's id, sent in the handshake.
+    pub node_id: u64,
+    /// How to wait for the peer.
+    pub wait: WaitStrategy,
+    /// Timeout of link calls given no deadline.
+    pub timeout: Duration,
+    /// Deadline of the whole handshake; a peer that stalls longer is dropped.
+    pub handshake_timeout: Duration,
+    /// How long a connector keeps retrying while the peer is not listening yet.
+    pub connect_timeout: Duration,
+    /// The largest message this side accepts; the link uses the smaller of the two sides'.
+    pub max_payload: u32,
+    /// Socket send and receive buffer size; `None` leaves the kernel's autotuning on.
+    pub socket_buffer: Option<usize>,
+}
+
+impl LinkConfig {
+    /// Defaults: a random node id, adaptive waiting, 30 s call timeout, 5 s handshake, 30 s of
+    /// connect retries, 256 MiB maximum message, kernel-tuned socket buffers.
+    pub fn new(key: crate::key::ClusterKey) -> Self {
+        let mut id = [0u8; 8];
+        // A node id only needs to be unlikely to collide; fall back to the pid if the random
+        // source fails.
+        let node_id = match getrandom::fill(&mut id) {
+            Ok(()) => u64::from_le_bytes(id),
+            Err(_) => u64::from(std::process::id()),
+        };
+        LinkConfig {
+            key,
+            node_id,
+            wait: WaitStrategy::default(),
+            timeout: DEFAULT_TIMEOUT,
+            handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(30),
+            max_payload: 256 << 20,
+            socket_buffer: None,
+        }
+    }
+}
+
+/// Checks a message against the negotiated maximum before anything is sent.
+pub(crate) fn check_len(len: usize, max: u32) -> Result<()> {
+    if len > max as usize {
+        return Err(Error::MessageTooLarge { len, max });
+    }
+    Ok(())
+}

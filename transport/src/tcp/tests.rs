@@ -1,0 +1,469 @@
+//! TCP backend tests over loopback: each failure a user or peer can cause ends in a clear error.
+
+use super::*;
+use crate::handshake::Side;
+use crate::key::ClusterKey;
+use std::thread;
+
+fn key(b: u8) -> ClusterKey {
+    ClusterKey::from_bytes(&[b; 32]).unwrap()
+}
+
+fn cfg(k: u8) -> LinkConfig {
+    let mut c = LinkConfig::new(key(k));
+    c.handshake_timeout = Duration::from_secs(2);
+    c.connect_timeout = Duration::from_secs(2);
+    c.timeout = Duration::from_secs(10);
+    c
+}
+
+fn listener(c: &LinkConfig) -> (Listener, SocketAddr) {
+    let l = Listener::bind("127.0.0.1:0", c).unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// Accepts one link on a thread and hands back its result.
+fn accept_one(l: Listener) -> thread::JoinHandle<Result<Link>> {
+    thread::spawn(move || l.accept_until(Deadline::after(Duration::from_secs(5))))
+}
+
+fn pair(c: &LinkConfig) -> (Link, Link) {
+    let (l, a) = listener(c);
+    let srv = accept_one(l);
+    let client = connect(a, c).unwrap();
+    (client, srv.join().unwrap().unwrap())
+}
+
+/// A client that completes a genuine handshake and then gives the test the raw socket.
+fn raw_authenticated(a: SocketAddr, c: &LinkConfig) -> TcpStream {
+    let (stream, _) = connect_stream(&a, c).unwrap();
+    let conn = Conn {
+        stream: Arc::new(stream),
+        peer: a.to_string(),
+        wait: WaitStrategy::Block,
+    };
+    drive_handshake(
+        &conn,
+        Handshake::client(handshake_config(c)).unwrap(),
+        c.handshake_timeout,
+    )
+    .unwrap();
+    let stream = Arc::try_unwrap(conn.stream).unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+fn handshake_error(r: Result<Link>) -> HandshakeError {
+    match r {
+        Err(Error::Handshake { source, .. }) => source,
+        other => panic!("expected a handshake error, got {other:?}"),
+    }
+}
+
+#[test]
+fn messages_of_every_size_round_trip() {
+    for wait in [
+        WaitStrategy::Spin,
+        WaitStrategy::Block,
+        WaitStrategy::default(),
+    ] {
+        let mut c = cfg(1);
+        c.wait = wait;
+        let (mut a, mut b) = pair(&c);
+        let sizes = [
+            0usize,
+            1,
+            7,
+            HEADER_LEN,
+            4096,
+            65_537,
+            1 << 20,
+            (8 << 20) + 3,
+        ];
+        let echo = thread::spawn(move || {
+            let mut buf = vec![0u8; 9 << 20];
+            for _ in 0..sizes.len() {
+                let m = b.recv(&mut buf).unwrap();
+                b.send(m.tag + 1, &buf[..m.len]).unwrap();
+            }
+        });
+        let mut buf = vec![0u8; 9 << 20];
+        for (i, &n) in sizes.iter().enumerate() {
+            let data: Vec<u8> = (0..n).map(|j| (j * 31 + i) as u8).collect();
+            a.send(i as u32, &data).unwrap();
+            let m = a.recv(&mut buf).unwrap();
+            assert_eq!(
+                m,
+                Message {
+                    tag: i as u32 + 1,
+                    len: n
+                }
+            );
+            assert!(buf[..n] == data[..], "{wait}: payload of {n} bytes differs");
+        }
+        echo.join().unwrap();
+    }
+}
+
+#[test]
+fn halves_work_concurrently_from_two_threads() {
+    // Both sides send 32 MiB while receiving 32 MiB: without truly independent halves the socket
+    // buffers fill and both sides deadlock (and the deadline turns that into a failure).
+    let (a, b) = pair(&cfg(1));
+    let run = |link: Link| {
+        thread::spawn(move || {
+            let (mut tx, mut rx) = link.split();
+            let sender = thread::spawn(move || {
+                let msg = vec![0xabu8; 256 << 10];
+                for i in 0..128u32 {
+                    tx.send(i, &msg).unwrap();
+                }
+                tx
+            });
+            let mut buf = vec![0u8; 256 << 10];
+            for i in 0..128u32 {
+                let m = rx.recv(&mut buf).unwrap();
+                assert_eq!((m.tag, m.len), (i, 256 << 10));
+                assert!(buf.iter().all(|&x| x == 0xab));
+            }
+            let tx = sender.join().unwrap();
+            assert!(Link::unsplit(tx, rx).is_ok());
+        })
+    };
+    let (ta, tb) = (run(a), run(b));
+    ta.join().unwrap();
+    tb.join().unwrap();
+}
+
+#[test]
+fn halves_of_different_links_do_not_unsplit() {
+    let (a, b) = pair(&cfg(1));
+    let (ta, _ra) = a.split();
+    let (_tb, rb) = b.split();
+    assert!(Link::unsplit(ta, rb).is_err());
+}
+
+#[test]
+fn recv_deadline_expires_and_the_link_stays_usable() {
+    let (mut a, mut b) = pair(&cfg(1));
+    let mut buf = [0u8; 16];
+    let t = Instant::now();
+    let err = a
+        .recv_until(&mut buf, Deadline::after(Duration::from_millis(100)))
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { op: "recv", .. }), "{err:?}");
+    assert!(t.elapsed() >= Duration::from_millis(100) && t.elapsed() < Duration::from_secs(3));
+    b.send(5, b"late").unwrap();
+    assert_eq!(a.recv(&mut buf).unwrap(), Message { tag: 5, len: 4 });
+}
+
+#[test]
+fn a_too_small_buffer_consumes_nothing() {
+    let (mut a, mut b) = pair(&cfg(1));
+    b.send(1, &[7u8; 100]).unwrap();
+    let mut small = [0u8; 10];
+    let err = a.recv(&mut small).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BufferTooSmall {
+                needed: 100,
+                capacity: 10
+            }
+        ),
+        "{err:?}"
+    );
+    let mut big = [0u8; 100];
+    assert_eq!(a.recv(&mut big).unwrap(), Message { tag: 1, len: 100 });
+    assert_eq!(big, [7u8; 100]);
+}
+
+#[test]
+fn a_message_over_the_negotiated_maximum_is_refused_before_sending() {
+    let mut small = cfg(1);
+    small.max_payload = 1000;
+    let (l, addr) = listener(&cfg(1));
+    let srv = accept_one(l);
+    let mut a = connect(addr, &small).unwrap();
+    let mut b = srv.join().unwrap().unwrap();
+    assert_eq!(b.info().max_payload, 1000, "the smaller side's limit wins");
+    let err = b.send(0, &[0u8; 1001]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MessageTooLarge {
+                len: 1001,
+                max: 1000
+            }
+        ),
+        "{err:?}"
+    );
+    b.send(0, &[1u8; 1000]).unwrap();
+    let mut buf = vec![0u8; 1000];
+    assert_eq!(a.recv(&mut buf).unwrap().len, 1000);
+}
+
+#[test]
+fn orderly_close_and_vanished_peer_are_told_apart() {
+    let (mut a, b) = pair(&cfg(1));
+    drop(b);
+    let mut buf = [0u8; 8];
+    assert!(matches!(a.recv(&mut buf), Err(Error::Closed { .. })));
+    assert!(
+        matches!(a.recv(&mut buf), Err(Error::Broken { .. })),
+        "later calls fail fast"
+    );
+
+    let c = cfg(1);
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let raw = raw_authenticated(addr, &c);
+    let mut server = srv.join().unwrap().unwrap();
+    drop(raw); // no close frame: the socket just goes away, as when a process is killed
+    let err = server.recv(&mut buf).unwrap_err();
+    assert!(matches!(err, Error::PeerGone { .. }), "{err:?}");
+    assert!(err.is_peer_failure());
+}
+
+#[test]
+fn wrong_key_is_refused_with_a_clear_error_on_both_sides() {
+    let (l, addr) = listener(&cfg(1));
+    let srv = accept_one(l);
+    let client = handshake_error(connect(addr, &cfg(2)));
+    let server = handshake_error(srv.join().unwrap());
+    assert!(
+        matches!(
+            client,
+            HandshakeError::WrongKey {
+                detected_by: Side::Local
+            }
+        ),
+        "{client:?}"
+    );
+    assert!(
+        matches!(
+            server,
+            HandshakeError::WrongKey {
+                detected_by: Side::Peer
+            }
+        ),
+        "{server:?}"
+    );
+    assert!(client.to_string().contains("wrong cluster key"));
+}
+
+#[test]
+fn incompatible_version_is_refused_on_both_sides() {
+    let c = cfg(1);
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let (stream, _) = connect_stream(&addr, &c).unwrap();
+    let conn = Conn {
+        stream: Arc::new(stream),
+        peer: addr.to_string(),
+        wait: WaitStrategy::Block,
+    };
+    let mut future = handshake_config(&c);
+    future.versions = (7, 9);
+    let client = drive_handshake(
+        &conn,
+        Handshake::client(future).unwrap(),
+        c.handshake_timeout,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            client,
+            HandshakeError::IncompatibleVersion { theirs: (1, 1), .. }
+        ),
+        "{client:?}"
+    );
+    let server = handshake_error(srv.join().unwrap());
+    assert!(
+        matches!(
+            server,
+            HandshakeError::IncompatibleVersion { theirs: (7, 9), .. }
+        ),
+        "{server:?}"
+    );
+}
+
+#[test]
+fn a_stalled_peer_is_dropped_at_the_handshake_deadline() {
+    let mut c = cfg(1);
+    c.handshake_timeout = Duration::from_millis(300);
+    // A client that connects and says nothing.
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let _silent = TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    let e = handshake_error(srv.join().unwrap());
+    assert!(matches!(e, HandshakeError::Timeout { .. }), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+
+    // A server that accepts and says nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let t = Instant::now();
+    let e = handshake_error(connect(addr, &c));
+    assert!(matches!(e, HandshakeError::Timeout { .. }), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn a_truncated_handshake_is_reported_as_such() {
+    let c = cfg(1);
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let mut hs = Handshake::client(handshake_config(&c)).unwrap();
+    let hello = hs.poll_transmit().unwrap();
+    let mut raw = TcpStream::connect(addr).unwrap();
+    raw.write_all(&hello[..hello.len() / 2]).unwrap();
+    drop(raw);
+    let e = handshake_error(srv.join().unwrap());
+    assert!(matches!(e, HandshakeError::Truncated { .. }), "{e:?}");
+}
+
+#[test]
+fn random_bytes_are_refused_as_garbage() {
+    let c = cfg(1);
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let mut raw = TcpStream::connect(addr).unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: sinew\r\n\r\n")
+        .unwrap();
+    let e = handshake_error(srv.join().unwrap());
+    assert!(matches!(e, HandshakeError::Garbage(_)), "{e:?}");
+    // The server hangs up: the connection reaches EOF rather than staying open.
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+}
+
+#[test]
+fn an_oversized_frame_on_an_established_link_is_an_error() {
+    let c = cfg(1);
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let mut raw = raw_authenticated(addr, &c);
+    let mut server = srv.join().unwrap().unwrap();
+    let forged = FrameHeader {
+        kind: FrameKind::DATA,
+        flags: crate::frame::FrameFlags::NONE,
+        tag: 0,
+        seq: 0,
+        len: u32::MAX,
+        payload_crc: 0,
+    };
+    raw.write_all(&forged.encode()).unwrap();
+    let mut buf = vec![0u8; 64];
+    let err = server.recv(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Frame {
+                source: FrameError::Oversized { len: u32::MAX, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(server.recv(&mut buf), Err(Error::Broken { .. })));
+}
+
+#[test]
+fn a_corrupted_header_on_an_established_link_is_an_error() {
+    let c = cfg(1);
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let mut raw = raw_authenticated(addr, &c);
+    let mut server = srv.join().unwrap().unwrap();
+    let mut bytes = FrameHeader::try_for_payload(FrameKind::DATA, 3, 0, b"abcd", false)
+        .unwrap()
+        .encode();
+    bytes[9] ^= 0x10; // the tag
+    raw.write_all(&bytes).unwrap();
+    raw.write_all(b"abcd").unwrap();
+    let mut buf = vec![0u8; 64];
+    let err = server.recv(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Frame {
+                source: FrameError::HeaderChecksum { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_replayed_or_skipped_sequence_number_is_an_error() {
+    let c = cfg(1);
+    let (l, addr) = listener(&c);
+    let srv = accept_one(l);
+    let mut raw = raw_authenticated(addr, &c);
+    let mut server = srv.join().unwrap().unwrap();
+    let bytes = FrameHeader::try_for_payload(FrameKind::DATA, 3, 5, b"", false)
+        .unwrap()
+        .encode();
+    raw.write_all(&bytes).unwrap();
+    let mut buf = vec![0u8; 64];
+    assert!(matches!(
+        server.recv(&mut buf),
+        Err(Error::ProtocolViolation { .. })
+    ));
+}
+
+#[test]
+fn a_connector_started_before_its_listener_gets_through() {
+    let c = cfg(1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cc = c.clone();
+    let client = thread::spawn(move || connect(addr, &cc));
+    thread::sleep(Duration::from_millis(300));
+    let l = Listener::bind(addr, &c).unwrap();
+    let server = l
+        .accept_until(Deadline::after(Duration::from_secs(5)))
+        .unwrap();
+    let client = client.join().unwrap().unwrap();
+    assert_eq!(client.info().peer_node_id, c.node_id);
+    assert_eq!(server.info().transport, TransportKind::TCP);
+}
+
+#[test]
+fn a_connector_gives_up_at_its_deadline() {
+    let mut c = cfg(1);
+    c.connect_timeout = Duration::from_millis(300);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = Instant::now();
+    let err = connect(format!("127.0.0.1:{port}"), &c).unwrap_err();
+    assert!(
+        matches!(err, Error::Connect { attempts, .. } if attempts > 1),
+        "{err:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn accept_gives_up_at_its_deadline() {
+    let (l, _) = listener(&cfg(1));
+    let err = l
+        .accept_until(Deadline::after(Duration::from_millis(50)))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { op: "accept", .. }),
+        "{err:?}"
+    );
+}
