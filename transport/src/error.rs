@@ -23,15 +23,14 @@ pub enum Error {
         peer: String,
     },
     /// A socket call failed.
-    #[error("{op} to/from {peer} failed: {source}")]
+    #[error("{op} to/from {peer} failed: {error}")]
     Io {
         /// The operation.
         op: &'static str,
         /// The peer's address.
         peer: String,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The peer closed the link in an orderly way.
     #[error("peer {peer} closed the link")]
@@ -48,13 +47,12 @@ pub enum Error {
         detail: String,
     },
     /// A frame from the peer was malformed or corrupted.
-    #[error("bad frame from {peer}: {source}")]
+    #[error("bad frame from {peer}: {error}")]
     Frame {
         /// The peer's address.
         peer: String,
         /// What was wrong.
-        #[source]
-        source: FrameError,
+        error: FrameError,
     },
     /// A frame arrived out of sequence, or of a kind not allowed here.
     #[error("protocol violation by {peer}: {detail}")]
@@ -92,16 +90,15 @@ pub enum Error {
         cause: String,
     },
     /// Authentication or negotiation with the peer failed.
-    #[error("handshake with {peer} failed: {source}")]
+    #[error("handshake with {peer} failed: {error}")]
     Handshake {
         /// The peer's address.
         peer: String,
         /// Why.
-        #[source]
-        source: HandshakeError,
+        error: HandshakeError,
     },
     /// No connection could be made before the connect deadline.
-    #[error("could not connect to {addr} ({attempts} attempts over {elapsed:?}): {source}")]
+    #[error("could not connect to {addr} ({attempts} attempts over {elapsed:?}): {error}")]
     Connect {
         /// The address tried.
         addr: String,
@@ -110,12 +107,11 @@ pub enum Error {
         /// Time spent.
         elapsed: Duration,
         /// The last attempt's error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The cluster key could not be had.
-    #[error(transparent)]
-    Key(#[from] KeyError),
+    #[error("{0}")]
+    Key(KeyError),
     /// A requested backend cannot be used.
     #[error("transport {transport} is unavailable: {reason}")]
     Unavailable {
@@ -141,3 +137,9 @@ impl Error {
 
 /// Transport result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<KeyError> for Error {
+    fn from(e: KeyError) -> Self {
+        Error::Key(e)
+    }
+}

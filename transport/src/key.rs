@@ -36,13 +36,12 @@ pub enum KeyError {
         reason: String,
     },
     /// The key file could not be read or written.
-    #[error("cluster key file {path}: {source}")]
+    #[error("cluster key file {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The key file is readable by group or others.
     #[error(
@@ -177,9 +176,9 @@ impl ClusterKey {
     /// # Errors
     /// [`KeyError::Io`], [`KeyError::Permissions`] or [`KeyError::Invalid`].
     pub fn load_file(path: &Path) -> Result<Self, KeyError> {
-        let io = |source| KeyError::Io {
+        let io = |error| KeyError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let meta = fs::metadata(path).map_err(io)?;
         check_private(path, &meta)?;
@@ -192,9 +191,9 @@ impl ClusterKey {
     /// # Errors
     /// [`KeyError::Io`].
     pub fn store_new(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
+        let io = |error| KeyError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io)?;
@@ -260,13 +259,13 @@ pub fn resolve(
     let path = default_path.ok_or(KeyError::NoConfigDir)?;
     match ClusterKey::load_file(path) {
         Ok(key) => Ok((key, KeyOrigin::ConfigDir(path.to_path_buf()))),
-        Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(KeyError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
             let key = ClusterKey::generate()?;
             match key.store_new(path) {
                 Ok(()) => Ok((key, KeyOrigin::Generated(path.to_path_buf()))),
                 // Another process generated it between our read and our create: use theirs.
-                Err(KeyError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                Err(KeyError::Io { error, .. })
+                    if error.kind() == std::io::ErrorKind::AlreadyExists =>
                 {
                     Ok((
                         ClusterKey::load_file(path)?,

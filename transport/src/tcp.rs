@@ -1,16 +1,20 @@
 //! The TCP backend: a connector that retries with backoff, a listener, the handshake driven over
 //! a socket, and non-blocking send and receive halves that wait by the link's [`WaitStrategy`].
 //!
-//! Sends write the frame header and the caller's payload with one vectored write; receives read
-//! the header, validate it, then read the payload straight into the caller's buffer. TCP already
-//! guarantees integrity, so data payloads carry no checksum (headers always do).
+//! Sends write the frame header and the caller's payload with one vectored write. Receives read
+//! ahead a few KiB, validate the header, copy what of the payload came with it and read the rest
+//! straight into the caller's buffer, so a small message costs one system call and a large one
+//! no hidden copy. TCP already guarantees integrity, so data payloads carry no checksum (headers
+//! always do).
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, recv, sendmsg};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::deadline::Deadline;
@@ -20,7 +24,7 @@ use crate::handshake::{
     Established, HANDSHAKE_MAX_PAYLOAD, Handshake, HandshakeConfig, HandshakeError, TransportKind,
 };
 use crate::link::{Link, LinkConfig, LinkInfo, Message, RecvHalf, SendHalf, check_len};
-use crate::wait::{Readiness, WaitStrategy, Waiter};
+use crate::wait::{WaitStrategy, Waiter};
 
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -37,9 +41,9 @@ const REFUSAL_GRACE: Duration = Duration::from_millis(200);
 /// version (never retried: retrying cannot fix a wrong key).
 pub fn connect(addr: impl ToSocketAddrs + std::fmt::Display, cfg: &LinkConfig) -> Result<Link> {
     let (stream, peer) = connect_stream(&addr, cfg)?;
-    let hs = Handshake::client(handshake_config(cfg)).map_err(|source| Error::Handshake {
+    let hs = Handshake::client(handshake_config(cfg)).map_err(|error| Error::Handshake {
         peer: peer.to_string(),
-        source,
+        error,
     })?;
     establish(stream, peer, hs, cfg)
 }
@@ -83,7 +87,7 @@ fn connect_stream(
                 addr: addr.to_string(),
                 attempts,
                 elapsed: started.elapsed(),
-                source: error,
+                error,
             });
         }
         tracing::debug!(%addr, attempts, ?backoff, %error, "peer not reachable yet, retrying");
@@ -124,10 +128,10 @@ impl Listener {
     /// # Errors
     /// [`Error::Io`] when the address cannot be bound.
     pub fn bind(addr: impl ToSocketAddrs + std::fmt::Display, cfg: &LinkConfig) -> Result<Self> {
-        let io_err = |source| Error::Io {
+        let io_err = |error| Error::Io {
             op: "bind",
             peer: addr.to_string(),
-            source,
+            error,
         };
         let a = addr
             .to_socket_addrs()
@@ -156,10 +160,10 @@ impl Listener {
     /// # Errors
     /// [`Error::Io`] if the socket cannot report it.
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.inner.local_addr().map_err(|source| Error::Io {
+        self.inner.local_addr().map_err(|error| Error::Io {
             op: "local_addr",
             peer: String::new(),
-            source,
+            error,
         })
     }
 
@@ -183,11 +187,11 @@ impl Listener {
                         || e.kind() == io::ErrorKind::Interrupted =>
                 {
                     let more = waiter
-                        .wait(self.inner.as_raw_fd(), Readiness::Readable, deadline)
-                        .map_err(|source| Error::Io {
+                        .wait_readable(self.inner.as_raw_fd(), deadline)
+                        .map_err(|error| Error::Io {
                             op: "accept",
                             peer: String::new(),
-                            source,
+                            error,
                         })?;
                     if !more {
                         return Err(Error::Timeout {
@@ -197,11 +201,11 @@ impl Listener {
                         });
                     }
                 }
-                Err(source) => {
+                Err(error) => {
                     return Err(Error::Io {
                         op: "accept",
                         peer: String::new(),
-                        source,
+                        error,
                     });
                 }
             }
@@ -231,9 +235,9 @@ impl Incoming {
     /// handshake or a peer that stalls past the handshake deadline; the socket is closed.
     pub fn establish(self) -> Result<Link> {
         let hs =
-            Handshake::server(handshake_config(&self.cfg)).map_err(|source| Error::Handshake {
+            Handshake::server(handshake_config(&self.cfg)).map_err(|error| Error::Handshake {
                 peer: self.peer.to_string(),
-                source,
+                error,
             })?;
         establish(self.stream, self.peer, hs, &self.cfg)
     }
@@ -245,7 +249,7 @@ fn handshake_config(cfg: &LinkConfig) -> HandshakeConfig {
 
 fn configure(stream: &TcpStream, cfg: &LinkConfig) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_nonblocking(true)?;
+    stream.set_nonblocking(false)?;
     let sock = SockRef::from(stream);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
@@ -262,22 +266,18 @@ fn configure(stream: &TcpStream, cfg: &LinkConfig) -> io::Result<()> {
 /// Configures the socket, runs `hs` over it and assembles the link.
 fn establish(stream: TcpStream, peer: SocketAddr, hs: Handshake, cfg: &LinkConfig) -> Result<Link> {
     let peer_s = peer.to_string();
-    configure(&stream, cfg).map_err(|source| Error::Io {
+    configure(&stream, cfg).map_err(|error| Error::Io {
         op: "configure socket",
         peer: peer_s.clone(),
-        source,
+        error,
     })?;
-    let stream = Arc::new(stream);
-    let conn = Conn {
-        stream,
-        peer: peer_s.clone(),
-        wait: WaitStrategy::Block,
-    };
-    let est =
-        drive_handshake(&conn, hs, cfg.handshake_timeout).map_err(|source| Error::Handshake {
+    let mut conn = Conn::new(Arc::new(stream), peer_s.clone(), WaitStrategy::Block);
+    let est = drive_handshake(&mut conn, hs, cfg.handshake_timeout).map_err(|error| {
+        Error::Handshake {
             peer: peer_s.clone(),
-            source,
-        })?;
+            error,
+        }
+    })?;
     tracing::debug!(peer = %peer_s, node = est.peer_node_id, max_payload = est.max_payload, "link established");
     let info = LinkInfo {
         transport: TransportKind::TCP,
@@ -297,13 +297,7 @@ fn establish(stream: TcpStream, peer: SocketAddr, hs: Handshake, cfg: &LinkConfi
         max_payload: est.max_payload,
         broken: None,
     };
-    let rx = TcpReceiver {
-        conn,
-        seq: 0,
-        max_payload: est.max_payload,
-        pending: None,
-        broken: None,
-    };
+    let rx = TcpReceiver::new(conn, est.max_payload);
     Ok(Link::from_halves(
         Box::new(tx),
         Box::new(rx),
@@ -316,7 +310,7 @@ fn establish(stream: TcpStream, peer: SocketAddr, hs: Handshake, cfg: &LinkConfi
 /// any refusal the machine queued is sent (briefly) before the caller drops the socket, and the
 /// failure is logged.
 fn drive_handshake(
-    conn: &Conn,
+    conn: &mut Conn,
     mut hs: Handshake,
     timeout: Duration,
 ) -> Result<Established, HandshakeError> {
@@ -335,7 +329,7 @@ fn drive_handshake(
 }
 
 fn run_handshake(
-    conn: &Conn,
+    conn: &mut Conn,
     hs: &mut Handshake,
     deadline: Deadline,
     timeout: Duration,
@@ -345,7 +339,7 @@ fn run_handshake(
         Error::PeerGone { .. } | Error::Closed { .. } => {
             HandshakeError::Truncated { stage: hs.stage() }
         }
-        Error::Io { source, .. } => HandshakeError::Io(source),
+        Error::Io { error: source, .. } => HandshakeError::Io(source),
         other => HandshakeError::Io(io::Error::other(other.to_string())),
     };
     loop {
@@ -383,60 +377,127 @@ struct Partial {
     error: Error,
 }
 
+/// Which socket timeout option a blocking call relies on.
+#[derive(Clone, Copy)]
+enum Direction {
+    Send,
+    Recv,
+}
+
 /// A socket shared by the two halves, with the helpers that wait by the link's strategy.
+///
+/// The socket stays in blocking mode: a spinning attempt passes `MSG_DONTWAIT`, a blocking one
+/// sleeps in the kernel bounded by `SO_SNDTIMEO` / `SO_RCVTIMEO`. Those options are per
+/// direction, so each half manages its own without disturbing the other, and a blocking send of
+/// a large message stays in one system call instead of a write/poll loop.
 #[derive(Clone)]
 struct Conn {
     stream: Arc<TcpStream>,
     peer: String,
     wait: WaitStrategy,
+    /// The socket timeout currently set for each direction (zero: never set).
+    send_timeout: Duration,
+    recv_timeout: Duration,
 }
 
 impl Conn {
-    fn map_io(&self, op: &'static str, source: io::Error) -> Error {
-        match source.kind() {
+    fn new(stream: Arc<TcpStream>, peer: String, wait: WaitStrategy) -> Self {
+        Conn {
+            stream,
+            peer,
+            wait,
+            send_timeout: Duration::ZERO,
+            recv_timeout: Duration::ZERO,
+        }
+    }
+
+    fn map_io(&self, op: &'static str, error: io::Error) -> Error {
+        match error.kind() {
             io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionAborted => Error::PeerGone {
                 peer: self.peer.clone(),
-                detail: format!("{op}: {source}"),
+                detail: format!("{op}: {error}"),
             },
             _ => Error::Io {
                 op,
                 peer: self.peer.clone(),
-                source,
+                error,
             },
         }
     }
 
-    /// Waits for readiness; `Err` when the deadline passes or poll fails.
-    fn wait(
-        &self,
-        waiter: &mut Waiter,
-        readiness: Readiness,
+    /// Makes sure a blocking call in `dir` returns by `remaining` (it may return earlier, with
+    /// `EAGAIN`, and is then retried). The option is only rewritten when it would overshoot or
+    /// is far shorter than needed, so steady traffic costs no extra system call.
+    fn bound_blocking(&mut self, dir: Direction, remaining: Duration) -> io::Result<()> {
+        let current = match dir {
+            Direction::Send => &mut self.send_timeout,
+            Direction::Recv => &mut self.recv_timeout,
+        };
+        if *current != Duration::ZERO && *current <= remaining && *current * 2 >= remaining {
+            return Ok(());
+        }
+        // Zero would mean "forever" to the kernel.
+        let t = remaining.max(Duration::from_micros(1));
+        match dir {
+            Direction::Send => self.stream.set_write_timeout(Some(t))?,
+            Direction::Recv => self.stream.set_read_timeout(Some(t))?,
+        }
+        *current = t;
+        Ok(())
+    }
+
+    /// Runs `attempt` (given whether it may block) until it moves bytes, fails, or the deadline
+    /// passes.
+    fn retry(
+        &mut self,
+        dir: Direction,
         deadline: Deadline,
         op: &'static str,
-    ) -> Result<()> {
-        match waiter.wait(self.stream.as_raw_fd(), readiness, deadline) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::Timeout {
-                op,
-                waited: waiter.waited(),
-                peer: self.peer.clone(),
-            }),
-            Err(e) => Err(self.map_io(op, e)),
+        mut attempt: impl FnMut(RawFd, MsgFlags) -> nix::Result<usize>,
+    ) -> Result<usize> {
+        let waiter = Waiter::new(self.wait);
+        let fd = self.stream.as_raw_fd();
+        loop {
+            let remaining = deadline.remaining();
+            if remaining.is_zero() {
+                return Err(Error::Timeout {
+                    op,
+                    waited: waiter.waited(),
+                    peer: self.peer.clone(),
+                });
+            }
+            let block = waiter.should_block();
+            let mut flags = MsgFlags::MSG_NOSIGNAL;
+            if block {
+                self.bound_blocking(dir, remaining)
+                    .map_err(|e| self.map_io(op, e))?;
+            } else {
+                flags |= MsgFlags::MSG_DONTWAIT;
+            }
+            match attempt(fd, flags) {
+                Ok(k) => return Ok(k),
+                Err(Errno::EAGAIN) => {
+                    if !block {
+                        std::hint::spin_loop();
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(self.map_io(op, io::Error::from(e))),
+            }
         }
     }
 
     /// Writes all of `parts`, in order, with vectored writes.
     fn write_all(
-        &self,
+        &mut self,
         parts: &[&[u8]],
         deadline: Deadline,
         op: &'static str,
     ) -> std::result::Result<(), Partial> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut written = 0usize;
-        let mut waiter = Waiter::new(self.wait);
         while written < total {
             let mut skip = written;
             let mut slices = [IoSlice::new(&[]), IoSlice::new(&[])];
@@ -453,30 +514,25 @@ impl Conn {
                 skip = 0;
                 n += 1;
             }
-            match (&*self.stream).write_vectored(&slices[..n]) {
+            let sent = self.retry(Direction::Send, deadline, op, |fd, flags| {
+                sendmsg::<()>(fd, &slices[..n], &[], flags, None)
+            });
+            match sent {
                 Ok(0) => {
+                    let error = Error::PeerGone {
+                        peer: self.peer.clone(),
+                        detail: format!("{op}: connection accepts no more data"),
+                    };
                     return Err(Partial {
                         moved: written,
-                        error: Error::PeerGone {
-                            peer: self.peer.clone(),
-                            detail: format!("{op}: connection accepts no more data"),
-                        },
+                        error,
                     });
                 }
                 Ok(k) => written += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(error) = self.wait(&mut waiter, Readiness::Writable, deadline, op) {
-                        return Err(Partial {
-                            moved: written,
-                            error,
-                        });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
+                Err(error) => {
                     return Err(Partial {
                         moved: written,
-                        error: self.map_io(op, e),
+                        error,
                     });
                 }
             }
@@ -484,48 +540,48 @@ impl Conn {
         Ok(())
     }
 
+    /// Reads at least one byte into `buf`. End of stream is [`Error::PeerGone`], with
+    /// `mid_frame` saying whether a frame was cut short.
+    fn read_some(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Deadline,
+        op: &'static str,
+        mid_frame: bool,
+    ) -> Result<usize> {
+        match self.retry(Direction::Recv, deadline, op, |fd, flags| {
+            recv(fd, buf, flags)
+        })? {
+            0 => {
+                let detail = if mid_frame {
+                    format!("{op}: connection closed mid-frame")
+                } else {
+                    format!("{op}: connection closed without a close frame (peer died?)")
+                };
+                Err(Error::PeerGone {
+                    peer: self.peer.clone(),
+                    detail,
+                })
+            }
+            k => Ok(k),
+        }
+    }
+
     /// Fills `buf` completely.
     fn read_full(
-        &self,
+        &mut self,
         buf: &mut [u8],
         deadline: Deadline,
         op: &'static str,
     ) -> std::result::Result<(), Partial> {
         let mut filled = 0usize;
-        let mut waiter = Waiter::new(self.wait);
         while filled < buf.len() {
-            match (&*self.stream).read(&mut buf[filled..]) {
-                Ok(0) => {
-                    let detail = if filled == 0 {
-                        format!("{op}: connection closed without a close frame (peer died?)")
-                    } else {
-                        format!(
-                            "{op}: connection closed mid-frame after {filled} of {} bytes",
-                            buf.len()
-                        )
-                    };
-                    return Err(Partial {
-                        moved: filled,
-                        error: Error::PeerGone {
-                            peer: self.peer.clone(),
-                            detail,
-                        },
-                    });
-                }
+            match self.read_some(&mut buf[filled..], deadline, op, filled > 0) {
                 Ok(k) => filled += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(error) = self.wait(&mut waiter, Readiness::Readable, deadline, op) {
-                        return Err(Partial {
-                            moved: filled,
-                            error,
-                        });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
+                Err(error) => {
                     return Err(Partial {
                         moved: filled,
-                        error: self.map_io(op, e),
+                        error,
                     });
                 }
             }
@@ -559,9 +615,9 @@ impl SendHalf for TcpSender {
         }
         check_len(payload.len(), self.max_payload)?;
         let header = FrameHeader::try_for_payload(FrameKind::DATA, tag, self.seq, payload, false)
-            .map_err(|source| Error::Frame {
+            .map_err(|error| Error::Frame {
                 peer: self.conn.peer.clone(),
-                source,
+                error,
             })?
             .encode();
         match self.conn.write_all(&[&header, payload], deadline, "send") {
@@ -589,10 +645,21 @@ impl Drop for TcpSender {
             payload_crc: 0,
         }
         .encode();
-        let _ = (&*self.conn.stream).write(&header);
+        let _ = sendmsg::<()>(
+            self.conn.stream.as_raw_fd(),
+            &[IoSlice::new(&header)],
+            &[],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
         let _ = self.conn.stream.shutdown(std::net::Shutdown::Write);
     }
 }
+
+/// Bytes read ahead of the frame being decoded. A receive reads up to this much at once, so a
+/// small message costs one system call; at most this much of a large payload is copied, the rest
+/// is read straight into the caller's buffer.
+const READ_AHEAD: usize = 4096;
 
 struct TcpReceiver {
     conn: Conn,
@@ -601,9 +668,30 @@ struct TcpReceiver {
     /// A header already read whose payload did not fit the caller's buffer.
     pending: Option<FrameHeader>,
     broken: Option<String>,
+    ahead: Box<[u8; READ_AHEAD]>,
+    /// Unconsumed read-ahead bytes are `ahead[start..end]`.
+    start: usize,
+    end: usize,
 }
 
 impl TcpReceiver {
+    fn new(conn: Conn, max_payload: u32) -> Self {
+        TcpReceiver {
+            conn,
+            seq: 0,
+            max_payload,
+            pending: None,
+            broken: None,
+            ahead: Box::new([0u8; READ_AHEAD]),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
     fn broken_error(&self) -> Option<Error> {
         self.broken.as_ref().map(|cause| Error::Broken {
             peer: self.conn.peer.clone(),
@@ -611,20 +699,42 @@ impl TcpReceiver {
         })
     }
 
+    /// Reads until at least `need` (≤ READ_AHEAD) bytes are buffered.
+    fn fill(&mut self, need: usize, deadline: Deadline) -> Result<()> {
+        if self.buffered() >= need {
+            return Ok(());
+        }
+        if READ_AHEAD - self.start < need {
+            self.ahead.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.buffered() < need {
+            let mid_frame = self.buffered() > 0;
+            let k =
+                self.conn
+                    .read_some(&mut self.ahead[self.end..], deadline, "recv", mid_frame)?;
+            self.end += k;
+        }
+        Ok(())
+    }
+
     fn next_header(&mut self, deadline: Deadline) -> Result<FrameHeader> {
         if let Some(h) = self.pending.take() {
             return Ok(h);
         }
-        let mut bytes = [0u8; HEADER_LEN];
-        if let Err(p) = self.conn.read_full(&mut bytes, deadline, "recv") {
-            return Err(record(&mut self.broken, p.error, p.moved > 0));
+        if let Err(e) = self.fill(HEADER_LEN, deadline) {
+            let mid_frame = self.buffered() > 0;
+            return Err(record(&mut self.broken, e, mid_frame));
         }
-        let header = match FrameHeader::decode(&bytes, self.max_payload) {
+        let decoded = FrameHeader::decode(&self.ahead[self.start..self.end], self.max_payload);
+        self.start += HEADER_LEN;
+        let header = match decoded {
             Ok(h) => h,
-            Err(source) => {
+            Err(error) => {
                 let e = Error::Frame {
                     peer: self.conn.peer.clone(),
-                    source,
+                    error,
                 };
                 return Err(record(&mut self.broken, e, true));
             }
@@ -641,6 +751,22 @@ impl TcpReceiver {
         }
         self.seq += 1;
         Ok(header)
+    }
+
+    /// Moves a payload into `payload`: first what was read ahead, then straight from the socket.
+    fn read_payload(&mut self, payload: &mut [u8], deadline: Deadline) -> Result<()> {
+        let from_ahead = payload.len().min(self.buffered());
+        payload[..from_ahead].copy_from_slice(&self.ahead[self.start..self.start + from_ahead]);
+        self.start += from_ahead;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        if from_ahead < payload.len() {
+            self.conn
+                .read_full(&mut payload[from_ahead..], deadline, "recv")
+                .map_err(|p| p.error)?;
+        }
+        Ok(())
     }
 }
 
@@ -680,13 +806,13 @@ impl RecvHalf for TcpReceiver {
                 });
             }
             let payload = &mut buf[..len];
-            if let Err(p) = self.conn.read_full(payload, deadline, "recv") {
-                return Err(record(&mut self.broken, p.error, true));
+            if let Err(e) = self.read_payload(payload, deadline) {
+                return Err(record(&mut self.broken, e, true));
             }
-            if let Err(source) = header.verify_payload(payload) {
+            if let Err(error) = header.verify_payload(payload) {
                 let e = Error::Frame {
                     peer: self.conn.peer.clone(),
-                    source,
+                    error,
                 };
                 return Err(record(&mut self.broken, e, true));
             }

@@ -60,13 +60,6 @@ impl FromStr for WaitStrategy {
     }
 }
 
-/// Readiness a waiter waits for.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Readiness {
-    Readable,
-    Writable,
-}
-
 /// The state of one blocking call's waiting: created when the call starts.
 pub(crate) struct Waiter {
     strategy: WaitStrategy,
@@ -81,45 +74,41 @@ impl Waiter {
         }
     }
 
+    /// Whether the next attempt should sleep in the kernel rather than spin.
+    pub(crate) fn should_block(&self) -> bool {
+        match self.strategy {
+            WaitStrategy::Spin => false,
+            WaitStrategy::Block => true,
+            WaitStrategy::Adaptive { spin } => self.started.elapsed() >= spin,
+        }
+    }
+
     /// Time since the call started.
     pub(crate) fn waited(&self) -> Duration {
         self.started.elapsed()
     }
 
-    /// Waits until `fd` may be ready or the deadline passes. Returns `Ok(false)` once the
-    /// deadline has passed; `Ok(true)` means "try the operation again" (readiness is a hint).
-    pub(crate) fn wait(
-        &mut self,
-        fd: RawFd,
-        readiness: Readiness,
-        deadline: Deadline,
-    ) -> std::io::Result<bool> {
+    /// Waits until `fd` may be readable (or may accept a connection) or the deadline passes.
+    /// Returns `Ok(false)` once the deadline has passed; `Ok(true)` means "try again" (readiness
+    /// is a hint).
+    pub(crate) fn wait_readable(&mut self, fd: RawFd, deadline: Deadline) -> std::io::Result<bool> {
         if deadline.expired() {
             return Ok(false);
         }
-        let spin = match self.strategy {
-            WaitStrategy::Spin => true,
-            WaitStrategy::Block => false,
-            WaitStrategy::Adaptive { spin } => self.started.elapsed() < spin,
-        };
-        if spin {
+        if !self.should_block() {
             std::hint::spin_loop();
             return Ok(true);
         }
-        poll_fd(fd, readiness, deadline.remaining())?;
+        poll_readable(fd, deadline.remaining())?;
         Ok(true)
     }
 }
 
-/// Sleeps in `poll(2)` until `fd` is ready or `timeout` passes (rounded up to whole ms).
-pub(crate) fn poll_fd(fd: RawFd, readiness: Readiness, timeout: Duration) -> std::io::Result<()> {
-    let events = match readiness {
-        Readiness::Readable => libc::POLLIN,
-        Readiness::Writable => libc::POLLOUT,
-    };
+/// Sleeps in `poll(2)` until `fd` is readable or `timeout` passes (rounded up to whole ms).
+pub(crate) fn poll_readable(fd: RawFd, timeout: Duration) -> std::io::Result<()> {
     let mut pfd = libc::pollfd {
         fd,
-        events,
+        events: libc::POLLIN,
         revents: 0,
     };
     let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
@@ -162,9 +151,9 @@ mod tests {
             WaitStrategy::default(),
         ] {
             let mut w = Waiter::new(s);
-            let d = Deadline::after(Duration::from_millis(30));
             let t = Instant::now();
-            while w.wait(a.as_raw_fd(), Readiness::Readable, d).unwrap() {}
+            let d = Deadline::after(Duration::from_millis(30));
+            while w.wait_readable(a.as_raw_fd(), d).unwrap() {}
             assert!(t.elapsed() >= Duration::from_millis(30));
             assert!(
                 t.elapsed() < Duration::from_secs(5),

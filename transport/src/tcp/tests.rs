@@ -3,6 +3,7 @@
 use super::*;
 use crate::handshake::Side;
 use crate::key::ClusterKey;
+use std::io::{Read, Write};
 use std::thread;
 
 fn key(b: u8) -> ClusterKey {
@@ -38,13 +39,9 @@ fn pair(c: &LinkConfig) -> (Link, Link) {
 /// A client that completes a genuine handshake and then gives the test the raw socket.
 fn raw_authenticated(a: SocketAddr, c: &LinkConfig) -> TcpStream {
     let (stream, _) = connect_stream(&a, c).unwrap();
-    let conn = Conn {
-        stream: Arc::new(stream),
-        peer: a.to_string(),
-        wait: WaitStrategy::Block,
-    };
+    let mut conn = Conn::new(Arc::new(stream), a.to_string(), WaitStrategy::Block);
     drive_handshake(
-        &conn,
+        &mut conn,
         Handshake::client(handshake_config(c)).unwrap(),
         c.handshake_timeout,
     )
@@ -56,7 +53,7 @@ fn raw_authenticated(a: SocketAddr, c: &LinkConfig) -> TcpStream {
 
 fn handshake_error(r: Result<Link>) -> HandshakeError {
     match r {
-        Err(Error::Handshake { source, .. }) => source,
+        Err(Error::Handshake { error: source, .. }) => source,
         other => panic!("expected a handshake error, got {other:?}"),
     }
 }
@@ -259,15 +256,11 @@ fn incompatible_version_is_refused_on_both_sides() {
     let (l, addr) = listener(&c);
     let srv = accept_one(l);
     let (stream, _) = connect_stream(&addr, &c).unwrap();
-    let conn = Conn {
-        stream: Arc::new(stream),
-        peer: addr.to_string(),
-        wait: WaitStrategy::Block,
-    };
+    let mut conn = Conn::new(Arc::new(stream), addr.to_string(), WaitStrategy::Block);
     let mut future = handshake_config(&c);
     future.versions = (7, 9);
     let client = drive_handshake(
-        &conn,
+        &mut conn,
         Handshake::client(future).unwrap(),
         c.handshake_timeout,
     )
@@ -363,7 +356,7 @@ fn an_oversized_frame_on_an_established_link_is_an_error() {
         matches!(
             err,
             Error::Frame {
-                source: FrameError::Oversized { len: u32::MAX, .. },
+                error: FrameError::Oversized { len: u32::MAX, .. },
                 ..
             }
         ),
@@ -391,7 +384,7 @@ fn a_corrupted_header_on_an_established_link_is_an_error() {
         matches!(
             err,
             Error::Frame {
-                source: FrameError::HeaderChecksum { .. },
+                error: FrameError::HeaderChecksum { .. },
                 ..
             }
         ),

@@ -1,0 +1,176 @@
+//! `sinew link`: iperf-style verification of a link between two nodes.
+//!
+//! The server echoes ping messages and counts streamed bytes; the client measures ping-pong
+//! latency per size (one-way = RTT/2) and streaming bandwidth over one and several links, and
+//! compares the best bandwidth with the nominal rate of the link class the user expects.
+
+mod client;
+mod protocol;
+mod server;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use transport::WaitStrategy;
+
+use crate::keys::KeyArgs;
+use crate::units::{parse_size, parse_size_list};
+
+/// Default port of `sinew link server`.
+pub const DEFAULT_PORT: u16 = 7470;
+
+/// `sinew link` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Answer link tests from clients until killed.
+    Server(ServerArgs),
+    /// Measure the link to a `sinew link server`.
+    Client(ClientArgs),
+}
+
+impl LinkCommand {
+    /// Whether this runs the long-lived server (which logs more by default).
+    pub fn is_server(&self) -> bool {
+        matches!(self, LinkCommand::Server(_))
+    }
+}
+
+/// Transport backends `sinew link` can test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// TCP sockets.
+    Tcp,
+}
+
+/// Options of `sinew link server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on. Links are authenticated with the cluster key.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+    pub bind: SocketAddr,
+    /// How the server waits for messages: spin, block or adaptive.
+    #[arg(long, default_value = "adaptive")]
+    pub wait: WaitStrategy,
+    /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
+    #[arg(long, value_parser = parse_size)]
+    pub socket_buffer: Option<usize>,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// Link classes a verdict can be given against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LinkClass {
+    /// Thunderbolt 5: 80 Gb/s.
+    Tb5,
+    /// 10 Gigabit Ethernet.
+    #[value(name = "10gbe")]
+    TenGbE,
+    /// Gigabit Ethernet.
+    #[value(name = "1gbe")]
+    OneGbE,
+    /// Wi-Fi 6 (1.2 Gb/s nominal).
+    Wifi,
+}
+
+impl LinkClass {
+    /// Nominal bandwidth in GB/s (10⁹ B/s).
+    pub fn nominal_gbytes_per_s(self) -> f64 {
+        match self {
+            LinkClass::Tb5 => 10.0,
+            LinkClass::TenGbE => 1.25,
+            LinkClass::OneGbE => 0.125,
+            LinkClass::Wifi => 0.15,
+        }
+    }
+
+    /// Fraction of nominal a healthy link of this class reaches; below it the verdict fails.
+    /// Ethernet reaches ~94% after protocol overheads; TB5's TCP/IP path reaches about half of
+    /// its signalling rate; Wi-Fi is half duplex and shared.
+    pub fn required_fraction(self) -> f64 {
+        match self {
+            LinkClass::Tb5 => 0.5,
+            LinkClass::TenGbE | LinkClass::OneGbE => 0.8,
+            LinkClass::Wifi => 0.3,
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkClass::Tb5 => "tb5",
+            LinkClass::TenGbE => "10gbe",
+            LinkClass::OneGbE => "1gbe",
+            LinkClass::Wifi => "wifi",
+        }
+    }
+}
+
+/// A comma-separated list of message sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeList(pub Vec<usize>);
+
+fn parse_sizes(s: &str) -> Result<SizeList, String> {
+    parse_size_list(s).map(SizeList)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected seconds, e.g. 2 or 0.5"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 3600.0) {
+        return Err(format!("duration {s} must be between 0 and 3600 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Options of `sinew link client`.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The server, HOST:PORT (port defaults to 7470).
+    pub addr: String,
+    /// Transport backend to test.
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    pub transport: TransportArg,
+    /// Message sizes, comma-separated, with K/M/G suffixes (powers of two). Used for both the
+    /// latency and the bandwidth tests. Default: latency 8,64,512,4K,64K,1M; bandwidth 64K,1M,16M.
+    #[arg(long, value_parser = parse_sizes)]
+    pub sizes: Option<SizeList>,
+    /// Seconds each measurement runs (each size, each stream count).
+    #[arg(long, default_value = "1", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Parallel streams for the multi-stream bandwidth test (each its own authenticated link);
+    /// 1 skips it.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: u16,
+    /// How the client waits for messages: spin, block or adaptive.
+    #[arg(long, default_value = "adaptive")]
+    pub wait: WaitStrategy,
+    /// Link class to judge the bandwidth against; the exit status is 3 when it falls short.
+    #[arg(long, value_enum)]
+    pub expect: Option<LinkClass>,
+    /// Print one JSON object on stdout instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the latency test.
+    #[arg(long)]
+    pub no_latency: bool,
+    /// Skip the bandwidth tests.
+    #[arg(long)]
+    pub no_bandwidth: bool,
+    /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
+    #[arg(long, value_parser = parse_size)]
+    pub socket_buffer: Option<usize>,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// Runs a `sinew link` subcommand.
+pub fn run(cmd: LinkCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LinkCommand::Server(args) => server::run(args).map(|()| ExitCode::SUCCESS),
+        LinkCommand::Client(args) => client::run(args),
+    }
+}

@@ -1,0 +1,53 @@
+//! `sinew`: the one command of the sinew stack.
+//!
+//! Subcommands: `link` (iperf-style verification of a link between two nodes).
+
+mod keys;
+mod link;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// sinew: many ordinary machines as one inference target for Mixture-of-Experts LLMs.
+#[derive(Debug, Parser)]
+#[command(name = "sinew", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify a link between two nodes, like iperf3: latency and bandwidth, with a verdict.
+    #[command(subcommand)]
+    Link(link::LinkCommand),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SINEW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Link(cmd) => {
+            init_tracing(if cmd.is_server() { "info" } else { "warn" });
+            link::run(cmd)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sinew: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
