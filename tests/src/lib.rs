@@ -7,10 +7,10 @@
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The `sinew` binary, built from the current sources with the same profile as the tests.
 pub fn sinew_bin() -> &'static Path {
@@ -71,10 +71,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running sinew process, killed on drop.
+/// A running sinew process, killed on drop. Its stdout and stderr are collected line by line as
+/// they come, so a test can wait for a line without blocking the process on a full pipe.
 pub struct Node {
     child: Child,
-    stdout: Option<BufReader<ChildStdout>>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// Which output of a [`Node`] to look at.
+#[derive(Clone, Copy, Debug)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+fn collect(reader: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { return };
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    lines
 }
 
 impl Node {
@@ -86,40 +109,58 @@ impl Node {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning sinew");
-        let stdout = child.stdout.take().map(BufReader::new);
-        Node { child, stdout }
+        let stdout = collect(child.stdout.take().expect("piped stdout"));
+        let stderr = collect(child.stderr.take().expect("piped stderr"));
+        Node {
+            child,
+            stdout,
+            stderr,
+        }
     }
 
-    /// Waits (up to `timeout`) for a stdout line starting with `prefix`; returns the rest.
-    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
-        let mut stdout = self.stdout.take().expect("stdout already consumed");
-        let (tx, rx) = mpsc::channel();
-        let prefix_owned = prefix.to_string();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match stdout.read_line(&mut line) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(None);
-                        return;
-                    }
-                    Ok(_) => {
-                        if let Some(rest) = line.trim_end().strip_prefix(&prefix_owned) {
-                            let _ = tx.send(Some(rest.to_string()));
-                            // Keep draining so the child never blocks on a full pipe.
-                            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-                            return;
-                        }
-                    }
-                }
+    /// Waits (up to `timeout`) for a line of `stream` containing `pattern`; returns the line.
+    pub fn wait_for(&mut self, stream: Stream, pattern: &str, timeout: Duration) -> String {
+        let lines = match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = lines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|l| l.contains(pattern))
+            {
+                return l.clone();
             }
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(Some(rest)) => rest,
-            Ok(None) => panic!("process exited before printing {prefix:?}"),
-            Err(_) => panic!("no line starting with {prefix:?} within {timeout:?}"),
+            if Instant::now() >= deadline {
+                panic!("no {stream:?} line containing {pattern:?} within {timeout:?}");
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader threads a moment to drain what the process wrote.
+                std::thread::sleep(Duration::from_millis(50));
+                let found = lines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .any(|l| l.contains(pattern));
+                if !found {
+                    panic!("process exited ({status}) before printing {pattern:?}");
+                }
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest of it.
+    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        let line = self.wait_for(Stream::Stdout, prefix, timeout);
+        line.trim_end()
+            .strip_prefix(prefix)
+            .unwrap_or(&line)
+            .to_string()
     }
 
     /// Starts `sinew link server` on an ephemeral loopback port; returns it and its address.
@@ -138,6 +179,18 @@ impl Node {
         (node, addr)
     }
 
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.id()
@@ -147,11 +200,11 @@ impl Node {
     pub fn kill(mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        err
+        std::thread::sleep(Duration::from_millis(50));
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
     }
 }
 

@@ -39,7 +39,8 @@ fn client_measures_latency_and_bandwidth_and_prints_json() {
     .arg(&key);
     let out = run_with_timeout(cmd, LIMIT).expect("client hung");
     let v = client_json(&out);
-    assert_eq!(v["transport"], "tcp");
+    // Auto selection on one host: the best backend this machine runs.
+    assert_eq!(v["transport"], backends().last().copied().unwrap_or("tcp"));
     let latency = v["latency"].as_array().unwrap();
     assert_eq!(latency.len(), 2);
     for (row, size) in latency.iter().zip([8, 65536]) {
@@ -144,46 +145,190 @@ fn a_client_started_before_its_server_connects_once_it_is_up() {
     assert_eq!(client_json(&out)["latency"][0]["size_bytes"], 8);
 }
 
+/// Backends this machine can run (every link starts over TCP, so TCP always is).
+fn backends() -> Vec<&'static str> {
+    use transport::TransportKind;
+    let mut out = vec!["tcp"];
+    for (name, kind) in [("uring", TransportKind::URING), ("shm", TransportKind::SHM)] {
+        match transport::select::availability(kind) {
+            Ok(_) => out.push(name),
+            Err(reason) => eprintln!("{name} is not available here, not tested: {reason}"),
+        }
+    }
+    out
+}
+
 #[test]
-fn a_server_killed_mid_test_gives_the_client_an_error_not_a_hang() {
+fn a_server_killed_mid_transfer_gives_the_client_an_error_within_two_seconds_on_every_backend() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let dir = tmp.path();
-    let key = key_file(dir, "key", 4);
-    let (server, addr) = Node::link_server(&key);
+    let key = key_file(tmp.path(), "key", 4);
+    for backend in backends() {
+        let (server, addr) = Node::link_server(&key);
+        let mut cmd = sinew();
+        cmd.args([
+            "link",
+            "client",
+            &addr,
+            "--transport",
+            backend,
+            "--sizes",
+            "1M",
+            "--no-latency",
+        ])
+        .args(["--duration", "20", "--streams", "1", "--cluster-key-file"])
+        .arg(&key);
+        let mut client = Node::spawn(cmd);
+        // Streaming has begun once the link is up and a second has passed.
+        client.wait_for(sinew_tests::Stream::Stdout, "sinew link:", LIMIT);
+        std::thread::sleep(Duration::from_millis(1000));
+        server.kill();
+        let killed = Instant::now();
+        let status = client
+            .wait_exit(LIMIT)
+            .expect("client hung after its server died");
+        let after = killed.elapsed();
+        assert!(
+            !status.success(),
+            "{backend}: a dead server cannot give a result"
+        );
+        assert!(
+            after < Duration::from_secs(2),
+            "{backend}: the error came {after:?} after the kill"
+        );
+        let stderr = client.kill();
+        assert!(
+            stderr.contains("127.0.0.1"),
+            "{backend}: the error names the peer: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_client_killed_mid_transfer_is_dropped_by_the_server_within_two_seconds_on_every_backend() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 5);
+    for backend in backends() {
+        let (mut server, addr) = Node::link_server(&key);
+        let mut cmd = sinew();
+        cmd.args([
+            "link",
+            "client",
+            &addr,
+            "--transport",
+            backend,
+            "--sizes",
+            "1M",
+            "--no-latency",
+        ])
+        .args(["--duration", "20", "--streams", "1", "--cluster-key-file"])
+        .arg(&key);
+        let mut client = Node::spawn(cmd);
+        client.wait_for(sinew_tests::Stream::Stdout, "sinew link:", LIMIT);
+        std::thread::sleep(Duration::from_millis(1000));
+        client.kill();
+        let killed = Instant::now();
+        let line = server.wait_for(
+            sinew_tests::Stream::Stderr,
+            "client dropped",
+            Duration::from_secs(10),
+        );
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "{backend}: noticed after {:?}",
+            killed.elapsed()
+        );
+        assert!(line.contains("127.0.0.1"), "{backend}: {line}");
+    }
+}
+
+#[test]
+fn all_backends_are_measured_side_by_side_and_rdma_is_explained() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 6);
+    let (_server, addr) = Node::link_server(&key);
+    let mut cmd = sinew();
+    cmd.args([
+        "link",
+        "client",
+        &addr,
+        "--all",
+        "--sizes",
+        "8,64K",
+        "--duration",
+        "0.1",
+        "--streams",
+        "1",
+    ])
+    .args(["--json", "--cluster-key-file"])
+    .arg(&key);
+    let out = run_with_timeout(cmd, LIMIT).expect("client hung");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let names: Vec<&str> = objects
+        .iter()
+        .map(|o| o["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tcp", "uring", "shm", "rdma"]);
+    for o in &objects {
+        let measured = o.get("latency").is_some();
+        let available = backends().contains(&o["transport"].as_str().unwrap());
+        assert_eq!(measured, available, "{o}");
+        if measured {
+            assert_eq!(o["latency"].as_array().unwrap().len(), 2);
+            assert_eq!(o["bandwidth"].as_array().unwrap().len(), 2);
+        } else {
+            assert!(o["error"].as_str().unwrap().contains("unavailable"), "{o}");
+        }
+    }
+}
+
+#[test]
+fn forcing_rdma_here_fails_with_a_one_line_reason_and_auto_picks_another_backend() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 7);
+    let (_server, addr) = Node::link_server(&key);
+    let mut cmd = sinew();
+    cmd.args([
+        "link",
+        "client",
+        &addr,
+        "--transport",
+        "rdma",
+        "--cluster-key-file",
+    ])
+    .arg(&key);
+    let out = run_with_timeout(cmd, LIMIT).expect("client hung");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("rdma"), "{stderr}");
+
     let mut cmd = sinew();
     cmd.args([
         "link",
         "client",
         &addr,
         "--sizes",
-        "1M",
-        "--no-latency",
+        "8",
+        "--no-bandwidth",
         "--duration",
-        "20",
-        "--streams",
-        "1",
+        "0.1",
+        "--json",
     ])
     .arg("--cluster-key-file")
     .arg(&key);
-    let t = Instant::now();
-    let client = std::thread::spawn(move || run_with_timeout(cmd, LIMIT));
-    std::thread::sleep(Duration::from_millis(1500));
-    server.kill();
-    let out = client
-        .join()
-        .unwrap()
-        .expect("client hung after its server died");
-    assert!(!out.status.success(), "a dead server cannot give a result");
-    assert!(
-        t.elapsed() < Duration::from_secs(15),
-        "the error came only after {:?}",
-        t.elapsed()
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("127.0.0.1"),
-        "the error names the peer: {stderr}"
-    );
+    let out = run_with_timeout(cmd, LIMIT).expect("client hung");
+    let v = client_json(&out);
+    assert_ne!(v["transport"], "rdma");
+    assert_eq!(v["transport"], backends().last().copied().unwrap_or("tcp"));
 }
 
 #[test]

@@ -4,7 +4,11 @@
 //! - [`handshake`]: version negotiation, capabilities and HMAC mutual authentication, sans-IO.
 //! - [`key`]: where the pre-shared cluster key comes from.
 //! - [`link`]: the backend-agnostic [`Link`] with its send and receive halves.
-//! - [`tcp`]: the TCP backend, connector and listener.
+//! - [`select`]: which backend a link uses: the best both sides offer.
+//! - [`tcp`]: connector and listener (every link starts as an authenticated TCP connection) and
+//!   the TCP backend.
+//! - [`uring`]: the io_uring backend.
+//! - [`shm`]: the shared-memory backend, for two ranks on one host.
 //!
 //! Every blocking call takes a [`Deadline`] or inherits the link's timeout; every failure is an
 //! [`Error`], never a panic or a hang.
@@ -16,7 +20,13 @@ pub mod frame;
 pub mod handshake;
 pub mod key;
 pub mod link;
+pub mod select;
+pub mod shm;
+mod stream;
+#[cfg(test)]
+mod suite;
 pub mod tcp;
+pub mod uring;
 pub mod wait;
 
 pub use deadline::Deadline;
@@ -24,4 +34,5 @@ pub use error::{Error, Result};
 pub use handshake::TransportKind;
 pub use key::ClusterKey;
 pub use link::{Link, LinkConfig, LinkInfo, LinkReceiver, LinkSender, Message};
+pub use select::TransportChoice;
 pub use wait::WaitStrategy;

@@ -66,6 +66,14 @@ pub trait SendHalf: Send {
     /// # Errors
     /// [`Error::MessageTooLarge`], [`Error::Timeout`], [`Error::PeerGone`], [`Error::Broken`], ...
     fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()>;
+
+    /// Writes raw bytes into the medium, bypassing framing (tests inject garbage with it).
+    #[cfg(test)]
+    fn inject_raw(&mut self, bytes: &[u8], deadline: Deadline) -> Result<()>;
+
+    /// Makes the half go away without an orderly close, as a crashed process would.
+    #[cfg(test)]
+    fn abandon(&mut self);
 }
 
 /// The receiving half of a backend.
@@ -185,6 +193,20 @@ impl Link {
         self.rx.recv_until(buf, deadline)
     }
 
+    /// Writes raw bytes into the medium, bypassing framing.
+    #[cfg(test)]
+    pub(crate) fn inject_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.tx
+            .half
+            .inject_raw(bytes, Deadline::after(self.tx.timeout))
+    }
+
+    /// Drops the link without an orderly close, as a crashed process would.
+    #[cfg(test)]
+    pub(crate) fn abandon(mut self) {
+        self.tx.half.abandon();
+    }
+
     /// Splits the link into halves that two threads can use at once.
     pub fn split(self) -> (LinkSender, LinkReceiver) {
         (self.tx, self.rx)
@@ -271,11 +293,16 @@ pub struct LinkConfig {
     pub max_payload: u32,
     /// Socket send and receive buffer size; `None` leaves the kernel's autotuning on.
     pub socket_buffer: Option<usize>,
+    /// Which backends links may use.
+    pub transport: crate::select::TransportChoice,
+    /// Bytes of each direction's shared-memory ring (rounded up to a power of two).
+    pub shm_ring_bytes: usize,
 }
 
 impl LinkConfig {
     /// Defaults: a random node id, adaptive waiting, 30 s call timeout, 5 s handshake, 30 s of
-    /// connect retries, 256 MiB maximum message, kernel-tuned socket buffers.
+    /// connect retries, 256 MiB maximum message, kernel-tuned socket buffers, the best backend both
+    /// sides offer, 4 MiB shared-memory rings.
     pub fn new(key: crate::key::ClusterKey) -> Self {
         let mut id = [0u8; 8];
         // A node id only needs to be unlikely to collide; fall back to the pid if the random
@@ -293,6 +320,8 @@ impl LinkConfig {
             connect_timeout: Duration::from_secs(30),
             max_payload: 256 << 20,
             socket_buffer: None,
+            transport: crate::select::TransportChoice::Auto,
+            shm_ring_bytes: 4 << 20,
         }
     }
 }

@@ -19,11 +19,17 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
-use crate::frame::{FrameError, FrameHeader, FrameKind, HEADER_LEN, MAGIC};
+use crate::frame::{FrameError, FrameHeader, HEADER_LEN, MAGIC};
 use crate::handshake::{
     Established, HANDSHAKE_MAX_PAYLOAD, Handshake, HandshakeConfig, HandshakeError, TransportKind,
 };
-use crate::link::{Link, LinkConfig, LinkInfo, Message, RecvHalf, SendHalf, check_len};
+use crate::link::{Link, LinkConfig, LinkInfo, RecvHalf, SendHalf};
+use crate::select::{self, Offer};
+use crate::shm;
+use crate::stream::{
+    ByteSink, ByteSource, FramedReceiver, FramedSender, Partial, READ_AHEAD, read_full, write_all,
+};
+use crate::uring::{self, UringSink, UringSource};
 use crate::wait::{WaitStrategy, Waiter};
 
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
@@ -40,12 +46,9 @@ const REFUSAL_GRACE: Duration = Duration::from_millis(200);
 /// [`Error::Handshake`] when the peer is not a sinew node with the same key and a compatible
 /// version (never retried: retrying cannot fix a wrong key).
 pub fn connect(addr: impl ToSocketAddrs + std::fmt::Display, cfg: &LinkConfig) -> Result<Link> {
+    let offer = offer_for(cfg)?;
     let (stream, peer) = connect_stream(&addr, cfg)?;
-    let hs = Handshake::client(handshake_config(cfg)).map_err(|error| Error::Handshake {
-        peer: peer.to_string(),
-        error,
-    })?;
-    establish(stream, peer, hs, cfg)
+    establish(stream, peer, &offer, Role::Client, cfg)
 }
 
 fn connect_stream(
@@ -111,6 +114,7 @@ fn connect_once(addr: SocketAddr, deadline: Deadline) -> io::Result<TcpStream> {
 pub struct Listener {
     inner: std::net::TcpListener,
     cfg: LinkConfig,
+    offer: Offer,
 }
 
 /// An accepted connection whose handshake has not run yet. Run it with
@@ -120,6 +124,7 @@ pub struct Incoming {
     stream: TcpStream,
     peer: SocketAddr,
     cfg: LinkConfig,
+    offer: Offer,
 }
 
 impl Listener {
@@ -128,6 +133,7 @@ impl Listener {
     /// # Errors
     /// [`Error::Io`] when the address cannot be bound.
     pub fn bind(addr: impl ToSocketAddrs + std::fmt::Display, cfg: &LinkConfig) -> Result<Self> {
+        let offer = offer_for(cfg)?;
         let io_err = |error| Error::Io {
             op: "bind",
             peer: addr.to_string(),
@@ -152,6 +158,7 @@ impl Listener {
         Ok(Listener {
             inner: socket.into(),
             cfg: cfg.clone(),
+            offer,
         })
     }
 
@@ -180,6 +187,7 @@ impl Listener {
                         stream,
                         peer,
                         cfg: self.cfg.clone(),
+                        offer: self.offer.clone(),
                     });
                 }
                 Err(e)
@@ -234,17 +242,30 @@ impl Incoming {
     /// [`Error::Handshake`] for a wrong key, an incompatible version, garbage, a truncated
     /// handshake or a peer that stalls past the handshake deadline; the socket is closed.
     pub fn establish(self) -> Result<Link> {
-        let hs =
-            Handshake::server(handshake_config(&self.cfg)).map_err(|error| Error::Handshake {
-                peer: self.peer.to_string(),
-                error,
-            })?;
-        establish(self.stream, self.peer, hs, &self.cfg)
+        establish(self.stream, self.peer, &self.offer, Role::Server, &self.cfg)
     }
 }
 
-fn handshake_config(cfg: &LinkConfig) -> HandshakeConfig {
-    HandshakeConfig::new(cfg.key.clone(), cfg.node_id, cfg.max_payload)
+fn handshake_config(cfg: &LinkConfig, offer: &Offer) -> HandshakeConfig {
+    let mut hc = HandshakeConfig::new(cfg.key.clone(), cfg.node_id, cfg.max_payload);
+    hc.capabilities = offer.capabilities.clone();
+    hc
+}
+
+/// What this side offers for `cfg`; a forced backend this process cannot run is an error here,
+/// before any connection is made.
+fn offer_for(cfg: &LinkConfig) -> Result<Offer> {
+    select::local_offer(cfg.transport).map_err(|(kind, reason)| Error::Unavailable {
+        transport: kind.to_string(),
+        reason,
+    })
+}
+
+/// Which end of the connection this side is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Client,
+    Server,
 }
 
 fn configure(stream: &TcpStream, cfg: &LinkConfig) -> io::Result<()> {
@@ -263,47 +284,102 @@ fn configure(stream: &TcpStream, cfg: &LinkConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// Configures the socket, runs `hs` over it and assembles the link.
-fn establish(stream: TcpStream, peer: SocketAddr, hs: Handshake, cfg: &LinkConfig) -> Result<Link> {
+/// Configures the socket, runs the handshake over it, selects the backend and assembles the link.
+fn establish(
+    stream: TcpStream,
+    peer: SocketAddr,
+    offer: &Offer,
+    role: Role,
+    cfg: &LinkConfig,
+) -> Result<Link> {
     let peer_s = peer.to_string();
+    let handshake_error = |error| Error::Handshake {
+        peer: peer_s.clone(),
+        error,
+    };
+    let hs = match role {
+        Role::Client => Handshake::client(handshake_config(cfg, offer)),
+        Role::Server => Handshake::server(handshake_config(cfg, offer)),
+    }
+    .map_err(handshake_error)?;
     configure(&stream, cfg).map_err(|error| Error::Io {
         op: "configure socket",
         peer: peer_s.clone(),
         error,
     })?;
-    let mut conn = Conn::new(Arc::new(stream), peer_s.clone(), WaitStrategy::Block);
-    let est = drive_handshake(&mut conn, hs, cfg.handshake_timeout).map_err(|error| {
-        Error::Handshake {
-            peer: peer_s.clone(),
-            error,
+    let stream = Arc::new(stream);
+    let mut conn = Conn::new(stream.clone(), peer_s.clone(), WaitStrategy::Block);
+    let deadline = Deadline::after(cfg.handshake_timeout);
+    let est = drive_handshake(&mut conn, hs, cfg.handshake_timeout).map_err(handshake_error)?;
+    let selection = select::choose(offer, &est.peer_capabilities).map_err(|reason| {
+        tracing::warn!(peer = %peer_s, %reason, "no transport in common; closing the connection");
+        Error::Unavailable {
+            transport: cfg.transport.to_string(),
+            reason,
         }
     })?;
-    tracing::debug!(peer = %peer_s, node = est.peer_node_id, max_payload = est.max_payload, "link established");
+    let skipped: Vec<String> = selection
+        .skipped
+        .iter()
+        .map(|(k, why)| format!("{k}: {why}"))
+        .collect();
+    tracing::info!(
+        peer = %peer_s,
+        node = format_args!("{:#x}", est.peer_node_id),
+        transport = %selection.chosen,
+        skipped = ?skipped,
+        "link established"
+    );
     let info = LinkInfo {
-        transport: TransportKind::TCP,
-        peer_addr: peer_s,
+        transport: selection.chosen,
+        peer_addr: peer_s.clone(),
         peer_node_id: est.peer_node_id,
         version: est.version,
         max_payload: est.max_payload,
         wait: cfg.wait,
     };
-    let conn = Conn {
-        wait: cfg.wait,
-        ..conn
+    let max = est.max_payload;
+    let (tx, rx): (Box<dyn SendHalf>, Box<dyn RecvHalf>) = match selection.chosen {
+        TransportKind::URING => (
+            Box::new(FramedSender::new(
+                UringSink::new(stream.clone(), peer_s.clone(), cfg.wait)?,
+                max,
+                false,
+            )),
+            Box::new(FramedReceiver::new(
+                UringSource::new(stream, peer_s, cfg.wait)?,
+                max,
+                uring::READ_AHEAD,
+            )?),
+        ),
+        TransportKind::SHM => {
+            let shm_role = match role {
+                Role::Server => shm::Role::Creator,
+                Role::Client => shm::Role::Joiner,
+            };
+            let (tx, rx) = shm::establish(
+                &mut conn,
+                stream,
+                shm_role,
+                cfg.shm_ring_bytes,
+                max,
+                cfg.wait,
+                deadline,
+            )?;
+            (Box::new(tx), Box::new(rx))
+        }
+        _ => {
+            let conn = Conn {
+                wait: cfg.wait,
+                ..conn
+            };
+            (
+                Box::new(FramedSender::new(conn.clone(), max, false)),
+                Box::new(FramedReceiver::new(conn, max, READ_AHEAD)?),
+            )
+        }
     };
-    let tx = TcpSender {
-        conn: conn.clone(),
-        seq: 0,
-        max_payload: est.max_payload,
-        broken: None,
-    };
-    let rx = TcpReceiver::new(conn, est.max_payload);
-    Ok(Link::from_halves(
-        Box::new(tx),
-        Box::new(rx),
-        info,
-        cfg.timeout,
-    ))
+    Ok(Link::from_halves(tx, rx, info, cfg.timeout))
 }
 
 /// Runs a handshake state machine over a connection until it is established or fails. On failure
@@ -319,7 +395,7 @@ fn drive_handshake(
     if let Err(e) = &result {
         let grace = Deadline::after(REFUSAL_GRACE);
         while let Some(frame) = hs.poll_transmit() {
-            if conn.write_all(&[&frame], grace, "send refusal").is_err() {
+            if write_all(conn, &[&frame], grace).is_err() {
                 break;
             }
         }
@@ -344,8 +420,7 @@ fn run_handshake(
     };
     loop {
         while let Some(frame) = hs.poll_transmit() {
-            conn.write_all(&[&frame], deadline, "handshake send")
-                .map_err(|e| io_failure(hs, e))?;
+            write_all(conn, &[&frame], deadline).map_err(|e| io_failure(hs, e))?;
         }
         if let Some(est) = hs.established() {
             return Ok(est.clone());
@@ -353,28 +428,19 @@ fn run_handshake(
         let mut header = [0u8; HEADER_LEN];
         // The magic first, so that a peer speaking another protocol is told apart at once rather
         // than waited on until the deadline.
-        conn.read_full(&mut header[..MAGIC.len()], deadline, "handshake recv")
-            .map_err(|e| io_failure(hs, e))?;
+        read_full(conn, &mut header[..MAGIC.len()], deadline).map_err(|e| io_failure(hs, e))?;
         if header[..MAGIC.len()] != MAGIC {
             let found = [header[0], header[1], header[2], header[3]];
             return Err(hs.frame_error(FrameError::BadMagic { found }));
         }
-        conn.read_full(&mut header[MAGIC.len()..], deadline, "handshake recv")
-            .map_err(|e| io_failure(hs, e))?;
+        read_full(conn, &mut header[MAGIC.len()..], deadline).map_err(|e| io_failure(hs, e))?;
         let h =
             FrameHeader::decode(&header, HANDSHAKE_MAX_PAYLOAD).map_err(|e| hs.frame_error(e))?;
         // Bounded by HANDSHAKE_MAX_PAYLOAD, checked by `decode` before this allocation.
         let mut payload = vec![0u8; h.payload_len()];
-        conn.read_full(&mut payload, deadline, "handshake recv")
-            .map_err(|e| io_failure(hs, e))?;
+        read_full(conn, &mut payload, deadline).map_err(|e| io_failure(hs, e))?;
         hs.handle_frame(&h, &payload)?;
     }
-}
-
-/// An I/O failure after `moved` bytes of the operation had been transferred.
-struct Partial {
-    moved: usize,
-    error: Error,
 }
 
 /// Which socket timeout option a blocking call relies on.
@@ -391,7 +457,7 @@ enum Direction {
 /// direction, so each half manages its own without disturbing the other, and a blocking send of
 /// a large message stays in one system call instead of a write/poll loop.
 #[derive(Clone)]
-struct Conn {
+pub(crate) struct Conn {
     stream: Arc<TcpStream>,
     peer: String,
     wait: WaitStrategy,
@@ -401,7 +467,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: Arc<TcpStream>, peer: String, wait: WaitStrategy) -> Self {
+    pub(crate) fn new(stream: Arc<TcpStream>, peer: String, wait: WaitStrategy) -> Self {
         Conn {
             stream,
             peer,
@@ -488,75 +554,50 @@ impl Conn {
             }
         }
     }
+}
 
-    /// Writes all of `parts`, in order, with vectored writes.
-    fn write_all(
-        &mut self,
-        parts: &[&[u8]],
-        deadline: Deadline,
-        op: &'static str,
-    ) -> std::result::Result<(), Partial> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut written = 0usize;
-        while written < total {
-            let mut skip = written;
-            let mut slices = [IoSlice::new(&[]), IoSlice::new(&[])];
-            let mut n = 0;
-            for p in parts {
-                if skip >= p.len() {
-                    skip -= p.len();
-                    continue;
-                }
-                if n == slices.len() {
-                    break;
-                }
-                slices[n] = IoSlice::new(&p[skip..]);
-                skip = 0;
-                n += 1;
-            }
-            let sent = self.retry(Direction::Send, deadline, op, |fd, flags| {
-                sendmsg::<()>(fd, &slices[..n], &[], flags, None)
-            });
-            match sent {
-                Ok(0) => {
-                    let error = Error::PeerGone {
-                        peer: self.peer.clone(),
-                        detail: format!("{op}: connection accepts no more data"),
-                    };
-                    return Err(Partial {
-                        moved: written,
-                        error,
-                    });
-                }
-                Ok(k) => written += k,
-                Err(error) => {
-                    return Err(Partial {
-                        moved: written,
-                        error,
-                    });
-                }
-            }
-        }
-        Ok(())
+impl ByteSink for Conn {
+    fn peer(&self) -> &str {
+        &self.peer
     }
 
-    /// Reads at least one byte into `buf`. End of stream is [`Error::PeerGone`], with
-    /// `mid_frame` saying whether a frame was cut short.
-    fn read_some(
-        &mut self,
-        buf: &mut [u8],
-        deadline: Deadline,
-        op: &'static str,
-        mid_frame: bool,
-    ) -> Result<usize> {
-        match self.retry(Direction::Recv, deadline, op, |fd, flags| {
+    fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
+        let slices: [IoSlice<'_>; 2] = [
+            IoSlice::new(parts.first().copied().unwrap_or(&[])),
+            IoSlice::new(parts.get(1).copied().unwrap_or(&[])),
+        ];
+        let n = parts.len().min(2);
+        self.retry(Direction::Send, deadline, "send", |fd, flags| {
+            sendmsg::<()>(fd, &slices[..n], &[], flags, None)
+        })
+    }
+
+    fn close(&mut self, farewell: &[u8]) {
+        let _ = sendmsg::<()>(
+            self.stream.as_raw_fd(),
+            &[IoSlice::new(farewell)],
+            &[],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl ByteSource for Conn {
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
+        match self.retry(Direction::Recv, deadline, "recv", |fd, flags| {
             recv(fd, buf, flags)
         })? {
             0 => {
                 let detail = if mid_frame {
-                    format!("{op}: connection closed mid-frame")
+                    "connection closed mid-frame".to_string()
                 } else {
-                    format!("{op}: connection closed without a close frame (peer died?)")
+                    "connection closed without a close frame (peer died?)".to_string()
                 };
                 Err(Error::PeerGone {
                     peer: self.peer.clone(),
@@ -564,262 +605,6 @@ impl Conn {
                 })
             }
             k => Ok(k),
-        }
-    }
-
-    /// Fills `buf` completely.
-    fn read_full(
-        &mut self,
-        buf: &mut [u8],
-        deadline: Deadline,
-        op: &'static str,
-    ) -> std::result::Result<(), Partial> {
-        let mut filled = 0usize;
-        while filled < buf.len() {
-            match self.read_some(&mut buf[filled..], deadline, op, filled > 0) {
-                Ok(k) => filled += k,
-                Err(error) => {
-                    return Err(Partial {
-                        moved: filled,
-                        error,
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Marks a half broken when an error left the stream mid-frame, and returns the error.
-fn record(broken: &mut Option<String>, error: Error, mid_frame: bool) -> Error {
-    if mid_frame {
-        *broken = Some(error.to_string());
-    }
-    error
-}
-
-struct TcpSender {
-    conn: Conn,
-    seq: u64,
-    max_payload: u32,
-    broken: Option<String>,
-}
-
-impl SendHalf for TcpSender {
-    fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
-        if let Some(cause) = &self.broken {
-            return Err(Error::Broken {
-                peer: self.conn.peer.clone(),
-                cause: cause.clone(),
-            });
-        }
-        check_len(payload.len(), self.max_payload)?;
-        let header = FrameHeader::try_for_payload(FrameKind::DATA, tag, self.seq, payload, false)
-            .map_err(|error| Error::Frame {
-                peer: self.conn.peer.clone(),
-                error,
-            })?
-            .encode();
-        match self.conn.write_all(&[&header, payload], deadline, "send") {
-            Ok(()) => {
-                self.seq += 1;
-                Ok(())
-            }
-            Err(p) => Err(record(&mut self.broken, p.error, p.moved > 0)),
-        }
-    }
-}
-
-impl Drop for TcpSender {
-    fn drop(&mut self) {
-        if self.broken.is_some() {
-            return;
-        }
-        // Best effort, never blocking: tell the peer this is an orderly close, then half-close.
-        let header = FrameHeader {
-            kind: FrameKind::CLOSE,
-            flags: crate::frame::FrameFlags::NONE,
-            tag: 0,
-            seq: self.seq,
-            len: 0,
-            payload_crc: 0,
-        }
-        .encode();
-        let _ = sendmsg::<()>(
-            self.conn.stream.as_raw_fd(),
-            &[IoSlice::new(&header)],
-            &[],
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            None,
-        );
-        let _ = self.conn.stream.shutdown(std::net::Shutdown::Write);
-    }
-}
-
-/// Bytes read ahead of the frame being decoded. A receive reads up to this much at once, so a
-/// small message costs one system call; at most this much of a large payload is copied, the rest
-/// is read straight into the caller's buffer.
-const READ_AHEAD: usize = 4096;
-
-struct TcpReceiver {
-    conn: Conn,
-    seq: u64,
-    max_payload: u32,
-    /// A header already read whose payload did not fit the caller's buffer.
-    pending: Option<FrameHeader>,
-    broken: Option<String>,
-    ahead: Box<[u8; READ_AHEAD]>,
-    /// Unconsumed read-ahead bytes are `ahead[start..end]`.
-    start: usize,
-    end: usize,
-}
-
-impl TcpReceiver {
-    fn new(conn: Conn, max_payload: u32) -> Self {
-        TcpReceiver {
-            conn,
-            seq: 0,
-            max_payload,
-            pending: None,
-            broken: None,
-            ahead: Box::new([0u8; READ_AHEAD]),
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn buffered(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn broken_error(&self) -> Option<Error> {
-        self.broken.as_ref().map(|cause| Error::Broken {
-            peer: self.conn.peer.clone(),
-            cause: cause.clone(),
-        })
-    }
-
-    /// Reads until at least `need` (≤ READ_AHEAD) bytes are buffered.
-    fn fill(&mut self, need: usize, deadline: Deadline) -> Result<()> {
-        if self.buffered() >= need {
-            return Ok(());
-        }
-        if READ_AHEAD - self.start < need {
-            self.ahead.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        while self.buffered() < need {
-            let mid_frame = self.buffered() > 0;
-            let k =
-                self.conn
-                    .read_some(&mut self.ahead[self.end..], deadline, "recv", mid_frame)?;
-            self.end += k;
-        }
-        Ok(())
-    }
-
-    fn next_header(&mut self, deadline: Deadline) -> Result<FrameHeader> {
-        if let Some(h) = self.pending.take() {
-            return Ok(h);
-        }
-        if let Err(e) = self.fill(HEADER_LEN, deadline) {
-            let mid_frame = self.buffered() > 0;
-            return Err(record(&mut self.broken, e, mid_frame));
-        }
-        let decoded = FrameHeader::decode(&self.ahead[self.start..self.end], self.max_payload);
-        self.start += HEADER_LEN;
-        let header = match decoded {
-            Ok(h) => h,
-            Err(error) => {
-                let e = Error::Frame {
-                    peer: self.conn.peer.clone(),
-                    error,
-                };
-                return Err(record(&mut self.broken, e, true));
-            }
-        };
-        if header.seq != self.seq {
-            let e = Error::ProtocolViolation {
-                peer: self.conn.peer.clone(),
-                detail: format!(
-                    "frame {} out of sequence, expected {}",
-                    header.seq, self.seq
-                ),
-            };
-            return Err(record(&mut self.broken, e, true));
-        }
-        self.seq += 1;
-        Ok(header)
-    }
-
-    /// Moves a payload into `payload`: first what was read ahead, then straight from the socket.
-    fn read_payload(&mut self, payload: &mut [u8], deadline: Deadline) -> Result<()> {
-        let from_ahead = payload.len().min(self.buffered());
-        payload[..from_ahead].copy_from_slice(&self.ahead[self.start..self.start + from_ahead]);
-        self.start += from_ahead;
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-        }
-        if from_ahead < payload.len() {
-            self.conn
-                .read_full(&mut payload[from_ahead..], deadline, "recv")
-                .map_err(|p| p.error)?;
-        }
-        Ok(())
-    }
-}
-
-impl RecvHalf for TcpReceiver {
-    fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
-        if let Some(e) = self.broken_error() {
-            return Err(e);
-        }
-        loop {
-            let header = self.next_header(deadline)?;
-            let len = header.payload_len();
-            match header.kind {
-                FrameKind::DATA => {}
-                FrameKind::CLOSE => {
-                    let e = Error::Closed {
-                        peer: self.conn.peer.clone(),
-                    };
-                    return Err(record(&mut self.broken, e, true));
-                }
-                FrameKind::HEARTBEAT if len == 0 => continue,
-                other => {
-                    let e = Error::ProtocolViolation {
-                        peer: self.conn.peer.clone(),
-                        detail: format!(
-                            "frame kind {} with {len} bytes on an established link",
-                            other.0
-                        ),
-                    };
-                    return Err(record(&mut self.broken, e, true));
-                }
-            }
-            if len > buf.len() {
-                self.pending = Some(header);
-                return Err(Error::BufferTooSmall {
-                    needed: len,
-                    capacity: buf.len(),
-                });
-            }
-            let payload = &mut buf[..len];
-            if let Err(e) = self.read_payload(payload, deadline) {
-                return Err(record(&mut self.broken, e, true));
-            }
-            if let Err(error) = header.verify_payload(payload) {
-                let e = Error::Frame {
-                    peer: self.conn.peer.clone(),
-                    error,
-                };
-                return Err(record(&mut self.broken, e, true));
-            }
-            return Ok(Message {
-                tag: header.tag,
-                len,
-            });
         }
     }
 }

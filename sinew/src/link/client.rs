@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use transport::{Link, LinkConfig, tcp};
+use transport::select::PREFERENCE;
+use transport::{Link, LinkConfig, TransportChoice, tcp};
 
 use super::protocol::{StreamReport, TAG_PING, TAG_REPORT, TAG_STREAM};
 use super::{ClientArgs, DEFAULT_PORT, LinkClass};
@@ -74,7 +75,7 @@ fn with_default_port(addr: &str) -> String {
     }
 }
 
-/// Runs the client and prints the report.
+/// Runs the client and prints the report (one per backend with `--all`).
 pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let key = args.key.resolve()?;
     let mut cfg = LinkConfig::new(key);
@@ -84,6 +85,58 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     // A single call may legitimately take a while on a slow link (a 16 MiB message over Wi-Fi).
     cfg.timeout = Duration::from_secs(30).max(args.duration * 4);
     let addr = with_default_port(&args.addr);
+    let choices: Vec<TransportChoice> = if args.all {
+        PREFERENCE
+            .iter()
+            .rev()
+            .map(|k| TransportChoice::Only(*k))
+            .collect()
+    } else {
+        vec![args.transport]
+    };
+    let mut failed = false;
+    let mut measured = 0;
+    for choice in choices {
+        cfg.transport = choice;
+        let report = match measure(&args, &cfg, &addr) {
+            Ok(r) => r,
+            Err(e) if args.all => {
+                if args.json {
+                    let skipped = serde_json::json!({"transport": choice.to_string(), "error": format!("{e:#}")});
+                    println!("{skipped}");
+                } else {
+                    println!("\n{choice}: skipped: {e:#}");
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        measured += 1;
+        failed |= report.verdict.as_ref().is_some_and(|v| !v.pass);
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else if let Some(v) = &report.verdict {
+            println!(
+                "\nverdict: {} — best {:.3} GB/s is {:.0}% of {}'s nominal {:.3} GB/s (needs {:.0}%)",
+                if v.pass { "PASS" } else { "FAIL" },
+                v.measured_gbytes_per_s,
+                v.fraction * 100.0,
+                v.expect,
+                v.nominal_gbytes_per_s,
+                v.required_fraction * 100.0
+            );
+        }
+    }
+    ensure!(measured > 0, "no backend could be measured against {addr}");
+    Ok(if failed {
+        ExitCode::from(VERDICT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Measures one backend: latency, then bandwidth over one and several links.
+fn measure(args: &ClientArgs, cfg: &LinkConfig, addr: &str) -> anyhow::Result<Report> {
     let (latency_sizes, bandwidth_sizes) = match &args.sizes {
         Some(s) => (s.0.clone(), s.0.clone()),
         None => (
@@ -91,9 +144,8 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
             DEFAULT_BANDWIDTH_SIZES.to_vec(),
         ),
     };
-    let connect = || {
-        tcp::connect(addr.as_str(), &cfg).with_context(|| format!("cannot open a link to {addr}"))
-    };
+    let connect =
+        || tcp::connect(addr, cfg).with_context(|| format!("cannot open a link to {addr}"));
     let mut link = connect()?;
     let info = link.info().clone();
     let largest = latency_sizes
@@ -109,14 +161,14 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
         info.max_payload
     );
     if !args.json {
-        println!("sinew link: {info}");
+        println!("\nsinew link: {info}");
     }
 
     let mut latency = Vec::new();
     if !args.no_latency {
         if !args.json {
             println!(
-                "\nlatency, ping-pong (one-way = RTT/2), {:.1} s per size",
+                "latency, ping-pong (one-way = RTT/2), {:.1} s per size",
                 args.duration.as_secs_f64()
             );
             println!(
@@ -149,7 +201,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
         }
         if !args.json {
             println!(
-                "\nbandwidth, streaming (GB/s = 10⁹ B/s, counted by the receiver), {:.1} s each",
+                "bandwidth, streaming (GB/s = 10⁹ B/s, counted by the receiver), {:.1} s each",
                 args.duration.as_secs_f64()
             );
             println!("{:>10} {:>8} {:>10}", "size", "streams", "GB/s");
@@ -177,8 +229,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     }
 
     let verdict = args.expect.map(|class| judge(class, &bandwidth));
-    let failed = verdict.as_ref().is_some_and(|v| !v.pass);
-    let report = Report {
+    Ok(Report {
         transport: info.transport.to_string(),
         wait: info.wait.to_string(),
         server: info.peer_addr.clone(),
@@ -188,24 +239,6 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
         latency,
         bandwidth,
         verdict,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else if let Some(v) = &report.verdict {
-        println!(
-            "\nverdict: {} — best {:.3} GB/s is {:.0}% of {}'s nominal {:.3} GB/s (needs {:.0}%)",
-            if v.pass { "PASS" } else { "FAIL" },
-            v.measured_gbytes_per_s,
-            v.fraction * 100.0,
-            v.expect,
-            v.nominal_gbytes_per_s,
-            v.required_fraction * 100.0
-        );
-    }
-    Ok(if failed {
-        ExitCode::from(VERDICT_FAILED)
-    } else {
-        ExitCode::SUCCESS
     })
 }
 

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use transport::WaitStrategy;
+use transport::{TransportChoice, WaitStrategy};
 
 use crate::keys::KeyArgs;
 use crate::units::{parse_size, parse_size_list};
@@ -37,13 +37,6 @@ impl LinkCommand {
     }
 }
 
-/// Transport backends `sinew link` can test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TransportArg {
-    /// TCP sockets.
-    Tcp,
-}
-
 /// Options of `sinew link server`.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -53,6 +46,13 @@ pub struct ServerArgs {
     /// How the server waits for messages: spin, block or adaptive.
     #[arg(long, default_value = "adaptive")]
     pub wait: WaitStrategy,
+    /// Backends to offer clients: auto (every one this machine runs), or only one of tcp, uring,
+    /// shm, rdma.
+    #[arg(long, default_value = "auto")]
+    pub transport: TransportChoice,
+    /// Bytes of each direction's shared-memory ring.
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    pub shm_ring: usize,
     /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     pub socket_buffer: Option<usize>,
@@ -131,9 +131,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct ClientArgs {
     /// The server, HOST:PORT (port defaults to 7470).
     pub addr: String,
-    /// Transport backend to test.
-    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
-    pub transport: TransportArg,
+    /// Backend to test: tcp, uring, shm (same host), rdma, or auto (the best both sides run).
+    /// A forced backend that either side cannot run is an error, not a silent fallback.
+    #[arg(long, default_value = "auto", conflicts_with = "all")]
+    pub transport: TransportChoice,
+    /// Measure every backend this side can run, one after the other, side by side.
+    #[arg(long)]
+    pub all: bool,
     /// Message sizes, comma-separated, with K/M/G suffixes (powers of two). Used for both the
     /// latency and the bandwidth tests. Default: latency 8,64,512,4K,64K,1M; bandwidth 64K,1M,16M.
     #[arg(long, value_parser = parse_sizes)]

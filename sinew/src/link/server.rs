@@ -19,11 +19,13 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut cfg = LinkConfig::new(key);
     cfg.wait = args.wait;
     cfg.socket_buffer = args.socket_buffer;
+    cfg.transport = args.transport;
+    cfg.shm_ring_bytes = args.shm_ring;
     cfg.timeout = IDLE_TIMEOUT;
     let listener = Listener::bind(args.bind, &cfg)
         .with_context(|| format!("cannot listen on {}", args.bind))?;
     let local = listener.local_addr()?;
-    tracing::info!(%local, wait = %args.wait, "sinew link server listening");
+    tracing::info!(%local, wait = %args.wait, transport = %args.transport, "sinew link server listening");
     // Scripts wait for this line before starting a client.
     println!("listening on {local}");
     loop {
@@ -47,7 +49,12 @@ fn serve(incoming: Incoming) {
         // The transport has logged the reason; the socket is closed.
         Err(_) => return,
     };
-    tracing::info!(%peer, node = format_args!("{:#x}", link.info().peer_node_id), "client connected");
+    tracing::info!(
+        %peer,
+        node = format_args!("{:#x}", link.info().peer_node_id),
+        transport = %link.info().transport,
+        "client connected"
+    );
     match serve_link(link) {
         Err(Error::Closed { .. }) => tracing::info!(%peer, "client done"),
         Err(e) => tracing::warn!(%peer, error = %e, "client dropped"),

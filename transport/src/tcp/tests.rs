@@ -1,10 +1,16 @@
 //! TCP backend tests over loopback: each failure a user or peer can cause ends in a clear error.
 
 use super::*;
+use crate::frame::FrameKind;
 use crate::handshake::Side;
 use crate::key::ClusterKey;
 use std::io::{Read, Write};
 use std::thread;
+
+/// The offer of a client that speaks TCP only, so an auto server picks TCP.
+fn tcp_only() -> Offer {
+    select::local_offer(select::TransportChoice::Only(TransportKind::TCP)).unwrap()
+}
 
 fn key(b: u8) -> ClusterKey {
     ClusterKey::from_bytes(&[b; 32]).unwrap()
@@ -42,7 +48,7 @@ fn raw_authenticated(a: SocketAddr, c: &LinkConfig) -> TcpStream {
     let mut conn = Conn::new(Arc::new(stream), a.to_string(), WaitStrategy::Block);
     drive_handshake(
         &mut conn,
-        Handshake::client(handshake_config(c)).unwrap(),
+        Handshake::client(handshake_config(c, &tcp_only())).unwrap(),
         c.handshake_timeout,
     )
     .unwrap();
@@ -59,121 +65,11 @@ fn handshake_error(r: Result<Link>) -> HandshakeError {
 }
 
 #[test]
-fn messages_of_every_size_round_trip() {
-    for wait in [
-        WaitStrategy::Spin,
-        WaitStrategy::Block,
-        WaitStrategy::default(),
-    ] {
-        let mut c = cfg(1);
-        c.wait = wait;
-        let (mut a, mut b) = pair(&c);
-        let sizes = [
-            0usize,
-            1,
-            7,
-            HEADER_LEN,
-            4096,
-            65_537,
-            1 << 20,
-            (8 << 20) + 3,
-        ];
-        let echo = thread::spawn(move || {
-            let mut buf = vec![0u8; 9 << 20];
-            for _ in 0..sizes.len() {
-                let m = b.recv(&mut buf).unwrap();
-                b.send(m.tag + 1, &buf[..m.len]).unwrap();
-            }
-        });
-        let mut buf = vec![0u8; 9 << 20];
-        for (i, &n) in sizes.iter().enumerate() {
-            let data: Vec<u8> = (0..n).map(|j| (j * 31 + i) as u8).collect();
-            a.send(i as u32, &data).unwrap();
-            let m = a.recv(&mut buf).unwrap();
-            assert_eq!(
-                m,
-                Message {
-                    tag: i as u32 + 1,
-                    len: n
-                }
-            );
-            assert!(buf[..n] == data[..], "{wait}: payload of {n} bytes differs");
-        }
-        echo.join().unwrap();
-    }
-}
-
-#[test]
-fn halves_work_concurrently_from_two_threads() {
-    // Both sides send 32 MiB while receiving 32 MiB: without truly independent halves the socket
-    // buffers fill and both sides deadlock (and the deadline turns that into a failure).
-    let (a, b) = pair(&cfg(1));
-    let run = |link: Link| {
-        thread::spawn(move || {
-            let (mut tx, mut rx) = link.split();
-            let sender = thread::spawn(move || {
-                let msg = vec![0xabu8; 256 << 10];
-                for i in 0..128u32 {
-                    tx.send(i, &msg).unwrap();
-                }
-                tx
-            });
-            let mut buf = vec![0u8; 256 << 10];
-            for i in 0..128u32 {
-                let m = rx.recv(&mut buf).unwrap();
-                assert_eq!((m.tag, m.len), (i, 256 << 10));
-                assert!(buf.iter().all(|&x| x == 0xab));
-            }
-            let tx = sender.join().unwrap();
-            assert!(Link::unsplit(tx, rx).is_ok());
-        })
-    };
-    let (ta, tb) = (run(a), run(b));
-    ta.join().unwrap();
-    tb.join().unwrap();
-}
-
-#[test]
 fn halves_of_different_links_do_not_unsplit() {
     let (a, b) = pair(&cfg(1));
     let (ta, _ra) = a.split();
     let (_tb, rb) = b.split();
     assert!(Link::unsplit(ta, rb).is_err());
-}
-
-#[test]
-fn recv_deadline_expires_and_the_link_stays_usable() {
-    let (mut a, mut b) = pair(&cfg(1));
-    let mut buf = [0u8; 16];
-    let t = Instant::now();
-    let err = a
-        .recv_until(&mut buf, Deadline::after(Duration::from_millis(100)))
-        .unwrap_err();
-    assert!(matches!(err, Error::Timeout { op: "recv", .. }), "{err:?}");
-    assert!(t.elapsed() >= Duration::from_millis(100) && t.elapsed() < Duration::from_secs(3));
-    b.send(5, b"late").unwrap();
-    assert_eq!(a.recv(&mut buf).unwrap(), Message { tag: 5, len: 4 });
-}
-
-#[test]
-fn a_too_small_buffer_consumes_nothing() {
-    let (mut a, mut b) = pair(&cfg(1));
-    b.send(1, &[7u8; 100]).unwrap();
-    let mut small = [0u8; 10];
-    let err = a.recv(&mut small).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::BufferTooSmall {
-                needed: 100,
-                capacity: 10
-            }
-        ),
-        "{err:?}"
-    );
-    let mut big = [0u8; 100];
-    assert_eq!(a.recv(&mut big).unwrap(), Message { tag: 1, len: 100 });
-    assert_eq!(big, [7u8; 100]);
 }
 
 #[test]
@@ -257,7 +153,7 @@ fn incompatible_version_is_refused_on_both_sides() {
     let srv = accept_one(l);
     let (stream, _) = connect_stream(&addr, &c).unwrap();
     let mut conn = Conn::new(Arc::new(stream), addr.to_string(), WaitStrategy::Block);
-    let mut future = handshake_config(&c);
+    let mut future = handshake_config(&c, &tcp_only());
     future.versions = (7, 9);
     let client = drive_handshake(
         &mut conn,
@@ -309,7 +205,7 @@ fn a_truncated_handshake_is_reported_as_such() {
     let c = cfg(1);
     let (l, addr) = listener(&c);
     let srv = accept_one(l);
-    let mut hs = Handshake::client(handshake_config(&c)).unwrap();
+    let mut hs = Handshake::client(handshake_config(&c, &tcp_only())).unwrap();
     let hello = hs.poll_transmit().unwrap();
     let mut raw = TcpStream::connect(addr).unwrap();
     raw.write_all(&hello[..hello.len() / 2]).unwrap();
@@ -428,7 +324,43 @@ fn a_connector_started_before_its_listener_gets_through() {
         .unwrap();
     let client = client.join().unwrap().unwrap();
     assert_eq!(client.info().peer_node_id, c.node_id);
-    assert_eq!(server.info().transport, TransportKind::TCP);
+    // Auto selection on one host: the best backend this machine can run, on both sides.
+    let best = select::PREFERENCE
+        .into_iter()
+        .find(|k| select::availability(*k).is_ok())
+        .unwrap();
+    assert_eq!(server.info().transport, best);
+    assert_eq!(client.info().transport, best);
+}
+
+#[test]
+fn a_forced_backend_the_peer_lacks_fails_clearly_on_both_sides() {
+    let mut tcp = cfg(1);
+    tcp.transport = select::TransportChoice::Only(TransportKind::TCP);
+    let mut shm = cfg(1);
+    shm.transport = select::TransportChoice::Only(TransportKind::SHM);
+    let (l, addr) = listener(&tcp);
+    let srv = accept_one(l);
+    let client = connect(addr, &shm).unwrap_err();
+    let server = srv.join().unwrap().unwrap_err();
+    for e in [client, server] {
+        assert!(
+            matches!(&e, Error::Unavailable { reason, .. } if reason.contains("no transport in common")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn forcing_a_backend_this_machine_lacks_fails_before_connecting() {
+    let mut c = cfg(1);
+    c.transport = select::TransportChoice::Only(TransportKind::RDMA);
+    let err = connect("127.0.0.1:1", &c).unwrap_err();
+    assert!(
+        matches!(&err, Error::Unavailable { transport, .. } if transport == "rdma"),
+        "{err}"
+    );
+    assert!(Listener::bind("127.0.0.1:0", &c).is_err());
 }
 
 #[test]

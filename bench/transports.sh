@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# sinew's shared-memory and io_uring backends against their peers, on one host, pinned cores,
+# --wait spin on both sides (OpenMPI busy-polls too), rounds alternating, medians and ratios:
+#   shm   vs  OpenMPI's shared memory (vader BTL), via bench/peers/mpi_pingpong.c (osu_latency /
+#             osu_bw method: 8 B ping-pong; windows of 64 messages of 1, 4, 16 MiB)
+#   uring vs  sinew's TCP backend (8 B latency; 64 KiB, 1 MiB, 16 MiB bandwidth)
+# Installs OpenMPI from Debian when missing.
+# Usage: bench/transports.sh      (ROUNDS=5 DURATION=2 SERVER_CPU=0 CLIENT_CPU=1 by default)
+set -euo pipefail
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-2}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$ROOT/bench/lib.sh"
+
+need_packages mpicc:libopenmpi-dev mpirun:openmpi-bin taskset:util-linux python3:python3
+build_sinew
+mpicc -O2 -Wall -o "$OUT/mpi_pingpong" "$ROOT/bench/peers/mpi_pingpong.c"
+results="$OUT/transports-results.jsonl"
+: > "$results"
+mpi_flags=(--bind-to none --mca btl vader,self)
+[ "$(id -u)" -eq 0 ] && mpi_flags+=(--allow-run-as-root)
+
+# Turns a sinew link JSON object into result lines named PREFIX_latency / PREFIX_bw_SIZE.
+record() {
+  python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+for r in d["latency"]:
+    print(json.dumps({"what": sys.argv[1] + "_latency", "value": r["p50_us"]}))
+for r in d["bandwidth"]:
+    print(json.dumps({"what": sys.argv[1] + "_bw_" + str(r["size_bytes"]), "value": r["gbytes_per_s"]}))
+' "$1" >> "$results"
+}
+
+# mpi SIZES: one OpenMPI run. Rank 0 sends, rank 1 receives (and, with CMA, copies), so rank 0
+# goes where sinew's client runs and rank 1 where its server does: the same core copies in both.
+mpi() {
+  mpirun "${mpi_flags[@]}" -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" : \
+         -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    d = json.loads(line)
+    if d["what"] == "latency":
+        print(json.dumps({"what": "mpi_latency", "value": d["p50_us"]}))
+    else:
+        print(json.dumps({"what": "mpi_bw_" + str(d["size_bytes"]), "value": d["gbytes_per_s"]}))
+' >> "$results"
+}
+
+for round in $(seq "$ROUNDS"); do
+  echo "round $round/$ROUNDS" >&2
+  # Latencies first: a large-memory bandwidth run disturbs the next few seconds on a VM.
+  mpi none
+  sinew_link spin shm --sizes 8 --no-bandwidth --duration "$DURATION" | record shm
+  sinew_link spin tcp --sizes 8 --no-bandwidth --duration "$DURATION" | record tcp
+  sinew_link spin uring --sizes 8 --no-bandwidth --duration "$DURATION" | record uring
+  mpi 1048576,4194304,16777216
+  sinew_link spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" | record shm
+  for wait in spin block; do
+    sinew_link "$wait" tcp --sizes 64K,1M,16M --no-latency --duration "$DURATION" | record "tcp_$wait"
+    sinew_link "$wait" uring --sizes 64K,1M,16M --no-latency --duration "$DURATION" | record "uring_$wait"
+  done
+done
+
+python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs peers, one host, pinned cores, spin, $ROUNDS rounds x $DURATION s, medians" \
+  "shm 8 B one-way p50 µs (vs OpenMPI vader)|shm_latency|mpi_latency|<= 1.5|lower" \
+  "shm 1 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_1048576|mpi_bw_1048576|>= 0.8|higher" \
+  "shm 4 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_4194304|mpi_bw_4194304|>= 0.8|higher" \
+  "shm 16 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_16777216|mpi_bw_16777216|>= 0.8|higher" \
+  "uring 8 B one-way p50 µs (vs sinew tcp)|uring_latency|tcp_latency|<= 1.2|lower" \
+  "uring 64 KiB GB/s, spin (vs sinew tcp, spin)|uring_spin_bw_65536|tcp_spin_bw_65536|>= 1.0|higher" \
+  "uring 1 MiB GB/s, spin (vs sinew tcp, spin)|uring_spin_bw_1048576|tcp_spin_bw_1048576|>= 1.0|higher" \
+  "uring 16 MiB GB/s, spin (vs sinew tcp, spin)|uring_spin_bw_16777216|tcp_spin_bw_16777216|>= 1.0|higher" \
+  "uring 64 KiB GB/s, block (vs sinew tcp, block)|uring_block_bw_65536|tcp_block_bw_65536|>= 1.0|higher" \
+  "uring 1 MiB GB/s, block (vs sinew tcp, block)|uring_block_bw_1048576|tcp_block_bw_1048576|>= 1.0|higher" \
+  "uring 16 MiB GB/s, block (vs sinew tcp, block)|uring_block_bw_16777216|tcp_block_bw_16777216|>= 1.0|higher"

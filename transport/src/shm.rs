@@ -1,0 +1,1291 @@
+//! The shared-memory backend, for two ranks on one host: no system call on the fast path.
+//!
+//! Each direction has, in one shared segment:
+//! - a **slot ring**: one 64-byte cache line per message, holding its sequence word, tag, length
+//!   and — for payloads up to [`INLINE`] bytes — the payload itself, so a small message crosses
+//!   cores as a single cache line (the way OpenMPI's fast boxes do);
+//! - a **byte ring** through which larger payloads stream, so a message larger than the ring
+//!   flows through it;
+//! - for large payloads when the kernel allows it (same user, no ptrace restriction), a
+//!   **single-copy rendezvous**: the receiver copies straight from the sender's buffer with
+//!   `process_vm_readv`, and the sender returns once the copy is done (or abandoned at its
+//!   deadline, which the receiver then reports as an error rather than use the data).
+//!
+//! The accepting side creates the segment in `/dev/shm` (mode 0600, a random name), tells the
+//! peer its name over the already authenticated TCP link, and unlinks it once the peer has mapped
+//! it. Every counter has its own cache line; a waiting side spins, then (after the strategy's spin
+//! budget) sleeps on a futex its peer wakes only when a sleeper said so. Everything read from
+//! shared memory is checked, so a corrupted ring is an error, never an out-of-bounds access; and
+//! the TCP link stays open as the liveness signal: when the peer process dies the kernel closes
+//! it, and a waiting side notices within milliseconds.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+use memmap2::MmapMut;
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, recv};
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+
+use crate::codec::{Reader, Writer};
+use crate::deadline::Deadline;
+use crate::error::{Error, Result};
+use crate::frame::{FrameHeader, FrameKind, HEADER_LEN, encode_frame};
+use crate::link::{Message, RecvHalf, SendHalf, check_len};
+use crate::stream::{ByteSink, ByteSource, read_full, write_all};
+use crate::wait::{WaitStrategy, Waiter};
+
+const RING_MAGIC: u64 = 0x5349_4e45_5752_4e47; // "SINEWRNG"
+/// Messages in flight per direction.
+const SLOTS: usize = 256;
+const SLOT: usize = 64;
+/// Payloads up to this many bytes travel inside their slot.
+pub const INLINE: usize = 40;
+/// Payloads from this size up use the single-copy rendezvous when it is available.
+pub const RENDEZVOUS_MIN: usize = 256 << 10;
+/// Bytes of control block before each direction's slots (a page).
+const CONTROL: usize = 4096;
+const OFF_MAGIC: usize = 0;
+const OFF_CAPACITY: usize = 8;
+const OFF_DATA_TAIL: usize = 128;
+const OFF_DATA_HEAD: usize = 256;
+const OFF_SLOTS_DONE: usize = 384;
+const OFF_RDV: usize = 512;
+const OFF_READER_SLEEPS: usize = 640;
+const OFF_WRITER_SLEEPS: usize = 768;
+/// Slot layout.
+const SLOT_SEQ: usize = 0;
+const SLOT_TAG: usize = 8;
+const SLOT_KIND: usize = 12;
+const SLOT_LEN: usize = 16;
+const SLOT_BODY: usize = 24;
+/// Slot kinds.
+const KIND_INLINE: u32 = 1;
+const KIND_STREAM: u32 = 2;
+const KIND_RENDEZVOUS: u32 = 3;
+const KIND_CLOSE: u32 = 4;
+/// Rendezvous states, in the low two bits of the rendezvous word (the message index above them).
+const RDV_POSTED: u64 = 1;
+const RDV_DONE: u64 = 2;
+const RDV_ABANDONED: u64 = 3;
+/// Smallest and largest byte ring accepted from a peer.
+const MIN_RING: usize = 4096;
+const MAX_RING: usize = 1 << 30;
+/// How often a waiting side checks that the peer process is still there.
+const LIVENESS_EVERY: Duration = Duration::from_millis(1);
+/// Longest single futex sleep, so liveness and the deadline are checked between sleeps.
+const MAX_SLEEP: Duration = Duration::from_millis(2);
+/// Spins between clock reads (deadline, liveness, end of the spin budget).
+const CLOCK_EVERY: u32 = 32;
+const SETUP_MAX: u32 = 4096;
+
+/// This host, user and `/dev/shm`, as offered in the handshake: two sides with equal identities
+/// can share a segment.
+///
+/// # Errors
+/// Why shared memory cannot be offered (no `/dev/shm`, no boot id).
+pub fn host_identity() -> std::result::Result<Vec<u8>, String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map_err(|e| format!("cannot read the boot id ({e}), so this host cannot be identified"))?;
+    let shm = std::fs::metadata("/dev/shm").map_err(|e| format!("no /dev/shm: {e}"))?;
+    let mut id = boot.trim().as_bytes().to_vec();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    id.put_u32(unsafe { libc::geteuid() });
+    id.put_u64(shm.dev());
+    id.put_u64(shm.ino());
+    Ok(id)
+}
+
+/// A mapped segment holding both directions.
+struct Segment {
+    map: MmapMut,
+}
+
+impl Segment {
+    fn direction_len(capacity: usize) -> usize {
+        CONTROL + SLOTS * SLOT + capacity
+    }
+
+    fn len_for(capacity: usize) -> usize {
+        2 * Self::direction_len(capacity)
+    }
+}
+
+/// One direction of the segment, as seen by one side.
+struct Direction {
+    /// Keeps the mapping alive while the pointers below are in use.
+    _segment: Arc<Segment>,
+    control: *mut u8,
+    slots: *mut u8,
+    data: *mut u8,
+    /// The byte ring's capacity as this side agreed to it; shared memory is never trusted for it.
+    capacity: usize,
+}
+
+// SAFETY: the pointers designate the shared mapping that `_segment` keeps alive; shared counters
+// are accessed atomically, and slot and data bytes only within the region the protocol gives this
+// side at that moment.
+unsafe impl Send for Direction {}
+// SAFETY: `Direction` itself is immutable; what its pointers reach is shared memory whose counters
+// are atomics and whose byte regions each belong to one writer or one reader at a time.
+unsafe impl Sync for Direction {}
+
+impl Direction {
+    fn new(segment: Arc<Segment>, d: usize, capacity: usize) -> Self {
+        // SAFETY: `d` is 0 or 1 and the mapping holds two directions of `direction_len` bytes.
+        let control = unsafe {
+            segment
+                .map
+                .as_ptr()
+                .cast_mut()
+                .add(d * Segment::direction_len(capacity))
+        };
+        // SAFETY: slots follow the control block, data the slots, all inside the direction.
+        let (slots, data) = unsafe { (control.add(CONTROL), control.add(CONTROL + SLOTS * SLOT)) };
+        Direction {
+            _segment: segment,
+            control,
+            slots,
+            data,
+            capacity,
+        }
+    }
+
+    fn word(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: `off` is an OFF_* constant, 8-aligned and inside the page-aligned control block
+        // of a mapping that lives as long as `self`.
+        unsafe { &*self.control.add(off).cast::<AtomicU64>() }
+    }
+
+    fn flag(&self, off: usize) -> &AtomicU32 {
+        // SAFETY: as for `word`, with 4-byte alignment.
+        unsafe { &*self.control.add(off).cast::<AtomicU32>() }
+    }
+
+    fn slot(&self, index: u64) -> *mut u8 {
+        // SAFETY: the index is reduced modulo SLOTS, so the slot lies inside the slot area.
+        unsafe { self.slots.add((index % SLOTS as u64) as usize * SLOT) }
+    }
+
+    fn slot_seq(&self, index: u64) -> &AtomicU64 {
+        // SAFETY: a slot is 64-aligned (page-aligned area, 64-byte slots); its first 8 bytes are
+        // the sequence word.
+        unsafe { &*self.slot(index).add(SLOT_SEQ).cast::<AtomicU64>() }
+    }
+
+    fn init(&self) {
+        for off in [OFF_DATA_TAIL, OFF_DATA_HEAD, OFF_SLOTS_DONE, OFF_RDV] {
+            self.word(off).store(0, Ordering::Relaxed);
+        }
+        self.flag(OFF_READER_SLEEPS).store(0, Ordering::Relaxed);
+        self.flag(OFF_WRITER_SLEEPS).store(0, Ordering::Relaxed);
+        for i in 0..SLOTS as u64 {
+            self.slot_seq(i).store(0, Ordering::Relaxed);
+        }
+        self.word(OFF_CAPACITY)
+            .store(self.capacity as u64, Ordering::Relaxed);
+        self.word(OFF_MAGIC).store(RING_MAGIC, Ordering::Release);
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let magic = self.word(OFF_MAGIC).load(Ordering::Acquire);
+        let cap = self.word(OFF_CAPACITY).load(Ordering::Relaxed);
+        if magic != RING_MAGIC {
+            return Err(format!("bad ring magic {magic:#x}"));
+        }
+        if cap != self.capacity as u64 {
+            return Err(format!(
+                "ring header says capacity {cap}, the setup said {}",
+                self.capacity
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies `src` into the byte ring at logical position `pos`, wrapping.
+    fn copy_in(&self, pos: u64, src: &[u8]) {
+        let at = (pos % self.capacity as u64) as usize;
+        let first = src.len().min(self.capacity - at);
+        // SAFETY: `at + first <= capacity` and the rest (`src.len() - first <= at`) wraps to the
+        // start, so both copies stay in the data area; callers never pass more than the free
+        // space, which the protocol gives the writer alone.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.data.add(at), first);
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data, src.len() - first);
+        }
+    }
+
+    /// Copies from the byte ring at logical position `pos` into `dst`, wrapping.
+    fn copy_out(&self, pos: u64, dst: &mut [u8]) {
+        let at = (pos % self.capacity as u64) as usize;
+        let first = dst.len().min(self.capacity - at);
+        // SAFETY: bounds as in `copy_in`; callers never read more than is available, which the
+        // protocol gives the reader alone.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.data.add(at), dst.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(
+                self.data,
+                dst.as_mut_ptr().add(first),
+                dst.len() - first,
+            );
+        }
+    }
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a valid, aligned u32 in a shared mapping (hence no FUTEX_PRIVATE_FLAG);
+    // the kernel only reads it and `ts`, both valid for the call. Every error (EAGAIN when the
+    // value changed, ETIMEDOUT, EINTR) means "look again", which the caller does.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0,
+        );
+    }
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32 in a shared mapping; FUTEX_WAKE only uses its
+    // address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            0,
+            0,
+            0,
+        );
+    }
+}
+
+/// Wakes the peer if it said it sleeps on `flag`. The fence orders our preceding publication
+/// before reading the flag (the sleeper sets the flag, fences, then re-checks our publication).
+fn wake_if_sleeping(flag: &AtomicU32) {
+    fence(Ordering::SeqCst);
+    if flag.load(Ordering::Relaxed) != 0 {
+        flag.store(0, Ordering::Relaxed);
+        futex_wake(flag);
+    }
+}
+
+/// Names the side and operation in errors.
+#[derive(Clone)]
+struct Side {
+    peer: String,
+    op: &'static str,
+}
+
+fn corrupted(peer: &str, what: String) -> Error {
+    Error::ProtocolViolation {
+        peer: peer.to_string(),
+        detail: format!("shared-memory ring corrupted: {what}"),
+    }
+}
+
+/// Waiting for the peer: the strategy's spin, futex sleeps, liveness checks and the deadline.
+struct Wait<'a> {
+    waiter: Waiter,
+    bootstrap: &'a TcpStream,
+    last_check: Instant,
+    spinning: bool,
+    spins: u32,
+}
+
+impl<'a> Wait<'a> {
+    fn new(strategy: WaitStrategy, bootstrap: &'a TcpStream) -> Self {
+        let waiter = Waiter::new(strategy);
+        Wait {
+            spinning: !waiter.should_block(),
+            waiter,
+            bootstrap,
+            last_check: Instant::now(),
+            spins: 0,
+        }
+    }
+
+    /// Whether the peer's end of the bootstrap socket is gone.
+    fn peer_gone(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        match recv(self.bootstrap.as_raw_fd(), &mut byte, flags) {
+            Ok(0) => true,
+            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Waits a little for `ready` (sleeping on `sleeps` once the spin budget is spent). `Err`
+    /// when the deadline passed or the peer is gone; `Ok` means "look again".
+    fn pause(
+        &mut self,
+        sleeps: &AtomicU32,
+        ready: impl Fn() -> bool,
+        deadline: Deadline,
+        side: &Side,
+    ) -> Result<()> {
+        self.spins = self.spins.wrapping_add(1);
+        if self.spinning && !self.spins.is_multiple_of(CLOCK_EVERY) {
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline.instant() {
+            return Err(Error::Timeout {
+                op: side.op,
+                waited: self.waiter.waited(),
+                peer: side.peer.clone(),
+            });
+        }
+        if now.duration_since(self.last_check) >= LIVENESS_EVERY {
+            self.last_check = now;
+            if self.peer_gone() && !ready() {
+                return Err(Error::PeerGone {
+                    peer: side.peer.clone(),
+                    detail: format!(
+                        "{}: the peer process is gone (its link socket closed)",
+                        side.op
+                    ),
+                });
+            }
+        }
+        self.spinning = !self.waiter.should_block();
+        if self.spinning {
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        sleeps.store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if !ready() {
+            futex_wait(sleeps, 1, deadline.remaining().min(MAX_SLEEP));
+        }
+        sleeps.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The writing end of a direction's byte ring.
+struct ByteRingWriter {
+    dir: Arc<Direction>,
+    tail: u64,
+    bootstrap: Arc<TcpStream>,
+    wait: WaitStrategy,
+    side: Side,
+}
+
+impl ByteRingWriter {
+    fn free(&self) -> Result<usize> {
+        let head = self.dir.word(OFF_DATA_HEAD).load(Ordering::Acquire);
+        let used = self.tail.wrapping_sub(head);
+        if used > self.dir.capacity as u64 {
+            return Err(corrupted(
+                &self.side.peer,
+                format!("head {head} is not within a ring of the tail {}", self.tail),
+            ));
+        }
+        Ok(self.dir.capacity - used as usize)
+    }
+}
+
+impl ByteSink for ByteRingWriter {
+    fn peer(&self) -> &str {
+        &self.side.peer
+    }
+
+    fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
+        let mut wait = None;
+        let free = loop {
+            let free = self.free()?;
+            if free > 0 {
+                break free;
+            }
+            // Only a writer that has to wait reads the clock.
+            let wait = wait.get_or_insert_with(|| Wait::new(self.wait, &self.bootstrap));
+            let (dir, tail) = (&self.dir, self.tail);
+            let ready = || {
+                tail.wrapping_sub(dir.word(OFF_DATA_HEAD).load(Ordering::Acquire))
+                    < dir.capacity as u64
+            };
+            wait.pause(dir.flag(OFF_WRITER_SLEEPS), ready, deadline, &self.side)?;
+        };
+        let mut written = 0;
+        for p in parts {
+            let n = p.len().min(free - written);
+            self.dir.copy_in(self.tail + written as u64, &p[..n]);
+            written += n;
+            if written == free {
+                break;
+            }
+        }
+        self.tail += written as u64;
+        self.dir
+            .word(OFF_DATA_TAIL)
+            .store(self.tail, Ordering::Release);
+        wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
+        Ok(written)
+    }
+
+    fn close(&mut self, _farewell: &[u8]) {}
+}
+
+/// The reading end of a direction's byte ring.
+struct ByteRingReader {
+    dir: Arc<Direction>,
+    head: u64,
+    bootstrap: Arc<TcpStream>,
+    wait: WaitStrategy,
+    side: Side,
+}
+
+impl ByteRingReader {
+    fn available(&self) -> Result<usize> {
+        let tail = self.dir.word(OFF_DATA_TAIL).load(Ordering::Acquire);
+        let avail = tail.wrapping_sub(self.head);
+        if avail > self.dir.capacity as u64 {
+            return Err(corrupted(
+                &self.side.peer,
+                format!("tail {tail} is not within a ring of the head {}", self.head),
+            ));
+        }
+        Ok(avail as usize)
+    }
+}
+
+impl ByteSource for ByteRingReader {
+    fn peer(&self) -> &str {
+        &self.side.peer
+    }
+
+    fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, _mid_frame: bool) -> Result<usize> {
+        let mut wait = None;
+        let avail = loop {
+            let avail = self.available()?;
+            if avail > 0 {
+                break avail;
+            }
+            let wait = wait.get_or_insert_with(|| Wait::new(self.wait, &self.bootstrap));
+            let (dir, head) = (&self.dir, self.head);
+            let ready = || dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != head;
+            wait.pause(dir.flag(OFF_READER_SLEEPS), ready, deadline, &self.side)?;
+        };
+        let n = avail.min(buf.len());
+        self.dir.copy_out(self.head, &mut buf[..n]);
+        self.head += n as u64;
+        self.dir
+            .word(OFF_DATA_HEAD)
+            .store(self.head, Ordering::Release);
+        wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
+        Ok(n)
+    }
+}
+
+/// The sending half of a shared-memory link.
+pub(crate) struct ShmSender {
+    dir: Arc<Direction>,
+    stream: ByteRingWriter,
+    /// Index of the next message.
+    next: u64,
+    /// The consumer's progress as last read; refreshed only when the slots look full.
+    slots_done: u64,
+    max_payload: u32,
+    /// Whether the receiver can copy from this process's memory.
+    rendezvous: bool,
+    broken: Option<String>,
+    side: Side,
+}
+
+impl ShmSender {
+    fn broken_error(&self) -> Result<()> {
+        match &self.broken {
+            Some(cause) => Err(Error::Broken {
+                peer: self.side.peer.clone(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for a free slot.
+    fn reserve(&mut self, deadline: Deadline) -> Result<()> {
+        let mut wait = None;
+        loop {
+            if self.next - self.slots_done < SLOTS as u64 {
+                return Ok(());
+            }
+            let done = self.dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire);
+            if done > self.next || done < self.slots_done {
+                return Err(corrupted(
+                    &self.side.peer,
+                    format!("slots done {done} beyond sent {}", self.next),
+                ));
+            }
+            self.slots_done = done;
+            if self.next - done < SLOTS as u64 {
+                return Ok(());
+            }
+            let wait =
+                wait.get_or_insert_with(|| Wait::new(self.stream.wait, &self.stream.bootstrap));
+            let (dir, next) = (&self.dir, self.next);
+            let ready = || next - dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire) < SLOTS as u64;
+            wait.pause(dir.flag(OFF_WRITER_SLEEPS), ready, deadline, &self.side)?;
+        }
+    }
+
+    /// Fills and publishes the next slot.
+    fn publish(&mut self, tag: u32, kind: u32, len: usize, body: &[u8]) {
+        let slot = self.dir.slot(self.next);
+        // SAFETY: the slot is free (reserved) and belongs to the writer until its sequence word
+        // is published below; the body fits the slot (`body.len() <= SLOT - SLOT_BODY`).
+        unsafe {
+            slot.add(SLOT_TAG).cast::<u32>().write(tag);
+            slot.add(SLOT_KIND).cast::<u32>().write(kind);
+            slot.add(SLOT_LEN).cast::<u64>().write(len as u64);
+            std::ptr::copy_nonoverlapping(body.as_ptr(), slot.add(SLOT_BODY), body.len());
+        }
+        self.dir
+            .slot_seq(self.next)
+            .store(self.next + 1, Ordering::Release);
+        self.next += 1;
+        wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
+    }
+
+    /// Waits until the receiver has copied rendezvous message `index`; at the deadline, takes the
+    /// buffer back (the receiver then discards whatever it copied).
+    fn await_rendezvous(&mut self, index: u64, deadline: Deadline) -> Result<()> {
+        let word = self.dir.word(OFF_RDV);
+        let posted = index << 2 | RDV_POSTED;
+        let done = index << 2 | RDV_DONE;
+        let mut wait = Wait::new(self.stream.wait, &self.stream.bootstrap);
+        loop {
+            let state = word.load(Ordering::Acquire);
+            if state == done {
+                return Ok(());
+            }
+            if state != posted {
+                return Err(corrupted(
+                    &self.side.peer,
+                    format!("rendezvous word {state:#x}, expected {posted:#x}"),
+                ));
+            }
+            let ready = || word.load(Ordering::Acquire) != posted;
+            if let Err(e) = wait.pause(
+                self.dir.flag(OFF_WRITER_SLEEPS),
+                ready,
+                deadline,
+                &self.side,
+            ) {
+                // Take the buffer back unless the copy finished in the meantime.
+                return match word.compare_exchange(
+                    posted,
+                    index << 2 | RDV_ABANDONED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Err(now) if now == done => Ok(()),
+                    _ => Err(e),
+                };
+            }
+        }
+    }
+}
+
+impl SendHalf for ShmSender {
+    fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
+        self.broken_error()?;
+        check_len(payload.len(), self.max_payload)?;
+        self.reserve(deadline)?;
+        let len = payload.len();
+        if len <= INLINE {
+            self.publish(tag, KIND_INLINE, len, payload);
+            return Ok(());
+        }
+        if self.rendezvous && len >= RENDEZVOUS_MIN {
+            let index = self.next;
+            self.dir
+                .word(OFF_RDV)
+                .store(index << 2 | RDV_POSTED, Ordering::Release);
+            self.publish(
+                tag,
+                KIND_RENDEZVOUS,
+                len,
+                &(payload.as_ptr() as u64).to_le_bytes(),
+            );
+            return self.await_rendezvous(index, deadline).inspect_err(|e| {
+                self.broken = Some(e.to_string());
+            });
+        }
+        self.publish(tag, KIND_STREAM, len, &[]);
+        // The message is announced: a failure while streaming its payload breaks the link.
+        write_all(&mut self.stream, &[payload], deadline).map_err(|p| {
+            self.broken = Some(p.error.to_string());
+            p.error
+        })
+    }
+
+    #[cfg(test)]
+    fn inject_raw(&mut self, bytes: &[u8], _deadline: Deadline) -> Result<()> {
+        // Garbage in the next slot: a kind and length no sender writes.
+        let slot = self.dir.slot(self.next);
+        let n = bytes.len().min(SLOT - SLOT_TAG);
+        // SAFETY: the slot belongs to the writer until published; `n` fits the slot.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot.add(SLOT_TAG), n) };
+        self.dir
+            .slot_seq(self.next)
+            .store(self.next + 1, Ordering::Release);
+        self.next += 1;
+        wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn abandon(&mut self) {
+        self.broken = Some("abandoned".into());
+    }
+}
+
+impl Drop for ShmSender {
+    fn drop(&mut self) {
+        // An orderly close, if a slot is free right now; otherwise the closing link socket says
+        // the peer is gone.
+        if self.broken.is_none()
+            && self.next - self.dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire) < SLOTS as u64
+        {
+            self.publish(0, KIND_CLOSE, 0, &[]);
+        }
+    }
+}
+
+/// The receiving half of a shared-memory link.
+pub(crate) struct ShmReceiver {
+    dir: Arc<Direction>,
+    stream: ByteRingReader,
+    /// Index of the next message.
+    next: u64,
+    max_payload: u32,
+    /// The sender's process, for single-copy rendezvous reads; `None` when unavailable.
+    sender_pid: Option<Pid>,
+    broken: Option<String>,
+    side: Side,
+}
+
+impl ShmReceiver {
+    fn fail(&mut self, e: Error) -> Error {
+        self.broken = Some(e.to_string());
+        e
+    }
+
+    /// Waits for the next slot to be published.
+    fn await_slot(&self, deadline: Deadline) -> Result<()> {
+        let seq = self.dir.slot_seq(self.next);
+        let want = self.next + 1;
+        if seq.load(Ordering::Acquire) == want {
+            return Ok(());
+        }
+        let mut wait = Wait::new(self.stream.wait, &self.stream.bootstrap);
+        loop {
+            let s = seq.load(Ordering::Acquire);
+            if s == want {
+                return Ok(());
+            }
+            if s > want || (s != 0 && s + (SLOTS as u64) < want) {
+                return Err(corrupted(
+                    &self.side.peer,
+                    format!("slot sequence {s}, expected {want}"),
+                ));
+            }
+            let ready = || seq.load(Ordering::Acquire) == want;
+            wait.pause(
+                self.dir.flag(OFF_READER_SLEEPS),
+                ready,
+                deadline,
+                &self.side,
+            )?;
+        }
+    }
+
+    /// Copies a rendezvous payload straight from the sender's memory.
+    fn pull(&self, pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let remote = [RemoteIoVec {
+                base: addr as usize + done,
+                len: buf.len() - done,
+            }];
+            let mut local = [io::IoSliceMut::new(&mut buf[done..])];
+            match process_vm_readv(pid, &mut local, &remote) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(Error::PeerGone {
+                        peer: self.side.peer.clone(),
+                        detail: format!("recv: reading the sender's buffer failed: {e}"),
+                    });
+                }
+            }
+        }
+        if done < buf.len() {
+            return Err(Error::PeerGone {
+                peer: self.side.peer.clone(),
+                detail: format!(
+                    "recv: the sender's buffer ended after {done} of {} bytes",
+                    buf.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn consume_slot(&mut self) {
+        self.next += 1;
+        self.dir
+            .word(OFF_SLOTS_DONE)
+            .store(self.next, Ordering::Release);
+        wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
+    }
+}
+
+impl RecvHalf for ShmReceiver {
+    fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
+        if let Some(cause) = &self.broken {
+            return Err(Error::Broken {
+                peer: self.side.peer.clone(),
+                cause: cause.clone(),
+            });
+        }
+        self.await_slot(deadline)?;
+        let slot = self.dir.slot(self.next);
+        let mut body = [0u8; SLOT - SLOT_BODY];
+        // SAFETY: the published slot belongs to the reader until it is consumed; all offsets are
+        // within the 64-byte slot.
+        let (tag, kind, len) = unsafe {
+            std::ptr::copy_nonoverlapping(slot.add(SLOT_BODY), body.as_mut_ptr(), body.len());
+            (
+                slot.add(SLOT_TAG).cast::<u32>().read(),
+                slot.add(SLOT_KIND).cast::<u32>().read(),
+                slot.add(SLOT_LEN).cast::<u64>().read(),
+            )
+        };
+        let valid = match kind {
+            KIND_INLINE => len <= INLINE as u64,
+            KIND_STREAM | KIND_RENDEZVOUS => len <= u64::from(self.max_payload),
+            KIND_CLOSE => len == 0,
+            _ => false,
+        };
+        if !valid {
+            let e = corrupted(
+                &self.side.peer,
+                format!("slot of kind {kind} with length {len}"),
+            );
+            return Err(self.fail(e));
+        }
+        let len = len as usize;
+        if kind == KIND_CLOSE {
+            let e = Error::Closed {
+                peer: self.side.peer.clone(),
+            };
+            return Err(self.fail(e));
+        }
+        if len > buf.len() {
+            // The slot stays unconsumed: the next call reads it again.
+            return Err(Error::BufferTooSmall {
+                needed: len,
+                capacity: buf.len(),
+            });
+        }
+        match kind {
+            KIND_INLINE => buf[..len].copy_from_slice(&body[..len]),
+            KIND_STREAM => {
+                if let Err(p) = read_full(&mut self.stream, &mut buf[..len], deadline) {
+                    return Err(self.fail(p.error));
+                }
+            }
+            _ => {
+                let addr = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                let index = self.next;
+                let Some(pid) = self.sender_pid else {
+                    let e = corrupted(
+                        &self.side.peer,
+                        "a rendezvous message on a link without single copy".into(),
+                    );
+                    return Err(self.fail(e));
+                };
+                if let Err(e) = self.pull(pid, addr, &mut buf[..len]) {
+                    return Err(self.fail(e));
+                }
+                let word = self.dir.word(OFF_RDV);
+                let claimed = word.compare_exchange(
+                    index << 2 | RDV_POSTED,
+                    index << 2 | RDV_DONE,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
+                if claimed.is_err() {
+                    let e = Error::PeerGone {
+                        peer: self.side.peer.clone(),
+                        detail: "recv: the sender gave up on this message at its deadline".into(),
+                    };
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        self.consume_slot();
+        Ok(Message { tag, len })
+    }
+}
+
+/// Which side of the link sets the segment up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The accepting side: creates the segment.
+    Creator,
+    /// The connecting side: maps it.
+    Joiner,
+}
+
+/// Removes the segment's name on drop, so an error never leaves it in `/dev/shm`.
+struct Unlink(PathBuf);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn setup_send<S: ByteSink>(sink: &mut S, payload: &[u8], deadline: Deadline) -> Result<()> {
+    let header = FrameHeader::try_for_payload(FrameKind::HANDSHAKE, 0, 0, payload, true).map_err(
+        |error| Error::Frame {
+            peer: sink.peer().to_string(),
+            error,
+        },
+    )?;
+    write_all(sink, &[&encode_frame(&header, payload)], deadline).map_err(|p| p.error)
+}
+
+fn setup_recv<S: ByteSource>(source: &mut S, deadline: Deadline) -> Result<Vec<u8>> {
+    let mut head = [0u8; HEADER_LEN];
+    read_full(source, &mut head, deadline).map_err(|p| p.error)?;
+    let peer = source.peer().to_string();
+    let frame_error = |error| Error::Frame {
+        peer: peer.clone(),
+        error,
+    };
+    let header = FrameHeader::decode(&head, SETUP_MAX).map_err(frame_error)?;
+    let mut payload = vec![0u8; header.payload_len()];
+    read_full(source, &mut payload, deadline).map_err(|p| p.error)?;
+    header.verify_payload(&payload).map_err(frame_error)?;
+    Ok(payload)
+}
+
+fn io_err(peer: &str, op: &'static str, error: io::Error) -> Error {
+    Error::Io {
+        op,
+        peer: peer.to_string(),
+        error,
+    }
+}
+
+fn map(file: &File, len: usize, peer: &str) -> Result<Arc<Segment>> {
+    // SAFETY: the file is a private 0600 segment of exactly `len` bytes shared only with the
+    // authenticated peer; its contents change under us by design and are only accessed through
+    // atomics and bounds-checked copies.
+    let map =
+        unsafe { MmapMut::map_mut(file) }.map_err(|e| io_err(peer, "mmap shared segment", e))?;
+    if map.len() != len {
+        return Err(corrupted(
+            peer,
+            format!("segment is {} bytes, expected {len}", map.len()),
+        ));
+    }
+    Ok(Arc::new(Segment { map }))
+}
+
+/// A random value at a known address, so the peer can test whether it may read this process's
+/// memory (and that the pid it was told names this process).
+struct Probe {
+    value: Box<u64>,
+}
+
+impl Probe {
+    fn new(peer: &str) -> Result<Self> {
+        let mut v = [0u8; 8];
+        getrandom::fill(&mut v)
+            .map_err(|e| io_err(peer, "random probe", io::Error::other(e.to_string())))?;
+        Ok(Probe {
+            value: Box::new(u64::from_le_bytes(v)),
+        })
+    }
+
+    fn describe(&self, out: &mut Vec<u8>) {
+        out.put_u32(std::process::id());
+        out.put_u64(&*self.value as *const u64 as u64);
+        out.put_u64(*self.value);
+    }
+}
+
+/// Whether this process can copy from the peer described by `(pid, addr, value)`.
+fn can_read(pid: u32, addr: u64, value: u64) -> Option<Pid> {
+    let pid = Pid::from_raw(i32::try_from(pid).ok()?);
+    let mut got = [0u8; 8];
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len: 8,
+    }];
+    let mut local = [io::IoSliceMut::new(&mut got)];
+    match process_vm_readv(pid, &mut local, &remote) {
+        Ok(8) if u64::from_le_bytes(got) == value => Some(pid),
+        _ => None,
+    }
+}
+
+fn read_probe(
+    r: &mut Reader<'_>,
+) -> std::result::Result<(u32, u64, u64), crate::codec::DecodeError> {
+    Ok((
+        r.u32("pid")?,
+        r.u64("probe address")?,
+        r.u64("probe value")?,
+    ))
+}
+
+/// Sets up both directions over the authenticated `bootstrap_io` and returns this side's halves.
+pub(crate) fn establish<S: ByteSink + ByteSource>(
+    bootstrap_io: &mut S,
+    bootstrap: Arc<TcpStream>,
+    role: Role,
+    ring_bytes: usize,
+    max_payload: u32,
+    wait: WaitStrategy,
+    deadline: Deadline,
+) -> Result<(ShmSender, ShmReceiver)> {
+    let peer = ByteSink::peer(bootstrap_io).to_string();
+    let bad = |what: String| Error::ProtocolViolation {
+        peer: peer.clone(),
+        detail: format!("shm setup: {what}"),
+    };
+    let probe = Probe::new(&peer)?;
+    // Whether the peer can read from us (so we may send by rendezvous), and the pid to read from
+    // when we may receive by rendezvous.
+    let (segment, capacity, peer_reads_us, we_read_peer) = match role {
+        Role::Creator => {
+            let capacity = ring_bytes.clamp(MIN_RING, MAX_RING).next_power_of_two();
+            let mut nonce = [0u8; 16];
+            getrandom::fill(&mut nonce).map_err(|e| {
+                io_err(
+                    &peer,
+                    "random segment name",
+                    io::Error::other(e.to_string()),
+                )
+            })?;
+            let name: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+            let path = Path::new("/dev/shm").join(format!("sinew-{}-{name}", std::process::id()));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io_err(&peer, "create shared segment", e))?;
+            let _unlink = Unlink(path.clone());
+            let len = Segment::len_for(capacity);
+            file.set_len(len as u64)
+                .map_err(|e| io_err(&peer, "size shared segment", e))?;
+            let segment = map(&file, len, &peer)?;
+            for d in 0..2 {
+                Direction::new(segment.clone(), d, capacity).init();
+            }
+            let mut offer = Vec::new();
+            offer.put_u64(capacity as u64);
+            probe.describe(&mut offer);
+            offer.extend_from_slice(path.as_os_str().as_encoded_bytes());
+            setup_send(bootstrap_io, &offer, deadline)?;
+            let answer = setup_recv(bootstrap_io, deadline)?;
+            let mut r = Reader::new(&answer);
+            let parsed = (|| {
+                let reads_us = r.u8("can read")? == 1;
+                let probe = read_probe(&mut r)?;
+                Ok::<_, crate::codec::DecodeError>((reads_us, probe))
+            })();
+            let (peer_reads_us, (pid, addr, value)) = parsed.map_err(|e| bad(e.to_string()))?;
+            let we_read_peer = can_read(pid, addr, value);
+            setup_send(bootstrap_io, &[u8::from(we_read_peer.is_some())], deadline)?;
+            // `_unlink` removes the name now: both sides hold the mapping.
+            (segment, capacity, peer_reads_us, we_read_peer)
+        }
+        Role::Joiner => {
+            let offer = setup_recv(bootstrap_io, deadline)?;
+            let mut r = Reader::new(&offer);
+            let capacity = r.u64("ring capacity").map_err(|e| bad(e.to_string()))? as usize;
+            let (pid, addr, value) = read_probe(&mut r).map_err(|e| bad(e.to_string()))?;
+            let rest = offer.len().saturating_sub(8 + 4 + 8 + 8);
+            let path = r
+                .bytes(rest, "segment path")
+                .map_err(|e| bad(e.to_string()))?;
+            let path = PathBuf::from(String::from_utf8_lossy(path).into_owned());
+            if !capacity.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&capacity) {
+                return Err(bad(format!("ring capacity {capacity} out of range")));
+            }
+            if path.parent() != Some(Path::new("/dev/shm")) {
+                return Err(bad(format!(
+                    "segment {} is not in /dev/shm",
+                    path.display()
+                )));
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err(&peer, "open shared segment", e))?;
+            let segment = map(&file, Segment::len_for(capacity), &peer)?;
+            for d in 0..2 {
+                Direction::new(segment.clone(), d, capacity)
+                    .validate()
+                    .map_err(|what| corrupted(&peer, what))?;
+            }
+            let we_read_peer = can_read(pid, addr, value);
+            let mut answer = vec![u8::from(we_read_peer.is_some())];
+            probe.describe(&mut answer);
+            setup_send(bootstrap_io, &answer, deadline)?;
+            let verdict = setup_recv(bootstrap_io, deadline)?;
+            let peer_reads_us = verdict.first() == Some(&1);
+            (segment, capacity, peer_reads_us, we_read_peer)
+        }
+    };
+    // The probe must stay readable until the peer has tested it: it has, once setup is done.
+    drop(probe);
+    let (out_dir, in_dir) = match role {
+        Role::Creator => (0, 1),
+        Role::Joiner => (1, 0),
+    };
+    let out = Arc::new(Direction::new(segment.clone(), out_dir, capacity));
+    let inn = Arc::new(Direction::new(segment, in_dir, capacity));
+    let send_side = Side {
+        peer: peer.clone(),
+        op: "send",
+    };
+    let recv_side = Side { peer, op: "recv" };
+    let sender = ShmSender {
+        dir: out.clone(),
+        stream: ByteRingWriter {
+            dir: out,
+            tail: 0,
+            bootstrap: bootstrap.clone(),
+            wait,
+            side: send_side.clone(),
+        },
+        next: 0,
+        slots_done: 0,
+        max_payload,
+        rendezvous: peer_reads_us,
+        broken: None,
+        side: send_side,
+    };
+    let receiver = ShmReceiver {
+        dir: inn.clone(),
+        stream: ByteRingReader {
+            dir: inn,
+            head: 0,
+            bootstrap,
+            wait,
+            side: recv_side.clone(),
+        },
+        next: 0,
+        max_payload,
+        sender_pid: we_read_peer,
+        broken: None,
+        side: recv_side,
+    };
+    tracing::debug!(
+        single_copy_send = peer_reads_us,
+        single_copy_recv = we_read_peer.is_some(),
+        capacity,
+        "shm link set up"
+    );
+    Ok((sender, receiver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tcp::Conn;
+
+    /// Both sides' halves over a loopback TCP bootstrap connection.
+    fn ends(capacity: usize) -> ((ShmSender, ShmReceiver), (ShmSender, ShmReceiver)) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let joiner = std::thread::spawn(move || {
+            let s = Arc::new(TcpStream::connect(addr).unwrap());
+            let mut conn = Conn::new(s.clone(), "creator".into(), WaitStrategy::Block);
+            let d = Deadline::after(Duration::from_secs(5));
+            establish(
+                &mut conn,
+                s,
+                Role::Joiner,
+                capacity,
+                1 << 30,
+                WaitStrategy::default(),
+                d,
+            )
+            .unwrap()
+        });
+        let (s, _) = l.accept().unwrap();
+        let s = Arc::new(s);
+        let mut conn = Conn::new(s.clone(), "joiner".into(), WaitStrategy::Block);
+        let d = Deadline::after(Duration::from_secs(5));
+        let creator = establish(
+            &mut conn,
+            s,
+            Role::Creator,
+            capacity,
+            1 << 30,
+            WaitStrategy::default(),
+            d,
+        )
+        .unwrap();
+        (creator, joiner.join().unwrap())
+    }
+
+    fn round_trip(tx: &mut ShmSender, rx: &mut ShmReceiver, sizes: &[usize]) {
+        std::thread::scope(|s| {
+            let sizes2 = sizes.to_vec();
+            let reader = s.spawn(move || {
+                let mut buf = vec![0u8; 4 << 20];
+                for (i, n) in sizes2.into_iter().enumerate() {
+                    let m = rx
+                        .recv(&mut buf, Deadline::after(Duration::from_secs(10)))
+                        .unwrap();
+                    assert_eq!((m.tag, m.len), (i as u32, n));
+                    assert!(
+                        buf[..n]
+                            .iter()
+                            .enumerate()
+                            .all(|(j, &b)| b == (j * 7 + i) as u8)
+                    );
+                }
+            });
+            for (i, &n) in sizes.iter().enumerate() {
+                let data: Vec<u8> = (0..n).map(|j| (j * 7 + i) as u8).collect();
+                tx.send(i as u32, &data, Deadline::after(Duration::from_secs(10)))
+                    .unwrap();
+            }
+            reader.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn every_path_carries_messages_in_order() {
+        let ((mut tx, _), (_, mut rx)) = ends(4096);
+        // Inline, streamed through a ring smaller than the message, and single copy.
+        let sizes = [
+            0,
+            1,
+            INLINE,
+            INLINE + 1,
+            4096,
+            100_000,
+            RENDEZVOUS_MIN,
+            3 << 20,
+        ];
+        round_trip(&mut tx, &mut rx, &sizes);
+    }
+
+    #[test]
+    fn without_single_copy_large_messages_stream_through_the_ring() {
+        let ((mut tx, _), (_, mut rx)) = ends(4096);
+        tx.rendezvous = false;
+        round_trip(&mut tx, &mut rx, &[RENDEZVOUS_MIN, 3 << 20, 5]);
+    }
+
+    #[test]
+    fn more_messages_than_slots_wait_for_the_reader() {
+        let ((mut tx, _), (_, mut rx)) = ends(4096);
+        round_trip(&mut tx, &mut rx, &[8; SLOTS * 3]);
+    }
+
+    #[test]
+    fn the_segment_name_is_gone_once_both_sides_mapped_it() {
+        let mine = format!("sinew-{}-", std::process::id());
+        let ours = || {
+            std::fs::read_dir("/dev/shm")
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))
+                .count()
+        };
+        let _ends = ends(4096);
+        assert_eq!(ours(), 0);
+    }
+
+    #[test]
+    fn a_corrupted_ring_header_is_an_error_not_undefined_behaviour() {
+        let ((tx, _), (_, mut rx)) = ends(4096);
+        // A slot sequence from the far future, and a byte ring tail beyond the capacity.
+        tx.dir.slot_seq(0).store(1_000_000, Ordering::Release);
+        let mut buf = [0u8; 64];
+        let err = rx
+            .recv(&mut buf, Deadline::after(Duration::from_secs(1)))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
+            "{err}"
+        );
+
+        let ((_, _), (_, mut rx)) = ends(4096);
+        rx.dir.word(OFF_DATA_TAIL).store(1 << 40, Ordering::Release);
+        let err = rx
+            .stream
+            .read_some(&mut buf, Deadline::after(Duration::from_secs(1)), false)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_rendezvous_the_sender_abandoned_is_not_delivered() {
+        let ((mut tx, _), (_, mut rx)) = ends(4096);
+        assert!(
+            tx.rendezvous,
+            "single copy works between threads of one process"
+        );
+        let data = vec![5u8; RENDEZVOUS_MIN];
+        // Nobody receives: the sender gives up at its deadline and takes its buffer back.
+        let err = tx
+            .send(1, &data, Deadline::after(Duration::from_millis(100)))
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        let mut buf = vec![0u8; RENDEZVOUS_MIN];
+        let err = rx
+            .recv(&mut buf, Deadline::after(Duration::from_secs(1)))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::PeerGone { detail, .. } if detail.contains("gave up")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn host_identity_is_stable() {
+        assert_eq!(host_identity().unwrap(), host_identity().unwrap());
+    }
+}

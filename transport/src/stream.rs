@@ -1,0 +1,368 @@
+//! Framed link halves over any byte stream: a TCP socket, an io_uring-driven socket, or a
+//! shared-memory ring. The backend supplies a [`ByteSink`] and a [`ByteSource`]; this module
+//! adds frames, sequence numbers, the orderly close, and the rule that an error leaving the
+//! stream mid-frame breaks the link for good.
+//!
+//! Receives read ahead a few KiB into a buffer the backend may register, validate the header,
+//! copy what of the payload came with it and read the rest straight into the caller's buffer:
+//! a small message costs one read, a large one no hidden copy.
+
+use crate::deadline::Deadline;
+use crate::error::{Error, Result};
+use crate::frame::{FrameFlags, FrameHeader, FrameKind, HEADER_LEN};
+use crate::link::{Message, RecvHalf, SendHalf, check_len};
+
+/// An operation that failed after `moved` bytes had been transferred.
+pub(crate) struct Partial {
+    pub(crate) moved: usize,
+    pub(crate) error: Error,
+}
+
+/// The writing end of a byte stream.
+pub(crate) trait ByteSink: Send {
+    /// The peer, for error messages.
+    fn peer(&self) -> &str;
+
+    /// Writes a prefix of the concatenation of `parts` (at least one byte), waiting by the link's
+    /// strategy until the deadline.
+    fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize>;
+
+    /// Best effort and without waiting: sends `farewell` (a close frame) if it fits right now,
+    /// then shuts the direction down.
+    fn close(&mut self, farewell: &[u8]);
+}
+
+/// The reading end of a byte stream.
+pub(crate) trait ByteSource: Send {
+    /// The peer, for error messages.
+    fn peer(&self) -> &str;
+
+    /// Reads at least one byte into `buf`, waiting until the deadline. The end of the stream is
+    /// [`Error::PeerGone`]; `mid_frame` says whether a frame was cut short, for the message.
+    fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize>;
+
+    /// Called once with the receiver's read-ahead buffer, which stays at the same address for the
+    /// source's whole life: a backend may register it (io_uring fixed buffers).
+    fn register_read_ahead(&mut self, _buf: &mut [u8]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes all of `parts`, in order.
+pub(crate) fn write_all<S: ByteSink + ?Sized>(
+    sink: &mut S,
+    parts: &[&[u8]],
+    deadline: Deadline,
+) -> std::result::Result<(), Partial> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = 0usize;
+    while written < total {
+        // The parts not yet written, the first one trimmed.
+        let mut skip = written;
+        let mut rest: [&[u8]; 2] = [&[], &[]];
+        let mut n = 0;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            if n == rest.len() {
+                break;
+            }
+            rest[n] = &p[skip..];
+            skip = 0;
+            n += 1;
+        }
+        match sink.write_some(&rest[..n], deadline) {
+            Ok(0) => {
+                let error = Error::PeerGone {
+                    peer: sink.peer().to_string(),
+                    detail: "the stream accepts no more data".into(),
+                };
+                return Err(Partial {
+                    moved: written,
+                    error,
+                });
+            }
+            Ok(k) => written += k,
+            Err(error) => {
+                return Err(Partial {
+                    moved: written,
+                    error,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` completely.
+pub(crate) fn read_full<S: ByteSource + ?Sized>(
+    source: &mut S,
+    buf: &mut [u8],
+    deadline: Deadline,
+) -> std::result::Result<(), Partial> {
+    let mut filled = 0usize;
+    while filled < buf.len() {
+        match source.read_some(&mut buf[filled..], deadline, filled > 0) {
+            Ok(k) => filled += k,
+            Err(error) => {
+                return Err(Partial {
+                    moved: filled,
+                    error,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Marks a half broken when an error left the stream mid-frame, and returns the error.
+fn record(broken: &mut Option<String>, error: Error, mid_frame: bool) -> Error {
+    if mid_frame {
+        *broken = Some(error.to_string());
+    }
+    error
+}
+
+fn broken_error(broken: &Option<String>, peer: &str) -> Result<()> {
+    match broken {
+        Some(cause) => Err(Error::Broken {
+            peer: peer.to_string(),
+            cause: cause.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The sending half of a framed link.
+pub(crate) struct FramedSender<S: ByteSink> {
+    sink: S,
+    seq: u64,
+    max_payload: u32,
+    /// Whether data payloads carry a checksum (for media that do not guarantee integrity).
+    checksum: bool,
+    broken: Option<String>,
+}
+
+impl<S: ByteSink> FramedSender<S> {
+    pub(crate) fn new(sink: S, max_payload: u32, checksum: bool) -> Self {
+        FramedSender {
+            sink,
+            seq: 0,
+            max_payload,
+            checksum,
+            broken: None,
+        }
+    }
+}
+
+impl<S: ByteSink> SendHalf for FramedSender<S> {
+    fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
+        broken_error(&self.broken, self.sink.peer())?;
+        check_len(payload.len(), self.max_payload)?;
+        let header =
+            FrameHeader::try_for_payload(FrameKind::DATA, tag, self.seq, payload, self.checksum)
+                .map_err(|error| Error::Frame {
+                    peer: self.sink.peer().to_string(),
+                    error,
+                })?
+                .encode();
+        match write_all(&mut self.sink, &[&header, payload], deadline) {
+            Ok(()) => {
+                self.seq += 1;
+                Ok(())
+            }
+            Err(p) => Err(record(&mut self.broken, p.error, p.moved > 0)),
+        }
+    }
+
+    #[cfg(test)]
+    fn inject_raw(&mut self, bytes: &[u8], deadline: Deadline) -> Result<()> {
+        write_all(&mut self.sink, &[bytes], deadline).map_err(|p| p.error)
+    }
+
+    #[cfg(test)]
+    fn abandon(&mut self) {
+        self.broken = Some("abandoned".into());
+    }
+}
+
+impl<S: ByteSink> Drop for FramedSender<S> {
+    fn drop(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
+        let farewell = FrameHeader {
+            kind: FrameKind::CLOSE,
+            flags: FrameFlags::NONE,
+            tag: 0,
+            seq: self.seq,
+            len: 0,
+            payload_crc: 0,
+        }
+        .encode();
+        self.sink.close(&farewell);
+    }
+}
+
+/// Bytes read ahead of the frame being decoded.
+pub(crate) const READ_AHEAD: usize = 4096;
+
+/// The receiving half of a framed link.
+pub(crate) struct FramedReceiver<S: ByteSource> {
+    // Declared first so that it is dropped first: a backend that registered the read-ahead
+    // buffer releases it before the buffer is freed.
+    source: S,
+    seq: u64,
+    max_payload: u32,
+    /// A header already read whose payload did not fit the caller's buffer.
+    pending: Option<FrameHeader>,
+    broken: Option<String>,
+    ahead: Box<[u8]>,
+    /// Unconsumed read-ahead bytes are `ahead[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+impl<S: ByteSource> FramedReceiver<S> {
+    pub(crate) fn new(mut source: S, max_payload: u32, read_ahead: usize) -> Result<Self> {
+        let mut ahead = vec![0u8; read_ahead.max(HEADER_LEN)].into_boxed_slice();
+        source.register_read_ahead(&mut ahead)?;
+        Ok(FramedReceiver {
+            source,
+            seq: 0,
+            max_payload,
+            pending: None,
+            broken: None,
+            ahead,
+            start: 0,
+            end: 0,
+        })
+    }
+
+    fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Reads until at least `need` (≤ the read-ahead size) bytes are buffered.
+    fn fill(&mut self, need: usize, deadline: Deadline) -> Result<()> {
+        if self.buffered() >= need {
+            return Ok(());
+        }
+        if self.ahead.len() - self.start < need {
+            self.ahead.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.buffered() < need {
+            let mid_frame = self.buffered() > 0;
+            let k = self
+                .source
+                .read_some(&mut self.ahead[self.end..], deadline, mid_frame)?;
+            self.end += k;
+        }
+        Ok(())
+    }
+
+    fn next_header(&mut self, deadline: Deadline) -> Result<FrameHeader> {
+        if let Some(h) = self.pending.take() {
+            return Ok(h);
+        }
+        if let Err(e) = self.fill(HEADER_LEN, deadline) {
+            let mid_frame = self.buffered() > 0;
+            return Err(record(&mut self.broken, e, mid_frame));
+        }
+        let decoded = FrameHeader::decode(&self.ahead[self.start..self.end], self.max_payload);
+        self.start += HEADER_LEN;
+        let header = match decoded {
+            Ok(h) => h,
+            Err(error) => {
+                let e = Error::Frame {
+                    peer: self.source.peer().to_string(),
+                    error,
+                };
+                return Err(record(&mut self.broken, e, true));
+            }
+        };
+        if header.seq != self.seq {
+            let e = Error::ProtocolViolation {
+                peer: self.source.peer().to_string(),
+                detail: format!(
+                    "frame {} out of sequence, expected {}",
+                    header.seq, self.seq
+                ),
+            };
+            return Err(record(&mut self.broken, e, true));
+        }
+        self.seq += 1;
+        Ok(header)
+    }
+
+    /// Moves a payload into `payload`: first what was read ahead, then straight from the source.
+    fn read_payload(&mut self, payload: &mut [u8], deadline: Deadline) -> Result<()> {
+        let from_ahead = payload.len().min(self.buffered());
+        payload[..from_ahead].copy_from_slice(&self.ahead[self.start..self.start + from_ahead]);
+        self.start += from_ahead;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        if from_ahead < payload.len() {
+            read_full(&mut self.source, &mut payload[from_ahead..], deadline)
+                .map_err(|p| p.error)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: ByteSource> RecvHalf for FramedReceiver<S> {
+    fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
+        broken_error(&self.broken, self.source.peer())?;
+        loop {
+            let header = self.next_header(deadline)?;
+            let len = header.payload_len();
+            match header.kind {
+                FrameKind::DATA => {}
+                FrameKind::CLOSE => {
+                    let e = Error::Closed {
+                        peer: self.source.peer().to_string(),
+                    };
+                    return Err(record(&mut self.broken, e, true));
+                }
+                FrameKind::HEARTBEAT if len == 0 => continue,
+                other => {
+                    let e = Error::ProtocolViolation {
+                        peer: self.source.peer().to_string(),
+                        detail: format!(
+                            "frame kind {} with {len} bytes on an established link",
+                            other.0
+                        ),
+                    };
+                    return Err(record(&mut self.broken, e, true));
+                }
+            }
+            if len > buf.len() {
+                self.pending = Some(header);
+                return Err(Error::BufferTooSmall {
+                    needed: len,
+                    capacity: buf.len(),
+                });
+            }
+            let payload = &mut buf[..len];
+            if let Err(e) = self.read_payload(payload, deadline) {
+                return Err(record(&mut self.broken, e, true));
+            }
+            if let Err(error) = header.verify_payload(payload) {
+                let e = Error::Frame {
+                    peer: self.source.peer().to_string(),
+                    error,
+                };
+                return Err(record(&mut self.broken, e, true));
+            }
+            return Ok(Message {
+                tag: header.tag,
+                len,
+            });
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The generic link test suite: every behaviour a `Link` promises, run against every backend.
+//! A new backend gets the whole suite by adding one `link_suite!` line at the bottom.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::deadline::Deadline;
+use crate::error::Error;
+use crate::handshake::TransportKind;
+use crate::key::ClusterKey;
+use crate::link::{Link, LinkConfig, Message};
+use crate::select::{TransportChoice, availability};
+use crate::tcp::{Listener, connect};
+use crate::wait::WaitStrategy;
+
+/// A pair of links forced onto `kind`, or `None` (with the reason printed) when this machine
+/// cannot run it — then the link would fall back, which the selection tests cover.
+fn pair(kind: TransportKind, wait: WaitStrategy) -> Option<(Link, Link)> {
+    if let Err(reason) = availability(kind) {
+        eprintln!("skipping: {kind} is unavailable here: {reason}");
+        return None;
+    }
+    let mut cfg = LinkConfig::new(ClusterKey::from_bytes(&[9u8; 32]).unwrap());
+    cfg.transport = TransportChoice::Only(kind);
+    cfg.wait = wait;
+    cfg.timeout = Duration::from_secs(20);
+    // Small rings, so large messages must stream through them.
+    cfg.shm_ring_bytes = 64 << 10;
+    let listener = Listener::bind("127.0.0.1:0", &cfg).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server =
+        thread::spawn(move || listener.accept_until(Deadline::after(Duration::from_secs(10))));
+    let client = connect(addr, &cfg).unwrap();
+    let server = server.join().unwrap().unwrap();
+    assert_eq!(client.info().transport, kind);
+    assert_eq!(server.info().transport, kind);
+    Some((client, server))
+}
+
+pub(crate) fn round_trip(kind: TransportKind) {
+    for wait in [
+        WaitStrategy::Spin,
+        WaitStrategy::Block,
+        WaitStrategy::default(),
+    ] {
+        let Some((mut a, mut b)) = pair(kind, wait) else {
+            return;
+        };
+        let sizes = [
+            0usize,
+            1,
+            7,
+            32,
+            4095,
+            4096,
+            16_385,
+            65_537,
+            1 << 20,
+            (8 << 20) + 3,
+        ];
+        let echo = thread::spawn(move || {
+            let mut buf = vec![0u8; 9 << 20];
+            for _ in 0..sizes.len() {
+                let m = b.recv(&mut buf).unwrap();
+                b.send(m.tag ^ 0xffff, &buf[..m.len]).unwrap();
+            }
+        });
+        let mut buf = vec![0u8; 9 << 20];
+        for (i, &n) in sizes.iter().enumerate() {
+            let data: Vec<u8> = (0..n).map(|j| (j * 131 + i * 7) as u8).collect();
+            a.send(i as u32, &data).unwrap();
+            let m = a.recv(&mut buf).unwrap();
+            assert_eq!(
+                m,
+                Message {
+                    tag: i as u32 ^ 0xffff,
+                    len: n
+                },
+                "{kind}/{wait}"
+            );
+            assert!(
+                buf[..n] == data[..],
+                "{kind}/{wait}: a {n}-byte payload differs"
+            );
+        }
+        echo.join().unwrap();
+    }
+}
+
+pub(crate) fn concurrent_halves(kind: TransportKind) {
+    // Both sides send 16 MiB while receiving 16 MiB, from two threads each: without independent
+    // halves the buffers fill and both sides stall until the deadline fails the test.
+    let Some((a, b)) = pair(kind, WaitStrategy::default()) else {
+        return;
+    };
+    let run = |link: Link, seed: u8| {
+        thread::spawn(move || {
+            let (mut tx, mut rx) = link.split();
+            let sender = thread::spawn(move || {
+                for i in 0..64u32 {
+                    tx.send(i, &vec![seed.wrapping_add(i as u8); 256 << 10])
+                        .unwrap();
+                }
+                tx
+            });
+            let mut buf = vec![0u8; 256 << 10];
+            for i in 0..64u32 {
+                let m = rx.recv(&mut buf).unwrap();
+                assert_eq!((m.tag, m.len), (i, 256 << 10));
+                let expect = (seed ^ 1).wrapping_add(i as u8);
+                assert!(buf.iter().all(|&x| x == expect), "message {i} corrupted");
+            }
+            let tx = sender.join().unwrap();
+            assert!(Link::unsplit(tx, rx).is_ok());
+        })
+    };
+    let (ta, tb) = (run(a, 0), run(b, 1));
+    ta.join().unwrap();
+    tb.join().unwrap();
+}
+
+pub(crate) fn deadline_expiry(kind: TransportKind) {
+    for wait in [WaitStrategy::Spin, WaitStrategy::Block] {
+        let Some((mut a, mut b)) = pair(kind, wait) else {
+            return;
+        };
+        let mut buf = [0u8; 16];
+        let t = Instant::now();
+        let err = a
+            .recv_until(&mut buf, Deadline::after(Duration::from_millis(100)))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Timeout { .. }),
+            "{kind}/{wait}: {err:?}"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(100) && t.elapsed() < Duration::from_secs(3));
+        b.send(5, b"late").unwrap();
+        assert_eq!(
+            a.recv(&mut buf).unwrap(),
+            Message { tag: 5, len: 4 },
+            "the link survives a timeout"
+        );
+    }
+}
+
+pub(crate) fn small_buffer_and_large_message(kind: TransportKind) {
+    let Some((mut a, mut b)) = pair(kind, WaitStrategy::default()) else {
+        return;
+    };
+    b.send(1, &[7u8; 100]).unwrap();
+    let mut small = [0u8; 10];
+    let err = a.recv(&mut small).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BufferTooSmall {
+                needed: 100,
+                capacity: 10
+            }
+        ),
+        "{err:?}"
+    );
+    let mut big = [0u8; 100];
+    assert_eq!(a.recv(&mut big).unwrap(), Message { tag: 1, len: 100 });
+    let max = a.info().max_payload as usize;
+    let err = a.send(0, &vec![0u8; max + 1]).unwrap_err();
+    assert!(matches!(err, Error::MessageTooLarge { .. }), "{err:?}");
+    a.send(2, b"still fine").unwrap();
+    assert_eq!(b.recv(&mut big).unwrap().len, 10);
+}
+
+pub(crate) fn orderly_close(kind: TransportKind) {
+    let Some((mut a, b)) = pair(kind, WaitStrategy::default()) else {
+        return;
+    };
+    drop(b);
+    let mut buf = [0u8; 8];
+    let err = a.recv(&mut buf).unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{kind}: {err:?}");
+    assert!(
+        matches!(a.recv(&mut buf), Err(Error::Broken { .. })),
+        "later calls fail fast"
+    );
+}
+
+pub(crate) fn peer_death(kind: TransportKind) {
+    for wait in [WaitStrategy::Spin, WaitStrategy::Block] {
+        // A receiver waiting on a peer that dies.
+        let Some((mut a, b)) = pair(kind, wait) else {
+            return;
+        };
+        let killer = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            b.abandon();
+        });
+        let t = Instant::now();
+        let mut buf = [0u8; 64];
+        let err = a
+            .recv_until(&mut buf, Deadline::after(Duration::from_secs(30)))
+            .unwrap_err();
+        killer.join().unwrap();
+        assert!(err.is_peer_failure(), "{kind}/{wait}: {err:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2) + Duration::from_millis(200),
+            "{kind}/{wait}: {:?}",
+            t.elapsed()
+        );
+
+        // A sender streaming into a peer that dies mid-transfer.
+        let Some((mut a, mut b)) = pair(kind, wait) else {
+            return;
+        };
+        let killer = thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let _ = b.recv(&mut buf);
+            b.abandon();
+        });
+        let t = Instant::now();
+        let msg = vec![3u8; 1 << 20];
+        let err = loop {
+            if let Err(e) = a.send_until(0, &msg, Deadline::after(Duration::from_secs(30))) {
+                break e;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{kind}/{wait}: sends into a dead peer keep succeeding"
+            );
+        };
+        killer.join().unwrap();
+        assert!(err.is_peer_failure(), "{kind}/{wait}: {err:?}");
+    }
+}
+
+pub(crate) fn garbage_from_the_peer(kind: TransportKind) {
+    let Some((mut a, mut b)) = pair(kind, WaitStrategy::default()) else {
+        return;
+    };
+    let garbage: Vec<u8> = (0..200u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    b.inject_raw(&garbage).unwrap();
+    let mut buf = vec![0u8; 1024];
+    let err = a.recv(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, Error::Frame { .. } | Error::ProtocolViolation { .. }),
+        "{kind}: {err:?}"
+    );
+    assert!(matches!(a.recv(&mut buf), Err(Error::Broken { .. })));
+}
+
+macro_rules! link_suite {
+    ($($name:ident => $kind:expr),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[test]
+            fn messages_from_empty_to_larger_than_any_buffer_round_trip() { round_trip($kind) }
+            #[test]
+            fn halves_work_concurrently_from_two_threads() { concurrent_halves($kind) }
+            #[test]
+            fn a_deadline_expires_and_the_link_stays_usable() { deadline_expiry($kind) }
+            #[test]
+            fn a_small_buffer_consumes_nothing_and_oversized_sends_are_refused() {
+                small_buffer_and_large_message($kind)
+            }
+            #[test]
+            fn an_orderly_close_is_told_apart() { orderly_close($kind) }
+            #[test]
+            fn a_dead_peer_is_an_error_within_two_seconds() { peer_death($kind) }
+            #[test]
+            fn garbage_from_the_peer_is_an_error() { garbage_from_the_peer($kind) }
+        }
+    )*};
+}
+
+link_suite! {
+    tcp => TransportKind::TCP,
+    uring => TransportKind::URING,
+    shm => TransportKind::SHM,
+}
