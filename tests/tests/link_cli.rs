@@ -158,29 +158,35 @@ fn backends() -> Vec<&'static str> {
     out
 }
 
+/// A server, and a client that has been streaming 1 MiB messages to it over `backend` for a
+/// second.
+fn streaming_pair(backend: &str, key: &std::path::Path) -> (Node, Node) {
+    let (server, addr) = Node::link_server(key);
+    let mut cmd = sinew();
+    cmd.args([
+        "link",
+        "client",
+        &addr,
+        "--transport",
+        backend,
+        "--sizes",
+        "1M",
+        "--no-latency",
+    ])
+    .args(["--duration", "20", "--streams", "1", "--cluster-key-file"])
+    .arg(key);
+    let mut client = Node::spawn(cmd);
+    client.wait_for(sinew_tests::Stream::Stdout, "sinew link:", LIMIT);
+    std::thread::sleep(Duration::from_millis(1000));
+    (server, client)
+}
+
 #[test]
 fn a_server_killed_mid_transfer_gives_the_client_an_error_within_two_seconds_on_every_backend() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let key = key_file(tmp.path(), "key", 4);
     for backend in backends() {
-        let (server, addr) = Node::link_server(&key);
-        let mut cmd = sinew();
-        cmd.args([
-            "link",
-            "client",
-            &addr,
-            "--transport",
-            backend,
-            "--sizes",
-            "1M",
-            "--no-latency",
-        ])
-        .args(["--duration", "20", "--streams", "1", "--cluster-key-file"])
-        .arg(&key);
-        let mut client = Node::spawn(cmd);
-        // Streaming has begun once the link is up and a second has passed.
-        client.wait_for(sinew_tests::Stream::Stdout, "sinew link:", LIMIT);
-        std::thread::sleep(Duration::from_millis(1000));
+        let (server, mut client) = streaming_pair(backend, &key);
         server.kill();
         let killed = Instant::now();
         let status = client
@@ -208,23 +214,7 @@ fn a_client_killed_mid_transfer_is_dropped_by_the_server_within_two_seconds_on_e
     let tmp = tempfile::tempdir().expect("temp dir");
     let key = key_file(tmp.path(), "key", 5);
     for backend in backends() {
-        let (mut server, addr) = Node::link_server(&key);
-        let mut cmd = sinew();
-        cmd.args([
-            "link",
-            "client",
-            &addr,
-            "--transport",
-            backend,
-            "--sizes",
-            "1M",
-            "--no-latency",
-        ])
-        .args(["--duration", "20", "--streams", "1", "--cluster-key-file"])
-        .arg(&key);
-        let mut client = Node::spawn(cmd);
-        client.wait_for(sinew_tests::Stream::Stdout, "sinew link:", LIMIT);
-        std::thread::sleep(Duration::from_millis(1000));
+        let (mut server, client) = streaming_pair(backend, &key);
         client.kill();
         let killed = Instant::now();
         let line = server.wait_for(

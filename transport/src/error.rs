@@ -123,6 +123,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed socket operation: a reset, aborted or broken connection means the peer is gone;
+    /// anything else is an I/O error.
+    pub(crate) fn from_socket(op: &'static str, peer: &str, error: std::io::Error) -> Error {
+        use std::io::ErrorKind;
+        match error.kind() {
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+                Error::PeerGone {
+                    peer: peer.to_string(),
+                    detail: format!("{op}: {error}"),
+                }
+            }
+            _ => Error::Io {
+                op,
+                peer: peer.to_string(),
+                error,
+            },
+        }
+    }
+
     /// Whether this error says the peer is dead or gone (as opposed to a local or protocol fault).
     pub fn is_peer_failure(&self) -> bool {
         matches!(

@@ -478,19 +478,7 @@ impl Conn {
     }
 
     fn map_io(&self, op: &'static str, error: io::Error) -> Error {
-        match error.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted => Error::PeerGone {
-                peer: self.peer.clone(),
-                detail: format!("{op}: {error}"),
-            },
-            _ => Error::Io {
-                op,
-                peer: self.peer.clone(),
-                error,
-            },
-        }
+        Error::from_socket(op, &self.peer, error)
     }
 
     /// Makes sure a blocking call in `dir` returns by `remaining` (it may return earlier, with

@@ -30,6 +30,9 @@ const CANCEL: u64 = 2;
 /// Messages up to this size (header included) are copied into a registered buffer and sent with
 /// `WRITE_FIXED`; larger ones are sent from the caller's memory.
 const STAGE: usize = 16 << 10;
+/// The most bytes one operation moves: large payloads go as a sequence of operations of this
+/// size, each completed as the socket drains or fills.
+const MAX_OP: usize = 1 << 20;
 /// The receiver's registered read-ahead buffer.
 pub(crate) const READ_AHEAD: usize = 16 << 10;
 
@@ -338,19 +341,7 @@ impl Ring {
     }
 
     fn io_error(&self, op: &'static str, error: io::Error) -> Error {
-        match error.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted => Error::PeerGone {
-                peer: self.peer.clone(),
-                detail: format!("{op}: {error}"),
-            },
-            _ => Error::Io {
-                op,
-                peer: self.peer.clone(),
-                error,
-            },
-        }
+        Error::from_socket(op, &self.peer, error)
     }
 }
 
@@ -395,13 +386,20 @@ impl ByteSink for UringSink {
             // SAFETY: `stage` is registered buffer 0 and lives as long as the ring.
             return unsafe { self.ring.run(op, deadline, "send") };
         }
-        let mut iov: Vec<libc::iovec> = parts
-            .iter()
-            .map(|p| libc::iovec {
+        // At most MAX_OP bytes per operation: the caller loops.
+        let mut budget = MAX_OP;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
+        for p in parts {
+            let n = p.len().min(budget);
+            if n == 0 {
+                break;
+            }
+            iov.push(libc::iovec {
                 iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            })
-            .collect();
+                iov_len: n,
+            });
+            budget -= n;
+        }
         // SAFETY: an all-zero msghdr is a valid empty message header.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
@@ -458,8 +456,8 @@ impl ByteSource for UringSource {
     }
 
     fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
-        let len = buf.len().min(u32::MAX as usize) as u32;
         let registered = self.ring.is_registered(buf);
+        let len = buf.len().min(MAX_OP) as u32;
         let ptr = buf.as_mut_ptr();
         let op = |nowait: bool| {
             if registered {
