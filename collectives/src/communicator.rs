@@ -1,0 +1,782 @@
+//! The `Communicator`: one rank of a world of N, a full mesh of links, and the operations.
+//!
+//! Every operation is a blocking call. Messages are cut into pieces (so large transfers pipeline
+//! through the links' buffers) and, in each step where ranks both send and receive, a rank sends
+//! first or receives first by [`schedule::sends_first`], so no cycle of ranks can wait on itself
+//! whatever the link buffers. Every link call has a deadline ([`CommConfig::timeout`] of no
+//! progress); the first failure poisons the communicator and closes all its links, so every
+//! other rank's pending call fails promptly too, and later calls fail fast.
+//!
+//! Reduction order (so float sums are reproducible and identical on every rank):
+//! - all-reduce of at most [`CommConfig::small_bytes`]: every rank folds all contributions in
+//!   rank order, `((x₀ ⊕ x₁) ⊕ x₂) ⊕ …`;
+//! - larger all-reduce and every reduce-scatter: the buffer is cut into `world` chunks
+//!   ([`schedule::chunk`]) and chunk `k` is folded in ring order starting at rank `k + 1`:
+//!   `((x₍ₖ₊₁₎ ⊕ x₍ₖ₊₂₎) ⊕ …) ⊕ xₖ`.
+
+use std::time::{Duration, Instant};
+
+use transport::{Deadline, Link};
+
+use crate::element::{Element, Reduce, ReduceOp, reduce_after, reduce_into};
+use crate::error::{CollectiveError, Result};
+use crate::schedule::{self, chunk, pieces};
+use crate::stats::Stats;
+
+/// Tunables of a communicator.
+#[derive(Clone, Debug)]
+pub struct CommConfig {
+    /// How long any single message may take before the operation fails (a stalled or dead peer).
+    pub timeout: Duration,
+    /// Pipelining granularity in bytes.
+    pub piece_bytes: usize,
+    /// All-reduce payloads up to this size use the latency-optimised algorithm.
+    pub small_bytes: usize,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        CommConfig {
+            timeout: Duration::from_secs(5),
+            piece_bytes: 256 << 10,
+            small_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Which all-reduce algorithm a payload size gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllReduceAlgorithm {
+    /// Everyone exchanges whole vectors and folds them in rank order: one round of messages.
+    Direct,
+    /// Ring reduce-scatter then ring all-gather, pipelined: bandwidth-optimal.
+    Ring,
+}
+
+/// Message tags: the operation, so ranks running different operations are told apart.
+mod tag {
+    pub const SEND: u32 = 1;
+    pub const BROADCAST: u32 = 2;
+    pub const ALL_GATHER: u32 = 3;
+    pub const REDUCE_SCATTER: u32 = 4;
+    pub const ALL_REDUCE: u32 = 5;
+    pub const ALL_TO_ALL: u32 = 6;
+    pub const BARRIER: u32 = 7;
+}
+
+/// One rank of a world of `world` ranks.
+pub struct Communicator {
+    rank: usize,
+    world: usize,
+    /// `links[p]` reaches rank `p`; `links[rank]` is `None`.
+    links: Vec<Option<Link>>,
+    config: CommConfig,
+    poisoned: Option<String>,
+    stats: Stats,
+    /// Reused receive space for reductions, as 8-byte words (aligned for every element type).
+    scratch: Vec<u64>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+fn as_bytes<T: Element>(s: &[T]) -> &[u8] {
+    bytemuck::cast_slice(s)
+}
+
+fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(s)
+}
+
+impl Communicator {
+    /// A communicator over established links: `links[p]` reaches rank `p`, `links[rank]` is
+    /// `None`.
+    ///
+    /// # Errors
+    /// [`CollectiveError::InvalidArgument`] when `rank` is not in the world, the vector is not
+    /// `world` long, or a link is missing.
+    pub fn from_links(rank: usize, links: Vec<Option<Link>>, config: CommConfig) -> Result<Self> {
+        let world = links.len();
+        let invalid = |reason: String| CollectiveError::InvalidArgument {
+            op: "from_links",
+            reason,
+        };
+        if rank >= world {
+            return Err(invalid(format!("rank {rank} in a world of {world}")));
+        }
+        for (p, l) in links.iter().enumerate() {
+            if (p == rank) != l.is_none() {
+                return Err(invalid(format!(
+                    "rank {rank}: link to rank {p} must be {}",
+                    if p == rank { "absent" } else { "present" }
+                )));
+            }
+        }
+        Ok(Communicator {
+            rank,
+            world,
+            links,
+            config,
+            poisoned: None,
+            stats: Stats::default(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CommConfig {
+        &self.config
+    }
+
+    /// Latency of every operation so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Latency statistics, mutable (to clear after a warm-up).
+    pub fn stats_mut(&mut self) -> &mut Stats {
+        &mut self.stats
+    }
+
+    /// Why the communicator is poisoned, if it is.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// The algorithm an all-reduce of `bytes` uses.
+    pub fn all_reduce_algorithm(&self, bytes: usize) -> AllReduceAlgorithm {
+        if bytes <= self.config.small_bytes || self.world <= 1 {
+            AllReduceAlgorithm::Direct
+        } else {
+            AllReduceAlgorithm::Ring
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(cause) => Err(CollectiveError::Poisoned {
+                rank: self.rank,
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Poisons the communicator and closes every link, so the other ranks' pending operations
+    /// fail now rather than at their deadline.
+    fn poison(&mut self, e: CollectiveError) -> CollectiveError {
+        if self.poisoned.is_none() {
+            tracing::warn!(rank = self.rank, error = %e, "collective failed; closing all links");
+            self.poisoned = Some(e.to_string());
+            for l in &mut self.links {
+                *l = None;
+            }
+        }
+        e
+    }
+
+    /// Runs `body` as operation `op` of `bytes`: checks the poison, records the latency, poisons
+    /// on a failure of the links (not on invalid arguments).
+    fn run<R>(
+        &mut self,
+        op: &'static str,
+        bytes: usize,
+        body: impl FnOnce(&mut Self) -> Result<R>,
+    ) -> Result<R> {
+        self.check()?;
+        let start = Instant::now();
+        match body(self) {
+            Ok(r) => {
+                self.stats.record(op, bytes, start.elapsed());
+                Ok(r)
+            }
+            Err(e @ CollectiveError::InvalidArgument { .. }) => Err(e),
+            Err(e) => Err(self.poison(e)),
+        }
+    }
+
+    fn link(&mut self, op: &'static str, peer: usize) -> Result<&mut Link> {
+        let rank = self.rank;
+        match self.links.get_mut(peer) {
+            Some(Some(l)) => Ok(l),
+            _ => Err(CollectiveError::InvalidArgument {
+                op,
+                reason: format!("rank {rank} has no link to rank {peer}"),
+            }),
+        }
+    }
+
+    fn send_piece(&mut self, op: &'static str, tag: u32, peer: usize, bytes: &[u8]) -> Result<()> {
+        let deadline = Deadline::after(self.config.timeout);
+        let rank = self.rank;
+        self.link(op, peer)?
+            .send_until(tag, bytes, deadline)
+            .map_err(|error| CollectiveError::Link {
+                op,
+                rank,
+                peer,
+                error,
+            })
+    }
+
+    fn recv_piece(
+        &mut self,
+        op: &'static str,
+        tag: u32,
+        peer: usize,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let deadline = Deadline::after(self.config.timeout);
+        let rank = self.rank;
+        let expected = buf.len();
+        let got = self.link(op, peer)?.recv_until(buf, deadline);
+        let mismatch = |detail: String| CollectiveError::Mismatch {
+            op,
+            rank,
+            peer,
+            detail,
+        };
+        match got {
+            Ok(m) if m.tag != tag => Err(mismatch(format!(
+                "sent a message of operation #{} during operation #{tag}",
+                m.tag
+            ))),
+            Ok(m) if m.len != expected => Err(mismatch(format!(
+                "sent {} bytes where {expected} were expected",
+                m.len
+            ))),
+            Ok(_) => Ok(()),
+            Err(transport::Error::BufferTooSmall { needed, .. }) => Err(mismatch(format!(
+                "sent {needed} bytes where {expected} were expected"
+            ))),
+            Err(error) => Err(CollectiveError::Link {
+                op,
+                rank,
+                peer,
+                error,
+            }),
+        }
+    }
+
+    /// Sends `send` to `to` while receiving `recv` from `from`, piece by piece, in the order
+    /// that keeps the step deadlock-free.
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &mut self,
+        op: &'static str,
+        tag: u32,
+        to: usize,
+        send: &[u8],
+        from: usize,
+        recv: &mut [u8],
+        send_first: bool,
+    ) -> Result<()> {
+        let piece = self.config.piece_bytes;
+        let sends: Vec<_> = pieces(0..send.len(), piece).collect();
+        let recvs: Vec<_> = pieces(0..recv.len(), piece).collect();
+        for i in 0..sends.len().max(recvs.len()) {
+            if send_first {
+                if let Some(r) = sends.get(i) {
+                    self.send_piece(op, tag, to, &send[r.clone()])?;
+                }
+                if let Some(r) = recvs.get(i) {
+                    self.recv_piece(op, tag, from, &mut recv[r.clone()])?;
+                }
+            } else {
+                if let Some(r) = recvs.get(i) {
+                    self.recv_piece(op, tag, from, &mut recv[r.clone()])?;
+                }
+                if let Some(r) = sends.get(i) {
+                    self.send_piece(op, tag, to, &send[r.clone()])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_peer(&self, op: &'static str, peer: usize) -> Result<()> {
+        if peer >= self.world || peer == self.rank {
+            return Err(CollectiveError::InvalidArgument {
+                op,
+                reason: format!(
+                    "peer {peer} is not another rank of a world of {}",
+                    self.world
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends `data` to rank `peer`, cut into pieces that stream through the link.
+    ///
+    /// # Errors
+    /// [`CollectiveError::Link`] when the peer is dead or stalled; the communicator is then
+    /// poisoned.
+    pub fn send<T: Element>(&mut self, peer: usize, data: &[T]) -> Result<()> {
+        self.check_peer("send", peer)?;
+        let bytes = as_bytes(data);
+        self.run("send", bytes.len(), |c| {
+            for r in pieces(0..bytes.len(), c.config.piece_bytes) {
+                c.send_piece("send", tag::SEND, peer, &bytes[r])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Receives exactly `buf.len()` elements from rank `peer`.
+    ///
+    /// # Errors
+    /// [`CollectiveError::Mismatch`] when the peer sent another length; link failures as
+    /// [`Communicator::send`].
+    pub fn recv<T: Element>(&mut self, peer: usize, buf: &mut [T]) -> Result<()> {
+        self.check_peer("recv", peer)?;
+        let bytes = as_bytes_mut(buf);
+        let len = bytes.len();
+        self.run("recv", len, |c| {
+            for r in pieces(0..len, c.config.piece_bytes) {
+                c.recv_piece("recv", tag::SEND, peer, &mut bytes[r])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Copies `buf` of rank `root` to every rank's `buf` (all `buf`s the same length). Small
+    /// buffers go straight from the root to each rank; large ones are pipelined along a chain
+    /// starting at the root.
+    ///
+    /// # Errors
+    /// As [`Communicator::send`].
+    pub fn broadcast<T: Element>(&mut self, root: usize, buf: &mut [T]) -> Result<()> {
+        if root >= self.world {
+            return Err(CollectiveError::InvalidArgument {
+                op: "broadcast",
+                reason: format!("root {root} in a world of {}", self.world),
+            });
+        }
+        let bytes = as_bytes_mut(buf);
+        let len = bytes.len();
+        self.run("broadcast", len, |c| {
+            let (rank, world) = (c.rank, c.world);
+            if world == 1 {
+                return Ok(());
+            }
+            if len <= c.config.small_bytes {
+                if rank == root {
+                    for p in (0..world).filter(|&p| p != root) {
+                        c.send_piece("broadcast", tag::BROADCAST, p, bytes)?;
+                    }
+                } else {
+                    c.recv_piece("broadcast", tag::BROADCAST, root, bytes)?;
+                }
+                return Ok(());
+            }
+            let position = (rank + world - root) % world;
+            let prev = (rank + world - 1) % world;
+            let next = (rank + 1) % world;
+            for r in pieces(0..len, c.config.piece_bytes) {
+                if position > 0 {
+                    c.recv_piece("broadcast", tag::BROADCAST, prev, &mut bytes[r.clone()])?;
+                }
+                if position + 1 < world {
+                    c.send_piece("broadcast", tag::BROADCAST, next, &bytes[r])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Ring all-gather in place: `buf` holds `world` equal chunks, this rank's at position
+    /// `rank`; afterwards every chunk holds its rank's data.
+    ///
+    /// # Errors
+    /// [`CollectiveError::InvalidArgument`] when `buf.len()` is not a multiple of `world`; link
+    /// failures as [`Communicator::send`].
+    pub fn all_gather_in_place<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
+        if !buf.len().is_multiple_of(self.world) {
+            return Err(CollectiveError::InvalidArgument {
+                op: "all_gather",
+                reason: format!(
+                    "{} elements do not split into {} equal chunks",
+                    buf.len(),
+                    self.world
+                ),
+            });
+        }
+        let per = buf.len() / self.world;
+        let bytes = as_bytes_mut(buf);
+        let per_bytes = per * std::mem::size_of::<T>();
+        self.run("all_gather", per_bytes, |c| {
+            c.ring_all_gather(bytes, per_bytes, "all_gather", tag::ALL_GATHER)
+        })
+    }
+
+    /// All-gather: every rank contributes `input` (the same length everywhere); `output`
+    /// (`world × input.len()`) receives rank `p`'s input at position `p`.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_gather_in_place`].
+    pub fn all_gather<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        if output.len() != input.len() * self.world {
+            return Err(CollectiveError::InvalidArgument {
+                op: "all_gather",
+                reason: format!(
+                    "output of {} elements for {} ranks of {}",
+                    output.len(),
+                    self.world,
+                    input.len()
+                ),
+            });
+        }
+        let n = input.len();
+        output[self.rank * n..(self.rank + 1) * n].copy_from_slice(input);
+        self.all_gather_in_place(output)
+    }
+
+    /// Ring all-gather over `bytes` cut in `world` chunks of `per` bytes.
+    fn ring_all_gather(
+        &mut self,
+        bytes: &mut [u8],
+        per: usize,
+        op: &'static str,
+        tag: u32,
+    ) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        let next = (rank + 1) % world;
+        let prev = (rank + world - 1) % world;
+        let first = schedule::sends_first(rank, world, 1);
+        for step in 0..world.saturating_sub(1) {
+            let (s, r) = schedule::all_gather_step(rank, world, step);
+            let (send, recv) = split_pair(bytes, s * per..(s + 1) * per, r * per..(r + 1) * per);
+            self.exchange(op, tag, next, send, prev, recv, first)?;
+        }
+        Ok(())
+    }
+
+    /// Ring reduce-scatter in place over `buf` cut by [`schedule::chunk`]: afterwards chunk
+    /// `rank` of `buf` holds the reduction (other chunks hold partial results).
+    fn ring_reduce_scatter<T: Reduce>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+        name: &'static str,
+        tag: u32,
+    ) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        let next = (rank + 1) % world;
+        let prev = (rank + world - 1) % world;
+        let first = schedule::sends_first(rank, world, 1);
+        let len = buf.len();
+        let piece = (self.config.piece_bytes / std::mem::size_of::<T>()).max(1);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let words = (piece * std::mem::size_of::<T>()).div_ceil(8);
+        if scratch.len() < words {
+            scratch.resize(words, 0);
+        }
+        let result = (|| {
+            for step in 0..world.saturating_sub(1) {
+                let (s, r) = schedule::reduce_scatter_step(rank, world, step);
+                let (send_range, recv_range) = (chunk(len, world, s), chunk(len, world, r));
+                let sends: Vec<_> = pieces(send_range, piece).collect();
+                let recvs: Vec<_> = pieces(recv_range, piece).collect();
+                for i in 0..sends.len().max(recvs.len()) {
+                    let recv_one =
+                        |c: &mut Self, buf: &mut [T], scratch: &mut [u64]| -> Result<()> {
+                            if let Some(rr) = recvs.get(i) {
+                                let tmp: &mut [T] =
+                                    &mut bytemuck::cast_slice_mut::<u64, T>(scratch)[..rr.len()];
+                                c.recv_piece(name, tag, prev, as_bytes_mut(tmp))?;
+                                // The received partial result comes earlier in the fold.
+                                reduce_after(op, tmp, &mut buf[rr.clone()]);
+                            }
+                            Ok(())
+                        };
+                    if first {
+                        if let Some(sr) = sends.get(i) {
+                            self.send_piece(name, tag, next, as_bytes(&buf[sr.clone()]))?;
+                        }
+                        recv_one(self, buf, &mut scratch)?;
+                    } else {
+                        recv_one(self, buf, &mut scratch)?;
+                        if let Some(sr) = sends.get(i) {
+                            self.send_piece(name, tag, next, as_bytes(&buf[sr.clone()]))?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        result
+    }
+
+    /// Reduce-scatter: `input` (the same length on every rank) is reduced element-wise across
+    /// ranks, and this rank receives chunk `rank` of the result ([`schedule::chunk`] of
+    /// `input.len()` into `world` parts) in `output`.
+    ///
+    /// # Errors
+    /// [`CollectiveError::InvalidArgument`] when `output` is not that chunk's length; link
+    /// failures as [`Communicator::send`].
+    pub fn reduce_scatter<T: Reduce>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let mine = chunk(input.len(), self.world, self.rank);
+        if output.len() != mine.len() {
+            return Err(CollectiveError::InvalidArgument {
+                op: "reduce_scatter",
+                reason: format!("output of {} elements for chunk {:?}", output.len(), mine),
+            });
+        }
+        let mut work = input.to_vec();
+        self.reduce_scatter_in_place(&mut work, op)?;
+        output.copy_from_slice(&work[mine]);
+        Ok(())
+    }
+
+    /// Reduce-scatter in place: afterwards chunk `rank` of `buf` holds the reduction; the other
+    /// chunks hold partial results.
+    ///
+    /// # Errors
+    /// Link failures as [`Communicator::send`].
+    pub fn reduce_scatter_in_place<T: Reduce>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let bytes = std::mem::size_of_val(buf);
+        self.run("reduce_scatter", bytes, |c| {
+            c.ring_reduce_scatter(buf, op, "reduce_scatter", tag::REDUCE_SCATTER)
+        })
+    }
+
+    /// All-reduce in place: every rank's `buf` becomes the element-wise reduction of all ranks'
+    /// `buf`s, bitwise identical on every rank (see the module docs for the order).
+    ///
+    /// # Errors
+    /// Link failures as [`Communicator::send`]; a length that differs between ranks is a
+    /// [`CollectiveError::Mismatch`].
+    pub fn all_reduce<T: Reduce>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let bytes = std::mem::size_of_val(buf);
+        let algorithm = self.all_reduce_algorithm(bytes);
+        self.run("all_reduce", bytes, |c| match algorithm {
+            AllReduceAlgorithm::Direct => c.all_reduce_direct(buf, op),
+            AllReduceAlgorithm::Ring => {
+                c.ring_reduce_scatter(buf, op, "all_reduce", tag::ALL_REDUCE)?;
+                c.ring_all_gather_uneven(buf)
+            }
+        })
+    }
+
+    /// All-reduce out of place: `output` receives the reduction of every rank's `input`.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce`]; `output` must be as long as `input`.
+    pub fn all_reduce_into<T: Reduce>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        if output.len() != input.len() {
+            return Err(CollectiveError::InvalidArgument {
+                op: "all_reduce",
+                reason: format!(
+                    "output of {} elements for an input of {}",
+                    output.len(),
+                    input.len()
+                ),
+            });
+        }
+        output.copy_from_slice(input);
+        self.all_reduce(output, op)
+    }
+
+    /// The all-gather half of a ring all-reduce, over chunks of unequal length.
+    fn ring_all_gather_uneven<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        let next = (rank + 1) % world;
+        let prev = (rank + world - 1) % world;
+        let first = schedule::sends_first(rank, world, 1);
+        let len = buf.len();
+        for step in 0..world.saturating_sub(1) {
+            let (s, r) = schedule::all_gather_step(rank, world, step);
+            let (send, recv) = split_pair(buf, chunk(len, world, s), chunk(len, world, r));
+            self.exchange(
+                "all_reduce",
+                tag::ALL_REDUCE,
+                next,
+                as_bytes(send),
+                prev,
+                as_bytes_mut(recv),
+                first,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Small all-reduce: exchange whole vectors with every rank, fold in rank order.
+    fn all_reduce_direct<T: Reduce>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        if world == 1 {
+            return Ok(());
+        }
+        let n = buf.len();
+        let mut all: Vec<T> = vec![T::zeroed(); n * world];
+        all[rank * n..(rank + 1) * n].copy_from_slice(buf);
+        for shift in 1..world {
+            let to = (rank + shift) % world;
+            let from = (rank + world - shift) % world;
+            let first = schedule::sends_first(rank, world, shift);
+            let (mine, theirs) =
+                split_pair(&mut all, rank * n..(rank + 1) * n, from * n..(from + 1) * n);
+            self.exchange(
+                "all_reduce",
+                tag::ALL_REDUCE,
+                to,
+                as_bytes(mine),
+                from,
+                as_bytes_mut(theirs),
+                first,
+            )?;
+        }
+        buf.copy_from_slice(&all[..n]);
+        for p in 1..world {
+            reduce_into(op, buf, &all[p * n..(p + 1) * n]);
+        }
+        Ok(())
+    }
+
+    /// All-to-all with per-rank counts: `send[send_displ(p)..][..send_counts[p]]` goes to rank
+    /// `p`, and what rank `p` sends here lands in `recv` at the prefix sum of `recv_counts`.
+    ///
+    /// # Errors
+    /// [`CollectiveError::InvalidArgument`] when the counts do not match the buffers;
+    /// [`CollectiveError::Mismatch`] when a peer sends a count other than `recv_counts[p]`; link
+    /// failures as [`Communicator::send`].
+    pub fn all_to_all<T: Element>(
+        &mut self,
+        send: &[T],
+        send_counts: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let world = self.world;
+        let invalid = |reason: String| CollectiveError::InvalidArgument {
+            op: "all_to_all",
+            reason,
+        };
+        if send_counts.len() != world || recv_counts.len() != world {
+            return Err(invalid(format!(
+                "{} send and {} receive counts for {world} ranks",
+                send_counts.len(),
+                recv_counts.len()
+            )));
+        }
+        if send_counts.iter().sum::<usize>() != send.len()
+            || recv_counts.iter().sum::<usize>() != recv.len()
+        {
+            return Err(invalid("counts do not add up to the buffer lengths".into()));
+        }
+        let displ = |counts: &[usize]| -> Vec<usize> {
+            counts
+                .iter()
+                .scan(0, |acc, &c| {
+                    let at = *acc;
+                    *acc += c;
+                    Some(at)
+                })
+                .collect()
+        };
+        let (sd, rd) = (displ(send_counts), displ(recv_counts));
+        let bytes = std::mem::size_of_val(send);
+        self.run("all_to_all", bytes, |c| {
+            let rank = c.rank;
+            if send_counts[rank] != recv_counts[rank] {
+                return Err(CollectiveError::InvalidArgument {
+                    op: "all_to_all",
+                    reason: format!(
+                        "rank {rank} sends itself {} but expects {}",
+                        send_counts[rank], recv_counts[rank]
+                    ),
+                });
+            }
+            recv[rd[rank]..rd[rank] + recv_counts[rank]]
+                .copy_from_slice(&send[sd[rank]..sd[rank] + send_counts[rank]]);
+            for shift in 1..world {
+                let to = (rank + shift) % world;
+                let from = (rank + world - shift) % world;
+                let first = schedule::sends_first(rank, world, shift);
+                let out = &send[sd[to]..sd[to] + send_counts[to]];
+                let inn = &mut recv[rd[from]..rd[from] + recv_counts[from]];
+                c.exchange(
+                    "all_to_all",
+                    tag::ALL_TO_ALL,
+                    to,
+                    as_bytes(out),
+                    from,
+                    as_bytes_mut(inn),
+                    first,
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Returns once every rank has entered the barrier.
+    ///
+    /// # Errors
+    /// Link failures as [`Communicator::send`].
+    pub fn barrier(&mut self) -> Result<()> {
+        self.run("barrier", 0, |c| {
+            let (rank, world) = (c.rank, c.world);
+            for shift in 1..world {
+                let to = (rank + shift) % world;
+                let from = (rank + world - shift) % world;
+                let first = schedule::sends_first(rank, world, shift);
+                c.exchange("barrier", tag::BARRIER, to, &[], from, &mut [], first)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Two disjoint ranges of one slice, the first shared, the second mutable.
+fn split_pair<T>(
+    buf: &mut [T],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&[T], &mut [T]) {
+    if b.is_empty() {
+        return (&buf[a], &mut []);
+    }
+    if a.is_empty() {
+        return (&[], &mut buf[b]);
+    }
+    if a.end <= b.start {
+        let (left, right) = buf.split_at_mut(b.start);
+        (&left[a], &mut right[..b.len()])
+    } else {
+        debug_assert!(b.end <= a.start, "ranges overlap");
+        let (left, right) = buf.split_at_mut(a.start);
+        (&right[..a.len()], &mut left[b])
+    }
+}
