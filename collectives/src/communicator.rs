@@ -357,6 +357,36 @@ impl Communicator {
         })
     }
 
+    /// Sends `send` to rank `to` while receiving `recv` from rank `from` (a ring shift or a halo
+    /// exchange), pipelined and deadlock-free when every rank shifts by the same amount.
+    ///
+    /// # Errors
+    /// As [`Communicator::send`] and [`Communicator::recv`].
+    pub fn sendrecv<T: Element>(
+        &mut self,
+        to: usize,
+        send: &[T],
+        from: usize,
+        recv: &mut [T],
+    ) -> Result<()> {
+        self.check_peer("sendrecv", to)?;
+        self.check_peer("sendrecv", from)?;
+        let shift = (to + self.world - self.rank) % self.world;
+        let first = schedule::sends_first(self.rank, self.world, shift);
+        let bytes = std::mem::size_of_val(send);
+        self.run("sendrecv", bytes, |c| {
+            c.exchange(
+                "sendrecv",
+                tag::SEND,
+                to,
+                as_bytes(send),
+                from,
+                as_bytes_mut(recv),
+                first,
+            )
+        })
+    }
+
     /// Copies `buf` of rank `root` to every rank's `buf` (all `buf`s the same length). Small
     /// buffers go straight from the root to each rank; large ones are pipelined along a chain
     /// starting at the root.

@@ -1,7 +1,9 @@
 //! `sinew`: the one command of the sinew stack.
 //!
-//! Subcommands: `link` (iperf-style verification of a link between two nodes).
+//! Subcommands: `link` (iperf-style verification of a link between two nodes) and `bench`
+//! (nccl-tests-style collective micro-benchmarks).
 
+mod bench;
 mod keys;
 mod link;
 mod units;
@@ -23,6 +25,8 @@ enum Command {
     /// Verify a link between two nodes, like iperf3: latency and bandwidth, with a verdict.
     #[command(subcommand)]
     Link(link::LinkCommand),
+    /// Measure a collective over N ranks, like nccl-tests: latency, algbw, busbw, checked results.
+    Bench(bench::BenchArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -41,6 +45,10 @@ fn main() -> ExitCode {
         Command::Link(cmd) => {
             init_tracing(if cmd.is_server() { "info" } else { "warn" });
             link::run(cmd)
+        }
+        Command::Bench(args) => {
+            init_tracing("warn");
+            bench::run(args)
         }
     };
     match result {
