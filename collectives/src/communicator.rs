@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use transport::{Deadline, Link};
+use transport::{Deadline, Link, LinkReceiver, LinkSender};
 
 use crate::element::{Element, Reduce, ReduceOp, reduce_after, reduce_into};
 use crate::error::{CollectiveError, Result};
@@ -32,6 +32,9 @@ pub struct CommConfig {
     pub piece_bytes: usize,
     /// All-reduce payloads up to this size use the latency-optimised algorithm.
     pub small_bytes: usize,
+    /// Steps moving at least this many bytes send from a helper thread while the caller
+    /// receives, so both directions of every link are busy at once (`usize::MAX`: never).
+    pub concurrent_bytes: usize,
 }
 
 impl Default for CommConfig {
@@ -40,6 +43,12 @@ impl Default for CommConfig {
             timeout: Duration::from_secs(5),
             piece_bytes: 256 << 10,
             small_bytes: 64 << 10,
+            // A helper thread only helps when it has a core of its own: a rank pinned to one core
+            // (as `sinew bench --ranks` pins them) alternates sends and receives instead.
+            concurrent_bytes: match std::thread::available_parallelism() {
+                Ok(n) if n.get() > 1 => 256 << 10,
+                _ => usize::MAX,
+            },
         }
     }
 }
@@ -68,8 +77,10 @@ mod tag {
 pub struct Communicator {
     rank: usize,
     world: usize,
-    /// `links[p]` reaches rank `p`; `links[rank]` is `None`.
-    links: Vec<Option<Link>>,
+    /// `tx[p]` and `rx[p]` are the halves of the link to rank `p`; `None` for `rank` itself
+    /// (and for every rank once poisoned).
+    tx: Vec<Option<LinkSender>>,
+    rx: Vec<Option<LinkReceiver>>,
     config: CommConfig,
     poisoned: Option<String>,
     stats: Stats,
@@ -119,10 +130,18 @@ impl Communicator {
                 )));
             }
         }
+        let (tx, rx) = links
+            .into_iter()
+            .map(|l| match l.map(Link::split) {
+                Some((t, r)) => (Some(t), Some(r)),
+                None => (None, None),
+            })
+            .unzip();
         Ok(Communicator {
             rank,
             world,
-            links,
+            tx,
+            rx,
             config,
             poisoned: None,
             stats: Stats::default(),
@@ -185,9 +204,8 @@ impl Communicator {
         if self.poisoned.is_none() {
             tracing::warn!(rank = self.rank, error = %e, "collective failed; closing all links");
             self.poisoned = Some(e.to_string());
-            for l in &mut self.links {
-                *l = None;
-            }
+            self.tx.iter_mut().for_each(|t| *t = None);
+            self.rx.iter_mut().for_each(|r| *r = None);
         }
         e
     }
@@ -212,28 +230,29 @@ impl Communicator {
         }
     }
 
-    fn link(&mut self, op: &'static str, peer: usize) -> Result<&mut Link> {
-        let rank = self.rank;
-        match self.links.get_mut(peer) {
-            Some(Some(l)) => Ok(l),
-            _ => Err(CollectiveError::InvalidArgument {
-                op,
-                reason: format!("rank {rank} has no link to rank {peer}"),
-            }),
+    fn ctx(&self, op: &'static str, tag: u32, peer: usize) -> Ctx {
+        Ctx {
+            op,
+            tag,
+            rank: self.rank,
+            peer,
+            timeout: self.config.timeout,
+        }
+    }
+
+    fn no_link(&self, op: &'static str, peer: usize) -> CollectiveError {
+        CollectiveError::InvalidArgument {
+            op,
+            reason: format!("rank {} has no link to rank {peer}", self.rank),
         }
     }
 
     fn send_piece(&mut self, op: &'static str, tag: u32, peer: usize, bytes: &[u8]) -> Result<()> {
-        let deadline = Deadline::after(self.config.timeout);
-        let rank = self.rank;
-        self.link(op, peer)?
-            .send_until(tag, bytes, deadline)
-            .map_err(|error| CollectiveError::Link {
-                op,
-                rank,
-                peer,
-                error,
-            })
+        let ctx = self.ctx(op, tag, peer);
+        match self.tx.get_mut(peer) {
+            Some(Some(tx)) => ctx.send(tx, bytes),
+            _ => Err(self.no_link(op, peer)),
+        }
     }
 
     fn recv_piece(
@@ -243,36 +262,57 @@ impl Communicator {
         peer: usize,
         buf: &mut [u8],
     ) -> Result<()> {
-        let deadline = Deadline::after(self.config.timeout);
-        let rank = self.rank;
-        let expected = buf.len();
-        let got = self.link(op, peer)?.recv_until(buf, deadline);
-        let mismatch = |detail: String| CollectiveError::Mismatch {
-            op,
-            rank,
-            peer,
-            detail,
-        };
-        match got {
-            Ok(m) if m.tag != tag => Err(mismatch(format!(
-                "sent a message of operation #{} during operation #{tag}",
-                m.tag
-            ))),
-            Ok(m) if m.len != expected => Err(mismatch(format!(
-                "sent {} bytes where {expected} were expected",
-                m.len
-            ))),
-            Ok(_) => Ok(()),
-            Err(transport::Error::BufferTooSmall { needed, .. }) => Err(mismatch(format!(
-                "sent {needed} bytes where {expected} were expected"
-            ))),
-            Err(error) => Err(CollectiveError::Link {
-                op,
-                rank,
-                peer,
-                error,
-            }),
+        let ctx = self.ctx(op, tag, peer);
+        match self.rx.get_mut(peer) {
+            Some(Some(rx)) => ctx.recv(rx, buf),
+            _ => Err(self.no_link(op, peer)),
         }
+    }
+
+    /// The sending half to `to` and the receiving half from `from`, borrowed together.
+    fn halves(
+        &mut self,
+        op: &'static str,
+        to: usize,
+        from: usize,
+    ) -> Result<(&mut LinkSender, &mut LinkReceiver)> {
+        let missing = |c: &Self, p| c.no_link(op, p);
+        if !matches!(self.tx.get(to), Some(Some(_))) {
+            return Err(missing(self, to));
+        }
+        if !matches!(self.rx.get(from), Some(Some(_))) {
+            return Err(missing(self, from));
+        }
+        match (self.tx[to].as_mut(), self.rx[from].as_mut()) {
+            (Some(t), Some(r)) => Ok((t, r)),
+            _ => unreachable!("both halves checked above"),
+        }
+    }
+
+    /// Runs `sends` on a helper thread while `recvs` runs here; both must finish. The first
+    /// error wins.
+    fn concurrently(
+        &mut self,
+        op: &'static str,
+        tag: u32,
+        to: usize,
+        from: usize,
+        sends: impl FnOnce(&Ctx, &mut LinkSender) -> Result<()> + Send,
+        recvs: impl FnOnce(&Ctx, &mut LinkReceiver) -> Result<()>,
+    ) -> Result<()> {
+        let (sctx, rctx) = (self.ctx(op, tag, to), self.ctx(op, tag, from));
+        let (tx, rx) = self.halves(op, to, from)?;
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| sends(&sctx, tx));
+            let received = recvs(&rctx, rx);
+            let sent = sender.join().unwrap_or_else(|_| {
+                Err(CollectiveError::InvalidArgument {
+                    op,
+                    reason: "the sending thread panicked".into(),
+                })
+            });
+            received.and(sent)
+        })
     }
 
     /// Sends `send` to `to` while receiving `recv` from `from`, piece by piece, in the order
@@ -289,6 +329,16 @@ impl Communicator {
         send_first: bool,
     ) -> Result<()> {
         let piece = self.config.piece_bytes;
+        if send.len() + recv.len() >= self.config.concurrent_bytes {
+            return self.concurrently(
+                op,
+                tag,
+                to,
+                from,
+                |ctx, tx| pieces(0..send.len(), piece).try_for_each(|r| ctx.send(tx, &send[r])),
+                |ctx, rx| pieces(0..recv.len(), piece).try_for_each(|r| ctx.recv(rx, &mut recv[r])),
+            );
+        }
         let sends: Vec<_> = pieces(0..send.len(), piece).collect();
         let recvs: Vec<_> = pieces(0..recv.len(), piece).collect();
         for i in 0..sends.len().max(recvs.len()) {
@@ -523,6 +573,32 @@ impl Communicator {
             for step in 0..world.saturating_sub(1) {
                 let (s, r) = schedule::reduce_scatter_step(rank, world, step);
                 let (send_range, recv_range) = (chunk(len, world, s), chunk(len, world, r));
+                let step_bytes = (send_range.len() + recv_range.len()) * std::mem::size_of::<T>();
+                if step_bytes >= self.config.concurrent_bytes {
+                    let (send, recv) = split_pair(buf, send_range, recv_range);
+                    let scratch = &mut scratch;
+                    self.concurrently(
+                        name,
+                        tag,
+                        next,
+                        prev,
+                        |ctx, tx| {
+                            pieces(0..send.len(), piece)
+                                .try_for_each(|p| ctx.send(tx, as_bytes(&send[p])))
+                        },
+                        |ctx, rx| {
+                            pieces(0..recv.len(), piece).try_for_each(|p| {
+                                let tmp: &mut [T] =
+                                    &mut bytemuck::cast_slice_mut::<u64, T>(scratch)[..p.len()];
+                                ctx.recv(rx, as_bytes_mut(tmp))?;
+                                // The received partial result comes earlier in the fold.
+                                reduce_after(op, tmp, &mut recv[p]);
+                                Ok(())
+                            })
+                        },
+                    )?;
+                    continue;
+                }
                 let sends: Vec<_> = pieces(send_range, piece).collect();
                 let recvs: Vec<_> = pieces(recv_range, piece).collect();
                 for i in 0..sends.len().max(recvs.len()) {
@@ -786,6 +862,57 @@ impl Communicator {
             }
             Ok(())
         })
+    }
+}
+
+/// What a single message belongs to: for its deadline and its errors.
+struct Ctx {
+    op: &'static str,
+    tag: u32,
+    rank: usize,
+    peer: usize,
+    timeout: Duration,
+}
+
+impl Ctx {
+    fn send(&self, tx: &mut LinkSender, bytes: &[u8]) -> Result<()> {
+        tx.send_until(self.tag, bytes, Deadline::after(self.timeout))
+            .map_err(|error| CollectiveError::Link {
+                op: self.op,
+                rank: self.rank,
+                peer: self.peer,
+                error,
+            })
+    }
+
+    fn recv(&self, rx: &mut LinkReceiver, buf: &mut [u8]) -> Result<()> {
+        let expected = buf.len();
+        let mismatch = |detail: String| CollectiveError::Mismatch {
+            op: self.op,
+            rank: self.rank,
+            peer: self.peer,
+            detail,
+        };
+        match rx.recv_until(buf, Deadline::after(self.timeout)) {
+            Ok(m) if m.tag != self.tag => Err(mismatch(format!(
+                "sent a message of operation #{} during operation #{}",
+                m.tag, self.tag
+            ))),
+            Ok(m) if m.len != expected => Err(mismatch(format!(
+                "sent {} bytes where {expected} were expected",
+                m.len
+            ))),
+            Ok(_) => Ok(()),
+            Err(transport::Error::BufferTooSmall { needed, .. }) => Err(mismatch(format!(
+                "sent {needed} bytes where {expected} were expected"
+            ))),
+            Err(error) => Err(CollectiveError::Link {
+                op: self.op,
+                rank: self.rank,
+                peer: self.peer,
+                error,
+            }),
+        }
     }
 }
 

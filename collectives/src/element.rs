@@ -41,6 +41,7 @@ impl std::str::FromStr for ReduceOp {
     }
 }
 
+#[inline(always)]
 fn max_f32(a: f32, b: f32) -> f32 {
     if a.is_nan() || b.is_nan() {
         f32::NAN
@@ -49,6 +50,7 @@ fn max_f32(a: f32, b: f32) -> f32 {
     }
 }
 
+#[inline(always)]
 fn min_f32(a: f32, b: f32) -> f32 {
     if a.is_nan() || b.is_nan() {
         f32::NAN
@@ -66,6 +68,7 @@ impl Element for f32 {
 }
 
 impl Reduce for f32 {
+    #[inline(always)]
     fn apply(op: ReduceOp, a: f32, b: f32) -> f32 {
         match op {
             ReduceOp::Sum => a + b,
@@ -80,6 +83,7 @@ impl Element for f16 {
 }
 
 impl Reduce for f16 {
+    #[inline(always)]
     fn apply(op: ReduceOp, a: f16, b: f16) -> f16 {
         f16::from_f32(f32::apply(op, a.to_f32(), b.to_f32()))
     }
@@ -90,23 +94,44 @@ impl Element for bf16 {
 }
 
 impl Reduce for bf16 {
+    #[inline(always)]
     fn apply(op: ReduceOp, a: bf16, b: bf16) -> bf16 {
         bf16::from_f32(f32::apply(op, a.to_f32(), b.to_f32()))
     }
 }
 
+/// Applies `f` element-wise; `op` is matched once outside the loop so each loop is a plain,
+/// vectorisable kernel.
+#[inline(always)]
+fn zip_with<T: Reduce>(acc: &mut [T], other: &[T], op: ReduceOp, other_first: bool) {
+    macro_rules! kernel {
+        ($op:expr) => {
+            if other_first {
+                for (a, b) in acc.iter_mut().zip(other) {
+                    *a = T::apply($op, *b, *a);
+                }
+            } else {
+                for (a, b) in acc.iter_mut().zip(other) {
+                    *a = T::apply($op, *a, *b);
+                }
+            }
+        };
+    }
+    match op {
+        ReduceOp::Sum => kernel!(ReduceOp::Sum),
+        ReduceOp::Max => kernel!(ReduceOp::Max),
+        ReduceOp::Min => kernel!(ReduceOp::Min),
+    }
+}
+
 /// `acc[i] = op(acc[i], other[i])` for every element.
 pub fn reduce_into<T: Reduce>(op: ReduceOp, acc: &mut [T], other: &[T]) {
-    for (a, b) in acc.iter_mut().zip(other) {
-        *a = T::apply(op, *a, *b);
-    }
+    zip_with(acc, other, op, false);
 }
 
 /// `acc[i] = op(other[i], acc[i])`: `other` is the earlier partial result.
 pub fn reduce_after<T: Reduce>(op: ReduceOp, earlier: &[T], acc: &mut [T]) {
-    for (a, b) in acc.iter_mut().zip(earlier) {
-        *a = T::apply(op, *b, *a);
-    }
+    zip_with(acc, earlier, op, true);
 }
 
 #[cfg(test)]

@@ -116,6 +116,9 @@ pub struct BenchArgs {
     /// How ranks wait: spin, block or adaptive.
     #[arg(long, default_value = "adaptive")]
     pub wait: WaitStrategy,
+    /// Pipelining granularity: messages are cut into pieces of this size.
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub piece: Option<usize>,
     /// Seconds a message may take before the operation fails.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
@@ -231,9 +234,11 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     let mut link = LinkConfig::new(key);
     link.wait = args.wait;
     link.transport = args.transport;
+    let defaults = CommConfig::default();
     let config = CommConfig {
         timeout: Duration::from_secs_f64(args.timeout),
-        ..CommConfig::default()
+        piece_bytes: args.piece.unwrap_or(defaults.piece_bytes).max(1),
+        ..defaults
     };
     let mut comm = collectives::rendezvous::rendezvous(
         root,

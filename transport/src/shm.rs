@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use memmap2::MmapMut;
+use memmap2::{MmapMut, MmapOptions};
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv};
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
@@ -908,8 +908,10 @@ fn map(file: &File, len: usize, peer: &str) -> Result<Arc<Segment>> {
     // SAFETY: the file is a private 0600 segment of exactly `len` bytes shared only with the
     // authenticated peer; its contents change under us by design and are only accessed through
     // atomics and bounds-checked copies.
-    let map =
-        unsafe { MmapMut::map_mut(file) }.map_err(|e| io_err(peer, "mmap shared segment", e))?;
+    // Populated up front: otherwise the first lap around each ring takes a page fault per 4 KiB
+    // on both sides, which dominates short runs.
+    let map = unsafe { MmapOptions::new().populate().map_mut(file) }
+        .map_err(|e| io_err(peer, "mmap shared segment", e))?;
     if map.len() != len {
         return Err(corrupted(
             peer,
