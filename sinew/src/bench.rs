@@ -119,6 +119,9 @@ pub struct BenchArgs {
     /// Pipelining granularity: messages are cut into pieces of this size.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub piece: Option<usize>,
+    /// Socket send and receive buffer size of TCP-based links; default: kernel autotuning.
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub socket_buffer: Option<usize>,
     /// Seconds a message may take before the operation fails.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
@@ -234,6 +237,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     let mut link = LinkConfig::new(key);
     link.wait = args.wait;
     link.transport = args.transport;
+    link.socket_buffer = args.socket_buffer;
     let defaults = CommConfig::default();
     let config = CommConfig {
         timeout: Duration::from_secs_f64(args.timeout),

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# sinew's collectives against OpenMPI over TCP and MLX's ring backend (what EXO uses over TCP),
+# 2 ranks on loopback pinned to separate cores, TCP, busy-polling like OpenMPI, in one run:
+#   - all-reduce busbw and 8 B latency, per size, with ratios (sinew/OpenMPI, sinew/MLX);
+#   - sendrecv at 16 MiB against the TCP bandwidth `sinew link` measures in the same run;
+#   - TRIALS kill trials: 3 ranks, rank 2 killed mid all-reduce; how many trials see every
+#     survivor exit with an error within 5 s.
+# Installs OpenMPI (Debian) and MLX (PyPI, `mlx[cpu]`) when missing.
+# Usage: bench/collectives.sh      (ROUNDS=3 ITERS=10 TRIALS=20 SIZES=... by default)
+set -euo pipefail
+ROUNDS=${ROUNDS:-3}
+ITERS=${ITERS:-10}
+TRIALS=${TRIALS:-20}
+SIZES=${SIZES:-8,65536,262144,1048576,4194304,16777216,67108864,268435456}
+DURATION=${DURATION:-2}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$ROOT/bench/lib.sh"
+
+need_packages mpicc:libopenmpi-dev mpirun:openmpi-bin taskset:util-linux python3:python3
+python3 -c 'import mlx.core' 2>/dev/null || python3 -m pip install -q "mlx[cpu]"
+build_sinew
+mpicc -O2 -Wall -o "$OUT/mpi_collective" "$ROOT/bench/peers/mpi_collective.c"
+results="$OUT/collectives-results.jsonl"
+: > "$results"
+mpi_flags=(--bind-to none --mca btl tcp,self)
+[ "$(id -u)" -eq 0 ] && mpi_flags+=(--allow-run-as-root)
+sizes_human=$(echo "$SIZES" | tr ',' '\n' | awk '{print $1 "B"}' | paste -sd, -)
+
+tag() { # tag NAME: JSON lines with size_bytes and busbw/p50 → results under NAME
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    line = line.strip()
+    if not line:
+        continue
+    rows = json.loads(line)
+    for r in rows if isinstance(rows, list) else [rows]:
+        print(json.dumps({"what": sys.argv[1] + "_bw_" + str(r["size_bytes"]), "value": r["busbw_gbytes_per_s"]}))
+        print(json.dumps({"what": sys.argv[1] + "_p50_" + str(r["size_bytes"]), "value": r["p50_us"]}))
+' "$1" >> "$results"
+}
+
+for round in $(seq "$ROUNDS"); do
+  echo "round $round/$ROUNDS" >&2
+  "$SINEW" bench all-reduce --ranks 2 --transport tcp --wait spin --sizes "$sizes_human" --iters "$ITERS" \
+    --warmup 3 --json --cluster-key-file "$KEYFILE" | tag sinew
+  mpirun "${mpi_flags[@]}" -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_collective" all-reduce "$SIZES" "$ITERS" : \
+         -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" all-reduce "$SIZES" "$ITERS" 2>/dev/null | tag mpi
+  hosts=$(mktemp)
+  echo "[[\"127.0.0.1:$((PORT + 1))\"],[\"127.0.0.1:$((PORT + 2))\"]]" > "$hosts"
+  MLX_HOSTFILE=$hosts MLX_RANK=1 taskset -c "$CLIENT_CPU" python3 "$ROOT/bench/peers/mlx_collective.py" all-reduce "$SIZES" "$ITERS" >/dev/null 2>&1 &
+  MLX_HOSTFILE=$hosts MLX_RANK=0 taskset -c "$SERVER_CPU" python3 "$ROOT/bench/peers/mlx_collective.py" all-reduce "$SIZES" "$ITERS" 2>/dev/null | tag mlx
+  wait
+  rm -f "$hosts"
+  "$SINEW" bench sendrecv --ranks 2 --transport tcp --wait spin --sizes 16M --iters "$ITERS" --warmup 3 --json \
+    --cluster-key-file "$KEYFILE" | tag sendrecv
+  sinew_link spin tcp --sizes 16M --no-latency --duration "$DURATION" |
+    python3 -c 'import json,sys; print(json.dumps({"what": "link_bw_16777216", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' >> "$results"
+done
+
+# Kill trials: rank 2 of 3 is killed mid all-reduce; every survivor must exit non-zero in 5 s.
+passed=0
+for trial in $(seq "$TRIALS"); do
+  root="127.0.0.1:$((PORT + 10))"
+  pids=()
+  for rank in 0 1 2; do
+    "$SINEW" bench all-reduce --rendezvous "$root" --rank "$rank" --world 3 --sizes 4M --iters 1000000 \
+      --warmup 0 --timeout 5 --transport tcp --cluster-key-file "$KEYFILE" >/dev/null 2>&1 &
+    pids+=($!)
+  done
+  sleep 1.5
+  kill -9 "${pids[2]}"
+  killed=$(date +%s.%N)
+  ok=1
+  for i in 0 1; do
+    if wait "${pids[$i]}"; then ok=0; fi
+  done
+  took=$(python3 -c "import time; print(time.time() - $killed)")
+  wait "${pids[2]}" 2>/dev/null || true
+  if [ "$ok" = 1 ] && python3 -c "import sys; sys.exit(0 if $took < 5 else 1)"; then passed=$((passed + 1)); fi
+  echo "kill trial $trial: survivors failed=$ok after ${took}s" >&2
+done
+echo "{\"what\": \"kill_trials_passed\", \"value\": $passed}" >> "$results"
+
+specs=()
+IFS=, read -ra sz <<< "$SIZES"
+for s in "${sz[@]}"; do
+  specs+=("all-reduce $s B busbw vs OpenMPI TCP|sinew_bw_$s|mpi_bw_$s|>= 1.0 (64 KiB+)|higher")
+done
+for s in "${sz[@]}"; do
+  specs+=("all-reduce $s B busbw vs MLX ring|sinew_bw_$s|mlx_bw_$s|>= 2.0 (1 MiB+)|higher")
+done
+specs+=("all-reduce 8 B p50 µs vs OpenMPI TCP|sinew_p50_8|mpi_p50_8|<= 1.2|lower")
+specs+=("sendrecv 16 MiB vs sinew link TCP GB/s|sendrecv_bw_16777216|link_bw_16777216|>= 0.9|higher")
+python3 "$ROOT/bench/ratios.py" "$results" "sinew collectives vs OpenMPI (TCP) and MLX ring, 2 ranks, loopback, pinned, $ROUNDS rounds, medians" "${specs[@]}"
+echo "kill trials: $passed of $TRIALS saw every survivor fail within 5 s"
