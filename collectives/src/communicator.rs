@@ -1,9 +1,9 @@
 //! The `Communicator`: one rank of a world of N, a full mesh of links, and the operations.
 //!
-//! Every operation is a blocking call. Messages are cut into pieces (so large transfers pipeline
-//! through the links' buffers) and, in each step where ranks both send and receive, a rank sends
-//! first or receives first by [`schedule::sends_first`], so no cycle of ranks can wait on itself
-//! whatever the link buffers. Every link call has a deadline ([`CommConfig::timeout`] of no
+//! Every operation is a blocking call. Messages are cut into pieces, and in each step where a rank
+//! both sends and receives, one thread drives both directions at once with the links'
+//! non-blocking calls (`try_send` / `try_recv`), as a progress engine does: every link carries
+//! data both ways, and no cycle of ranks can wait on itself whatever the links buffer. Every link call has a deadline ([`CommConfig::timeout`] of no
 //! progress); the first failure poisons the communicator and closes all its links, so every
 //! other rank's pending call fails promptly too, and later calls fail fast.
 //!
@@ -32,25 +32,16 @@ pub struct CommConfig {
     pub piece_bytes: usize,
     /// All-reduce payloads up to this size use the latency-optimised algorithm.
     pub small_bytes: usize,
-    /// Steps moving at least this many bytes send from a helper thread while the caller
-    /// receives, so both directions of every link are busy at once (`usize::MAX`: never).
-    pub concurrent_bytes: usize,
 }
 
 impl Default for CommConfig {
     fn default() -> Self {
         CommConfig {
             timeout: Duration::from_secs(5),
-            // Measured on TCP loopback with 2 ranks: larger pieces waste less time alternating
-            // directions (64 KiB to 64 MiB all-reduce were fastest at 4 MiB).
-            piece_bytes: 4 << 20,
+            // Measured with 2 ranks on TCP loopback: 256 KiB beat 1 and 4 MiB from 64 KiB to
+            // 64 MiB all-reduce.
+            piece_bytes: 256 << 10,
             small_bytes: 64 << 10,
-            // A helper thread only helps when it has a core of its own: a rank pinned to one core
-            // (as `sinew bench --ranks` pins them) alternates sends and receives instead.
-            concurrent_bytes: match std::thread::available_parallelism() {
-                Ok(n) if n.get() > 1 => 1 << 20,
-                _ => usize::MAX,
-            },
         }
     }
 }
@@ -278,48 +269,22 @@ impl Communicator {
         to: usize,
         from: usize,
     ) -> Result<(&mut LinkSender, &mut LinkReceiver)> {
-        let missing = |c: &Self, p| c.no_link(op, p);
         if !matches!(self.tx.get(to), Some(Some(_))) {
-            return Err(missing(self, to));
+            return Err(self.no_link(op, to));
         }
         if !matches!(self.rx.get(from), Some(Some(_))) {
-            return Err(missing(self, from));
+            return Err(self.no_link(op, from));
         }
         match (self.tx[to].as_mut(), self.rx[from].as_mut()) {
             (Some(t), Some(r)) => Ok((t, r)),
-            _ => unreachable!("both halves checked above"),
+            _ => Err(CollectiveError::InvalidArgument {
+                op,
+                reason: "link halves vanished".into(),
+            }),
         }
     }
 
-    /// Runs `sends` on a helper thread while `recvs` runs here; both must finish. The first
-    /// error wins.
-    fn concurrently(
-        &mut self,
-        op: &'static str,
-        tag: u32,
-        to: usize,
-        from: usize,
-        sends: impl FnOnce(&Ctx, &mut LinkSender) -> Result<()> + Send,
-        recvs: impl FnOnce(&Ctx, &mut LinkReceiver) -> Result<()>,
-    ) -> Result<()> {
-        let (sctx, rctx) = (self.ctx(op, tag, to), self.ctx(op, tag, from));
-        let (tx, rx) = self.halves(op, to, from)?;
-        std::thread::scope(|s| {
-            let sender = s.spawn(|| sends(&sctx, tx));
-            let received = recvs(&rctx, rx);
-            let sent = sender.join().unwrap_or_else(|_| {
-                Err(CollectiveError::InvalidArgument {
-                    op,
-                    reason: "the sending thread panicked".into(),
-                })
-            });
-            received.and(sent)
-        })
-    }
-
-    /// Sends `send` to `to` while receiving `recv` from `from`, piece by piece, in the order
-    /// that keeps the step deadlock-free.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends `send` to `to` while receiving `recv` from `from`, both at once, piece by piece.
     fn exchange(
         &mut self,
         op: &'static str,
@@ -328,36 +293,28 @@ impl Communicator {
         send: &[u8],
         from: usize,
         recv: &mut [u8],
-        send_first: bool,
     ) -> Result<()> {
         let piece = self.config.piece_bytes;
-        if send.len() + recv.len() >= self.config.concurrent_bytes {
-            return self.concurrently(
-                op,
-                tag,
-                to,
-                from,
-                |ctx, tx| pieces(0..send.len(), piece).try_for_each(|r| ctx.send(tx, &send[r])),
-                |ctx, rx| pieces(0..recv.len(), piece).try_for_each(|r| ctx.recv(rx, &mut recv[r])),
-            );
-        }
         let sends: Vec<_> = pieces(0..send.len(), piece).collect();
         let recvs: Vec<_> = pieces(0..recv.len(), piece).collect();
-        for i in 0..sends.len().max(recvs.len()) {
-            if send_first {
-                if let Some(r) = sends.get(i) {
-                    self.send_piece(op, tag, to, &send[r.clone()])?;
-                }
-                if let Some(r) = recvs.get(i) {
-                    self.recv_piece(op, tag, from, &mut recv[r.clone()])?;
-                }
+        let (sctx, rctx) = (self.ctx(op, tag, to), self.ctx(op, tag, from));
+        let mut idle = Idle::new(self.config.timeout);
+        let (tx, rx) = self.halves(op, to, from)?;
+        let (mut si, mut ri) = (0, 0);
+        while si < sends.len() || ri < recvs.len() {
+            let mut moved = false;
+            if si < sends.len() && sctx.try_send(tx, &send[sends[si].clone()])? {
+                si += 1;
+                moved = true;
+            }
+            if ri < recvs.len() && rctx.try_recv(rx, &mut recv[recvs[ri].clone()])? {
+                ri += 1;
+                moved = true;
+            }
+            if moved {
+                idle.progressed();
             } else {
-                if let Some(r) = recvs.get(i) {
-                    self.recv_piece(op, tag, from, &mut recv[r.clone()])?;
-                }
-                if let Some(r) = sends.get(i) {
-                    self.send_piece(op, tag, to, &send[r.clone()])?;
-                }
+                idle.wait(if si < sends.len() { &sctx } else { &rctx })?;
             }
         }
         Ok(())
@@ -423,8 +380,6 @@ impl Communicator {
     ) -> Result<()> {
         self.check_peer("sendrecv", to)?;
         self.check_peer("sendrecv", from)?;
-        let shift = (to + self.world - self.rank) % self.world;
-        let first = schedule::sends_first(self.rank, self.world, shift);
         let bytes = std::mem::size_of_val(send);
         self.run("sendrecv", bytes, |c| {
             c.exchange(
@@ -434,7 +389,6 @@ impl Communicator {
                 as_bytes(send),
                 from,
                 as_bytes_mut(recv),
-                first,
             )
         })
     }
@@ -542,11 +496,10 @@ impl Communicator {
         let (rank, world) = (self.rank, self.world);
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
-        let first = schedule::sends_first(rank, world, 1);
         for step in 0..world.saturating_sub(1) {
             let (s, r) = schedule::all_gather_step(rank, world, step);
             let (send, recv) = split_pair(bytes, s * per..(s + 1) * per, r * per..(r + 1) * per);
-            self.exchange(op, tag, next, send, prev, recv, first)?;
+            self.exchange(op, tag, next, send, prev, recv)?;
         }
         Ok(())
     }
@@ -563,7 +516,6 @@ impl Communicator {
         let (rank, world) = (self.rank, self.world);
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
-        let first = schedule::sends_first(rank, world, 1);
         let len = buf.len();
         let piece = (self.config.piece_bytes / std::mem::size_of::<T>()).max(1);
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -571,60 +523,37 @@ impl Communicator {
         if scratch.len() < words {
             scratch.resize(words, 0);
         }
+        let (sctx, rctx) = (self.ctx(name, tag, next), self.ctx(name, tag, prev));
+        let mut idle = Idle::new(self.config.timeout);
         let result = (|| {
             for step in 0..world.saturating_sub(1) {
                 let (s, r) = schedule::reduce_scatter_step(rank, world, step);
-                let (send_range, recv_range) = (chunk(len, world, s), chunk(len, world, r));
-                let step_bytes = (send_range.len() + recv_range.len()) * std::mem::size_of::<T>();
-                if step_bytes >= self.config.concurrent_bytes {
-                    let (send, recv) = split_pair(buf, send_range, recv_range);
-                    let scratch = &mut scratch;
-                    self.concurrently(
-                        name,
-                        tag,
-                        next,
-                        prev,
-                        |ctx, tx| {
-                            pieces(0..send.len(), piece)
-                                .try_for_each(|p| ctx.send(tx, as_bytes(&send[p])))
-                        },
-                        |ctx, rx| {
-                            pieces(0..recv.len(), piece).try_for_each(|p| {
-                                let tmp: &mut [T] =
-                                    &mut bytemuck::cast_slice_mut::<u64, T>(scratch)[..p.len()];
-                                ctx.recv(rx, as_bytes_mut(tmp))?;
-                                // The received partial result comes earlier in the fold.
-                                reduce_after(op, tmp, &mut recv[p]);
-                                Ok(())
-                            })
-                        },
-                    )?;
-                    continue;
-                }
-                let sends: Vec<_> = pieces(send_range, piece).collect();
-                let recvs: Vec<_> = pieces(recv_range, piece).collect();
-                for i in 0..sends.len().max(recvs.len()) {
-                    let recv_one =
-                        |c: &mut Self, buf: &mut [T], scratch: &mut [u64]| -> Result<()> {
-                            if let Some(rr) = recvs.get(i) {
-                                let tmp: &mut [T] =
-                                    &mut bytemuck::cast_slice_mut::<u64, T>(scratch)[..rr.len()];
-                                c.recv_piece(name, tag, prev, as_bytes_mut(tmp))?;
-                                // The received partial result comes earlier in the fold.
-                                reduce_after(op, tmp, &mut buf[rr.clone()]);
-                            }
-                            Ok(())
-                        };
-                    if first {
-                        if let Some(sr) = sends.get(i) {
-                            self.send_piece(name, tag, next, as_bytes(&buf[sr.clone()]))?;
+                let (send, recv) = split_pair(buf, chunk(len, world, s), chunk(len, world, r));
+                let sends: Vec<_> = pieces(0..send.len(), piece).collect();
+                let recvs: Vec<_> = pieces(0..recv.len(), piece).collect();
+                let (tx, rx) = self.halves(name, next, prev)?;
+                let (mut si, mut ri) = (0, 0);
+                while si < sends.len() || ri < recvs.len() {
+                    let mut moved = false;
+                    if si < sends.len() && sctx.try_send(tx, as_bytes(&send[sends[si].clone()]))? {
+                        si += 1;
+                        moved = true;
+                    }
+                    if ri < recvs.len() {
+                        let p = recvs[ri].clone();
+                        let tmp: &mut [T] =
+                            &mut bytemuck::cast_slice_mut::<u64, T>(&mut scratch)[..p.len()];
+                        if rctx.try_recv(rx, as_bytes_mut(tmp))? {
+                            // The received partial result comes earlier in the fold.
+                            reduce_after(op, tmp, &mut recv[p]);
+                            ri += 1;
+                            moved = true;
                         }
-                        recv_one(self, buf, &mut scratch)?;
+                    }
+                    if moved {
+                        idle.progressed();
                     } else {
-                        recv_one(self, buf, &mut scratch)?;
-                        if let Some(sr) = sends.get(i) {
-                            self.send_piece(name, tag, next, as_bytes(&buf[sr.clone()]))?;
-                        }
+                        idle.wait(if si < sends.len() { &sctx } else { &rctx })?;
                     }
                 }
             }
@@ -723,7 +652,6 @@ impl Communicator {
         let (rank, world) = (self.rank, self.world);
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
-        let first = schedule::sends_first(rank, world, 1);
         let len = buf.len();
         for step in 0..world.saturating_sub(1) {
             let (s, r) = schedule::all_gather_step(rank, world, step);
@@ -735,7 +663,6 @@ impl Communicator {
                 as_bytes(send),
                 prev,
                 as_bytes_mut(recv),
-                first,
             )?;
         }
         Ok(())
@@ -753,7 +680,6 @@ impl Communicator {
         for shift in 1..world {
             let to = (rank + shift) % world;
             let from = (rank + world - shift) % world;
-            let first = schedule::sends_first(rank, world, shift);
             let (mine, theirs) =
                 split_pair(&mut all, rank * n..(rank + 1) * n, from * n..(from + 1) * n);
             self.exchange(
@@ -763,7 +689,6 @@ impl Communicator {
                 as_bytes(mine),
                 from,
                 as_bytes_mut(theirs),
-                first,
             )?;
         }
         buf.copy_from_slice(&all[..n]);
@@ -832,7 +757,6 @@ impl Communicator {
             for shift in 1..world {
                 let to = (rank + shift) % world;
                 let from = (rank + world - shift) % world;
-                let first = schedule::sends_first(rank, world, shift);
                 let out = &send[sd[to]..sd[to] + send_counts[to]];
                 let inn = &mut recv[rd[from]..rd[from] + recv_counts[from]];
                 c.exchange(
@@ -842,7 +766,6 @@ impl Communicator {
                     as_bytes(out),
                     from,
                     as_bytes_mut(inn),
-                    first,
                 )?;
             }
             Ok(())
@@ -859,8 +782,7 @@ impl Communicator {
             for shift in 1..world {
                 let to = (rank + shift) % world;
                 let from = (rank + world - shift) % world;
-                let first = schedule::sends_first(rank, world, shift);
-                c.exchange("barrier", tag::BARRIER, to, &[], from, &mut [], first)?;
+                c.exchange("barrier", tag::BARRIER, to, &[], from, &mut [])?;
             }
             Ok(())
         })
@@ -877,6 +799,51 @@ struct Ctx {
 }
 
 impl Ctx {
+    fn link_error(&self, error: transport::Error) -> CollectiveError {
+        CollectiveError::Link {
+            op: self.op,
+            rank: self.rank,
+            peer: self.peer,
+            error,
+        }
+    }
+
+    fn mismatch(&self, detail: String) -> CollectiveError {
+        CollectiveError::Mismatch {
+            op: self.op,
+            rank: self.rank,
+            peer: self.peer,
+            detail,
+        }
+    }
+
+    /// Progresses one piece without waiting; `Ok(true)` once it is handed over.
+    fn try_send(&self, tx: &mut LinkSender, bytes: &[u8]) -> Result<bool> {
+        tx.try_send(self.tag, bytes).map_err(|e| self.link_error(e))
+    }
+
+    /// Progresses one piece without waiting; `Ok(true)` once `buf` is filled by a message of
+    /// this operation and exactly its length.
+    fn try_recv(&self, rx: &mut LinkReceiver, buf: &mut [u8]) -> Result<bool> {
+        let expected = buf.len();
+        match rx.try_recv(buf) {
+            Ok(None) => Ok(false),
+            Ok(Some(m)) if m.tag != self.tag => Err(self.mismatch(format!(
+                "sent a message of operation #{} during operation #{}",
+                m.tag, self.tag
+            ))),
+            Ok(Some(m)) if m.len != expected => Err(self.mismatch(format!(
+                "sent {} bytes where {expected} were expected",
+                m.len
+            ))),
+            Ok(Some(_)) => Ok(true),
+            Err(transport::Error::BufferTooSmall { needed, .. }) => Err(self.mismatch(format!(
+                "sent {needed} bytes where {expected} were expected"
+            ))),
+            Err(e) => Err(self.link_error(e)),
+        }
+    }
+
     fn send(&self, tx: &mut LinkSender, bytes: &[u8]) -> Result<()> {
         tx.send_until(self.tag, bytes, Deadline::after(self.timeout))
             .map_err(|error| CollectiveError::Link {
@@ -915,6 +882,51 @@ impl Ctx {
                 error,
             }),
         }
+    }
+}
+
+/// How long a progress loop has gone without completing a piece; past the timeout, the peer it
+/// waits for is taken as dead or stalled.
+struct Idle {
+    last: Instant,
+    spins: u32,
+    timeout: Duration,
+}
+
+/// Spinning this long without progress starts yielding the core.
+const YIELD_AFTER: Duration = Duration::from_micros(50);
+
+impl Idle {
+    fn new(timeout: Duration) -> Self {
+        Idle {
+            last: Instant::now(),
+            spins: 0,
+            timeout,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.last = Instant::now();
+        self.spins = 0;
+    }
+
+    fn wait(&mut self, waiting_on: &Ctx) -> Result<()> {
+        self.spins = self.spins.wrapping_add(1);
+        if self.spins.is_multiple_of(64) {
+            let waited = self.last.elapsed();
+            if waited > self.timeout {
+                return Err(waiting_on.link_error(transport::Error::Timeout {
+                    op: waiting_on.op,
+                    waited,
+                    peer: format!("rank {}", waiting_on.peer),
+                }));
+            }
+            if waited > YIELD_AFTER {
+                std::thread::yield_now();
+            }
+        }
+        std::hint::spin_loop();
+        Ok(())
     }
 }
 

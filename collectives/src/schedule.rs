@@ -1,6 +1,5 @@
-//! Collective schedules as pure functions: how a buffer is cut into chunks and pieces, which
-//! chunk a rank sends and receives at each ring step, and in which order a rank sends and
-//! receives so that no cycle of ranks can wait on itself even when a link buffers nothing.
+//! Collective schedules as pure functions: how a buffer is cut into chunks and pieces, and which
+//! chunk a rank sends and receives at each ring step.
 
 use std::ops::Range;
 
@@ -44,63 +43,10 @@ pub fn reduce_scatter_order(world: usize, k: usize) -> impl Iterator<Item = usiz
     (1..=world).map(move |i| (k + i) % world)
 }
 
-/// In a step where every rank sends to `rank + shift` and receives from `rank - shift`, whether
-/// `rank` sends before it receives. Ranks alternate along each cycle of the permutation, so every
-/// cycle holds a rank that receives first and the step cannot deadlock, whatever the buffering.
-pub fn sends_first(rank: usize, world: usize, shift: usize) -> bool {
-    let shift = shift % world;
-    if shift == 0 {
-        return true;
-    }
-    let g = gcd(world, shift);
-    let start = rank % g;
-    let mut at = start;
-    let mut position = 0;
-    while at != rank {
-        at = (at + shift) % world;
-        position += 1;
-    }
-    position % 2 == 0
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    enum Op {
-        Send(usize),
-        Recv(usize),
-    }
-
-    /// Runs per-rank operation lists under rendezvous semantics (a send completes only together
-    /// with the matching receive); returns whether all finish.
-    fn completes(mut ops: Vec<Vec<Op>>) -> bool {
-        ops.iter_mut().for_each(|o| o.reverse());
-        loop {
-            if ops.iter().all(|o| o.is_empty()) {
-                return true;
-            }
-            let mut progressed = false;
-            for a in 0..ops.len() {
-                if let Some(&Op::Send(b)) = ops[a].last()
-                    && ops[b].last() == Some(&Op::Recv(a))
-                {
-                    ops[a].pop();
-                    ops[b].pop();
-                    progressed = true;
-                }
-            }
-            if !progressed {
-                return false;
-            }
-        }
-    }
 
     #[test]
     fn chunks_cover_the_range_in_order() {
@@ -116,28 +62,6 @@ mod tests {
     }
 
     proptest! {
-        #[test]
-        fn shifted_exchanges_never_deadlock_even_unbuffered(world in 2usize..17, shift in 1usize..16, n in 1usize..4) {
-            let shift = shift % world;
-            prop_assume!(shift != 0);
-            let ops: Vec<Vec<Op>> = (0..world).map(|r| {
-                let to = (r + shift) % world;
-                let from = (r + world - shift) % world;
-                let mut v = Vec::new();
-                for _ in 0..n {
-                    if sends_first(r, world, shift) {
-                        v.push(Op::Send(to));
-                        v.push(Op::Recv(from));
-                    } else {
-                        v.push(Op::Recv(from));
-                        v.push(Op::Send(to));
-                    }
-                }
-                v
-            }).collect();
-            prop_assert!(completes(ops));
-        }
-
         #[test]
         fn ring_steps_match_between_neighbours_and_cover_every_chunk(world in 1usize..12) {
             for step in 0..world.saturating_sub(1) {

@@ -58,8 +58,6 @@ fn test_config() -> CommConfig {
         timeout: Duration::from_secs(10),
         piece_bytes: 64,
         small_bytes: 48,
-        // Steps from 96 bytes send from a helper thread: both paths get exercised.
-        concurrent_bytes: 96,
     }
 }
 

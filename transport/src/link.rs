@@ -67,6 +67,14 @@ pub trait SendHalf: Send {
     /// [`Error::MessageTooLarge`], [`Error::Timeout`], [`Error::PeerGone`], [`Error::Broken`], ...
     fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()>;
 
+    /// Moves as much of one message as the medium takes right now, without waiting; `Ok(true)`
+    /// once all of it is handed over. Call again with the same `tag` and `payload` until then:
+    /// the message is in progress, and other sends on this half are refused meanwhile.
+    ///
+    /// # Errors
+    /// As [`SendHalf::send`], without timeouts.
+    fn try_send(&mut self, tag: u32, payload: &[u8]) -> Result<bool>;
+
     /// Writes raw bytes into the medium, bypassing framing (tests inject garbage with it).
     #[cfg(test)]
     fn inject_raw(&mut self, bytes: &[u8], deadline: Deadline) -> Result<()>;
@@ -84,6 +92,13 @@ pub trait RecvHalf: Send {
     /// [`Error::BufferTooSmall`] (nothing consumed), [`Error::Timeout`], [`Error::Closed`],
     /// [`Error::PeerGone`], [`Error::Frame`], [`Error::Broken`], ...
     fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message>;
+
+    /// Moves as much of the next message into `buf` as has arrived, without waiting;
+    /// `Ok(Some(message))` once it is complete. Call again with the same buffer until then.
+    ///
+    /// # Errors
+    /// As [`RecvHalf::recv`], without timeouts.
+    fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Message>>;
 }
 
 /// The sending half of a [`Link`], usable from its own thread.
@@ -207,6 +222,18 @@ impl Link {
         self.tx.half.abandon();
     }
 
+    /// [`LinkSender::try_send`] on the link's sending half.
+    #[cfg(test)]
+    pub(crate) fn tx_try_send(&mut self, tag: u32, payload: &[u8]) -> Result<bool> {
+        self.tx.try_send(tag, payload)
+    }
+
+    /// [`LinkReceiver::try_recv`] on the link's receiving half.
+    #[cfg(test)]
+    pub(crate) fn rx_try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Message>> {
+        self.rx.try_recv(buf)
+    }
+
     /// Splits the link into halves that two threads can use at once.
     pub fn split(self) -> (LinkSender, LinkReceiver) {
         (self.tx, self.rx)
@@ -249,6 +276,14 @@ impl LinkSender {
     pub fn send_until(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
         self.half.send(tag, payload, deadline)
     }
+
+    /// Progresses one message without waiting; see [`SendHalf::try_send`].
+    ///
+    /// # Errors
+    /// As [`SendHalf::try_send`].
+    pub fn try_send(&mut self, tag: u32, payload: &[u8]) -> Result<bool> {
+        self.half.try_send(tag, payload)
+    }
 }
 
 impl LinkReceiver {
@@ -271,6 +306,14 @@ impl LinkReceiver {
     /// As [`RecvHalf::recv`].
     pub fn recv_until(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
         self.half.recv(buf, deadline)
+    }
+
+    /// Progresses the next message without waiting; see [`RecvHalf::try_recv`].
+    ///
+    /// # Errors
+    /// As [`RecvHalf::try_recv`].
+    pub fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Message>> {
+        self.half.try_recv(buf)
     }
 }
 

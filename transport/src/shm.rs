@@ -382,6 +382,39 @@ impl<'a> Wait<'a> {
     }
 }
 
+/// Rate-limited liveness checks for the non-blocking paths, which never enter [`Wait`].
+struct Liveness {
+    last: Instant,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            last: Instant::now(),
+        }
+    }
+
+    /// `Err` when the peer's end of `bootstrap` is gone; checks at most every millisecond.
+    fn check(&mut self, bootstrap: &TcpStream, side: &Side) -> Result<()> {
+        let now = Instant::now();
+        if now.duration_since(self.last) < LIVENESS_EVERY {
+            return Ok(());
+        }
+        self.last = now;
+        let probe = Wait::new(WaitStrategy::Spin, bootstrap);
+        if probe.peer_gone() {
+            return Err(Error::PeerGone {
+                peer: side.peer.clone(),
+                detail: format!(
+                    "{}: the peer process is gone (its link socket closed)",
+                    side.op
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The writing end of a direction's byte ring.
 struct ByteRingWriter {
     dir: Arc<Direction>,
@@ -402,6 +435,27 @@ impl ByteRingWriter {
             ));
         }
         Ok(self.dir.capacity - used as usize)
+    }
+}
+
+impl ByteRingWriter {
+    /// Copies up to `free` bytes of `parts` in and publishes them.
+    fn put(&mut self, parts: &[&[u8]], free: usize) -> usize {
+        let mut written = 0;
+        for p in parts {
+            let n = p.len().min(free - written);
+            self.dir.copy_in(self.tail + written as u64, &p[..n]);
+            written += n;
+            if written == free {
+                break;
+            }
+        }
+        self.tail += written as u64;
+        self.dir
+            .word(OFF_DATA_TAIL)
+            .store(self.tail, Ordering::Release);
+        wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
+        written
     }
 }
 
@@ -426,21 +480,14 @@ impl ByteSink for ByteRingWriter {
             };
             wait.pause(dir.flag(OFF_WRITER_SLEEPS), ready, deadline, &self.side)?;
         };
-        let mut written = 0;
-        for p in parts {
-            let n = p.len().min(free - written);
-            self.dir.copy_in(self.tail + written as u64, &p[..n]);
-            written += n;
-            if written == free {
-                break;
-            }
+        Ok(self.put(parts, free))
+    }
+
+    fn try_write_some(&mut self, parts: &[&[u8]]) -> Result<usize> {
+        match self.free()? {
+            0 => Ok(0),
+            free => Ok(self.put(parts, free)),
         }
-        self.tail += written as u64;
-        self.dir
-            .word(OFF_DATA_TAIL)
-            .store(self.tail, Ordering::Release);
-        wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
-        Ok(written)
     }
 
     fn close(&mut self, _farewell: &[u8]) {}
@@ -469,6 +516,20 @@ impl ByteRingReader {
     }
 }
 
+impl ByteRingReader {
+    /// Copies up to `avail` bytes out into `buf` and releases them.
+    fn take(&mut self, buf: &mut [u8], avail: usize) -> usize {
+        let n = avail.min(buf.len());
+        self.dir.copy_out(self.head, &mut buf[..n]);
+        self.head += n as u64;
+        self.dir
+            .word(OFF_DATA_HEAD)
+            .store(self.head, Ordering::Release);
+        wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
+        n
+    }
+}
+
 impl ByteSource for ByteRingReader {
     fn peer(&self) -> &str {
         &self.side.peer
@@ -486,14 +547,14 @@ impl ByteSource for ByteRingReader {
             let ready = || dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != head;
             wait.pause(dir.flag(OFF_READER_SLEEPS), ready, deadline, &self.side)?;
         };
-        let n = avail.min(buf.len());
-        self.dir.copy_out(self.head, &mut buf[..n]);
-        self.head += n as u64;
-        self.dir
-            .word(OFF_DATA_HEAD)
-            .store(self.head, Ordering::Release);
-        wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
-        Ok(n)
+        Ok(self.take(buf, avail))
+    }
+
+    fn try_read_some(&mut self, buf: &mut [u8], _mid_frame: bool) -> Result<Option<usize>> {
+        match self.available()? {
+            0 => Ok(None),
+            avail => Ok(Some(self.take(buf, avail))),
+        }
     }
 }
 
@@ -510,6 +571,18 @@ pub(crate) struct ShmSender {
     rendezvous: bool,
     broken: Option<String>,
     side: Side,
+    /// A message `try_send` has started.
+    outgoing: Option<Outgoing>,
+    liveness: Liveness,
+}
+
+/// The state of a message `try_send` has announced but not finished.
+#[derive(Clone, Copy, Debug)]
+enum Outgoing {
+    /// Payload bytes streamed through the byte ring so far.
+    Stream { written: usize },
+    /// Waiting for the receiver to copy rendezvous message `index`.
+    Rendezvous { index: u64 },
 }
 
 impl ShmSender {
@@ -608,8 +681,95 @@ impl ShmSender {
 }
 
 impl SendHalf for ShmSender {
+    fn try_send(&mut self, tag: u32, payload: &[u8]) -> Result<bool> {
+        self.broken_error()?;
+        let len = payload.len();
+        let state = match self.outgoing {
+            Some(state) => state,
+            None => {
+                check_len(len, self.max_payload)?;
+                if self.next - self.slots_done >= SLOTS as u64 {
+                    let done = self.dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire);
+                    if done > self.next || done < self.slots_done {
+                        return Err(corrupted(
+                            &self.side.peer,
+                            format!("slots done {done} beyond sent {}", self.next),
+                        ));
+                    }
+                    self.slots_done = done;
+                    if self.next - done >= SLOTS as u64 {
+                        self.liveness.check(&self.stream.bootstrap, &self.side)?;
+                        return Ok(false);
+                    }
+                }
+                if len <= INLINE {
+                    self.publish(tag, KIND_INLINE, len, payload);
+                    return Ok(true);
+                }
+                if self.rendezvous && len >= RENDEZVOUS_MIN {
+                    let index = self.next;
+                    self.dir
+                        .word(OFF_RDV)
+                        .store(index << 2 | RDV_POSTED, Ordering::Release);
+                    self.publish(
+                        tag,
+                        KIND_RENDEZVOUS,
+                        len,
+                        &(payload.as_ptr() as u64).to_le_bytes(),
+                    );
+                    Outgoing::Rendezvous { index }
+                } else {
+                    self.publish(tag, KIND_STREAM, len, &[]);
+                    Outgoing::Stream { written: 0 }
+                }
+            }
+        };
+        match state {
+            Outgoing::Stream { written } => {
+                let written = match self.stream.try_write_some(&[&payload[written..]]) {
+                    Ok(n) => written + n,
+                    Err(e) => {
+                        self.broken = Some(e.to_string());
+                        return Err(e);
+                    }
+                };
+                self.outgoing = (written < len).then_some(Outgoing::Stream { written });
+                if written < len
+                    && let Err(e) = self.liveness.check(&self.stream.bootstrap, &self.side)
+                {
+                    self.broken = Some(e.to_string());
+                    return Err(e);
+                }
+                Ok(written == len)
+            }
+            Outgoing::Rendezvous { index } => {
+                let now = self.dir.word(OFF_RDV).load(Ordering::Acquire);
+                if now == index << 2 | RDV_DONE {
+                    self.outgoing = None;
+                    Ok(true)
+                } else if now == index << 2 | RDV_POSTED {
+                    self.outgoing = Some(state);
+                    // A dead receiver never copies: keep the buffer posted (the drop takes it
+                    // back) and report the peer gone.
+                    self.liveness.check(&self.stream.bootstrap, &self.side)?;
+                    Ok(false)
+                } else {
+                    let e = corrupted(&self.side.peer, format!("rendezvous word {now:#x}"));
+                    self.broken = Some(e.to_string());
+                    Err(e)
+                }
+            }
+        }
+    }
+
     fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
         self.broken_error()?;
+        if self.outgoing.is_some() {
+            return Err(Error::ProtocolViolation {
+                peer: self.side.peer.clone(),
+                detail: "a non-blocking send is in progress on this half: finish it first".into(),
+            });
+        }
         check_len(payload.len(), self.max_payload)?;
         self.reserve(deadline)?;
         let len = payload.len();
@@ -663,6 +823,20 @@ impl SendHalf for ShmSender {
 
 impl Drop for ShmSender {
     fn drop(&mut self) {
+        if let Some(Outgoing::Rendezvous { index }) = self.outgoing {
+            // The buffer the receiver would copy from is about to go away: take it back, so the
+            // receiver discards the copy instead of delivering it.
+            let _ = self.dir.word(OFF_RDV).compare_exchange(
+                index << 2 | RDV_POSTED,
+                index << 2 | RDV_ABANDONED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            return;
+        }
+        if self.outgoing.is_some() {
+            return;
+        }
         // An orderly close, if a slot is free right now; otherwise the closing link socket says
         // the peer is gone.
         if self.broken.is_none()
@@ -684,6 +858,9 @@ pub(crate) struct ShmReceiver {
     sender_pid: Option<Pid>,
     broken: Option<String>,
     side: Side,
+    /// A streamed message `try_recv` has started: tag, length, bytes received.
+    incoming: Option<(u32, usize, usize)>,
+    liveness: Liveness,
 }
 
 impl ShmReceiver {
@@ -763,15 +940,28 @@ impl ShmReceiver {
     }
 }
 
-impl RecvHalf for ShmReceiver {
-    fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
-        if let Some(cause) = &self.broken {
-            return Err(Error::Broken {
+/// A published slot, read and checked.
+struct Slot {
+    tag: u32,
+    kind: u32,
+    len: usize,
+    body: [u8; SLOT - SLOT_BODY],
+}
+
+impl ShmReceiver {
+    fn broken_error(&self) -> Result<()> {
+        match &self.broken {
+            Some(cause) => Err(Error::Broken {
                 peer: self.side.peer.clone(),
                 cause: cause.clone(),
-            });
+            }),
+            None => Ok(()),
         }
-        self.await_slot(deadline)?;
+    }
+
+    /// Reads and checks the published slot `next`; a close is `Closed`, a message longer than
+    /// `capacity` is `BufferTooSmall` (the slot stays unconsumed for the next call).
+    fn read_slot(&mut self, capacity: usize) -> Result<Slot> {
         let slot = self.dir.slot(self.next);
         let mut body = [0u8; SLOT - SLOT_BODY];
         // SAFETY: the published slot belongs to the reader until it is consumed; all offsets are
@@ -797,59 +987,137 @@ impl RecvHalf for ShmReceiver {
             );
             return Err(self.fail(e));
         }
-        let len = len as usize;
         if kind == KIND_CLOSE {
             let e = Error::Closed {
                 peer: self.side.peer.clone(),
             };
             return Err(self.fail(e));
         }
+        let len = len as usize;
+        if len > capacity {
+            return Err(Error::BufferTooSmall {
+                needed: len,
+                capacity,
+            });
+        }
+        Ok(Slot {
+            tag,
+            kind,
+            len,
+            body,
+        })
+    }
+
+    /// Delivers an inline or rendezvous message into `buf` and consumes its slot.
+    fn deliver_now(&mut self, slot: &Slot, buf: &mut [u8]) -> Result<Message> {
+        let len = slot.len;
+        if slot.kind == KIND_INLINE {
+            buf[..len].copy_from_slice(&slot.body[..len]);
+        } else {
+            let addr = u64::from_le_bytes(slot.body[..8].try_into().expect("8 bytes"));
+            let index = self.next;
+            let Some(pid) = self.sender_pid else {
+                let e = corrupted(
+                    &self.side.peer,
+                    "a rendezvous message on a link without single copy".into(),
+                );
+                return Err(self.fail(e));
+            };
+            if let Err(e) = self.pull(pid, addr, &mut buf[..len]) {
+                return Err(self.fail(e));
+            }
+            let word = self.dir.word(OFF_RDV);
+            let claimed = word.compare_exchange(
+                index << 2 | RDV_POSTED,
+                index << 2 | RDV_DONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
+            if claimed.is_err() {
+                let e = Error::PeerGone {
+                    peer: self.side.peer.clone(),
+                    detail: "recv: the sender gave up on this message at its deadline".into(),
+                };
+                return Err(self.fail(e));
+            }
+        }
+        self.consume_slot();
+        Ok(Message { tag: slot.tag, len })
+    }
+}
+
+impl RecvHalf for ShmReceiver {
+    fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
+        self.broken_error()?;
+        if self.incoming.is_some() {
+            return Err(Error::ProtocolViolation {
+                peer: self.side.peer.clone(),
+                detail: "a non-blocking receive is in progress on this half: finish it first"
+                    .into(),
+            });
+        }
+        self.await_slot(deadline)?;
+        let slot = self.read_slot(buf.len())?;
+        if slot.kind != KIND_STREAM {
+            return self.deliver_now(&slot, buf);
+        }
+        if let Err(p) = read_full(&mut self.stream, &mut buf[..slot.len], deadline) {
+            return Err(self.fail(p.error));
+        }
+        self.consume_slot();
+        Ok(Message {
+            tag: slot.tag,
+            len: slot.len,
+        })
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Message>> {
+        self.broken_error()?;
+        let (tag, len, mut done) = match self.incoming.take() {
+            Some(state) => state,
+            None => {
+                let want = self.next + 1;
+                let s = self.dir.slot_seq(self.next).load(Ordering::Acquire);
+                if s != want {
+                    if s > want || (s != 0 && s + (SLOTS as u64) < want) {
+                        return Err(corrupted(
+                            &self.side.peer,
+                            format!("slot sequence {s}, expected {want}"),
+                        ));
+                    }
+                    self.liveness.check(&self.stream.bootstrap, &self.side)?;
+                    return Ok(None);
+                }
+                let slot = self.read_slot(buf.len())?;
+                if slot.kind != KIND_STREAM {
+                    return self.deliver_now(&slot, buf).map(Some);
+                }
+                (slot.tag, slot.len, 0)
+            }
+        };
         if len > buf.len() {
-            // The slot stays unconsumed: the next call reads it again.
+            self.incoming = Some((tag, len, done));
             return Err(Error::BufferTooSmall {
                 needed: len,
                 capacity: buf.len(),
             });
         }
-        match kind {
-            KIND_INLINE => buf[..len].copy_from_slice(&body[..len]),
-            KIND_STREAM => {
-                if let Err(p) = read_full(&mut self.stream, &mut buf[..len], deadline) {
-                    return Err(self.fail(p.error));
+        while done < len {
+            match self.stream.try_read_some(&mut buf[done..len], true) {
+                Ok(Some(k)) => done += k,
+                Ok(None) => {
+                    self.incoming = Some((tag, len, done));
+                    if let Err(e) = self.liveness.check(&self.stream.bootstrap, &self.side) {
+                        return Err(self.fail(e));
+                    }
+                    return Ok(None);
                 }
-            }
-            _ => {
-                let addr = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-                let index = self.next;
-                let Some(pid) = self.sender_pid else {
-                    let e = corrupted(
-                        &self.side.peer,
-                        "a rendezvous message on a link without single copy".into(),
-                    );
-                    return Err(self.fail(e));
-                };
-                if let Err(e) = self.pull(pid, addr, &mut buf[..len]) {
-                    return Err(self.fail(e));
-                }
-                let word = self.dir.word(OFF_RDV);
-                let claimed = word.compare_exchange(
-                    index << 2 | RDV_POSTED,
-                    index << 2 | RDV_DONE,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
-                if claimed.is_err() {
-                    let e = Error::PeerGone {
-                        peer: self.side.peer.clone(),
-                        detail: "recv: the sender gave up on this message at its deadline".into(),
-                    };
-                    return Err(self.fail(e));
-                }
+                Err(e) => return Err(self.fail(e)),
             }
         }
         self.consume_slot();
-        Ok(Message { tag, len })
+        Ok(Some(Message { tag, len }))
     }
 }
 
@@ -1100,6 +1368,8 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
         rendezvous: peer_reads_us,
         broken: None,
         side: send_side,
+        outgoing: None,
+        liveness: Liveness::new(),
     };
     let receiver = ShmReceiver {
         dir: inn.clone(),
@@ -1115,6 +1385,8 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
         sender_pid: we_read_peer,
         broken: None,
         side: recv_side,
+        incoming: None,
+        liveness: Liveness::new(),
     };
     tracing::debug!(
         single_copy_send = peer_reads_us,

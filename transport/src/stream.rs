@@ -27,6 +27,10 @@ pub(crate) trait ByteSink: Send {
     /// strategy until the deadline.
     fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize>;
 
+    /// Writes what fits right now, without waiting: a prefix of the concatenation of `parts`,
+    /// possibly empty (`Ok(0)`).
+    fn try_write_some(&mut self, parts: &[&[u8]]) -> Result<usize>;
+
     /// Best effort and without waiting: sends `farewell` (a close frame) if it fits right now,
     /// then shuts the direction down.
     fn close(&mut self, farewell: &[u8]);
@@ -40,6 +44,10 @@ pub(crate) trait ByteSource: Send {
     /// Reads at least one byte into `buf`, waiting until the deadline. The end of the stream is
     /// [`Error::PeerGone`]; `mid_frame` says whether a frame was cut short, for the message.
     fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize>;
+
+    /// Reads what is available right now, without waiting: `Ok(None)` when nothing is. The end
+    /// of the stream is [`Error::PeerGone`].
+    fn try_read_some(&mut self, buf: &mut [u8], mid_frame: bool) -> Result<Option<usize>>;
 
     /// Called once with the receiver's read-ahead buffer, which stays at the same address for the
     /// source's whole life: a backend may register it (io_uring fixed buffers).
@@ -143,6 +151,8 @@ pub(crate) struct FramedSender<S: ByteSink> {
     /// Whether data payloads carry a checksum (for media that do not guarantee integrity).
     checksum: bool,
     broken: Option<String>,
+    /// A message `try_send` has started: its header and the bytes written so far.
+    outgoing: Option<([u8; HEADER_LEN], usize)>,
 }
 
 impl<S: ByteSink> FramedSender<S> {
@@ -153,13 +163,67 @@ impl<S: ByteSink> FramedSender<S> {
             max_payload,
             checksum,
             broken: None,
+            outgoing: None,
         }
     }
 }
 
+impl<S: ByteSink> FramedSender<S> {
+    fn header(&self, tag: u32, payload: &[u8]) -> Result<[u8; HEADER_LEN]> {
+        check_len(payload.len(), self.max_payload)?;
+        Ok(
+            FrameHeader::try_for_payload(FrameKind::DATA, tag, self.seq, payload, self.checksum)
+                .map_err(|error| Error::Frame {
+                    peer: self.sink.peer().to_string(),
+                    error,
+                })?
+                .encode(),
+        )
+    }
+}
+
+fn in_progress(peer: &str, what: &str) -> Error {
+    Error::ProtocolViolation {
+        peer: peer.to_string(),
+        detail: format!("a non-blocking {what} is in progress on this half: finish it first"),
+    }
+}
+
 impl<S: ByteSink> SendHalf for FramedSender<S> {
+    fn try_send(&mut self, tag: u32, payload: &[u8]) -> Result<bool> {
+        broken_error(&self.broken, self.sink.peer())?;
+        let (header, done) = match self.outgoing {
+            Some(o) => o,
+            None => (self.header(tag, payload)?, 0),
+        };
+        let total = HEADER_LEN + payload.len();
+        let parts: [&[u8]; 2] = if done < HEADER_LEN {
+            [&header[done..], payload]
+        } else {
+            [&payload[done - HEADER_LEN..], &[]]
+        };
+        let done = match self.sink.try_write_some(&parts) {
+            Ok(n) => done + n,
+            Err(e) => {
+                self.outgoing = None;
+                return Err(record(&mut self.broken, e, done > 0));
+            }
+        };
+        if done == total {
+            self.outgoing = None;
+            self.seq += 1;
+            Ok(true)
+        } else {
+            self.outgoing = Some((header, done));
+            Ok(false)
+        }
+    }
+
     fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
         broken_error(&self.broken, self.sink.peer())?;
+        if self.outgoing.is_some() {
+            return Err(in_progress(self.sink.peer(), "send"));
+        }
         check_len(payload.len(), self.max_payload)?;
         let header =
             FrameHeader::try_for_payload(FrameKind::DATA, tag, self.seq, payload, self.checksum)
@@ -190,7 +254,8 @@ impl<S: ByteSink> SendHalf for FramedSender<S> {
 
 impl<S: ByteSink> Drop for FramedSender<S> {
     fn drop(&mut self) {
-        if self.broken.is_some() {
+        // A message cut short cannot be followed by a close frame: the peer sees the stream end.
+        if self.broken.is_some() || self.outgoing.is_some() {
             return;
         }
         let farewell = FrameHeader {
@@ -223,6 +288,8 @@ pub(crate) struct FramedReceiver<S: ByteSource> {
     /// Unconsumed read-ahead bytes are `ahead[start..end]`.
     start: usize,
     end: usize,
+    /// A message `try_recv` has started: its header and the payload bytes received so far.
+    incoming: Option<(FrameHeader, usize)>,
 }
 
 impl<S: ByteSource> FramedReceiver<S> {
@@ -238,6 +305,7 @@ impl<S: ByteSource> FramedReceiver<S> {
             ahead,
             start: 0,
             end: 0,
+            incoming: None,
         })
     }
 
@@ -273,6 +341,11 @@ impl<S: ByteSource> FramedReceiver<S> {
             let mid_frame = self.buffered() > 0;
             return Err(record(&mut self.broken, e, mid_frame));
         }
+        self.parse_header()
+    }
+
+    /// Decodes the header at the front of the read-ahead (at least [`HEADER_LEN`] bytes).
+    fn parse_header(&mut self) -> Result<FrameHeader> {
         let decoded = FrameHeader::decode(&self.ahead[self.start..self.end], self.max_payload);
         self.start += HEADER_LEN;
         let header = match decoded {
@@ -299,14 +372,92 @@ impl<S: ByteSource> FramedReceiver<S> {
         Ok(header)
     }
 
-    /// Moves a payload into `payload`: first what was read ahead, then straight from the source.
-    fn read_payload(&mut self, payload: &mut [u8], deadline: Deadline) -> Result<()> {
+    /// The next header if one is complete without waiting.
+    fn try_header(&mut self) -> Result<Option<FrameHeader>> {
+        if let Some(h) = self.pending.take() {
+            return Ok(Some(h));
+        }
+        while self.buffered() < HEADER_LEN {
+            if self.ahead.len() - self.start < HEADER_LEN {
+                self.ahead.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let mid_frame = self.buffered() > 0;
+            match self
+                .source
+                .try_read_some(&mut self.ahead[self.end..], mid_frame)
+            {
+                Ok(Some(k)) => self.end += k,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(record(&mut self.broken, e, mid_frame)),
+            }
+        }
+        self.parse_header().map(Some)
+    }
+
+    /// What a data-plane header means for the caller: `Ok(true)` to deliver it, `Ok(false)` to
+    /// skip it (a heartbeat), or the error it stands for.
+    fn classify(&mut self, header: &FrameHeader, capacity: usize) -> Result<bool> {
+        let len = header.payload_len();
+        match header.kind {
+            FrameKind::DATA => {}
+            FrameKind::CLOSE => {
+                let e = Error::Closed {
+                    peer: self.source.peer().to_string(),
+                };
+                return Err(record(&mut self.broken, e, true));
+            }
+            FrameKind::HEARTBEAT if len == 0 => return Ok(false),
+            other => {
+                let e = Error::ProtocolViolation {
+                    peer: self.source.peer().to_string(),
+                    detail: format!(
+                        "frame kind {} with {len} bytes on an established link",
+                        other.0
+                    ),
+                };
+                return Err(record(&mut self.broken, e, true));
+            }
+        }
+        if len > capacity {
+            self.pending = Some(*header);
+            return Err(Error::BufferTooSmall {
+                needed: len,
+                capacity,
+            });
+        }
+        Ok(true)
+    }
+
+    fn verified(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<Message> {
+        if let Err(error) = header.verify_payload(payload) {
+            let e = Error::Frame {
+                peer: self.source.peer().to_string(),
+                error,
+            };
+            return Err(record(&mut self.broken, e, true));
+        }
+        Ok(Message {
+            tag: header.tag,
+            len: header.payload_len(),
+        })
+    }
+
+    /// Copies what was read ahead into `payload`; returns how much.
+    fn take_ahead(&mut self, payload: &mut [u8]) -> usize {
         let from_ahead = payload.len().min(self.buffered());
         payload[..from_ahead].copy_from_slice(&self.ahead[self.start..self.start + from_ahead]);
         self.start += from_ahead;
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         }
+        from_ahead
+    }
+
+    /// Moves a payload into `payload`: first what was read ahead, then straight from the source.
+    fn read_payload(&mut self, payload: &mut [u8], deadline: Deadline) -> Result<()> {
+        let from_ahead = self.take_ahead(payload);
         if from_ahead < payload.len() {
             read_full(&mut self.source, &mut payload[from_ahead..], deadline)
                 .map_err(|p| p.error)?;
@@ -318,51 +469,59 @@ impl<S: ByteSource> FramedReceiver<S> {
 impl<S: ByteSource> RecvHalf for FramedReceiver<S> {
     fn recv(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<Message> {
         broken_error(&self.broken, self.source.peer())?;
+        if self.incoming.is_some() {
+            return Err(in_progress(self.source.peer(), "receive"));
+        }
         loop {
             let header = self.next_header(deadline)?;
-            let len = header.payload_len();
-            match header.kind {
-                FrameKind::DATA => {}
-                FrameKind::CLOSE => {
-                    let e = Error::Closed {
-                        peer: self.source.peer().to_string(),
-                    };
-                    return Err(record(&mut self.broken, e, true));
-                }
-                FrameKind::HEARTBEAT if len == 0 => continue,
-                other => {
-                    let e = Error::ProtocolViolation {
-                        peer: self.source.peer().to_string(),
-                        detail: format!(
-                            "frame kind {} with {len} bytes on an established link",
-                            other.0
-                        ),
-                    };
-                    return Err(record(&mut self.broken, e, true));
-                }
+            if !self.classify(&header, buf.len())? {
+                continue;
             }
+            let payload = &mut buf[..header.payload_len()];
+            if let Err(e) = self.read_payload(payload, deadline) {
+                return Err(record(&mut self.broken, e, true));
+            }
+            return self.verified(&header, payload);
+        }
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Message>> {
+        broken_error(&self.broken, self.source.peer())?;
+        loop {
+            let (header, mut done) = match self.incoming.take() {
+                Some(state) => state,
+                None => {
+                    let Some(header) = self.try_header()? else {
+                        return Ok(None);
+                    };
+                    if !self.classify(&header, buf.len())? {
+                        continue;
+                    }
+                    (header, 0)
+                }
+            };
+            let len = header.payload_len();
             if len > buf.len() {
-                self.pending = Some(header);
+                self.incoming = Some((header, done));
                 return Err(Error::BufferTooSmall {
                     needed: len,
                     capacity: buf.len(),
                 });
             }
-            let payload = &mut buf[..len];
-            if let Err(e) = self.read_payload(payload, deadline) {
-                return Err(record(&mut self.broken, e, true));
+            if done == 0 {
+                done = self.take_ahead(&mut buf[..len]);
             }
-            if let Err(error) = header.verify_payload(payload) {
-                let e = Error::Frame {
-                    peer: self.source.peer().to_string(),
-                    error,
-                };
-                return Err(record(&mut self.broken, e, true));
+            while done < len {
+                match self.source.try_read_some(&mut buf[done..len], true) {
+                    Ok(Some(k)) => done += k,
+                    Ok(None) => {
+                        self.incoming = Some((header, done));
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(record(&mut self.broken, e, true)),
+                }
             }
-            return Ok(Message {
-                tag: header.tag,
-                len,
-            });
+            return self.verified(&header, &buf[..len]).map(Some);
         }
     }
 }

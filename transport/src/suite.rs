@@ -248,6 +248,60 @@ pub(crate) fn garbage_from_the_peer(kind: TransportKind) {
     assert!(matches!(a.recv(&mut buf), Err(Error::Broken { .. })));
 }
 
+pub(crate) fn nonblocking_full_duplex(kind: TransportKind) {
+    // Each side, in one thread, streams messages out while taking messages in, never blocking:
+    // both directions at once, of sizes from empty to larger than every buffer.
+    let Some((a, b)) = pair(kind, WaitStrategy::Spin) else {
+        return;
+    };
+    let sizes = [0usize, 5, 40, 41, 4096, 100_000, 300_000, 3 << 20];
+    let run = |mut link: Link, seed: u8| {
+        thread::spawn(move || {
+            let outgoing: Vec<Vec<u8>> = sizes
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+                        .collect()
+                })
+                .collect();
+            let mut buf = vec![0u8; 4 << 20];
+            let (mut sent, mut got) = (0, 0);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while sent < sizes.len() || got < sizes.len() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{kind}: stuck at sent {sent}, received {got}"
+                );
+                if sent < sizes.len() && link.tx_try_send(sent as u32, &outgoing[sent]).unwrap() {
+                    sent += 1;
+                }
+                if got < sizes.len()
+                    && let Some(m) = link.rx_try_recv(&mut buf).unwrap()
+                {
+                    let other = if seed == 3 { 5u8 } else { 3u8 };
+                    assert_eq!((m.tag, m.len), (got as u32, sizes[got]), "{kind}");
+                    assert!(
+                        buf[..m.len]
+                            .iter()
+                            .enumerate()
+                            .all(|(i, &x)| x == (i as u8).wrapping_mul(other).wrapping_add(other)),
+                        "{kind}: message {got} corrupted"
+                    );
+                    got += 1;
+                }
+            }
+            // Blocking calls work as before once nothing is in flight.
+            link.send(99, b"after").unwrap();
+            let m = link.recv(&mut buf).unwrap();
+            assert_eq!((m.tag, &buf[..m.len]), (99, &b"after"[..]));
+        })
+    };
+    let (ta, tb) = (run(a, 3), run(b, 5));
+    ta.join().unwrap();
+    tb.join().unwrap();
+}
+
 macro_rules! link_suite {
     ($($name:ident => $kind:expr),* $(,)?) => {$(
         mod $name {
@@ -268,6 +322,8 @@ macro_rules! link_suite {
             fn a_dead_peer_is_an_error_within_two_seconds() { peer_death($kind) }
             #[test]
             fn garbage_from_the_peer_is_an_error() { garbage_from_the_peer($kind) }
+            #[test]
+            fn non_blocking_sends_and_receives_move_both_directions_at_once() { nonblocking_full_duplex($kind) }
         }
     )*};
 }

@@ -560,6 +560,23 @@ impl ByteSink for Conn {
         })
     }
 
+    fn try_write_some(&mut self, parts: &[&[u8]]) -> Result<usize> {
+        let slices: [IoSlice<'_>; 2] = [
+            IoSlice::new(parts.first().copied().unwrap_or(&[])),
+            IoSlice::new(parts.get(1).copied().unwrap_or(&[])),
+        ];
+        let n = parts.len().min(2);
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        loop {
+            match sendmsg::<()>(self.stream.as_raw_fd(), &slices[..n], &[], flags, None) {
+                Ok(k) => return Ok(k),
+                Err(Errno::EAGAIN) => return Ok(0),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(self.map_io("send", io::Error::from(e))),
+            }
+        }
+    }
+
     fn close(&mut self, farewell: &[u8]) {
         let _ = sendmsg::<()>(
             self.stream.as_raw_fd(),
@@ -575,6 +592,27 @@ impl ByteSink for Conn {
 impl ByteSource for Conn {
     fn peer(&self) -> &str {
         &self.peer
+    }
+
+    fn try_read_some(&mut self, buf: &mut [u8], mid_frame: bool) -> Result<Option<usize>> {
+        loop {
+            match recv(self.stream.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) if !buf.is_empty() => {
+                    return Err(Error::PeerGone {
+                        peer: self.peer.clone(),
+                        detail: if mid_frame {
+                            "connection closed mid-frame".into()
+                        } else {
+                            "connection closed without a close frame (peer died?)".into()
+                        },
+                    });
+                }
+                Ok(k) => return Ok(Some(k)),
+                Err(Errno::EAGAIN) => return Ok(None),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(self.map_io("recv", io::Error::from(e))),
+            }
+        }
     }
 
     fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {

@@ -310,6 +310,34 @@ impl Ring {
         }
     }
 
+    /// [`Ring::run`] until `deadline`, or with `None` one non-blocking attempt: `Ok(None)` when
+    /// the socket was not ready.
+    ///
+    /// # Safety
+    /// As for [`Ring::run`].
+    unsafe fn dispatch(
+        &mut self,
+        make_op: impl Fn(bool) -> squeue::Entry,
+        deadline: Option<Deadline>,
+        what: &'static str,
+    ) -> Result<Option<usize>> {
+        match deadline {
+            // SAFETY: forwarded from the caller.
+            Some(d) => unsafe { self.run(make_op, d, what) }.map(Some),
+            None => {
+                let waiter = Waiter::new(WaitStrategy::Spin);
+                // A non-blocking operation completes at once; the deadline only bounds a kernel
+                // that misbehaves.
+                let far = Deadline::after(std::time::Duration::from_secs(5));
+                // SAFETY: forwarded from the caller.
+                match unsafe { self.execute(make_op(true), far, &waiter, what)? } {
+                    r if r == -libc::EAGAIN => Ok(None),
+                    r => self.interpret(r, what, &waiter).map(Some),
+                }
+            }
+        }
+    }
+
     /// `io_uring_enter`, retrying when interrupted.
     fn enter(&mut self, want: usize) -> io::Result<usize> {
         loop {
@@ -363,12 +391,10 @@ impl UringSink {
     }
 }
 
-impl ByteSink for UringSink {
-    fn peer(&self) -> &str {
-        &self.ring.peer
-    }
-
-    fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
+impl UringSink {
+    /// One send: waiting by the strategy until `deadline`, or (`None`) one attempt that takes
+    /// only what fits now.
+    fn write(&mut self, parts: &[&[u8]], deadline: Option<Deadline>) -> Result<usize> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total <= self.stage.len() {
             let mut at = 0;
@@ -384,7 +410,7 @@ impl ByteSink for UringSink {
                     .build()
             };
             // SAFETY: `stage` is registered buffer 0 and lives as long as the ring.
-            return unsafe { self.ring.run(op, deadline, "send") };
+            return unsafe { self.ring.dispatch(op, deadline, "send") }.map(|n| n.unwrap_or(0));
         }
         // At most MAX_OP bytes per operation: the caller loops.
         let mut budget = MAX_OP;
@@ -407,15 +433,35 @@ impl ByteSink for UringSink {
         let msg_ptr: *const libc::msghdr = &msg;
         // A large payload is one submission that the kernel completes as the socket drains,
         // whatever the strategy: waiting on its completion beats re-submitting partial sends.
+        // A single attempt (no deadline) takes only what fits now.
+        let attempt = deadline.is_none();
         let op = |_nowait: bool| {
-            let flags = libc::MSG_WAITALL | libc::MSG_NOSIGNAL;
+            let flags = if attempt {
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL
+            } else {
+                libc::MSG_WAITALL | libc::MSG_NOSIGNAL
+            };
             opcode::SendMsg::new(types::Fixed(0), msg_ptr)
                 .flags(flags as u32)
                 .build()
         };
-        // SAFETY: `msg`, `iov` and the caller's `parts` live until `run` returns, which is after
-        // the operation completed.
-        unsafe { self.ring.run(op, deadline, "send") }
+        // SAFETY: `msg`, `iov` and the caller's `parts` live until `dispatch` returns, which is
+        // after the operation completed.
+        unsafe { self.ring.dispatch(op, deadline, "send") }.map(|n| n.unwrap_or(0))
+    }
+}
+
+impl ByteSink for UringSink {
+    fn peer(&self) -> &str {
+        &self.ring.peer
+    }
+
+    fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
+        self.write(parts, Some(deadline))
+    }
+
+    fn try_write_some(&mut self, parts: &[&[u8]]) -> Result<usize> {
+        self.write(parts, None)
     }
 
     fn close(&mut self, farewell: &[u8]) {
@@ -437,6 +483,52 @@ pub(crate) struct UringSource {
 }
 
 impl UringSource {
+    /// One receive: waiting by the strategy until `deadline`, or (`None`) one attempt that
+    /// takes only what has arrived (`Ok(None)` when nothing has).
+    fn read(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Option<Deadline>,
+        mid_frame: bool,
+    ) -> Result<Option<usize>> {
+        let registered = self.ring.is_registered(buf);
+        let len = buf.len().min(MAX_OP) as u32;
+        let ptr = buf.as_mut_ptr();
+        let attempt = deadline.is_none();
+        let op = |nowait: bool| {
+            if registered {
+                opcode::ReadFixed::new(types::Fixed(0), ptr, len, 0)
+                    .offset(u64::MAX)
+                    .rw_flags(if nowait { libc::RWF_NOWAIT } else { 0 })
+                    .build()
+            } else {
+                // The rest of a large payload: one submission the kernel completes as data
+                // arrives (see the send side); a single attempt takes what is there.
+                let flags = if attempt {
+                    libc::MSG_DONTWAIT
+                } else {
+                    libc::MSG_WAITALL
+                };
+                opcode::Recv::new(types::Fixed(0), ptr, len)
+                    .flags(flags)
+                    .build()
+            }
+        };
+        // SAFETY: `buf` is borrowed mutably for this whole call and `dispatch` returns only
+        // after the operation completed.
+        match unsafe { self.ring.dispatch(op, deadline, "recv")? } {
+            Some(0) if len > 0 => Err(Error::PeerGone {
+                peer: self.ring.peer.clone(),
+                detail: if mid_frame {
+                    "connection closed mid-frame".into()
+                } else {
+                    "connection closed without a close frame (peer died?)".into()
+                },
+            }),
+            other => Ok(other),
+        }
+    }
+
     pub(crate) fn new(stream: Arc<TcpStream>, peer: String, wait: WaitStrategy) -> Result<Self> {
         Ok(UringSource {
             ring: Ring::new(stream, peer, wait)?,
@@ -456,35 +548,15 @@ impl ByteSource for UringSource {
     }
 
     fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
-        let registered = self.ring.is_registered(buf);
-        let len = buf.len().min(MAX_OP) as u32;
-        let ptr = buf.as_mut_ptr();
-        let op = |nowait: bool| {
-            if registered {
-                opcode::ReadFixed::new(types::Fixed(0), ptr, len, 0)
-                    .offset(u64::MAX)
-                    .rw_flags(if nowait { libc::RWF_NOWAIT } else { 0 })
-                    .build()
-            } else {
-                // The rest of a large payload: one submission the kernel completes as data
-                // arrives (see the send side).
-                opcode::Recv::new(types::Fixed(0), ptr, len)
-                    .flags(libc::MSG_WAITALL)
-                    .build()
-            }
-        };
-        // SAFETY: `buf` is borrowed mutably for this whole call and `run` returns only after the
-        // operation completed.
-        match unsafe { self.ring.run(op, deadline, "recv")? } {
-            0 => Err(Error::PeerGone {
+        self.read(buf, Some(deadline), mid_frame)?
+            .ok_or_else(|| Error::Io {
+                op: "recv",
                 peer: self.ring.peer.clone(),
-                detail: if mid_frame {
-                    "connection closed mid-frame".into()
-                } else {
-                    "connection closed without a close frame (peer died?)".into()
-                },
-            }),
-            k => Ok(k),
-        }
+                error: io::Error::other("io_uring completed a waiting read without a result"),
+            })
+    }
+
+    fn try_read_some(&mut self, buf: &mut [u8], mid_frame: bool) -> Result<Option<usize>> {
+        self.read(buf, None, mid_frame)
     }
 }
