@@ -66,10 +66,20 @@ mod tag {
     pub const BARRIER: u32 = 7;
 }
 
+/// How the ranks are linked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Every rank has a link to every other.
+    FullMesh,
+    /// Every rank has links to the ranks before and after it only.
+    Ring,
+}
+
 /// One rank of a world of `world` ranks.
 pub struct Communicator {
     rank: usize,
     world: usize,
+    topology: Topology,
     /// `tx[p]` and `rx[p]` are the halves of the link to rank `p`; `None` for `rank` itself
     /// (and for every rank once poisoned).
     tx: Vec<Option<LinkSender>>,
@@ -101,11 +111,13 @@ fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
 
 impl Communicator {
     /// A communicator over established links: `links[p]` reaches rank `p`, `links[rank]` is
-    /// `None`.
+    /// `None`. With a link to every other rank it is a full mesh; with links only to the ranks
+    /// before and after it (`rank ± 1` modulo the world), a ring, which runs every operation but
+    /// all-to-all (ring algorithms at every size).
     ///
     /// # Errors
-    /// [`CollectiveError::InvalidArgument`] when `rank` is not in the world, the vector is not
-    /// `world` long, or a link is missing.
+    /// [`CollectiveError::InvalidArgument`] when `rank` is not in the world, a link to itself is
+    /// given, or the links form neither a mesh nor a ring.
     pub fn from_links(rank: usize, links: Vec<Option<Link>>, config: CommConfig) -> Result<Self> {
         let world = links.len();
         let invalid = |reason: String| CollectiveError::InvalidArgument {
@@ -115,14 +127,24 @@ impl Communicator {
         if rank >= world {
             return Err(invalid(format!("rank {rank} in a world of {world}")));
         }
-        for (p, l) in links.iter().enumerate() {
-            if (p == rank) != l.is_none() {
-                return Err(invalid(format!(
-                    "rank {rank}: link to rank {p} must be {}",
-                    if p == rank { "absent" } else { "present" }
-                )));
-            }
+        if links[rank].is_some() {
+            return Err(invalid(format!("rank {rank} was given a link to itself")));
         }
+        let neighbours = [(rank + 1) % world, (rank + world - 1) % world];
+        let topology = if links
+            .iter()
+            .enumerate()
+            .all(|(p, l)| p == rank || l.is_some())
+        {
+            Topology::FullMesh
+        } else if neighbours.iter().all(|&p| p == rank || links[p].is_some()) {
+            Topology::Ring
+        } else {
+            return Err(invalid(format!(
+                "rank {rank}: the links form neither a full mesh nor a ring (ranks {} and {} are needed)",
+                neighbours[1], neighbours[0]
+            )));
+        };
         let (tx, rx) = links
             .into_iter()
             .map(|l| match l.map(Link::split) {
@@ -133,6 +155,7 @@ impl Communicator {
         Ok(Communicator {
             rank,
             world,
+            topology,
             tx,
             rx,
             config,
@@ -140,6 +163,11 @@ impl Communicator {
             stats: Stats::default(),
             scratch: Vec::new(),
         })
+    }
+
+    /// How the ranks are linked.
+    pub fn topology(&self) -> Topology {
+        self.topology
     }
 
     /// This rank.
@@ -174,7 +202,9 @@ impl Communicator {
 
     /// The algorithm an all-reduce of `bytes` uses.
     pub fn all_reduce_algorithm(&self, bytes: usize) -> AllReduceAlgorithm {
-        if bytes <= self.config.small_bytes || self.world <= 1 {
+        if self.world <= 1
+            || (bytes <= self.config.small_bytes && self.topology == Topology::FullMesh)
+        {
             AllReduceAlgorithm::Direct
         } else {
             AllReduceAlgorithm::Ring
@@ -413,7 +443,7 @@ impl Communicator {
             if world == 1 {
                 return Ok(());
             }
-            if len <= c.config.small_bytes {
+            if len <= c.config.small_bytes && c.topology == Topology::FullMesh {
                 if rank == root {
                     for p in (0..world).filter(|&p| p != root) {
                         c.send_piece("broadcast", tag::BROADCAST, p, bytes)?;
@@ -712,6 +742,12 @@ impl Communicator {
         recv: &mut [T],
         recv_counts: &[usize],
     ) -> Result<()> {
+        if self.topology != Topology::FullMesh && self.world > 2 {
+            return Err(CollectiveError::InvalidArgument {
+                op: "all_to_all",
+                reason: "all-to-all needs a link between every pair of ranks (a full mesh)".into(),
+            });
+        }
         let world = self.world;
         let invalid = |reason: String| CollectiveError::InvalidArgument {
             op: "all_to_all",
@@ -779,7 +815,13 @@ impl Communicator {
     pub fn barrier(&mut self) -> Result<()> {
         self.run("barrier", 0, |c| {
             let (rank, world) = (c.rank, c.world);
-            for shift in 1..world {
+            // On a mesh, one message from every rank; on a ring, world − 1 hops around it (a
+            // rank passes hop k only once the rank k before it has entered).
+            let shifts: Vec<usize> = match c.topology {
+                Topology::FullMesh => (1..world).collect(),
+                Topology::Ring => vec![1; world.saturating_sub(1)],
+            };
+            for shift in shifts {
                 let to = (rank + shift) % world;
                 let from = (rank + world - shift) % world;
                 c.exchange("barrier", tag::BARRIER, to, &[], from, &mut [])?;

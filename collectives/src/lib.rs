@@ -15,7 +15,7 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use communicator::{AllReduceAlgorithm, CommConfig, Communicator};
+pub use communicator::{AllReduceAlgorithm, CommConfig, Communicator, Topology};
 pub use element::{Element, Reduce, ReduceOp};
 pub use error::{CollectiveError, Result};
 pub use stats::{OpLatency, Stats};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use transport::tcp::{Listener, connect};
 use transport::{Deadline, Link, LinkConfig};
 
-use crate::communicator::{CommConfig, Communicator};
+use crate::communicator::{CommConfig, Communicator, Topology};
 use crate::error::{CollectiveError, Result};
 
 const TAG_HELLO: u32 = 100;
@@ -61,8 +61,8 @@ fn recv_control(link: &mut Link, tag: u32, deadline: Deadline, rank: usize) -> R
     Ok(buf)
 }
 
-/// Joins the world of `world` ranks as `rank`, meeting at `root` (rank 0 listens there). Waits at
-/// most `timeout` for every rank to show up.
+/// Joins the world of `world` ranks as `rank` over a full mesh, meeting at `root` (rank 0
+/// listens there). Waits at most `timeout` for every rank to show up.
 ///
 /// # Errors
 /// [`CollectiveError::Rendezvous`] when a rank does not show up in time, a peer has another
@@ -75,6 +75,35 @@ pub fn rendezvous(
     config: CommConfig,
     timeout: Duration,
 ) -> Result<Communicator> {
+    rendezvous_with(
+        root,
+        rank,
+        world,
+        link_config,
+        config,
+        timeout,
+        Topology::FullMesh,
+    )
+}
+
+/// [`rendezvous`] into the given topology: a full mesh, or a ring (each rank linked to its two
+/// neighbours only: fewer links, for worlds where all-to-all is not needed).
+///
+/// # Errors
+/// As [`rendezvous`].
+pub fn rendezvous_with(
+    root: &str,
+    rank: usize,
+    world: usize,
+    link_config: &LinkConfig,
+    config: CommConfig,
+    timeout: Duration,
+    topology: Topology,
+) -> Result<Communicator> {
+    let wanted = |a: usize, b: usize| match topology {
+        Topology::FullMesh => a != b,
+        Topology::Ring => a != b && ((a + 1) % world == b || (b + 1) % world == a),
+    };
     if world == 0 || rank >= world {
         return Err(fail(rank, format!("rank {rank} in a world of {world}")));
     }
@@ -133,6 +162,11 @@ pub fn rendezvous(
             link.send_until(TAG_TABLE, encoded.as_bytes(), deadline)
                 .map_err(|e| fail(0, format!("sending the address table: {e}")))?;
         }
+        for (p, l) in links.iter_mut().enumerate() {
+            if !wanted(0, p) {
+                *l = None;
+            }
+        }
     } else {
         let local_ip = if root_addr.ip().is_loopback() {
             root_addr.ip()
@@ -163,16 +197,21 @@ pub fn rendezvous(
                 ),
             ));
         }
-        links[0] = Some(to_root);
-        // Connect to every lower rank but 0, then accept every higher one.
+        if wanted(rank, 0) {
+            links[0] = Some(to_root);
+        }
+        // Connect to every wanted lower rank but 0, then accept every wanted higher one.
         for (lower, addr) in table.iter().enumerate().take(rank).skip(1) {
+            if !wanted(rank, lower) {
+                continue;
+            }
             let mut link = connect(*addr, &cfg)
                 .map_err(|e| fail(rank, format!("cannot reach rank {lower} at {addr}: {e}")))?;
             link.send_until(TAG_HELLO, &hello(rank, world, port), deadline)
                 .map_err(|e| fail(rank, format!("hello to rank {lower}: {e}")))?;
             links[lower] = Some(link);
         }
-        while links.iter().skip(rank + 1).any(Option::is_none) {
+        while (rank + 1..world).any(|p| wanted(rank, p) && links[p].is_none()) {
             let mut link = listener.accept_until(deadline).map_err(|e| {
                 fail(
                     rank,
@@ -181,7 +220,7 @@ pub fn rendezvous(
             })?;
             let payload = recv_control(&mut link, TAG_HELLO, deadline, rank)?;
             let (r, w, _) = parse_hello(&payload).ok_or_else(|| fail(rank, "malformed hello"))?;
-            if w != world || r <= rank || r >= world || links[r].is_some() {
+            if w != world || r <= rank || r >= world || links[r].is_some() || !wanted(rank, r) {
                 return Err(fail(
                     rank,
                     format!("unexpected hello from rank {r} of a world of {w}"),
@@ -194,6 +233,7 @@ pub fn rendezvous(
     Communicator::from_links(rank, links, config)
 }
 
+/// The ranks (but 0) a rank has no link to yet, for error messages.
 fn missing(links: &[Option<Link>]) -> Vec<usize> {
     links
         .iter()

@@ -449,3 +449,60 @@ fn a_stalled_rank_fails_every_survivor_at_the_deadline() {
         assert!(took < Duration::from_secs(2), "failed only after {took:?}");
     }
 }
+
+#[test]
+fn a_ring_topology_runs_every_operation_but_all_to_all() {
+    use crate::Topology;
+    use crate::rendezvous::rendezvous_with;
+    let n = 5;
+    let root = free_addr();
+    let data = inputs(n, 37, 11, float);
+    let expected_sum = reference_all_reduce(&data, ReduceOp::Sum, AllReduceAlgorithm::Ring);
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let (root, data, expected_sum) = (root.clone(), data.clone(), expected_sum.clone());
+            thread::spawn(move || {
+                let mut c = rendezvous_with(
+                    &root,
+                    r,
+                    n,
+                    &link_config(),
+                    test_config(),
+                    Duration::from_secs(30),
+                    Topology::Ring,
+                )
+                .unwrap();
+                assert_eq!(c.topology(), Topology::Ring);
+                // Small inputs take the ring too: there is no link for the direct algorithm.
+                assert_eq!(c.all_reduce_algorithm(4), AllReduceAlgorithm::Ring);
+                c.barrier().unwrap();
+                let mut v = data[r].clone();
+                c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                assert_eq!(bytes(&v), bytes(&expected_sum));
+                let mut out = vec![0f32; 37 * n];
+                c.all_gather(&data[r], &mut out).unwrap();
+                assert_eq!(out, data.concat());
+                let mut b = if r == 2 {
+                    data[2].clone()
+                } else {
+                    vec![0f32; 37]
+                };
+                c.broadcast(2, &mut b).unwrap();
+                assert_eq!(b, data[2]);
+                c.barrier().unwrap();
+                let err = c
+                    .all_to_all(&[0f32; 5], &[1; 5], &mut [0f32; 5], &[1; 5])
+                    .unwrap_err();
+                assert!(
+                    matches!(err, CollectiveError::InvalidArgument { .. }),
+                    "{err}"
+                );
+                // Invalid arguments do not poison: the ring still works.
+                c.barrier().unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
