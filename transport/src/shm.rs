@@ -597,29 +597,33 @@ impl ShmSender {
     }
 
     /// Waits for a free slot.
+    /// Whether a slot is free, refreshing the consumer's progress only when the cached view
+    /// says the ring is full.
+    fn slot_free(&mut self) -> Result<bool> {
+        if self.next - self.slots_done < SLOTS as u64 {
+            return Ok(true);
+        }
+        let done = self.dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire);
+        if done > self.next || done < self.slots_done {
+            return Err(corrupted(
+                &self.side.peer,
+                format!("slots done {done} beyond sent {}", self.next),
+            ));
+        }
+        self.slots_done = done;
+        Ok(self.next - done < SLOTS as u64)
+    }
+
     fn reserve(&mut self, deadline: Deadline) -> Result<()> {
+        let (strategy, bootstrap) = (self.stream.wait, self.stream.bootstrap.clone());
         let mut wait = None;
-        loop {
-            if self.next - self.slots_done < SLOTS as u64 {
-                return Ok(());
-            }
-            let done = self.dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire);
-            if done > self.next || done < self.slots_done {
-                return Err(corrupted(
-                    &self.side.peer,
-                    format!("slots done {done} beyond sent {}", self.next),
-                ));
-            }
-            self.slots_done = done;
-            if self.next - done < SLOTS as u64 {
-                return Ok(());
-            }
-            let wait =
-                wait.get_or_insert_with(|| Wait::new(self.stream.wait, &self.stream.bootstrap));
+        while !self.slot_free()? {
+            let wait = wait.get_or_insert_with(|| Wait::new(strategy, &bootstrap));
             let (dir, next) = (&self.dir, self.next);
             let ready = || next - dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire) < SLOTS as u64;
             wait.pause(dir.flag(OFF_WRITER_SLEEPS), ready, deadline, &self.side)?;
         }
+        Ok(())
     }
 
     /// Fills and publishes the next slot.
@@ -638,6 +642,31 @@ impl ShmSender {
             .store(self.next + 1, Ordering::Release);
         self.next += 1;
         wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
+    }
+
+    /// Publishes the slot of a message (a slot must be free): an inline message is then
+    /// delivered (`None`); a larger one still needs its payload streamed or copied.
+    fn announce(&mut self, tag: u32, payload: &[u8]) -> Option<Outgoing> {
+        let len = payload.len();
+        if len <= INLINE {
+            self.publish(tag, KIND_INLINE, len, payload);
+            return None;
+        }
+        if self.rendezvous && len >= RENDEZVOUS_MIN {
+            let index = self.next;
+            self.dir
+                .word(OFF_RDV)
+                .store(index << 2 | RDV_POSTED, Ordering::Release);
+            self.publish(
+                tag,
+                KIND_RENDEZVOUS,
+                len,
+                &(payload.as_ptr() as u64).to_le_bytes(),
+            );
+            return Some(Outgoing::Rendezvous { index });
+        }
+        self.publish(tag, KIND_STREAM, len, &[]);
+        Some(Outgoing::Stream { written: 0 })
     }
 
     /// Waits until the receiver has copied rendezvous message `index`; at the deadline, takes the
@@ -688,39 +717,13 @@ impl SendHalf for ShmSender {
             Some(state) => state,
             None => {
                 check_len(len, self.max_payload)?;
-                if self.next - self.slots_done >= SLOTS as u64 {
-                    let done = self.dir.word(OFF_SLOTS_DONE).load(Ordering::Acquire);
-                    if done > self.next || done < self.slots_done {
-                        return Err(corrupted(
-                            &self.side.peer,
-                            format!("slots done {done} beyond sent {}", self.next),
-                        ));
-                    }
-                    self.slots_done = done;
-                    if self.next - done >= SLOTS as u64 {
-                        self.liveness.check(&self.stream.bootstrap, &self.side)?;
-                        return Ok(false);
-                    }
+                if !self.slot_free()? {
+                    self.liveness.check(&self.stream.bootstrap, &self.side)?;
+                    return Ok(false);
                 }
-                if len <= INLINE {
-                    self.publish(tag, KIND_INLINE, len, payload);
-                    return Ok(true);
-                }
-                if self.rendezvous && len >= RENDEZVOUS_MIN {
-                    let index = self.next;
-                    self.dir
-                        .word(OFF_RDV)
-                        .store(index << 2 | RDV_POSTED, Ordering::Release);
-                    self.publish(
-                        tag,
-                        KIND_RENDEZVOUS,
-                        len,
-                        &(payload.as_ptr() as u64).to_le_bytes(),
-                    );
-                    Outgoing::Rendezvous { index }
-                } else {
-                    self.publish(tag, KIND_STREAM, len, &[]);
-                    Outgoing::Stream { written: 0 }
+                match self.announce(tag, payload) {
+                    Some(state) => state,
+                    None => return Ok(true),
                 }
             }
         };
@@ -772,32 +775,18 @@ impl SendHalf for ShmSender {
         }
         check_len(payload.len(), self.max_payload)?;
         self.reserve(deadline)?;
-        let len = payload.len();
-        if len <= INLINE {
-            self.publish(tag, KIND_INLINE, len, payload);
-            return Ok(());
+        match self.announce(tag, payload) {
+            None => Ok(()),
+            Some(Outgoing::Rendezvous { index }) => self
+                .await_rendezvous(index, deadline)
+                .inspect_err(|e| self.broken = Some(e.to_string())),
+            // The message is announced: a failure while streaming its payload breaks the link.
+            Some(Outgoing::Stream { .. }) => write_all(&mut self.stream, &[payload], deadline)
+                .map_err(|p| {
+                    self.broken = Some(p.error.to_string());
+                    p.error
+                }),
         }
-        if self.rendezvous && len >= RENDEZVOUS_MIN {
-            let index = self.next;
-            self.dir
-                .word(OFF_RDV)
-                .store(index << 2 | RDV_POSTED, Ordering::Release);
-            self.publish(
-                tag,
-                KIND_RENDEZVOUS,
-                len,
-                &(payload.as_ptr() as u64).to_le_bytes(),
-            );
-            return self.await_rendezvous(index, deadline).inspect_err(|e| {
-                self.broken = Some(e.to_string());
-            });
-        }
-        self.publish(tag, KIND_STREAM, len, &[]);
-        // The message is announced: a failure while streaming its payload breaks the link.
-        write_all(&mut self.stream, &[payload], deadline).map_err(|p| {
-            self.broken = Some(p.error.to_string());
-            p.error
-        })
     }
 
     #[cfg(test)]

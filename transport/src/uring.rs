@@ -31,8 +31,9 @@ const CANCEL: u64 = 2;
 /// `WRITE_FIXED`; larger ones are sent from the caller's memory.
 const STAGE: usize = 16 << 10;
 /// The most bytes one operation moves: large payloads go as a sequence of operations of this
-/// size, each completed as the socket drains or fills.
-const MAX_OP: usize = 1 << 20;
+/// size, each completed as the socket drains or fills. The slack keeps a 1 MiB message and its
+/// frame header in one operation.
+const MAX_OP: usize = (1 << 20) + 4096;
 /// The receiver's registered read-ahead buffer.
 pub(crate) const READ_AHEAD: usize = 16 << 10;
 
