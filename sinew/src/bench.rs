@@ -119,6 +119,10 @@ pub struct BenchArgs {
     /// Pipelining granularity: messages are cut into pieces of this size.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub piece: Option<usize>,
+    /// All-reduce payloads up to this size use the direct (one-round) algorithm; larger ones the
+    /// ring. Default: 64 KiB.
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub direct_max: Option<usize>,
     /// Socket send and receive buffer size of TCP-based links; default: kernel autotuning.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub socket_buffer: Option<usize>,
@@ -242,6 +246,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     let config = CommConfig {
         timeout: Duration::from_secs_f64(args.timeout),
         piece_bytes: args.piece.unwrap_or(defaults.piece_bytes).max(1),
+        small_bytes: args.direct_max.unwrap_or(defaults.small_bytes),
         ..defaults
     };
     let mut comm = collectives::rendezvous::rendezvous(
