@@ -247,7 +247,6 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
         timeout: Duration::from_secs_f64(args.timeout),
         piece_bytes: args.piece.unwrap_or(defaults.piece_bytes).max(1),
         small_bytes: args.direct_max.unwrap_or(defaults.small_bytes),
-        ..defaults
     };
     let mut comm = collectives::rendezvous::rendezvous(
         root,
