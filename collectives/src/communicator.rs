@@ -1,11 +1,13 @@
-//! The `Communicator`: one rank of a world of N, a full mesh of links, and the operations.
+//! The `Communicator`: one rank of a world of N over a full mesh or a ring of links, and the
+//! operations.
 //!
 //! Every operation is a blocking call. Messages are cut into pieces, and in each step where a rank
 //! both sends and receives, one thread drives both directions at once with the links'
 //! non-blocking calls (`try_send` / `try_recv`), as a progress engine does: every link carries
-//! data both ways, and no cycle of ranks can wait on itself whatever the links buffer. Every link call has a deadline ([`CommConfig::timeout`] of no
-//! progress); the first failure poisons the communicator and closes all its links, so every
-//! other rank's pending call fails promptly too, and later calls fail fast.
+//! data both ways, and no cycle of ranks can wait on itself whatever the links buffer. Every
+//! message has a deadline ([`CommConfig::timeout`] without progress); the first failure poisons
+//! the communicator and closes all its links, so every other rank's pending call fails promptly
+//! too, and later calls fail fast.
 //!
 //! Reduction order (so float sums are reproducible and identical on every rank):
 //! - all-reduce of at most [`CommConfig::small_bytes`]: every rank folds all contributions in
