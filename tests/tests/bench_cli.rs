@@ -148,3 +148,39 @@ fn a_rank_killed_mid_all_reduce_fails_every_survivor_within_five_seconds() {
         );
     }
 }
+
+#[test]
+fn plot_draws_busbw_against_size_as_svg() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 10);
+    let plot = tmp.path().join("busbw.svg");
+    let mut cmd = sinew();
+    cmd.args([
+        "bench",
+        "all-gather",
+        "--ranks",
+        "2",
+        "--sizes",
+        "1K,64K,1M",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+    ])
+    .arg("--plot")
+    .arg(&plot)
+    .arg("--cluster-key-file")
+    .arg(&key);
+    let out = run_with_timeout(cmd, LIMIT).expect("bench hung");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    assert!(
+        svg.contains("<svg") && svg.contains("busbw"),
+        "not the expected SVG"
+    );
+    assert!(svg.matches("<circle").count() >= 3, "one point per size");
+}
