@@ -262,18 +262,16 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
         .clone()
         .map(|s| s.0)
         .unwrap_or_else(default_sizes);
-    let rows = match args.dtype {
-        Dtype::F32 => measure::<f32>(args, &mut comm, &sizes)?,
-        Dtype::F16 => measure::<f16>(args, &mut comm, &sizes)?,
-        Dtype::Bf16 => measure::<bf16>(args, &mut comm, &sizes)?,
-        Dtype::Bytes => {
-            ensure!(
-                !matches!(args.op, BenchOp::AllReduce | BenchOp::ReduceScatter),
-                "{} needs a numeric --dtype",
-                args.op.name()
-            );
-            measure_bytes(args, &mut comm, &sizes)?
-        }
+    let reduces = matches!(args.op, BenchOp::AllReduce | BenchOp::ReduceScatter);
+    let rows = match (args.dtype, reduces) {
+        (Dtype::F32, true) => measure_reductions::<f32>(args, &mut comm, &sizes)?,
+        (Dtype::F16, true) => measure_reductions::<f16>(args, &mut comm, &sizes)?,
+        (Dtype::Bf16, true) => measure_reductions::<bf16>(args, &mut comm, &sizes)?,
+        (Dtype::Bytes, true) => bail!("{} needs a numeric --dtype", args.op.name()),
+        (Dtype::F32, false) => measure_moves::<f32>(args, &mut comm, &sizes)?,
+        (Dtype::F16, false) => measure_moves::<f16>(args, &mut comm, &sizes)?,
+        (Dtype::Bf16, false) => measure_moves::<bf16>(args, &mut comm, &sizes)?,
+        (Dtype::Bytes, false) => measure_moves::<u8>(args, &mut comm, &sizes)?,
     };
     if rank != 0 {
         return Ok(ExitCode::SUCCESS);
@@ -410,18 +408,23 @@ fn agree(comm: &mut Communicator, ok: bool) -> anyhow::Result<bool> {
     Ok(bad[0] == 0.0)
 }
 
-fn measure<T: Exact + Reduce>(
+/// Elements per rank's buffer for a `size`-byte measurement: a multiple of `world`, at least one
+/// per rank; returns (elements, elements per rank, bytes).
+fn shape(size: usize, elem: usize, world: usize) -> (usize, usize, usize) {
+    let count = (size / elem / world * world).max(world);
+    (count, count / world, count * elem)
+}
+
+/// All-reduce and reduce-scatter, summing.
+fn measure_reductions<T: Exact + Reduce>(
     args: &BenchArgs,
     comm: &mut Communicator,
     sizes: &[usize],
 ) -> anyhow::Result<Vec<Row>> {
     let (rank, world) = (comm.rank(), comm.world());
-    let e = std::mem::size_of::<T>();
     let mut rows = Vec::new();
     for &size in sizes {
-        let count = (size / e / world * world).max(world);
-        let per = count / world;
-        let bytes = count * e;
+        let (count, per, bytes) = shape(size, std::mem::size_of::<T>(), world);
         let mine: Vec<T> = (0..count).map(|i| T::exact(value(rank, i))).collect();
         let (hist, ok) = match args.op {
             BenchOp::AllReduce => {
@@ -447,7 +450,7 @@ fn measure<T: Exact + Reduce>(
                     .all(|(i, v)| *v == T::exact(expected_sum(world, rank * per + i)));
                 (h, ok)
             }
-            _ => return measure_moves(args, comm, sizes, T::exact, T::NAME),
+            other => bail!("{} is not a reduction", other.name()),
         };
         let ok = agree(comm, ok)?;
         rows.push(row(args, world, bytes, count, T::NAME, &hist, ok));
@@ -455,29 +458,17 @@ fn measure<T: Exact + Reduce>(
     Ok(rows)
 }
 
-fn measure_bytes(
-    args: &BenchArgs,
-    comm: &mut Communicator,
-    sizes: &[usize],
-) -> anyhow::Result<Vec<Row>> {
-    measure_moves(args, comm, sizes, <u8 as Exact>::exact, "bytes")
-}
-
 /// The operations that move data without reducing it.
-fn measure_moves<T: Element + Copy>(
+fn measure_moves<T: Exact>(
     args: &BenchArgs,
     comm: &mut Communicator,
     sizes: &[usize],
-    make: fn(u32) -> T,
-    dtype: &'static str,
 ) -> anyhow::Result<Vec<Row>> {
     let (rank, world) = (comm.rank(), comm.world());
-    let e = std::mem::size_of::<T>();
+    let make = T::exact;
     let mut rows = Vec::new();
     for &size in sizes {
-        let count = (size / e / world * world).max(world);
-        let per = count / world;
-        let bytes = count * e;
+        let (count, per, bytes) = shape(size, std::mem::size_of::<T>(), world);
         let (hist, ok) = match args.op {
             BenchOp::AllGather => {
                 let input: Vec<T> = (0..per).map(|i| make(value(rank, i))).collect();
@@ -531,7 +522,7 @@ fn measure_moves<T: Element + Copy>(
             }
         };
         let ok = agree(comm, ok)?;
-        rows.push(row(args, world, bytes, count, dtype, &hist, ok));
+        rows.push(row(args, world, bytes, count, T::NAME, &hist, ok));
     }
     Ok(rows)
 }
