@@ -162,6 +162,12 @@ fn default_sizes() -> Vec<usize> {
 
 /// Runs `sinew bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let reduces = matches!(args.op, BenchOp::AllReduce | BenchOp::ReduceScatter);
+    ensure!(
+        !(reduces && args.dtype == Dtype::Bytes),
+        "{} needs a numeric --dtype",
+        args.op.name()
+    );
     match (args.ranks, &args.rendezvous) {
         (Some(n), _) => spawn_local(n),
         (None, Some(root)) => {
