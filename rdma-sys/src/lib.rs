@@ -9,12 +9,15 @@
 //! - [`loader`]: the function table of the exported verbs.
 //! - [`ops`]: the inline data-path verbs, through the provider's ops table.
 //!
-//! Status: the safe RAII layer, the software verbs device and the RDMA link backend are not
-//! written yet.
+//! - [`soft`]: a software verbs device with Apple's rules, used in place of a library in tests.
+//!
+//! Status: the safe RAII layer, the software device's fabric between processes and the RDMA link
+//! backend are not written yet.
 
 pub mod error;
 pub mod loader;
 pub mod ops;
+pub mod soft;
 pub mod types;
 
 pub use error::{Error, Result};

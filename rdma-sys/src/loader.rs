@@ -24,8 +24,9 @@ macro_rules! verbs_table {
         pub struct Verbs {
             $($(#[$doc])* pub $field: $ty,)*
             library: String,
-            // Keeps the library mapped while the pointers above are in use.
-            _lib: Library,
+            // Keeps the library mapped while the pointers above are in use (`None` for the
+            // software device, whose functions are part of this crate).
+            _lib: Option<Library>,
         }
 
         impl Verbs {
@@ -41,7 +42,7 @@ macro_rules! verbs_table {
                         })?
                     };
                 )*
-                Ok(Verbs { $($field,)* library, _lib: lib })
+                Ok(Verbs { $($field,)* library, _lib: Some(lib) })
             }
         }
     };
@@ -82,6 +83,79 @@ verbs_table! {
     destroy_qp: unsafe extern "C" fn(qp: *mut ibv_qp) -> c_int = "ibv_destroy_qp";
     /// `ibv_modify_qp`.
     modify_qp: unsafe extern "C" fn(qp: *mut ibv_qp, attr: *mut ibv_qp_attr, mask: c_int) -> c_int = "ibv_modify_qp";
+}
+
+impl Verbs {
+    /// A table over functions of this crate (the software device).
+    pub(crate) fn from_parts(table: SoftTable) -> Verbs {
+        let SoftTable {
+            get_device_list,
+            free_device_list,
+            get_device_name,
+            open_device,
+            close_device,
+            query_device,
+            query_port,
+            query_gid,
+            alloc_pd,
+            dealloc_pd,
+            reg_mr,
+            dereg_mr,
+            create_cq,
+            destroy_cq,
+            create_qp,
+            destroy_qp,
+            modify_qp,
+        } = table;
+        Verbs {
+            get_device_list,
+            free_device_list,
+            get_device_name,
+            open_device,
+            close_device,
+            query_device,
+            query_port,
+            query_gid,
+            alloc_pd,
+            dealloc_pd,
+            reg_mr,
+            dereg_mr,
+            create_cq,
+            destroy_cq,
+            create_qp,
+            destroy_qp,
+            modify_qp,
+            library: "software verbs device".into(),
+            _lib: None,
+        }
+    }
+}
+
+/// The exported verbs a software device provides, to build a [`Verbs`] from.
+pub(crate) struct SoftTable {
+    pub(crate) get_device_list: unsafe extern "C" fn(*mut c_int) -> *mut *mut ibv_device,
+    pub(crate) free_device_list: unsafe extern "C" fn(*mut *mut ibv_device),
+    pub(crate) get_device_name: unsafe extern "C" fn(*mut ibv_device) -> *const c_char,
+    pub(crate) open_device: unsafe extern "C" fn(*mut ibv_device) -> *mut ibv_context,
+    pub(crate) close_device: unsafe extern "C" fn(*mut ibv_context) -> c_int,
+    pub(crate) query_device: unsafe extern "C" fn(*mut ibv_context, *mut ibv_device_attr) -> c_int,
+    pub(crate) query_port: unsafe extern "C" fn(*mut ibv_context, u8, *mut ibv_port_attr) -> c_int,
+    pub(crate) query_gid: unsafe extern "C" fn(*mut ibv_context, u8, c_int, *mut ibv_gid) -> c_int,
+    pub(crate) alloc_pd: unsafe extern "C" fn(*mut ibv_context) -> *mut ibv_pd,
+    pub(crate) dealloc_pd: unsafe extern "C" fn(*mut ibv_pd) -> c_int,
+    pub(crate) reg_mr: unsafe extern "C" fn(*mut ibv_pd, *mut c_void, usize, c_int) -> *mut ibv_mr,
+    pub(crate) dereg_mr: unsafe extern "C" fn(*mut ibv_mr) -> c_int,
+    pub(crate) create_cq: unsafe extern "C" fn(
+        *mut ibv_context,
+        c_int,
+        *mut c_void,
+        *mut ibv_comp_channel,
+        c_int,
+    ) -> *mut ibv_cq,
+    pub(crate) destroy_cq: unsafe extern "C" fn(*mut ibv_cq) -> c_int,
+    pub(crate) create_qp: unsafe extern "C" fn(*mut ibv_pd, *mut ibv_qp_init_attr) -> *mut ibv_qp,
+    pub(crate) destroy_qp: unsafe extern "C" fn(*mut ibv_qp) -> c_int,
+    pub(crate) modify_qp: unsafe extern "C" fn(*mut ibv_qp, *mut ibv_qp_attr, c_int) -> c_int,
 }
 
 impl std::fmt::Debug for Verbs {
