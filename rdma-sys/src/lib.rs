@@ -9,14 +9,17 @@
 //! - [`loader`]: the function table of the exported verbs.
 //! - [`ops`]: the inline data-path verbs, through the provider's ops table.
 //!
+//! - [`safe`]: owned handles (children keep parents alive), GID scan, queue-pair transitions,
+//!   memory-region and work-request budgets, checked completions.
 //! - [`soft`]: a software verbs device with Apple's rules, used in place of a library in tests.
 //!
-//! Status: the safe RAII layer, the software device's fabric between processes and the RDMA link
-//! backend are not written yet.
+//! Status: the software device's fabric between processes and the RDMA link backend are not
+//! written yet.
 
 pub mod error;
 pub mod loader;
 pub mod ops;
+pub mod safe;
 pub mod soft;
 pub mod types;
 
