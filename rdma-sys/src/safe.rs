@@ -534,18 +534,7 @@ impl QueuePair {
             });
         }
         let mut sge = mr.sge(range);
-        let mut wr = ibv_send_wr {
-            wr_id,
-            next: std::ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-            opcode: ibv_wr_opcode::SEND,
-            send_flags: send_flags::SIGNALED,
-            imm_data: 0,
-            wr: [0; 4],
-            qp_type: [0; 2],
-            bind_mw: [0; 6],
-        };
+        let mut wr = ibv_send_wr::send(wr_id, &mut sge);
         let mut bad = std::ptr::null_mut();
         // SAFETY: live queue pair; the SGE points into `mr`, registered and alive; the caller
         // keeps `mr` until the completion is polled.
@@ -717,18 +706,7 @@ mod tests {
             length: 8,
             lkey: 0xdead,
         };
-        let mut wr = ibv_send_wr {
-            wr_id: 5,
-            next: std::ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-            opcode: ibv_wr_opcode::SEND,
-            send_flags: send_flags::SIGNALED,
-            imm_data: 0,
-            wr: [0; 4],
-            qp_type: [0; 2],
-            bind_mw: [0; 6],
-        };
+        let mut wr = ibv_send_wr::send(5, &mut sge);
         let mut bad = std::ptr::null_mut();
         // SAFETY: live queue pair; the SGE's memory is alive (its key is deliberately wrong).
         assert_eq!(unsafe { ops::post_send(a.qp.raw, &mut wr, &mut bad) }, 0);

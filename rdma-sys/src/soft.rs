@@ -538,6 +538,20 @@ fn deliver(from: QpKey, to: QpKey, addr: u64, len: usize) {
     });
 }
 
+/// The one SGE of a work request as (address, length, lkey); an empty request is (0, 0, 0).
+///
+/// # Safety
+/// `sg_list` must hold `num_sge` entries, and `num_sge` must be 0 or 1.
+unsafe fn single_sge(num_sge: c_int, sg_list: *const ibv_sge) -> (u64, usize, u32) {
+    if num_sge == 1 {
+        // SAFETY: one entry at `sg_list`, per the contract.
+        let sge = unsafe { *sg_list };
+        (sge.addr, sge.length as usize, sge.lkey)
+    } else {
+        (0, 0, 0)
+    }
+}
+
 unsafe extern "C" fn post_send(
     qp: *mut ibv_qp,
     wr: *mut ibv_send_wr,
@@ -559,13 +573,8 @@ unsafe extern "C" fn post_send(
         if r.opcode != ibv_wr_opcode::SEND || !(0..=1).contains(&r.num_sge) {
             return refuse(libc::EINVAL);
         }
-        let (addr, len, lkey) = if r.num_sge == 1 {
-            // SAFETY: one SGE at `sg_list`, per `num_sge`.
-            let sge = unsafe { *r.sg_list };
-            (sge.addr, sge.length as usize, sge.lkey)
-        } else {
-            (0, 0, 0)
-        };
+        // SAFETY: `sg_list` holds `num_sge` (0 or 1, checked above) entries.
+        let (addr, len, lkey) = unsafe { single_sge(r.num_sge, r.sg_list) };
         if len > MAX_MESSAGE {
             return refuse(libc::EINVAL);
         }
@@ -638,13 +647,8 @@ unsafe extern "C" fn post_recv(
         if !(0..=1).contains(&r.num_sge) {
             return refuse(libc::EINVAL);
         }
-        let (addr, len, lkey) = if r.num_sge == 1 {
-            // SAFETY: one SGE at `sg_list`, per `num_sge`.
-            let sge = unsafe { *r.sg_list };
-            (sge.addr, sge.length as usize, sge.lkey)
-        } else {
-            (0, 0, 0)
-        };
+        // SAFETY: `sg_list` holds `num_sge` (0 or 1, checked above) entries.
+        let (addr, len, lkey) = unsafe { single_sge(r.num_sge, r.sg_list) };
         // SAFETY: the context outlives its queue pairs.
         if len > 0 && !unsafe { &*shared.ctx }.covers(lkey, addr, len) {
             return refuse(libc::EINVAL);
@@ -842,18 +846,7 @@ mod tests {
                     length: data.len() as u32,
                     lkey: (*self.mr).lkey,
                 };
-                let mut wr = ibv_send_wr {
-                    wr_id: id,
-                    next: std::ptr::null_mut(),
-                    sg_list: &mut sge,
-                    num_sge: 1,
-                    opcode: ibv_wr_opcode::SEND,
-                    send_flags: send_flags::SIGNALED,
-                    imm_data: 0,
-                    wr: [0; 4],
-                    qp_type: [0; 2],
-                    bind_mw: [0; 6],
-                };
+                let mut wr = ibv_send_wr::send(id, &mut sge);
                 let mut bad = std::ptr::null_mut();
                 ops::post_send(self.qp, &mut wr, &mut bad)
             }

@@ -269,6 +269,24 @@ pub struct ibv_send_wr {
     pub bind_mw: [u64; 6],
 }
 
+impl ibv_send_wr {
+    /// A signaled SEND of one SGE.
+    pub fn send(wr_id: u64, sge: *mut ibv_sge) -> Self {
+        ibv_send_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: sge,
+            num_sge: 1,
+            opcode: ibv_wr_opcode::SEND,
+            send_flags: send_flags::SIGNALED,
+            imm_data: 0,
+            wr: [0; 4],
+            qp_type: [0; 2],
+            bind_mw: [0; 6],
+        }
+    }
+}
+
 /// `struct ibv_recv_wr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
