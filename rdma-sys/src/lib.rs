@@ -24,7 +24,7 @@ pub mod soft;
 pub mod types;
 
 pub use error::{Error, Result};
-pub use loader::{DeviceName, Verbs};
+pub use loader::{DeviceName, Verbs, VerbsTable};
 
 #[cfg(test)]
 mod tests {

@@ -18,34 +18,47 @@ pub const LIBRARY_NAMES: &[&str] = &["libibverbs.so.1"];
 
 macro_rules! verbs_table {
     ($($(#[$doc:meta])* $field:ident: $ty:ty = $symbol:literal;)*) => {
-        /// The exported verbs functions, resolved once. The data-path calls (`post_send`,
-        /// `post_recv`, `poll_cq`, `req_notify_cq`) are not exported on either platform: see
-        /// [`crate::ops`].
-        pub struct Verbs {
+        /// The exported verbs functions. The data-path calls (`post_send`, `post_recv`,
+        /// `poll_cq`, `req_notify_cq`) are not exported on either platform: see [`crate::ops`].
+        pub struct VerbsTable {
             $($(#[$doc])* pub $field: $ty,)*
-            library: String,
-            // Keeps the library mapped while the pointers above are in use (`None` for the
-            // software device, whose functions are part of this crate).
-            _lib: Option<Library>,
         }
 
-        impl Verbs {
-            fn resolve(lib: Library, library: String) -> Result<Verbs> {
+        impl VerbsTable {
+            fn resolve(lib: &Library, library: &str) -> Result<VerbsTable> {
                 $(
                     // SAFETY: the symbol is a C function with this exact signature in every
                     // verbs implementation (rdma-core and Apple's, which mirrors its header).
                     let $field: $ty = unsafe {
                         *lib.get::<$ty>(concat!($symbol, "\0").as_bytes()).map_err(|e| Error::SymbolMissing {
-                            library: library.clone(),
+                            library: library.to_string(),
                             symbol: $symbol,
                             reason: e.to_string(),
                         })?
                     };
                 )*
-                Ok(Verbs { $($field,)* library, _lib: Some(lib) })
+                Ok(VerbsTable { $($field,)* })
             }
         }
     };
+}
+
+/// A verbs function table, resolved once from a loaded library (or the software device); its
+/// functions are reached through `Deref` (`(verbs.open_device)(..)`).
+pub struct Verbs {
+    table: VerbsTable,
+    library: String,
+    // Keeps the library mapped while the table's pointers are in use (`None` for the software
+    // device, whose functions are part of this crate).
+    _lib: Option<Library>,
+}
+
+impl std::ops::Deref for Verbs {
+    type Target = VerbsTable;
+
+    fn deref(&self) -> &VerbsTable {
+        &self.table
+    }
 }
 
 verbs_table! {
@@ -86,76 +99,14 @@ verbs_table! {
 }
 
 impl Verbs {
-    /// A table over functions of this crate (the software device).
-    pub(crate) fn from_parts(table: SoftTable) -> Verbs {
-        let SoftTable {
-            get_device_list,
-            free_device_list,
-            get_device_name,
-            open_device,
-            close_device,
-            query_device,
-            query_port,
-            query_gid,
-            alloc_pd,
-            dealloc_pd,
-            reg_mr,
-            dereg_mr,
-            create_cq,
-            destroy_cq,
-            create_qp,
-            destroy_qp,
-            modify_qp,
-        } = table;
+    /// A table over functions of this crate (the software device), named `library`.
+    pub(crate) fn from_table(table: VerbsTable, library: &str) -> Verbs {
         Verbs {
-            get_device_list,
-            free_device_list,
-            get_device_name,
-            open_device,
-            close_device,
-            query_device,
-            query_port,
-            query_gid,
-            alloc_pd,
-            dealloc_pd,
-            reg_mr,
-            dereg_mr,
-            create_cq,
-            destroy_cq,
-            create_qp,
-            destroy_qp,
-            modify_qp,
-            library: "software verbs device".into(),
+            table,
+            library: library.to_string(),
             _lib: None,
         }
     }
-}
-
-/// The exported verbs a software device provides, to build a [`Verbs`] from.
-pub(crate) struct SoftTable {
-    pub(crate) get_device_list: unsafe extern "C" fn(*mut c_int) -> *mut *mut ibv_device,
-    pub(crate) free_device_list: unsafe extern "C" fn(*mut *mut ibv_device),
-    pub(crate) get_device_name: unsafe extern "C" fn(*mut ibv_device) -> *const c_char,
-    pub(crate) open_device: unsafe extern "C" fn(*mut ibv_device) -> *mut ibv_context,
-    pub(crate) close_device: unsafe extern "C" fn(*mut ibv_context) -> c_int,
-    pub(crate) query_device: unsafe extern "C" fn(*mut ibv_context, *mut ibv_device_attr) -> c_int,
-    pub(crate) query_port: unsafe extern "C" fn(*mut ibv_context, u8, *mut ibv_port_attr) -> c_int,
-    pub(crate) query_gid: unsafe extern "C" fn(*mut ibv_context, u8, c_int, *mut ibv_gid) -> c_int,
-    pub(crate) alloc_pd: unsafe extern "C" fn(*mut ibv_context) -> *mut ibv_pd,
-    pub(crate) dealloc_pd: unsafe extern "C" fn(*mut ibv_pd) -> c_int,
-    pub(crate) reg_mr: unsafe extern "C" fn(*mut ibv_pd, *mut c_void, usize, c_int) -> *mut ibv_mr,
-    pub(crate) dereg_mr: unsafe extern "C" fn(*mut ibv_mr) -> c_int,
-    pub(crate) create_cq: unsafe extern "C" fn(
-        *mut ibv_context,
-        c_int,
-        *mut c_void,
-        *mut ibv_comp_channel,
-        c_int,
-    ) -> *mut ibv_cq,
-    pub(crate) destroy_cq: unsafe extern "C" fn(*mut ibv_cq) -> c_int,
-    pub(crate) create_qp: unsafe extern "C" fn(*mut ibv_pd, *mut ibv_qp_init_attr) -> *mut ibv_qp,
-    pub(crate) destroy_qp: unsafe extern "C" fn(*mut ibv_qp) -> c_int,
-    pub(crate) modify_qp: unsafe extern "C" fn(*mut ibv_qp, *mut ibv_qp_attr, c_int) -> c_int,
 }
 
 impl std::fmt::Debug for Verbs {
@@ -202,7 +153,12 @@ impl Verbs {
             tried: path.to_string(),
             reason: e.to_string(),
         })?;
-        Verbs::resolve(lib, path.to_string())
+        let table = VerbsTable::resolve(&lib, path)?;
+        Ok(Verbs {
+            table,
+            library: path.to_string(),
+            _lib: Some(lib),
+        })
     }
 
     /// The library this table was loaded from.

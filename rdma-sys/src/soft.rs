@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use nix::errno::Errno;
 
-use crate::loader::{SoftTable, Verbs};
+use crate::loader::{Verbs, VerbsTable};
 use crate::types::*;
 
 /// A receive and its matching send span the same number of these.
@@ -700,7 +700,7 @@ unsafe extern "C" fn req_notify_cq(_cq: *mut ibv_cq, _solicited_only: c_int) -> 
 impl Verbs {
     /// The software device's function table, used in place of a loaded library.
     pub fn software() -> Verbs {
-        Verbs::from_parts(SoftTable {
+        let table = VerbsTable {
             get_device_list,
             free_device_list,
             get_device_name,
@@ -718,7 +718,8 @@ impl Verbs {
             create_qp,
             destroy_qp,
             modify_qp,
-        })
+        };
+        Verbs::from_table(table, "software verbs device")
     }
 }
 
