@@ -305,7 +305,7 @@ fn corrupted(peer: &str, what: String) -> Error {
 struct Wait<'a> {
     waiter: Waiter,
     bootstrap: &'a TcpStream,
-    last_check: Instant,
+    liveness: Liveness,
     spinning: bool,
     spins: u32,
 }
@@ -317,19 +317,8 @@ impl<'a> Wait<'a> {
             spinning: !waiter.should_block(),
             waiter,
             bootstrap,
-            last_check: Instant::now(),
+            liveness: Liveness::new(),
             spins: 0,
-        }
-    }
-
-    /// Whether the peer's end of the bootstrap socket is gone.
-    fn peer_gone(&self) -> bool {
-        let mut byte = [0u8; 1];
-        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
-        match recv(self.bootstrap.as_raw_fd(), &mut byte, flags) {
-            Ok(0) => true,
-            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => false,
-            Err(_) => true,
         }
     }
 
@@ -355,18 +344,7 @@ impl<'a> Wait<'a> {
                 peer: side.peer.clone(),
             });
         }
-        if now.duration_since(self.last_check) >= LIVENESS_EVERY {
-            self.last_check = now;
-            if self.peer_gone() && !ready() {
-                return Err(Error::PeerGone {
-                    peer: side.peer.clone(),
-                    detail: format!(
-                        "{}: the peer process is gone (its link socket closed)",
-                        side.op
-                    ),
-                });
-            }
-        }
+        self.liveness.check_at(now, self.bootstrap, side, &ready)?;
         self.spinning = !self.waiter.should_block();
         if self.spinning {
             std::hint::spin_loop();
@@ -382,7 +360,19 @@ impl<'a> Wait<'a> {
     }
 }
 
-/// Rate-limited liveness checks for the non-blocking paths, which never enter [`Wait`].
+/// Whether the peer's end of the bootstrap socket is gone: the kernel closed it, so the peer
+/// process is dead (or dropped its link).
+fn peer_gone(bootstrap: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recv(bootstrap.as_raw_fd(), &mut byte, flags) {
+        Ok(0) => true,
+        Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => false,
+        Err(_) => true,
+    }
+}
+
+/// Liveness checks, at most every [`LIVENESS_EVERY`], for [`Wait`] and the non-blocking paths.
 struct Liveness {
     last: Instant,
 }
@@ -394,15 +384,20 @@ impl Liveness {
         }
     }
 
-    /// `Err` when the peer's end of `bootstrap` is gone; checks at most every millisecond.
-    fn check(&mut self, bootstrap: &TcpStream, side: &Side) -> Result<()> {
-        let now = Instant::now();
+    /// `Err` when, at `now`, the peer is gone and `ready` (what its last writes may still have
+    /// left to read) is false.
+    fn check_at(
+        &mut self,
+        now: Instant,
+        bootstrap: &TcpStream,
+        side: &Side,
+        ready: impl Fn() -> bool,
+    ) -> Result<()> {
         if now.duration_since(self.last) < LIVENESS_EVERY {
             return Ok(());
         }
         self.last = now;
-        let probe = Wait::new(WaitStrategy::Spin, bootstrap);
-        if probe.peer_gone() {
+        if peer_gone(bootstrap) && !ready() {
             return Err(Error::PeerGone {
                 peer: side.peer.clone(),
                 detail: format!(
@@ -412,6 +407,11 @@ impl Liveness {
             });
         }
         Ok(())
+    }
+
+    /// [`Liveness::check_at`] now, with nothing left to read.
+    fn check(&mut self, bootstrap: &TcpStream, side: &Side) -> Result<()> {
+        self.check_at(Instant::now(), bootstrap, side, || false)
     }
 }
 
