@@ -18,11 +18,11 @@
 
 use std::time::{Duration, Instant};
 
-use transport::{Deadline, Link, LinkReceiver, LinkSender};
+use transport::{Deadline, Link, LinkReceiver, LinkSender, Message};
 
 use crate::element::{Element, Reduce, ReduceOp, reduce_after, reduce_into};
 use crate::error::{CollectiveError, Result};
-use crate::schedule::{self, chunk, pieces};
+use crate::schedule::{self, chunk, piece_at, piece_count, pieces};
 use crate::stats::Stats;
 
 /// Tunables of a communicator.
@@ -327,26 +327,26 @@ impl Communicator {
         recv: &mut [u8],
     ) -> Result<()> {
         let piece = self.config.piece_bytes;
-        let sends: Vec<_> = pieces(0..send.len(), piece).collect();
-        let recvs: Vec<_> = pieces(0..recv.len(), piece).collect();
+        let (send_len, recv_len) = (send.len(), recv.len());
+        let (n_send, n_recv) = (piece_count(send_len, piece), piece_count(recv_len, piece));
         let (sctx, rctx) = (self.ctx(op, tag, to), self.ctx(op, tag, from));
         let mut idle = Idle::new(self.config.timeout);
         let (tx, rx) = self.halves(op, to, from)?;
         let (mut si, mut ri) = (0, 0);
-        while si < sends.len() || ri < recvs.len() {
+        while si < n_send || ri < n_recv {
             let mut moved = false;
-            if si < sends.len() && sctx.try_send(tx, &send[sends[si].clone()])? {
+            if si < n_send && sctx.try_send(tx, &send[piece_at(send_len, piece, si)])? {
                 si += 1;
                 moved = true;
             }
-            if ri < recvs.len() && rctx.try_recv(rx, &mut recv[recvs[ri].clone()])? {
+            if ri < n_recv && rctx.try_recv(rx, &mut recv[piece_at(recv_len, piece, ri)])? {
                 ri += 1;
                 moved = true;
             }
             if moved {
                 idle.progressed();
             } else {
-                idle.wait(if si < sends.len() { &sctx } else { &rctx })?;
+                idle.wait(if si < n_send { &sctx } else { &rctx })?;
             }
         }
         Ok(())
@@ -561,18 +561,22 @@ impl Communicator {
             for step in 0..world.saturating_sub(1) {
                 let (s, r) = schedule::reduce_scatter_step(rank, world, step);
                 let (send, recv) = split_pair(buf, chunk(len, world, s), chunk(len, world, r));
-                let sends: Vec<_> = pieces(0..send.len(), piece).collect();
-                let recvs: Vec<_> = pieces(0..recv.len(), piece).collect();
+                let (n_send, n_recv) = (
+                    piece_count(send.len(), piece),
+                    piece_count(recv.len(), piece),
+                );
                 let (tx, rx) = self.halves(name, next, prev)?;
                 let (mut si, mut ri) = (0, 0);
-                while si < sends.len() || ri < recvs.len() {
+                while si < n_send || ri < n_recv {
                     let mut moved = false;
-                    if si < sends.len() && sctx.try_send(tx, as_bytes(&send[sends[si].clone()]))? {
+                    if si < n_send
+                        && sctx.try_send(tx, as_bytes(&send[piece_at(send.len(), piece, si)]))?
+                    {
                         si += 1;
                         moved = true;
                     }
-                    if ri < recvs.len() {
-                        let p = recvs[ri].clone();
+                    if ri < n_recv {
+                        let p = piece_at(recv.len(), piece, ri);
                         let tmp: &mut [T] =
                             &mut bytemuck::cast_slice_mut::<u64, T>(&mut scratch)[..p.len()];
                         if rctx.try_recv(rx, as_bytes_mut(tmp))? {
@@ -585,7 +589,7 @@ impl Communicator {
                     if moved {
                         idle.progressed();
                     } else {
-                        idle.wait(if si < sends.len() { &sctx } else { &rctx })?;
+                        idle.wait(if si < n_send { &sctx } else { &rctx })?;
                     }
                 }
             }
@@ -866,21 +870,19 @@ impl Ctx {
         tx.try_send(self.tag, bytes).map_err(|e| self.link_error(e))
     }
 
-    /// Progresses one piece without waiting; `Ok(true)` once `buf` is filled by a message of
-    /// this operation and exactly its length.
-    fn try_recv(&self, rx: &mut LinkReceiver, buf: &mut [u8]) -> Result<bool> {
-        let expected = buf.len();
-        match rx.try_recv(buf) {
-            Ok(None) => Ok(false),
-            Ok(Some(m)) if m.tag != self.tag => Err(self.mismatch(format!(
+    /// What a receive of `expected` bytes means for this operation: the message must carry this
+    /// operation's tag and exactly that length.
+    fn check(&self, got: transport::Result<Message>, expected: usize) -> Result<()> {
+        match got {
+            Ok(m) if m.tag != self.tag => Err(self.mismatch(format!(
                 "sent a message of operation #{} during operation #{}",
                 m.tag, self.tag
             ))),
-            Ok(Some(m)) if m.len != expected => Err(self.mismatch(format!(
+            Ok(m) if m.len != expected => Err(self.mismatch(format!(
                 "sent {} bytes where {expected} were expected",
                 m.len
             ))),
-            Ok(Some(_)) => Ok(true),
+            Ok(_) => Ok(()),
             Err(transport::Error::BufferTooSmall { needed, .. }) => Err(self.mismatch(format!(
                 "sent {needed} bytes where {expected} were expected"
             ))),
@@ -888,44 +890,25 @@ impl Ctx {
         }
     }
 
+    /// Progresses one piece without waiting; `Ok(true)` once `buf` is filled by a message of
+    /// this operation and exactly its length.
+    fn try_recv(&self, rx: &mut LinkReceiver, buf: &mut [u8]) -> Result<bool> {
+        let expected = buf.len();
+        match rx.try_recv(buf) {
+            Ok(None) => Ok(false),
+            Ok(Some(m)) => self.check(Ok(m), expected).map(|()| true),
+            Err(e) => self.check(Err(e), expected).map(|()| false),
+        }
+    }
+
     fn send(&self, tx: &mut LinkSender, bytes: &[u8]) -> Result<()> {
         tx.send_until(self.tag, bytes, Deadline::after(self.timeout))
-            .map_err(|error| CollectiveError::Link {
-                op: self.op,
-                rank: self.rank,
-                peer: self.peer,
-                error,
-            })
+            .map_err(|e| self.link_error(e))
     }
 
     fn recv(&self, rx: &mut LinkReceiver, buf: &mut [u8]) -> Result<()> {
         let expected = buf.len();
-        let mismatch = |detail: String| CollectiveError::Mismatch {
-            op: self.op,
-            rank: self.rank,
-            peer: self.peer,
-            detail,
-        };
-        match rx.recv_until(buf, Deadline::after(self.timeout)) {
-            Ok(m) if m.tag != self.tag => Err(mismatch(format!(
-                "sent a message of operation #{} during operation #{}",
-                m.tag, self.tag
-            ))),
-            Ok(m) if m.len != expected => Err(mismatch(format!(
-                "sent {} bytes where {expected} were expected",
-                m.len
-            ))),
-            Ok(_) => Ok(()),
-            Err(transport::Error::BufferTooSmall { needed, .. }) => Err(mismatch(format!(
-                "sent {needed} bytes where {expected} were expected"
-            ))),
-            Err(error) => Err(CollectiveError::Link {
-                op: self.op,
-                rank: self.rank,
-                peer: self.peer,
-                error,
-            }),
-        }
+        self.check(rx.recv_until(buf, Deadline::after(self.timeout)), expected)
     }
 }
 

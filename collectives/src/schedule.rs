@@ -21,6 +21,18 @@ pub fn pieces(range: Range<usize>, piece: usize) -> impl Iterator<Item = Range<u
     })
 }
 
+/// How many pieces of at most `piece` elements [`pieces`] cuts `0..len` into (at least one).
+pub fn piece_count(len: usize, piece: usize) -> usize {
+    len.div_ceil(piece.max(1)).max(1)
+}
+
+/// The `i`-th piece of `0..len` (as [`pieces`] would yield it), computed without iterating.
+pub fn piece_at(len: usize, piece: usize, i: usize) -> Range<usize> {
+    let piece = piece.max(1);
+    let start = (i * piece).min(len);
+    start..(start + piece).min(len)
+}
+
 /// Ring reduce-scatter, step `step` of `world - 1`: the chunk rank `rank` sends to `rank + 1`
 /// and the chunk it receives from `rank - 1` and reduces. After the last step `rank` holds chunk
 /// `rank` fully reduced; chunk `k` is folded in ring order starting at rank `k + 1`.
@@ -59,6 +71,13 @@ mod tests {
         let p: Vec<_> = pieces(3..10, 3).collect();
         assert_eq!(p, vec![3..6, 6..9, 9..10]);
         assert_eq!(pieces(4..4, 8).collect::<Vec<_>>(), vec![4..4]);
+        for (len, piece) in [(0, 8), (1, 8), (7, 3), (9, 3), (100, 7)] {
+            let it: Vec<_> = pieces(0..len, piece).collect();
+            let indexed: Vec<_> = (0..piece_count(len, piece))
+                .map(|i| piece_at(len, piece, i))
+                .collect();
+            assert_eq!(it, indexed, "len {len}, piece {piece}");
+        }
     }
 
     proptest! {
