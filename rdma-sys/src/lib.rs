@@ -11,10 +11,8 @@
 //!
 //! - [`safe`]: owned handles (children keep parents alive), GID scan, queue-pair transitions,
 //!   memory-region and work-request budgets, checked completions.
-//! - [`soft`]: a software verbs device with Apple's rules, used in place of a library in tests.
-//!
-//! Status: the software device's fabric between processes and the RDMA link backend are not
-//! written yet.
+//! - [`soft`]: a software verbs device with Apple's rules, used in place of a library in tests;
+//!   its fabric reaches between threads and between processes of one host.
 
 pub mod error;
 pub mod loader;

@@ -7,14 +7,17 @@
 //! [`MAX_WR`] outstanding work requests per queue, messages up to [`MAX_MESSAGE`] bytes, and a
 //! send delivered only into a receive spanning the same number of 4 KiB frames — a mismatched
 //! send is dropped silently, and a send to a dead peer completes successfully (no
-//! acknowledgement exists). Each opened context is a node of its own (GID
-//! `::ffff:169.254.0.N`); queue pairs of contexts in this process reach each other.
+//! acknowledgement exists). Queue depth counts 4 KiB frames, as on Apple's provider.
 //!
-//! Status: in-process only; a fabric between processes is not written yet.
+//! Each opened context is a node of its own, with a random IPv4-mapped link-local GID
+//! (`::ffff:169.254.a.b`); queue pairs reach each other through the [`fabric`] — between threads
+//! of one process and between processes of one host (network namespace) alike.
+
+mod fabric;
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, c_char, c_int, c_void};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use nix::errno::Errno;
@@ -53,7 +56,6 @@ fn registry() -> &'static Mutex<HashMap<QpKey, Weak<QpShared>>> {
     REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-static NEXT_NODE: AtomicU32 = AtomicU32::new(1);
 static NEXT_QPN: AtomicU32 = AtomicU32::new(0x100);
 
 fn fail<T>(errno: i32, value: T) -> T {
@@ -64,6 +66,7 @@ fn fail<T>(errno: i32, value: T) -> T {
 #[repr(C)]
 struct SoftContext {
     ctx: ibv_context,
+    node: fabric::Node,
     gid_v4: [u8; 16],
     gid_link_local: [u8; 16],
     /// Registered regions: (lkey, start, length).
@@ -96,9 +99,10 @@ struct SoftMr {
 
 struct Completion {
     wc: ibv_wc,
-    /// The queue pair whose outstanding count the completion releases.
+    /// The queue pair whose outstanding send frames the completion releases.
     qp: Weak<QpShared>,
-    send: bool,
+    /// Send frames released when polled (0 for receives, released at delivery).
+    frames: usize,
 }
 
 #[repr(C)]
@@ -117,9 +121,11 @@ struct QpState {
     state: ibv_qp_state,
     dest: Option<QpKey>,
     recvs: VecDeque<Recv>,
-    sends_outstanding: usize,
-    max_send: usize,
+    /// Frames of the posted receives.
+    recv_frames: usize,
     max_recv: usize,
+    /// Set (under this lock) by `destroy_qp`: no delivery touches the queue pair afterwards.
+    destroyed: bool,
 }
 
 struct QpShared {
@@ -128,6 +134,10 @@ struct QpShared {
     send_cq: *mut SoftCq,
     recv_cq: *mut SoftCq,
     sig_all: bool,
+    /// Frames of sends posted and not yet completed (polled).
+    sends_outstanding: AtomicUsize,
+    max_send: usize,
+    wire: Mutex<fabric::Wire>,
     st: Mutex<QpState>,
 }
 
@@ -185,17 +195,18 @@ unsafe extern "C" fn open_device(device: *mut ibv_device) -> *mut ibv_context {
     if device != device_ptr() {
         return fail(libc::ENODEV, std::ptr::null_mut());
     }
-    let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
-    let mut gid_v4 = [0u8; 16];
-    gid_v4[10] = 0xff;
-    gid_v4[11] = 0xff;
-    gid_v4[12..16].copy_from_slice(&[169, 254, (n >> 8) as u8, n as u8]);
+    let node = match fabric::Node::bind(deliver) {
+        Ok(node) => node,
+        Err(e) => return fail(e.raw_os_error().unwrap_or(libc::EIO), std::ptr::null_mut()),
+    };
+    let gid_v4 = node.gid();
     let mut gid_link_local = [0u8; 16];
     gid_link_local[0] = 0xfe;
     gid_link_local[1] = 0x80;
-    gid_link_local[12..16].copy_from_slice(&n.to_be_bytes());
+    gid_link_local[12..16].copy_from_slice(&gid_v4[12..16]);
     let ctx = Box::new(SoftContext {
         ctx: ibv_context { device, ops: ops() },
+        node,
         gid_v4,
         gid_link_local,
         mrs: Mutex::new(Vec::new()),
@@ -407,13 +418,16 @@ unsafe extern "C" fn create_qp(pd: *mut ibv_pd, attr: *mut ibv_qp_init_attr) -> 
         send_cq: a.send_cq.cast(),
         recv_cq: a.recv_cq.cast(),
         sig_all: a.sq_sig_all != 0,
+        sends_outstanding: AtomicUsize::new(0),
+        max_send: (a.cap.max_send_wr as usize).clamp(1, MAX_WR),
+        wire: Mutex::new(fabric::Wire::default()),
         st: Mutex::new(QpState {
             state: ibv_qp_state::RESET,
             dest: None,
             recvs: VecDeque::new(),
-            sends_outstanding: 0,
-            max_send: (a.cap.max_send_wr as usize).max(1),
-            max_recv: (a.cap.max_recv_wr as usize).max(1),
+            recv_frames: 0,
+            max_recv: (a.cap.max_recv_wr as usize).clamp(1, MAX_WR),
+            destroyed: false,
         }),
     });
     registry()
@@ -444,6 +458,11 @@ unsafe extern "C" fn destroy_qp(qp: *mut ibv_qp) -> c_int {
     }
     // SAFETY: `qp` came from `create_qp` and is freed once.
     let qp = unsafe { Box::from_raw(qp.cast::<SoftQp>()) };
+    {
+        let mut st = qp.shared.st.lock().unwrap_or_else(|e| e.into_inner());
+        st.destroyed = true;
+        st.recvs.clear();
+    }
     registry()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -485,6 +504,7 @@ unsafe extern "C" fn modify_qp(qp: *mut ibv_qp, attr: *mut ibv_qp_attr, mask: c_
     }
     if next == ibv_qp_state::RESET {
         st.recvs.clear();
+        st.recv_frames = 0;
         st.dest = None;
     }
     st.state = next;
@@ -492,35 +512,43 @@ unsafe extern "C" fn modify_qp(qp: *mut ibv_qp, attr: *mut ibv_qp_attr, mask: c_
     0
 }
 
-/// Delivers `len` bytes at `addr` from `from` to the queue pair `to`, as the fabric would:
-/// silently nothing when the peer is gone, not connected back, or its next receive spans another
-/// number of frames.
-fn deliver(from: QpKey, to: QpKey, addr: u64, len: usize) {
+/// Delivers a message `from` a queue pair `to` a local one, as the wire would: silently
+/// nothing when the queue pair is gone, not connected back to the sender, or its next receive
+/// spans another number of frames. Runs on the fabric's reader threads.
+fn deliver(from: QpKey, to: QpKey, payload: &[u8]) {
     let peer = registry()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&to)
         .and_then(Weak::upgrade);
     let Some(peer) = peer else { return };
+    // The lock is held through the copy and the completion, so `destroy_qp` (which takes it)
+    // cannot return while the receive buffer or the completion queue is in use.
     let mut st = peer.st.lock().unwrap_or_else(|e| e.into_inner());
-    if !matches!(st.state, ibv_qp_state::RTR | ibv_qp_state::RTS) || st.dest != Some(from) {
+    if st.destroyed
+        || !matches!(st.state, ibv_qp_state::RTR | ibv_qp_state::RTS)
+        || st.dest != Some(from)
+    {
         return;
     }
     let Some(front) = st.recvs.front() else {
         return;
     };
-    if frames(front.len) != frames(len) {
+    if frames(front.len) != frames(payload.len()) {
         return;
     }
     let recv = st.recvs.pop_front().expect("front checked");
-    drop(st);
-    let (status, byte_len) = if len > recv.len {
+    st.recv_frames -= frames(recv.len);
+    let (status, byte_len) = if payload.len() > recv.len {
         (ibv_wc_status::LOC_LEN_ERR, 0)
     } else {
-        // SAFETY: both ranges were checked against registered regions when posted, and the
-        // verbs contract keeps them registered and alive until their completions are polled.
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, recv.addr as *mut u8, len) };
-        (ibv_wc_status::SUCCESS, len as u32)
+        // SAFETY: the range was checked against a registered region when posted, and the verbs
+        // contract keeps it registered and alive until its completion is polled or the queue
+        // pair is destroyed (excluded by the lock held).
+        unsafe {
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), recv.addr as *mut u8, payload.len())
+        };
+        (ibv_wc_status::SUCCESS, payload.len() as u32)
     };
     let wc = ibv_wc {
         wr_id: recv.wr_id,
@@ -530,11 +558,11 @@ fn deliver(from: QpKey, to: QpKey, addr: u64, len: usize) {
         qp_num: peer.key.1,
         ..Default::default()
     };
-    // SAFETY: the receive CQ outlives the queue pair (verbs contract).
+    // SAFETY: the receive CQ outlives the queue pair (verbs contract), alive under the lock.
     unsafe { &*peer.recv_cq }.push(Completion {
         wc,
         qp: Arc::downgrade(&peer),
-        send: false,
+        frames: 0,
     });
 }
 
@@ -579,21 +607,37 @@ unsafe extern "C" fn post_send(
             return refuse(libc::EINVAL);
         }
         let dest = {
-            let mut st = shared.st.lock().unwrap_or_else(|e| e.into_inner());
+            let st = shared.st.lock().unwrap_or_else(|e| e.into_inner());
             if st.state != ibv_qp_state::RTS {
                 return refuse(libc::EINVAL);
             }
-            if st.sends_outstanding >= st.max_send.min(MAX_WR) {
-                return refuse(libc::ENOMEM);
-            }
-            st.sends_outstanding += 1;
             st.dest
         };
+        let f = frames(len);
+        let taken = shared
+            .sends_outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
+                (out + f <= shared.max_send).then_some(out + f)
+            });
+        if taken.is_err() {
+            return refuse(libc::ENOMEM);
+        }
         // SAFETY: the context outlives its queue pairs.
         let protected = len == 0 || unsafe { &*shared.ctx }.covers(lkey, addr, len);
         let status = if protected {
             if let Some(dest) = dest {
-                deliver(shared.key, dest, addr, len);
+                let payload = if len == 0 {
+                    &[][..]
+                } else {
+                    // SAFETY: `[addr, addr + len)` lies in a registered region (checked above),
+                    // which the caller keeps alive until the send completes.
+                    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+                };
+                shared
+                    .wire
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .transmit(shared.key, dest, payload);
             }
             ibv_wc_status::SUCCESS
         } else {
@@ -612,14 +656,10 @@ unsafe extern "C" fn post_send(
             unsafe { &*shared.send_cq }.push(Completion {
                 wc,
                 qp: Arc::downgrade(shared),
-                send: true,
+                frames: f,
             });
         } else {
-            shared
-                .st
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .sends_outstanding -= 1;
+            shared.sends_outstanding.fetch_sub(f, Ordering::AcqRel);
         }
         w = r.next;
     }
@@ -657,9 +697,10 @@ unsafe extern "C" fn post_recv(
         if st.state == ibv_qp_state::RESET || st.state == ibv_qp_state::ERR {
             return refuse(libc::EINVAL);
         }
-        if st.recvs.len() >= st.max_recv.min(MAX_WR) {
+        if st.recv_frames + frames(len) > st.max_recv {
             return refuse(libc::ENOMEM);
         }
+        st.recv_frames += frames(len);
         st.recvs.push_back(Recv {
             wr_id: r.wr_id,
             addr,
@@ -680,11 +721,10 @@ unsafe extern "C" fn poll_cq(cq: *mut ibv_cq, num_entries: c_int, wc: *mut ibv_w
     let mut n = 0;
     while n < num_entries.max(0) as usize {
         let Some(c) = entries.pop_front() else { break };
-        if c.send
+        if c.frames > 0
             && let Some(qp) = c.qp.upgrade()
         {
-            let mut st = qp.st.lock().unwrap_or_else(|e| e.into_inner());
-            st.sends_outstanding = st.sends_outstanding.saturating_sub(1);
+            qp.sends_outstanding.fetch_sub(c.frames, Ordering::AcqRel);
         }
         // SAFETY: the caller's array has room for `num_entries` completions.
         unsafe { *wc.add(n) = c.wc };
@@ -727,6 +767,11 @@ impl Verbs {
 mod tests {
     use super::*;
     use crate::ops;
+    use std::time::{Duration, Instant};
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+    /// How long a test waits to be sure that nothing arrives.
+    const QUIET: Duration = Duration::from_millis(200);
 
     /// One node: a context, protection domain, completion queue, queue pair and a registered
     /// buffer.
@@ -860,6 +905,18 @@ mod tests {
             assert!(n >= 0);
             wc[..n as usize].to_vec()
         }
+
+        /// Polls until `n` completions have come or `patience` has passed (the fabric delivers
+        /// on its own threads).
+        fn poll_for(&self, n: usize, patience: Duration) -> Vec<ibv_wc> {
+            let end = Instant::now() + patience;
+            let mut got = Vec::new();
+            while got.len() < n && Instant::now() < end {
+                got.extend(self.poll());
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            got
+        }
     }
 
     impl Drop for Node {
@@ -893,7 +950,7 @@ mod tests {
             (sent.len(), sent[0].wr_id, sent[0].status),
             (1, 9, ibv_wc_status::SUCCESS)
         );
-        let got = b.poll();
+        let got = b.poll_for(1, PATIENCE);
         assert_eq!((got.len(), got[0].wr_id, got[0].byte_len), (1, 7, 5000));
         assert_eq!(got[0].opcode, ibv_wc_opcode::RECV);
         assert_eq!(&b.buf[..5000], &data[..]);
@@ -906,10 +963,10 @@ mod tests {
         // Two frames into a one-frame receive: the send "succeeds", nothing arrives.
         assert_eq!(a.post_send(&[5u8; 5000], 2), 0);
         assert_eq!(a.poll()[0].status, ibv_wc_status::SUCCESS);
-        assert!(b.poll().is_empty());
+        assert!(b.poll_for(1, QUIET).is_empty());
         // The receive is still posted and takes a matching send.
         assert_eq!(a.post_send(&[6u8; 100], 3), 0);
-        let got = b.poll();
+        let got = b.poll_for(1, PATIENCE);
         assert_eq!((got.len(), got[0].byte_len), (1, 100));
     }
 
@@ -932,6 +989,44 @@ mod tests {
             polled += a.poll().len();
         }
         assert_eq!(a.post_send(b"x", 10000), 0);
+    }
+
+    #[test]
+    fn queue_depth_counts_frames() {
+        let (mut a, mut b) = (Node::new(8), Node::new(8));
+        a.connect(&b);
+        b.connect(&a);
+        // max_recv_wr is 64 frames: 32 two-frame receives fill it.
+        for i in 0..32 {
+            assert_eq!(b.post_recv(2 * FRAME, i), 0, "receive {i}");
+        }
+        assert_eq!(b.post_recv(1, 99), libc::ENOMEM, "the 65th frame");
+        // max_send_wr is 8 frames: four two-frame sends fill it, the fifth is refused.
+        let two = vec![1u8; FRAME + 1];
+        for i in 0..4 {
+            assert_eq!(a.post_send(&two, i), 0, "send {i}");
+        }
+        assert_eq!(a.post_send(&two, 4), libc::ENOMEM);
+        assert_eq!(a.poll_for(4, PATIENCE).len(), 4);
+        assert_eq!(a.post_send(&two, 5), 0, "polling released the frames");
+        // Deliveries free receive frames: five sends took five receives.
+        assert_eq!(b.poll_for(5, PATIENCE).len(), 5);
+        assert_eq!(b.post_recv(2 * FRAME, 100), 0);
+    }
+
+    #[test]
+    fn messages_arrive_in_order() {
+        let (mut a, mut b) = pair();
+        for i in 0..40u64 {
+            assert_eq!(b.post_recv(8, i), 0);
+        }
+        for i in 0..40u64 {
+            assert_eq!(a.post_send(&i.to_le_bytes(), i), 0);
+            a.poll();
+        }
+        let got = b.poll_for(40, PATIENCE);
+        let ids: Vec<u64> = got.iter().map(|w| w.wr_id).collect();
+        assert_eq!(ids, (0..40).collect::<Vec<_>>());
     }
 
     #[test]
