@@ -9,6 +9,8 @@
 //!   the TCP backend.
 //! - [`uring`]: the io_uring backend.
 //! - [`shm`]: the shared-memory backend, for two ranks on one host.
+//! - [`rdma`]: the RDMA backend (rdma-sys verbs, Apple's Thunderbolt rules), with a software
+//!   device for machines without RDMA.
 //!
 //! Every blocking call takes a [`Deadline`] or inherits the link's timeout; every failure is an
 //! [`Error`], never a panic or a hang.
@@ -20,6 +22,7 @@ pub mod frame;
 pub mod handshake;
 pub mod key;
 pub mod link;
+pub mod rdma;
 pub mod select;
 pub mod shm;
 mod stream;

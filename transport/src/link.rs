@@ -340,12 +340,15 @@ pub struct LinkConfig {
     pub transport: crate::select::TransportChoice,
     /// Bytes of each direction's shared-memory ring (rounded up to a power of two).
     pub shm_ring_bytes: usize,
+    /// The RDMA device links use (`softrdma0`: the built-in software device); `None`: the
+    /// first device the verbs library lists. Defaults to `SINEW_RDMA_DEVICE`.
+    pub rdma_device: Option<String>,
 }
 
 impl LinkConfig {
     /// Defaults: a random node id, adaptive waiting, 30 s call timeout, 5 s handshake, 30 s of
     /// connect retries, 256 MiB maximum message, kernel-tuned socket buffers, the best backend both
-    /// sides offer, 4 MiB shared-memory rings.
+    /// sides offer, 4 MiB shared-memory rings, the RDMA device named by `SINEW_RDMA_DEVICE`.
     pub fn new(key: crate::key::ClusterKey) -> Self {
         let mut id = [0u8; 8];
         // A node id only needs to be unlikely to collide; fall back to the pid if the random
@@ -365,6 +368,9 @@ impl LinkConfig {
             socket_buffer: None,
             transport: crate::select::TransportChoice::Auto,
             shm_ring_bytes: 4 << 20,
+            rdma_device: std::env::var(crate::rdma::DEVICE_ENV)
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 }

@@ -52,15 +52,20 @@ impl FromStr for TransportChoice {
     }
 }
 
-/// Whether this process can run `kind`, with the blob to offer for it, or why not.
+/// Whether this process can run `kind`, with the blob to offer for it, or why not. RDMA is
+/// probed on the device `SINEW_RDMA_DEVICE` names (or the first); its blob, the queue-pair
+/// addresses, is made per link.
 pub fn availability(kind: TransportKind) -> Result<Vec<u8>, String> {
+    availability_on(kind, None)
+}
+
+/// [`availability`], probing RDMA on `rdma_device` (`None`: `SINEW_RDMA_DEVICE`, else the first).
+pub fn availability_on(kind: TransportKind, rdma_device: Option<&str>) -> Result<Vec<u8>, String> {
     match kind {
         TransportKind::TCP => Ok(Vec::new()),
         TransportKind::URING => crate::uring::probe().map(|()| Vec::new()),
         TransportKind::SHM => crate::shm::host_identity(),
-        TransportKind::RDMA => {
-            Err("this build has no RDMA backend (rdma-sys is not part of it yet)".into())
-        }
+        TransportKind::RDMA => crate::rdma::probe(rdma_device).map(|()| Vec::new()),
         other => Err(format!("unknown backend {other}")),
     }
 }
@@ -79,6 +84,17 @@ pub struct Offer {
 /// # Errors
 /// When `choice` forces a backend this process cannot run: the reason why.
 pub fn local_offer(choice: TransportChoice) -> Result<Offer, (TransportKind, String)> {
+    local_offer_on(choice, None)
+}
+
+/// [`local_offer`], probing RDMA on `rdma_device`.
+///
+/// # Errors
+/// As [`local_offer`].
+pub fn local_offer_on(
+    choice: TransportChoice,
+    rdma_device: Option<&str>,
+) -> Result<Offer, (TransportKind, String)> {
     let mut offer = Offer::default();
     for kind in PREFERENCE {
         let wanted = match choice {
@@ -91,7 +107,7 @@ pub fn local_offer(choice: TransportChoice) -> Result<Offer, (TransportKind, Str
                 .push((kind, format!("not requested (--transport {choice})")));
             continue;
         }
-        match availability(kind) {
+        match availability_on(kind, rdma_device) {
             Ok(blob) => offer.capabilities.push(Capability {
                 transport: kind,
                 blob,
@@ -225,9 +241,13 @@ mod tests {
 
     #[test]
     fn forcing_an_unavailable_backend_fails_with_the_reason() {
-        let (kind, reason) = local_offer(TransportChoice::Only(TransportKind::RDMA)).unwrap_err();
+        let (kind, reason) = local_offer_on(
+            TransportChoice::Only(TransportKind::RDMA),
+            Some("sinew-no-such-device"),
+        )
+        .unwrap_err();
         assert_eq!(kind, TransportKind::RDMA);
-        assert!(reason.contains("RDMA"));
+        assert!(reason.contains("RDMA"), "{reason}");
         let only_tcp = local_offer(TransportChoice::Only(TransportKind::TCP)).unwrap();
         assert_eq!(only_tcp.capabilities, vec![cap(TransportKind::TCP, b"")]);
     }

@@ -362,7 +362,7 @@ impl<'a> Wait<'a> {
 
 /// Whether the peer's end of the bootstrap socket is gone: the kernel closed it, so the peer
 /// process is dead (or dropped its link).
-fn peer_gone(bootstrap: &TcpStream) -> bool {
+pub(crate) fn peer_gone(bootstrap: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
     match recv(bootstrap.as_raw_fd(), &mut byte, flags) {
@@ -1128,7 +1128,7 @@ impl Drop for Unlink {
     }
 }
 
-fn setup_send<S: ByteSink>(sink: &mut S, payload: &[u8], deadline: Deadline) -> Result<()> {
+pub(crate) fn setup_send<S: ByteSink>(sink: &mut S, payload: &[u8], deadline: Deadline) -> Result<()> {
     let header = FrameHeader::try_for_payload(FrameKind::HANDSHAKE, 0, 0, payload, true).map_err(
         |error| Error::Frame {
             peer: sink.peer().to_string(),
@@ -1138,7 +1138,7 @@ fn setup_send<S: ByteSink>(sink: &mut S, payload: &[u8], deadline: Deadline) -> 
     write_all(sink, &[&encode_frame(&header, payload)], deadline).map_err(|p| p.error)
 }
 
-fn setup_recv<S: ByteSource>(source: &mut S, deadline: Deadline) -> Result<Vec<u8>> {
+pub(crate) fn setup_recv<S: ByteSource>(source: &mut S, deadline: Deadline) -> Result<Vec<u8>> {
     let mut head = [0u8; HEADER_LEN];
     read_full(source, &mut head, deadline).map_err(|p| p.error)?;
     let peer = source.peer().to_string();

@@ -9,14 +9,16 @@ use crate::error::Error;
 use crate::handshake::TransportKind;
 use crate::key::ClusterKey;
 use crate::link::{Link, LinkConfig, Message};
-use crate::select::{TransportChoice, availability};
+use crate::rdma::SOFTWARE_DEVICE;
+use crate::select::{TransportChoice, availability_on};
 use crate::tcp::{Listener, connect};
 use crate::wait::WaitStrategy;
 
 /// A pair of links forced onto `kind`, or `None` (with the reason printed) when this machine
 /// cannot run it — then the link would fall back, which the selection tests cover.
 fn pair(kind: TransportKind, wait: WaitStrategy) -> Option<(Link, Link)> {
-    if let Err(reason) = availability(kind) {
+    // RDMA runs on the software device, which any machine has.
+    if let Err(reason) = availability_on(kind, Some(SOFTWARE_DEVICE)) {
         eprintln!("skipping: {kind} is unavailable here: {reason}");
         return None;
     }
@@ -26,6 +28,7 @@ fn pair(kind: TransportKind, wait: WaitStrategy) -> Option<(Link, Link)> {
     cfg.timeout = Duration::from_secs(20);
     // Small rings, so large messages must stream through them.
     cfg.shm_ring_bytes = 64 << 10;
+    cfg.rdma_device = Some(SOFTWARE_DEVICE.into());
     let listener = Listener::bind("127.0.0.1:0", &cfg).unwrap();
     let addr = listener.local_addr().unwrap();
     let server =
@@ -302,28 +305,57 @@ pub(crate) fn nonblocking_full_duplex(kind: TransportKind) {
     tb.join().unwrap();
 }
 
+/// Serialises the tests of backends whose resources are per device (RDMA: a device has room for
+/// ~10 queue pairs, and all of this process's links share the software device).
+pub(crate) fn serial(kind: TransportKind) -> Option<std::sync::MutexGuard<'static, ()>> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    (kind == TransportKind::RDMA).then(|| LOCK.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 macro_rules! link_suite {
     ($($name:ident => $kind:expr),* $(,)?) => {$(
         mod $name {
             use super::*;
             #[test]
-            fn messages_from_empty_to_larger_than_any_buffer_round_trip() { round_trip($kind) }
+            fn messages_from_empty_to_larger_than_any_buffer_round_trip() {
+                let _serial = serial($kind);
+                round_trip($kind)
+            }
             #[test]
-            fn halves_work_concurrently_from_two_threads() { concurrent_halves($kind) }
+            fn halves_work_concurrently_from_two_threads() {
+                let _serial = serial($kind);
+                concurrent_halves($kind)
+            }
             #[test]
-            fn a_deadline_expires_and_the_link_stays_usable() { deadline_expiry($kind) }
+            fn a_deadline_expires_and_the_link_stays_usable() {
+                let _serial = serial($kind);
+                deadline_expiry($kind)
+            }
             #[test]
             fn a_small_buffer_consumes_nothing_and_oversized_sends_are_refused() {
+                let _serial = serial($kind);
                 small_buffer_and_large_message($kind)
             }
             #[test]
-            fn an_orderly_close_is_told_apart() { orderly_close($kind) }
+            fn an_orderly_close_is_told_apart() {
+                let _serial = serial($kind);
+                orderly_close($kind)
+            }
             #[test]
-            fn a_dead_peer_is_an_error_within_two_seconds() { peer_death($kind) }
+            fn a_dead_peer_is_an_error_within_two_seconds() {
+                let _serial = serial($kind);
+                peer_death($kind)
+            }
             #[test]
-            fn garbage_from_the_peer_is_an_error() { garbage_from_the_peer($kind) }
+            fn garbage_from_the_peer_is_an_error() {
+                let _serial = serial($kind);
+                garbage_from_the_peer($kind)
+            }
             #[test]
-            fn non_blocking_sends_and_receives_move_both_directions_at_once() { nonblocking_full_duplex($kind) }
+            fn non_blocking_sends_and_receives_move_both_directions_at_once() {
+                let _serial = serial($kind);
+                nonblocking_full_duplex($kind)
+            }
         }
     )*};
 }
@@ -332,4 +364,5 @@ link_suite! {
     tcp => TransportKind::TCP,
     uring => TransportKind::URING,
     shm => TransportKind::SHM,
+    rdma => TransportKind::RDMA,
 }

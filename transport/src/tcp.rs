@@ -21,10 +21,12 @@ use crate::deadline::Deadline;
 use crate::error::{Error, Result};
 use crate::frame::{FrameError, FrameHeader, HEADER_LEN, MAGIC};
 use crate::handshake::{
-    Established, HANDSHAKE_MAX_PAYLOAD, Handshake, HandshakeConfig, HandshakeError, TransportKind,
+    Capability, Established, HANDSHAKE_MAX_PAYLOAD, Handshake, HandshakeConfig, HandshakeError,
+    TransportKind,
 };
 use crate::link::{Link, LinkConfig, LinkInfo, RecvHalf, SendHalf};
-use crate::select::{self, Offer};
+use crate::rdma;
+use crate::select::{self, Offer, TransportChoice};
 use crate::shm;
 use crate::stream::{
     ByteSink, ByteSource, FramedReceiver, FramedSender, Partial, READ_AHEAD, read_full, write_all,
@@ -255,10 +257,45 @@ fn handshake_config(cfg: &LinkConfig, offer: &Offer) -> HandshakeConfig {
 /// What this side offers for `cfg`; a forced backend this process cannot run is an error here,
 /// before any connection is made.
 fn offer_for(cfg: &LinkConfig) -> Result<Offer> {
-    select::local_offer(cfg.transport).map_err(|(kind, reason)| Error::Unavailable {
-        transport: kind.to_string(),
-        reason,
+    select::local_offer_on(cfg.transport, cfg.rdma_device.as_deref()).map_err(|(kind, reason)| {
+        Error::Unavailable {
+            transport: kind.to_string(),
+            reason,
+        }
     })
+}
+
+/// This link's own offer: when RDMA is offered, its queue pairs are made now and their
+/// addresses go into the handshake. When they cannot be made (a device budget is spent), RDMA
+/// is withheld with the reason — or, when forced, the link fails.
+fn prepare_rdma(offer: &Offer, cfg: &LinkConfig) -> Result<(Offer, Option<rdma::Pending>)> {
+    let mut offer = offer.clone();
+    let Some(cap) = offer
+        .capabilities
+        .iter_mut()
+        .find(|c| c.transport == TransportKind::RDMA)
+    else {
+        return Ok((offer, None));
+    };
+    match rdma::Pending::new(cfg.rdma_device.as_deref()) {
+        Ok(pending) => {
+            cap.blob = pending.blob();
+            Ok((offer, Some(pending)))
+        }
+        Err(reason) => {
+            if cfg.transport == TransportChoice::Only(TransportKind::RDMA) {
+                return Err(Error::Unavailable {
+                    transport: "rdma".into(),
+                    reason,
+                });
+            }
+            offer
+                .capabilities
+                .retain(|c| c.transport != TransportKind::RDMA);
+            offer.withheld.push((TransportKind::RDMA, reason));
+            Ok((offer, None))
+        }
+    }
 }
 
 /// Which end of the connection this side is.
@@ -297,6 +334,8 @@ fn establish(
         peer: peer_s.clone(),
         error,
     };
+    let (offer, mut pending) = prepare_rdma(offer, cfg)?;
+    let offer = &offer;
     let hs = match role {
         Role::Client => Handshake::client(handshake_config(cfg, offer)),
         Role::Server => Handshake::server(handshake_config(cfg, offer)),
@@ -311,13 +350,60 @@ fn establish(
     let mut conn = Conn::new(stream.clone(), peer_s.clone(), WaitStrategy::Block);
     let deadline = Deadline::after(cfg.handshake_timeout);
     let est = drive_handshake(&mut conn, hs, cfg.handshake_timeout).map_err(handshake_error)?;
-    let selection = select::choose(offer, &est.peer_capabilities).map_err(|reason| {
+    let no_common = |reason: String| {
         tracing::warn!(peer = %peer_s, %reason, "no transport in common; closing the connection");
         Error::Unavailable {
             transport: cfg.transport.to_string(),
             reason,
         }
-    })?;
+    };
+    let mut selection = select::choose(offer, &est.peer_capabilities).map_err(no_common)?;
+    let max = est.max_payload;
+    let mut rdma_halves = None;
+    if selection.chosen == TransportKind::RDMA {
+        let peer_blob = est
+            .peer_capabilities
+            .iter()
+            .find(|c| c.transport == TransportKind::RDMA)
+            .map(|c| c.blob.clone())
+            .unwrap_or_default();
+        let prepared = pending.take().ok_or_else(|| Error::Unavailable {
+            transport: "rdma".into(),
+            reason: "no queue pairs were prepared".into(),
+        })?;
+        match rdma::establish(
+            prepared,
+            &peer_blob,
+            &mut conn,
+            stream.clone(),
+            max,
+            cfg.wait,
+            deadline,
+        )? {
+            Ok(halves) => rdma_halves = Some(halves),
+            Err(reason) if cfg.transport == TransportChoice::Only(TransportKind::RDMA) => {
+                return Err(Error::Unavailable {
+                    transport: "rdma".into(),
+                    reason,
+                });
+            }
+            Err(reason) => {
+                // Both sides saw the probe fail and fall back alike.
+                let without = |caps: &[Capability]| -> Vec<Capability> {
+                    caps.iter()
+                        .filter(|c| c.transport != TransportKind::RDMA)
+                        .cloned()
+                        .collect()
+                };
+                let mut fallback = offer.clone();
+                fallback.capabilities = without(&offer.capabilities);
+                fallback.withheld.push((TransportKind::RDMA, reason));
+                selection = select::choose(&fallback, &without(&est.peer_capabilities))
+                    .map_err(no_common)?;
+            }
+        }
+    }
+    drop(pending);
     let skipped: Vec<String> = selection
         .skipped
         .iter()
@@ -338,8 +424,14 @@ fn establish(
         max_payload: est.max_payload,
         wait: cfg.wait,
     };
-    let max = est.max_payload;
     let (tx, rx): (Box<dyn SendHalf>, Box<dyn RecvHalf>) = match selection.chosen {
+        TransportKind::RDMA => {
+            let (tx, rx) = rdma_halves.ok_or_else(|| Error::Unavailable {
+                transport: "rdma".into(),
+                reason: "the RDMA link was not set up".into(),
+            })?;
+            (Box::new(tx), Box::new(rx))
+        }
         TransportKind::URING => (
             Box::new(FramedSender::new(
                 UringSink::new(stream.clone(), peer_s.clone(), cfg.wait)?,
