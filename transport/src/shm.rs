@@ -1128,7 +1128,11 @@ impl Drop for Unlink {
     }
 }
 
-pub(crate) fn setup_send<S: ByteSink>(sink: &mut S, payload: &[u8], deadline: Deadline) -> Result<()> {
+pub(crate) fn setup_send<S: ByteSink>(
+    sink: &mut S,
+    payload: &[u8],
+    deadline: Deadline,
+) -> Result<()> {
     let header = FrameHeader::try_for_payload(FrameKind::HANDSHAKE, 0, 0, payload, true).map_err(
         |error| Error::Frame {
             peer: sink.peer().to_string(),

@@ -614,11 +614,12 @@ unsafe extern "C" fn post_send(
             st.dest
         };
         let f = frames(len);
-        let taken = shared
-            .sends_outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
-                (out + f <= shared.max_send).then_some(out + f)
-            });
+        let taken =
+            shared
+                .sends_outstanding
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
+                    (out + f <= shared.max_send).then_some(out + f)
+                });
         if taken.is_err() {
             return refuse(libc::ENOMEM);
         }

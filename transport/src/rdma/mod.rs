@@ -252,7 +252,9 @@ fn parse_blob(blob: &[u8]) -> std::result::Result<PeerInfo, String> {
     })();
     let (version, gid, cq, cp, bq, bp, chunk, posted) = parsed.map_err(|e| e.to_string())?;
     if version != BLOB_VERSION {
-        return Err(format!("RDMA blob version {version}, expected {BLOB_VERSION}"));
+        return Err(format!(
+            "RDMA blob version {version}, expected {BLOB_VERSION}"
+        ));
     }
     let chunk = chunk as usize;
     if chunk < FRAME || !chunk.is_multiple_of(FRAME) || posted as usize <= CTRL_RESERVE {
@@ -328,7 +330,9 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
     let mut engine = Engine::new(pending, &info, chunk, peer.clone(), max_payload);
     let probe = Deadline::after(PROBE_TIMEOUT).min(deadline);
     let crossed = engine.probe(probe);
-    let ours = crossed.as_ref().map_or_else(|e| e.clone(), |()| String::new());
+    let ours = crossed
+        .as_ref()
+        .map_or_else(|e| e.clone(), |()| String::new());
     setup_send(conn, ours.as_bytes(), deadline)?;
     let theirs = String::from_utf8_lossy(&setup_recv(conn, deadline)?).into_owned();
     if !ours.is_empty() || !theirs.is_empty() {
@@ -632,7 +636,9 @@ impl Engine {
             WR_BULK_RX => {
                 self.bulk.completed(0, 1);
                 let Some((off, len)) = self.bulk_posted_fifo.pop_front() else {
-                    return Err(self.violation("a bulk chunk arrived with no receive posted".into()));
+                    return Err(
+                        self.violation("a bulk chunk arrived with no receive posted".into())
+                    );
                 };
                 if off != index || w.byte_len as usize != len {
                     return Err(self.violation(format!(
@@ -673,7 +679,9 @@ impl Engine {
             return Err(self.violation("the peer's counters went backwards".into()));
         }
         if p.bulk_posted > self.bulk_sent + self.bulk_tx_plan_bound() {
-            return Err(self.violation("the peer posted bulk receives for chunks never announced".into()));
+            return Err(
+                self.violation("the peer posted bulk receives for chunks never announced".into())
+            );
         }
         self.rx_seq += 1;
         self.peer_ctrl_posted = p.ctrl_posted;
@@ -1095,11 +1103,11 @@ impl Drop for RdmaSender {
             return;
         }
         // An orderly close: tell the peer, briefly waiting for credit if none is free.
-        let _ = self
-            .shared
-            .drive("rdma close", Deadline::after(Duration::from_millis(100)), |e| {
-                Ok(e.try_control(Kind::Close, false)?.then_some(()))
-            });
+        let _ = self.shared.drive(
+            "rdma close",
+            Deadline::after(Duration::from_millis(100)),
+            |e| Ok(e.try_control(Kind::Close, false)?.then_some(())),
+        );
     }
 }
 

@@ -209,6 +209,11 @@ impl FrameRing {
     /// The offset of `len` bytes (rounded up to frames), or `None` while the ring is too full.
     pub fn alloc(&mut self, len: usize) -> Option<usize> {
         let need = frames(len) * FRAME;
+        if self.spans.is_empty() {
+            // Empty: start over at the beginning, so that anything up to the capacity fits.
+            self.head = 0;
+            self.tail = 0;
+        }
         let pos = self.tail % self.capacity;
         let pad = if pos + need > self.capacity {
             self.capacity - pos
@@ -302,7 +307,8 @@ mod tests {
                         }
                         live.push_back((off, end));
                     } else {
-                        // Refused only when it could not fit beside what is live.
+                        // Refused only when it could not fit beside what is live: an empty
+                        // ring takes anything up to its capacity.
                         prop_assert!(frames(len) * FRAME > cap || !live.is_empty());
                     }
                 } else if live.pop_front().is_some() {
