@@ -490,7 +490,12 @@ impl QueuePair {
             "ibv_modify_qp(INIT)",
         )?;
         a.qp_state = ibv_qp_state::RTR;
-        a.path_mtu = ibv_mtu::MTU_4096;
+        // The path MTU the port runs at (RoCE over a 1500-byte Ethernet: 1024), not a guess.
+        let port_attr = Context {
+            inner: self.pd.ctx.clone(),
+        }
+        .query_port(port)?;
+        a.path_mtu = port_attr.active_mtu;
         a.dest_qp_num = peer.qpn;
         a.rq_psn = peer.psn;
         a.ah_attr.is_global = 1;
@@ -498,20 +503,41 @@ impl QueuePair {
         a.ah_attr.grh.dgid = peer.gid;
         a.ah_attr.grh.sgid_index = sgid_index;
         a.ah_attr.grh.hop_limit = 1;
+        // SAFETY: live queue pair.
+        let reliable = unsafe { (*self.raw).qp_type } == ibv_qp_type::RC;
+        // RC needs its acknowledgement and retry settings; UC has none.
+        let (rc_rtr, rc_rts) = if reliable {
+            a.max_dest_rd_atomic = 1;
+            a.min_rnr_timer = 12;
+            a.max_rd_atomic = 1;
+            a.timeout = 14;
+            a.retry_cnt = 7;
+            a.rnr_retry = 7;
+            (
+                qp_attr_mask::MAX_DEST_RD_ATOMIC | qp_attr_mask::MIN_RNR_TIMER,
+                qp_attr_mask::MAX_QP_RD_ATOMIC
+                    | qp_attr_mask::TIMEOUT
+                    | qp_attr_mask::RETRY_CNT
+                    | qp_attr_mask::RNR_RETRY,
+            )
+        } else {
+            (0, 0)
+        };
         self.modify(
             &mut a,
             qp_attr_mask::STATE
                 | qp_attr_mask::AV
                 | qp_attr_mask::PATH_MTU
                 | qp_attr_mask::DEST_QPN
-                | qp_attr_mask::RQ_PSN,
+                | qp_attr_mask::RQ_PSN
+                | rc_rtr,
             "ibv_modify_qp(RTR)",
         )?;
         a.qp_state = ibv_qp_state::RTS;
         a.sq_psn = local_psn;
         self.modify(
             &mut a,
-            qp_attr_mask::STATE | qp_attr_mask::SQ_PSN,
+            qp_attr_mask::STATE | qp_attr_mask::SQ_PSN | rc_rts,
             "ibv_modify_qp(RTS)",
         )
     }
@@ -616,7 +642,11 @@ mod tests {
     }
 
     fn node() -> Node {
-        let ctx = Context::open(Arc::new(Verbs::software()), None).unwrap();
+        node_on(Arc::new(Verbs::software()), None)
+    }
+
+    fn node_on(verbs: Arc<Verbs>, name: Option<&str>) -> Node {
+        let ctx = Context::open(verbs, name).unwrap();
         let port = ctx.query_port(1).unwrap();
         let gid = ctx.ipv4_gid(1).unwrap();
         let pd = ctx.alloc_pd().unwrap();
@@ -638,6 +668,29 @@ mod tests {
             a.gid.index, 1,
             "the IPv4-mapped GID is found by scanning, not assumed"
         );
+        exchange(&a, &b);
+    }
+
+    /// Opt-in real hardware: `SINEW_RDMA_DEVICE=mlx5_0` (`rxe0` for soft-RoCE, `rdma_en2` on a
+    /// Mac) runs the exchange over that device's loopback.
+    #[test]
+    fn two_queue_pairs_on_the_device_named_by_sinew_rdma_device_exchange_a_message() {
+        let Some(name) = std::env::var("SINEW_RDMA_DEVICE")
+            .ok()
+            .filter(|d| !d.is_empty() && d != "softrdma0")
+        else {
+            eprintln!("skipped: set SINEW_RDMA_DEVICE to a hardware device to run this");
+            return;
+        };
+        let verbs = Arc::new(Verbs::load().expect("SINEW_RDMA_DEVICE is set: the verbs library"));
+        let (a, b) = (
+            node_on(verbs.clone(), Some(&name)),
+            node_on(verbs, Some(&name)),
+        );
+        exchange(&a, &b);
+    }
+
+    fn exchange(a: &Node, b: &Node) {
         let ea = Endpoint {
             gid: a.gid.gid,
             qpn: a.qp.qpn(),
@@ -656,7 +709,7 @@ mod tests {
         b.qp.post_recv(1, &rx, 0..4096).unwrap();
         a.qp.post_send(2, &tx, 0..6).unwrap();
         let mut wc = [ibv_wc::default(); 4];
-        assert_eq!(a.cq.poll(&mut wc).unwrap(), 1);
+        assert_eq!(poll_some(&a.cq, &mut wc), 1);
         assert_eq!(poll_some(&b.cq, &mut wc), 1);
         assert_eq!((wc[0].wr_id, wc[0].byte_len), (1, 6));
         assert_eq!(&rx.bytes()[..6], b"sinew!");

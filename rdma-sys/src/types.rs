@@ -197,6 +197,18 @@ pub mod qp_attr_mask {
     pub const RQ_PSN: i32 = 1 << 12;
     /// `dest_qp_num`.
     pub const DEST_QPN: i32 = 1 << 20;
+    /// `max_rd_atomic` (RC, RTS).
+    pub const MAX_QP_RD_ATOMIC: i32 = 1 << 9;
+    /// `min_rnr_timer` (RC, RTR).
+    pub const MIN_RNR_TIMER: i32 = 1 << 11;
+    /// `timeout` (RC, RTS).
+    pub const TIMEOUT: i32 = 1 << 13;
+    /// `retry_cnt` (RC, RTS).
+    pub const RETRY_CNT: i32 = 1 << 14;
+    /// `rnr_retry` (RC, RTS).
+    pub const RNR_RETRY: i32 = 1 << 15;
+    /// `max_dest_rd_atomic` (RC, RTR).
+    pub const MAX_DEST_RD_ATOMIC: i32 = 1 << 17;
 }
 
 /// `struct ibv_device`: opaque, only handled by pointer.

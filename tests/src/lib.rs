@@ -42,7 +42,9 @@ pub fn sinew_bin() -> &'static Path {
 /// A `sinew` command with a clean environment for keys and logs.
 pub fn sinew() -> Command {
     let mut c = Command::new(sinew_bin());
-    c.env_remove("SINEW_CLUSTER_KEY").env_remove("SINEW_LOG");
+    c.env_remove("SINEW_CLUSTER_KEY")
+        .env_remove("SINEW_LOG")
+        .env_remove("SINEW_RDMA_DEVICE");
     c
 }
 
@@ -165,6 +167,11 @@ impl Node {
 
     /// Starts `sinew link server` on an ephemeral loopback port; returns it and its address.
     pub fn link_server(key: &Path) -> (Node, String) {
+        Node::link_server_with(key, &[])
+    }
+
+    /// [`Node::link_server`] with extra arguments.
+    pub fn link_server_with(key: &Path, extra: &[&str]) -> (Node, String) {
         let mut cmd = sinew();
         cmd.args([
             "link",
@@ -173,7 +180,8 @@ impl Node {
             "127.0.0.1:0",
             "--cluster-key-file",
         ])
-        .arg(key);
+        .arg(key)
+        .args(extra);
         let mut node = Node::spawn(cmd);
         let addr = node.wait_for_line("listening on ", Duration::from_secs(30));
         (node, addr)

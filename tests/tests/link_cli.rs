@@ -39,8 +39,9 @@ fn client_measures_latency_and_bandwidth_and_prints_json() {
     .arg(&key);
     let out = run_with_timeout(cmd, LIMIT).expect("client hung");
     let v = client_json(&out);
-    // Auto selection on one host: the best backend this machine runs.
-    assert_eq!(v["transport"], backends().last().copied().unwrap_or("tcp"));
+    // Auto selection on one host: the best backend this machine runs (no RDMA device named).
+    let best_here = backends().into_iter().rfind(|b| *b != "rdma");
+    assert_eq!(v["transport"], best_here.unwrap_or("tcp"));
     let latency = v["latency"].as_array().unwrap();
     assert_eq!(latency.len(), 2);
     for (row, size) in latency.iter().zip([8, 65536]) {
@@ -155,13 +156,24 @@ fn backends() -> Vec<&'static str> {
             Err(reason) => eprintln!("{name} is not available here, not tested: {reason}"),
         }
     }
+    // RDMA runs on the built-in software device, between the two processes.
+    out.push("rdma");
     out
+}
+
+/// Extra arguments both ends need for `backend`.
+fn device_args(backend: &str) -> &'static [&'static str] {
+    if backend == "rdma" {
+        &["--rdma-device", "softrdma0"]
+    } else {
+        &[]
+    }
 }
 
 /// A server, and a client that has been streaming 1 MiB messages to it over `backend` for a
 /// second.
 fn streaming_pair(backend: &str, key: &std::path::Path) -> (Node, Node) {
-    let (server, addr) = Node::link_server(key);
+    let (server, addr) = Node::link_server_with(key, device_args(backend));
     let mut cmd = sinew();
     cmd.args([
         "link",
@@ -174,7 +186,8 @@ fn streaming_pair(backend: &str, key: &std::path::Path) -> (Node, Node) {
         "--no-latency",
     ])
     .args(["--duration", "20", "--streams", "1", "--cluster-key-file"])
-    .arg(key);
+    .arg(key)
+    .args(device_args(backend));
     let mut client = Node::spawn(cmd);
     client.wait_for(sinew_tests::Stream::Stdout, "sinew link:", LIMIT);
     std::thread::sleep(Duration::from_millis(1000));
@@ -268,7 +281,9 @@ fn all_backends_are_measured_side_by_side_and_rdma_is_explained() {
     assert_eq!(names, ["tcp", "uring", "shm", "rdma"]);
     for o in &objects {
         let measured = o.get("latency").is_some();
-        let available = backends().contains(&o["transport"].as_str().unwrap());
+        // No RDMA device is named here, and this machine has none.
+        let name = o["transport"].as_str().unwrap();
+        let available = name != "rdma" && backends().contains(&name);
         assert_eq!(measured, available, "{o}");
         if measured {
             assert_eq!(o["latency"].as_array().unwrap().len(), 2);
@@ -318,7 +333,40 @@ fn forcing_rdma_here_fails_with_a_one_line_reason_and_auto_picks_another_backend
     let out = run_with_timeout(cmd, LIMIT).expect("client hung");
     let v = client_json(&out);
     assert_ne!(v["transport"], "rdma");
-    assert_eq!(v["transport"], backends().last().copied().unwrap_or("tcp"));
+    let best_here = backends().into_iter().rfind(|b| *b != "rdma");
+    assert_eq!(v["transport"], best_here.unwrap_or("tcp"));
+}
+
+#[test]
+fn rdma_links_two_processes_over_the_software_device() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 8);
+    let (_server, addr) = Node::link_server_with(&key, device_args("rdma"));
+    for transport in ["rdma", "auto"] {
+        let mut cmd = sinew();
+        cmd.args(["link", "client", &addr, "--transport", transport])
+            .args([
+                "--sizes",
+                "8,64K,20M",
+                "--duration",
+                "0.2",
+                "--streams",
+                "2",
+            ])
+            .args(["--json", "--cluster-key-file"])
+            .arg(&key)
+            .args(device_args("rdma"));
+        let out = run_with_timeout(cmd, LIMIT).expect("client hung");
+        let v = client_json(&out);
+        assert_eq!(
+            v["transport"], "rdma",
+            "{transport}: RDMA is the best backend"
+        );
+        assert_eq!(v["latency"].as_array().unwrap().len(), 3, "{v}");
+        for b in v["bandwidth"].as_array().unwrap() {
+            assert!(b["gbytes_per_s"].as_f64().unwrap() > 0.0, "{b}");
+        }
+    }
 }
 
 #[test]
@@ -356,4 +404,29 @@ fn a_key_generated_on_first_use_is_private_and_its_sharing_is_explained() {
     let stderr = server.kill();
     assert!(stderr.contains("generated a new cluster key"), "{stderr}");
     assert!(stderr.contains("SINEW_CLUSTER_KEY"), "{stderr}");
+}
+
+#[test]
+fn sinew_link_over_the_rdma_device_named_by_sinew_rdma_device() {
+    // Opt-in real hardware: SINEW_RDMA_DEVICE=mlx5_0 (rxe0 for soft-RoCE, rdma_en2 on a Mac).
+    let Some(device) = std::env::var("SINEW_RDMA_DEVICE")
+        .ok()
+        .filter(|d| !d.is_empty())
+    else {
+        eprintln!("skipped: set SINEW_RDMA_DEVICE to run sinew link over RDMA hardware");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 9);
+    let args = ["--rdma-device", device.as_str()];
+    let (_server, addr) = Node::link_server_with(&key, &args);
+    let mut cmd = sinew();
+    cmd.args(["link", "client", &addr, "--transport", "rdma"])
+        .args(["--sizes", "8,1M", "--duration", "0.5", "--json"])
+        .arg("--cluster-key-file")
+        .arg(&key)
+        .args(args);
+    let out = run_with_timeout(cmd, LIMIT).expect("client hung");
+    let v = client_json(&out);
+    assert_eq!(v["transport"], "rdma", "{v}");
 }

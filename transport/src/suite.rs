@@ -14,11 +14,19 @@ use crate::select::{TransportChoice, availability_on};
 use crate::tcp::{Listener, connect};
 use crate::wait::WaitStrategy;
 
+thread_local! {
+    /// The RDMA device this test thread's links use: the software device, unless a hardware
+    /// test names a real one.
+    static RDMA_DEVICE: std::cell::RefCell<String> = std::cell::RefCell::new(SOFTWARE_DEVICE.into());
+}
+
 /// A pair of links forced onto `kind`, or `None` (with the reason printed) when this machine
 /// cannot run it — then the link would fall back, which the selection tests cover.
 fn pair(kind: TransportKind, wait: WaitStrategy) -> Option<(Link, Link)> {
-    // RDMA runs on the software device, which any machine has.
-    if let Err(reason) = availability_on(kind, Some(SOFTWARE_DEVICE)) {
+    // RDMA runs on the software device, which any machine has (or on the device a hardware
+    // test names).
+    let device = RDMA_DEVICE.with(|d| d.borrow().clone());
+    if let Err(reason) = availability_on(kind, Some(&device)) {
         eprintln!("skipping: {kind} is unavailable here: {reason}");
         return None;
     }
@@ -28,7 +36,7 @@ fn pair(kind: TransportKind, wait: WaitStrategy) -> Option<(Link, Link)> {
     cfg.timeout = Duration::from_secs(20);
     // Small rings, so large messages must stream through them.
     cfg.shm_ring_bytes = 64 << 10;
-    cfg.rdma_device = Some(SOFTWARE_DEVICE.into());
+    cfg.rdma_device = Some(device);
     let listener = Listener::bind("127.0.0.1:0", &cfg).unwrap();
     let addr = listener.local_addr().unwrap();
     let server =
@@ -358,6 +366,32 @@ macro_rules! link_suite {
             }
         }
     )*};
+}
+
+/// The suite on a real RDMA device, opt-in: `SINEW_RDMA_DEVICE=mlx5_0` (or `rxe0` for soft-RoCE,
+/// `rdma_en2` on a Mac) runs it there; without the variable there is nothing to test against.
+#[test]
+fn the_suite_on_the_rdma_device_named_by_sinew_rdma_device() {
+    let Some(device) = std::env::var(crate::rdma::DEVICE_ENV)
+        .ok()
+        .filter(|d| !d.is_empty())
+    else {
+        eprintln!("skipped: set SINEW_RDMA_DEVICE to run the link suite on RDMA hardware");
+        return;
+    };
+    let _serial = serial(TransportKind::RDMA);
+    if let Err(reason) = availability_on(TransportKind::RDMA, Some(&device)) {
+        panic!("SINEW_RDMA_DEVICE={device} cannot be used: {reason}");
+    }
+    RDMA_DEVICE.with(|d| *d.borrow_mut() = device);
+    round_trip(TransportKind::RDMA);
+    concurrent_halves(TransportKind::RDMA);
+    deadline_expiry(TransportKind::RDMA);
+    small_buffer_and_large_message(TransportKind::RDMA);
+    orderly_close(TransportKind::RDMA);
+    peer_death(TransportKind::RDMA);
+    garbage_from_the_peer(TransportKind::RDMA);
+    nonblocking_full_duplex(TransportKind::RDMA);
 }
 
 link_suite! {

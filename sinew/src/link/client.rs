@@ -81,6 +81,9 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = LinkConfig::new(key);
     cfg.wait = args.wait;
     cfg.socket_buffer = args.socket_buffer;
+    if let Some(dev) = &args.rdma_device {
+        cfg.rdma_device = Some(dev.clone());
+    }
     cfg.connect_timeout = Duration::from_secs(10);
     // A single call may legitimately take a while on a slow link (a 16 MiB message over Wi-Fi).
     cfg.timeout = Duration::from_secs(30).max(args.duration * 4);

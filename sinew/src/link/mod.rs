@@ -53,6 +53,10 @@ pub struct ServerArgs {
     /// Bytes of each direction's shared-memory ring.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub shm_ring: usize,
+    /// RDMA device for links (e.g. rdma_en2, mlx5_0, rxe0; softrdma0 is the built-in software
+    /// device); default: $SINEW_RDMA_DEVICE, else the first device.
+    #[arg(long)]
+    pub rdma_device: Option<String>,
     /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     pub socket_buffer: Option<usize>,
@@ -164,6 +168,10 @@ pub struct ClientArgs {
     /// Skip the bandwidth tests.
     #[arg(long)]
     pub no_bandwidth: bool,
+    /// RDMA device for links (e.g. rdma_en2, mlx5_0, rxe0; softrdma0 is the built-in software
+    /// device); default: $SINEW_RDMA_DEVICE, else the first device.
+    #[arg(long)]
+    pub rdma_device: Option<String>,
     /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     pub socket_buffer: Option<usize>,

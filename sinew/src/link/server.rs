@@ -21,6 +21,9 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     cfg.socket_buffer = args.socket_buffer;
     cfg.transport = args.transport;
     cfg.shm_ring_bytes = args.shm_ring;
+    if let Some(dev) = &args.rdma_device {
+        cfg.rdma_device = Some(dev.clone());
+    }
     cfg.timeout = IDLE_TIMEOUT;
     let listener = Listener::bind(args.bind, &cfg)
         .with_context(|| format!("cannot listen on {}", args.bind))?;
