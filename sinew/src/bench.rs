@@ -126,6 +126,10 @@ pub struct BenchArgs {
     /// Socket send and receive buffer size of TCP-based links; default: kernel autotuning.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub socket_buffer: Option<usize>,
+    /// RDMA device for links (softrdma0: the built-in software device); default:
+    /// $SINEW_RDMA_DEVICE, else the first device.
+    #[arg(long)]
+    pub rdma_device: Option<String>,
     /// Seconds a message may take before the operation fails.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
@@ -248,6 +252,9 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     link.wait = args.wait;
     link.transport = args.transport;
     link.socket_buffer = args.socket_buffer;
+    if let Some(dev) = &args.rdma_device {
+        link.rdma_device = Some(dev.clone());
+    }
     let defaults = CommConfig::default();
     let config = CommConfig {
         timeout: Duration::from_secs_f64(args.timeout),

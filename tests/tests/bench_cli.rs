@@ -184,3 +184,25 @@ fn plot_draws_busbw_against_size_as_svg() {
     );
     assert!(svg.matches("<circle").count() >= 3, "one point per size");
 }
+
+#[test]
+fn collectives_run_over_rdma_between_processes_on_the_software_device() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 10);
+    for op in ["all-reduce", "all-to-all"] {
+        let mut cmd = sinew();
+        cmd.args(["bench", op, "--ranks", "3", "--sizes", "8,100K,2M"])
+            .args(["--iters", "3", "--warmup", "1", "--transport", "rdma"])
+            .args(["--rdma-device", "softrdma0", "--json", "--cluster-key-file"])
+            .arg(&key);
+        let out = run_with_timeout(cmd, LIMIT).expect("bench hung");
+        assert!(
+            out.status.success(),
+            "{op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("a JSON array");
+        assert_eq!(rows.len(), 3, "{op}");
+        assert!(rows.iter().all(|r| r["ok"] == true), "{op}: {rows:?}");
+    }
+}
