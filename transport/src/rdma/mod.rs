@@ -936,6 +936,16 @@ impl Engine {
                     self.bulk_rx_ring.free_front();
                 }
                 if *chunks_left > 0 {
+                    if self.peer_closed && self.peer_bulk_sent <= self.bulk_received {
+                        // The close came after every chunk the peer sent: the rest never will.
+                        self.broken = Some("the peer closed the link mid-message".into());
+                        return Err(Error::PeerGone {
+                            peer: self.peer.clone(),
+                            detail: format!(
+                                "the peer closed the link after {copied} of {len} bytes of a message"
+                            ),
+                        });
+                    }
                     false
                 } else if *copied != len || *crc != want_crc {
                     return Err(self.violation(
@@ -1058,9 +1068,19 @@ pub struct RdmaReceiver {
 impl SendHalf for RdmaSender {
     fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
         check_len(payload.len(), self.shared.lock().max_payload)?;
-        self.shared.drive("rdma send", deadline, |e| {
+        let result = self.shared.drive("rdma send", deadline, |e| {
             Ok(e.try_send(tag, payload)?.then_some(()))
-        })
+        });
+        if let Err(Error::Timeout { .. }) = &result {
+            let mut e = self.shared.lock();
+            if e.out.as_ref().is_some_and(|o| o.announced) {
+                // The peer has the announcement and maybe some chunks: the stream is torn.
+                e.broken = Some("a send timed out mid-message".into());
+            } else {
+                e.out = None;
+            }
+        }
+        result
     }
 
     fn try_send(&mut self, tag: u32, payload: &[u8]) -> Result<bool> {

@@ -234,3 +234,45 @@ fn the_device_budget_spent_is_an_error_forced_and_a_fallback_otherwise() {
     }
     drop(held);
 }
+
+#[test]
+fn a_sender_that_closes_mid_message_is_an_error_not_a_wait() {
+    let _serial = serial(TransportKind::RDMA);
+    let ((mut tx, _rx_a), (_tx_b, mut rx)) = pair();
+    let big = vec![1u8; 3 << 20];
+    // The first attempt announces the message; no chunk can go before the peer posts for it.
+    assert!(!tx.try_send(1, &big).unwrap());
+    drop(tx);
+    let t = Instant::now();
+    let mut buf = vec![0u8; 3 << 20];
+    let err = rx
+        .recv(&mut buf, Deadline::after(Duration::from_secs(20)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::PeerGone { detail, .. } if detail.contains("after 0 of")),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_send_that_times_out_mid_message_breaks_the_link() {
+    let _serial = serial(TransportKind::RDMA);
+    let ((mut tx, _rx_a), (_tx_b, _rx_b)) = pair();
+    // Nobody receives: the 20 MiB message outgrows the peer's bulk ring and stalls.
+    let err = tx
+        .send(
+            1,
+            &vec![0u8; 20 << 20],
+            Deadline::after(Duration::from_millis(300)),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let err = tx
+        .send(2, b"x", Deadline::after(Duration::from_secs(1)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Broken { cause, .. } if cause.contains("mid-message")),
+        "{err}"
+    );
+}
