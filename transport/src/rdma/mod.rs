@@ -777,8 +777,17 @@ impl Engine {
 
     /// Whether the peer is alive, checked at most every few milliseconds. `Err` when its TCP
     /// connection closed (after [`CLOSE_GRACE`] for a close packet in flight), when it has been
-    /// silent for [`SILENCE`], or when a bulk chunk it sent is overdue by [`LOSS_GRACE`].
+    /// silent for [`SILENCE`], or when a bulk chunk it sent is overdue by [`LOSS_GRACE`]; such
+    /// an error breaks the link.
     fn liveness(&mut self, bootstrap: &TcpStream) -> Result<()> {
+        let result = self.liveness_inner(bootstrap);
+        if let Err(e) = &result {
+            self.broken = Some(e.to_string());
+        }
+        result
+    }
+
+    fn liveness_inner(&mut self, bootstrap: &TcpStream) -> Result<()> {
         let now = Instant::now();
         if now.duration_since(self.last_liveness) < Duration::from_millis(2) {
             return Ok(());
@@ -1005,10 +1014,7 @@ impl Shared {
                 if let Some(v) = step(&mut e)? {
                     return Ok(v);
                 }
-                if let Err(err) = e.liveness(&self.bootstrap) {
-                    e.broken = Some(err.to_string());
-                    return Err(err);
-                }
+                e.liveness(&self.bootstrap)?;
             }
             if deadline.expired() {
                 return Err(Error::Timeout {
@@ -1087,9 +1093,8 @@ impl SendHalf for RdmaSender {
         let mut e = self.shared.lock();
         check_len(payload.len(), e.max_payload)?;
         let done = e.try_send(tag, payload)?;
-        if !done && let Err(err) = e.liveness(&self.shared.bootstrap) {
-            e.broken = Some(err.to_string());
-            return Err(err);
+        if !done {
+            e.liveness(&self.shared.bootstrap)?;
         }
         Ok(done)
     }
@@ -1148,11 +1153,8 @@ impl RecvHalf for RdmaReceiver {
     fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Message>> {
         let mut e = self.shared.lock();
         let got = e.try_recv(buf)?;
-        if got.is_none()
-            && let Err(err) = e.liveness(&self.shared.bootstrap)
-        {
-            e.broken = Some(err.to_string());
-            return Err(err);
+        if got.is_none() {
+            e.liveness(&self.shared.bootstrap)?;
         }
         Ok(got)
     }
