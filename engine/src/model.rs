@@ -1,0 +1,491 @@
+//! The decoder: embedding, attention with RoPE and a KV cache, dense or mixture-of-experts MLPs,
+//! final norm and output head, for any contiguous range of layers (a pipeline stage).
+
+use std::ops::Range;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{Error, Result};
+use crate::weights::{Proj, Store, W};
+
+/// What a stage consumes: token ids (the first stage) or the previous stage's hidden states.
+pub enum Input<'a> {
+    /// Token ids of the new positions.
+    Tokens(&'a [u32]),
+    /// Hidden states [positions, hidden] from the previous stage.
+    Hidden(Tensor),
+}
+
+/// What a stage produces: logits (the last stage) or hidden states for the next stage.
+#[derive(Debug)]
+pub enum Output {
+    /// Logits [positions, vocab] (all positions or only the last, as asked).
+    Logits(Tensor),
+    /// Hidden states [positions, hidden].
+    Hidden(Tensor),
+}
+
+/// Which positions' logits the last stage computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (scoring, `--logits-out`).
+    All,
+}
+
+/// A linear layer: a (possibly quantized) matrix and an optional bias.
+struct Linear {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: QMatMul,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    style: RopeStyle,
+    cache: KvCache,
+}
+
+struct Mlp {
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        let u = self.up.forward(x)?;
+        Ok(self.down.forward(&(g * u)?)?)
+    }
+}
+
+struct Moe {
+    router: QMatMul,
+    experts: Vec<Mlp>,
+    top_k: usize,
+    norm_topk_prob: bool,
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Sparse(Moe),
+}
+
+struct Block {
+    attn_norm: Tensor,
+    attn: Attention,
+    mlp_norm: Tensor,
+    ffn: Ffn,
+}
+
+/// A model, or the share of one pipeline stage: layers `layers`, plus the embedding when the range
+/// starts at 0 and the final norm and head when it ends at the last layer. Holds its KV cache.
+pub struct Model {
+    config: ModelConfig,
+    layers: Range<usize>,
+    embed: Option<QMatMul>,
+    blocks: Vec<Block>,
+    norm: Option<Tensor>,
+    head: Option<QMatMul>,
+    device: Device,
+    position: usize,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)?)
+}
+
+impl Model {
+    /// Loads layers `layers` of the model in `store`. `progress` is called once per tensor group
+    /// loaded, with (done, total), for a progress bar.
+    pub fn load(
+        config: &ModelConfig,
+        store: &Store,
+        layers: Range<usize>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let c = config;
+        if layers.start >= layers.end || layers.end > c.num_layers {
+            return Err(Error::Request(format!(
+                "layer range {}..{} is not within the model's {} layers",
+                layers.start, layers.end, c.num_layers
+            )));
+        }
+        let device = Device::Cpu;
+        let total = layers.len() + 2;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let first = layers.start == 0;
+        let last = layers.end == c.num_layers;
+        let embed = if first || (last && c.tie_word_embeddings && !store.has(W::Head)) {
+            Some(store.matrix(W::Embed, c.vocab_size, h)?)
+        } else {
+            None
+        };
+        progress(1, total);
+        let eps = c.rms_norm_eps as f32;
+        let mut blocks = Vec::with_capacity(layers.len());
+        for (n, l) in layers.clone().enumerate() {
+            let bias = |w: W, n: usize| -> Result<Option<Tensor>> {
+                if c.attention_bias || store.has(w) {
+                    Ok(Some(store.tensor(w, &[n])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let norms = c.architecture.has_qk_norm();
+            let attn = Attention {
+                q: Linear {
+                    w: store.matrix(W::Q(l), c.num_heads * hd, h)?,
+                    b: bias(W::QBias(l), c.num_heads * hd)?,
+                },
+                k: Linear {
+                    w: store.matrix(W::K(l), c.num_kv_heads * hd, h)?,
+                    b: bias(W::KBias(l), c.num_kv_heads * hd)?,
+                },
+                v: Linear {
+                    w: store.matrix(W::V(l), c.num_kv_heads * hd, h)?,
+                    b: bias(W::VBias(l), c.num_kv_heads * hd)?,
+                },
+                o: store.matrix(W::O(l), h, c.num_heads * hd)?,
+                q_norm: norms.then(|| store.tensor(W::QNorm(l), &[hd])).transpose()?,
+                k_norm: norms.then(|| store.tensor(W::KNorm(l), &[hd])).transpose()?,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: hd,
+                eps,
+                style: c.rope_style,
+                cache: KvCache::new(1, 512),
+            };
+            let ffn = if c.is_sparse_layer(l) {
+                let moe = c.moe.as_ref().expect("sparse layers imply an MoE config");
+                let (e, i) = (moe.num_experts, moe.expert_intermediate_size);
+                let gate = store.experts(l, Proj::Gate, e, i, h)?;
+                let up = store.experts(l, Proj::Up, e, i, h)?;
+                let down = store.experts(l, Proj::Down, e, h, i)?;
+                let experts = gate
+                    .into_iter()
+                    .zip(up)
+                    .zip(down)
+                    .map(|((gate, up), down)| Mlp { gate, up, down })
+                    .collect();
+                Ffn::Sparse(Moe {
+                    router: store.matrix(W::Router(l), e, h)?,
+                    experts,
+                    top_k: moe.top_k,
+                    norm_topk_prob: moe.norm_topk_prob,
+                })
+            } else {
+                let i = c.intermediate_size;
+                Ffn::Dense(Mlp {
+                    gate: store.matrix(W::Gate(l), i, h)?,
+                    up: store.matrix(W::Up(l), i, h)?,
+                    down: store.matrix(W::Down(l), h, i)?,
+                })
+            };
+            blocks.push(Block {
+                attn_norm: store.tensor(W::AttnNorm(l), &[h])?,
+                attn,
+                mlp_norm: store.tensor(W::MlpNorm(l), &[h])?,
+                ffn,
+            });
+            progress(n + 2, total);
+        }
+        let (norm, head) = if last {
+            let norm = store.tensor(W::FinalNorm, &[h])?;
+            let head = if store.has(W::Head) || !c.tie_word_embeddings {
+                store.matrix(W::Head, c.vocab_size, h)?
+            } else {
+                embed.clone().expect("the embedding is loaded for a tied head")
+            };
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
+        progress(total, total);
+        Ok(Model {
+            config: c.clone(),
+            embed: if first { embed } else { None },
+            layers,
+            blocks,
+            norm,
+            head,
+            device,
+            position: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The layers this model (stage) holds.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// Positions already in the KV cache.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Empties the KV cache.
+    pub fn reset(&mut self) {
+        for b in &mut self.blocks {
+            b.attn.cache.reset();
+        }
+        self.position = 0;
+    }
+
+    /// Runs the new positions through this stage, appending them to the KV cache.
+    pub fn forward(&mut self, input: Input<'_>, logits: Logits) -> Result<Output> {
+        let mut x = match input {
+            Input::Tokens(ids) => {
+                let embed = self.embed.as_ref().ok_or_else(|| {
+                    Error::Request(format!(
+                        "this stage holds layers {}..{}: it takes hidden states, not tokens",
+                        self.layers.start, self.layers.end
+                    ))
+                })?;
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                    return Err(Error::Request(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    )));
+                }
+                let ids = Tensor::new(ids, &self.device)?;
+                embed.embedding(&ids)?
+            }
+            Input::Hidden(h) => {
+                if self.embed.is_some() && self.layers.start == 0 {
+                    return Err(Error::Request(
+                        "the first stage takes tokens, not hidden states".into(),
+                    ));
+                }
+                let (_, width) = h.dims2()?;
+                if width != self.config.hidden_size {
+                    return Err(Error::Request(format!(
+                        "hidden states of width {width}, the model's is {}",
+                        self.config.hidden_size
+                    )));
+                }
+                h.to_dtype(DType::F32)?
+            }
+        };
+        let seq = x.dim(0)?;
+        if seq == 0 {
+            return Err(Error::Request("no positions to run".into()));
+        }
+        let offset = self.position;
+        let (cos, sin) = rope_tables(
+            offset,
+            seq,
+            self.config.head_dim,
+            self.config.rope_theta,
+            &self.device,
+        )?;
+        let mask = causal_mask(offset, seq, &self.device)?;
+        let eps = self.config.rms_norm_eps as f32;
+        for b in &mut self.blocks {
+            let h = rms_norm(&x, &b.attn_norm, eps)?;
+            let a = b.attn.forward(&h, &cos, &sin, mask.as_ref())?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &b.mlp_norm, eps)?;
+            let f = match &b.ffn {
+                Ffn::Dense(m) => m.forward(&h)?,
+                Ffn::Sparse(m) => m.forward(&h)?,
+            };
+            x = (x + f)?;
+        }
+        self.position += seq;
+        match (&self.norm, &self.head) {
+            (Some(norm), Some(head)) => {
+                let x = match logits {
+                    Logits::All => x,
+                    Logits::Last => x.narrow(0, seq - 1, 1)?,
+                };
+                let x = rms_norm(&x, norm, eps)?;
+                Ok(Output::Logits(head.forward(&x)?))
+            }
+            _ => Ok(Output::Hidden(x)),
+        }
+    }
+
+    /// Convenience for a whole model: the logits of `ids` appended to the cache.
+    pub fn logits(&mut self, ids: &[u32], which: Logits) -> Result<Tensor> {
+        match self.forward(Input::Tokens(ids), which)? {
+            Output::Logits(l) => Ok(l),
+            Output::Hidden(_) => Err(Error::Request(
+                "this stage does not hold the output head".into(),
+            )),
+        }
+    }
+}
+
+/// cos and sin of each (position, frequency) pair, [seq, head_dim / 2], computed in f32 the way
+/// transformers does.
+fn rope_tables(
+    offset: usize,
+    seq: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(seq * half);
+    let mut sin = Vec::with_capacity(seq * half);
+    for p in offset..offset + seq {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (seq, half), device)?,
+        Tensor::from_vec(sin, (seq, half), device)?,
+    ))
+}
+
+/// Additive mask [seq, offset + seq]: position i of the new ones sees cache entries up to
+/// offset + i. `None` for a single position, which sees everything.
+fn causal_mask(offset: usize, seq: usize, device: &Device) -> Result<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
+    }
+    let total = offset + seq;
+    let m: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(m, (seq, total), device)?))
+}
+
+impl Attention {
+    fn forward(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        let (hs, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let shape = |t: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+            let t = t.reshape((seq, n, d))?;
+            let t = match norm {
+                Some(w) => rms_norm(&t, w, self.eps)?,
+                None => t,
+            };
+            Ok(t.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+        };
+        let q = shape(self.q.forward(x)?, hs, &self.q_norm)?;
+        let k = shape(self.k.forward(x)?, kvh, &self.k_norm)?;
+        let v = self.v.forward(x)?.reshape((seq, kvh, d))?.transpose(0, 1)?.contiguous()?;
+        let (q, k) = match self.style {
+            RopeStyle::Half => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            RopeStyle::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+        };
+        let (k, v) = self.cache.append(&k.squeeze(0)?, &v)?;
+        let total = k.dim(1)?;
+        let group = hs / kvh;
+        // Grouped-query attention without copying k/v per query head: the `group` query heads of
+        // one kv head are stacked along the position axis.
+        let q = q.squeeze(0)?.reshape((kvh, group * seq, d))?;
+        let k = k.contiguous()?;
+        let v = v.contiguous()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((kvh, group, seq, total))?
+                .broadcast_add(m)?
+                .reshape((kvh, group * seq, total))?,
+            None => scores,
+        };
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = p.matmul(&v)?; // [kvh, group*seq, d]
+        let y = y
+            .reshape((hs, seq, d))?
+            .transpose(0, 1)?
+            .reshape((seq, hs * d))?;
+        Ok(self.o.forward(&y)?)
+    }
+}
+
+impl Moe {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (seq, hidden) = x.dims2()?;
+        let logits = self.router.forward(x)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        let n = self.experts.len();
+        // Per expert: the tokens routed to it and their weights.
+        let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
+        for (t, row) in probs.iter().enumerate() {
+            let chosen = top_k(row, self.top_k);
+            let sum: f32 = chosen.iter().map(|&e| row[e]).sum();
+            for e in chosen {
+                let w = if self.norm_topk_prob { row[e] / sum } else { row[e] };
+                routed[e].0.push(t as u32);
+                routed[e].1.push(w);
+            }
+        }
+        let mut out = Tensor::zeros((seq, hidden), DType::F32, x.device())?;
+        for (e, (tokens, weights)) in routed.into_iter().enumerate() {
+            if tokens.is_empty() {
+                continue; // no token chose this expert: it is not computed
+            }
+            let count = tokens.len();
+            let idx = Tensor::from_vec(tokens, count, x.device())?;
+            let xs = if count == seq && seq == 1 { x.clone() } else { x.index_select(&idx, 0)? };
+            let y = self.experts[e].forward(&xs)?;
+            let w = Tensor::from_vec(weights, (count, 1), x.device())?;
+            out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+pub(crate) fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// The output of [`Model::forward`] at the last stage as a Vec of rows, for callers on the host.
+pub fn logits_rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}

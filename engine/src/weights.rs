@@ -1,0 +1,469 @@
+//! Weight stores: a Hugging Face directory of memory-mapped safetensors files, or one GGUF file.
+//!
+//! The model asks for weights by role ([`W`]); each store maps a role to its own tensor naming,
+//! checks the shape the configuration implies, and records which tensors it read, so a pipeline
+//! stage can prove it touched only its share.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Architecture;
+use crate::error::{Error, Result};
+
+/// A weight's role in the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W {
+    /// Token embedding [vocab, hidden].
+    Embed,
+    /// Final RMSNorm [hidden].
+    FinalNorm,
+    /// Output head [vocab, hidden].
+    Head,
+    /// Pre-attention RMSNorm of a layer.
+    AttnNorm(usize),
+    /// Query projection.
+    Q(usize),
+    /// Key projection.
+    K(usize),
+    /// Value projection.
+    V(usize),
+    /// Attention output projection.
+    O(usize),
+    /// Query bias.
+    QBias(usize),
+    /// Key bias.
+    KBias(usize),
+    /// Value bias.
+    VBias(usize),
+    /// Per-head query RMSNorm (Qwen3).
+    QNorm(usize),
+    /// Per-head key RMSNorm (Qwen3).
+    KNorm(usize),
+    /// Pre-MLP RMSNorm of a layer.
+    MlpNorm(usize),
+    /// Dense MLP gate projection.
+    Gate(usize),
+    /// Dense MLP up projection.
+    Up(usize),
+    /// Dense MLP down projection.
+    Down(usize),
+    /// MoE router [experts, hidden].
+    Router(usize),
+    /// One expert's projection: (layer, expert, which).
+    Expert(usize, usize, Proj),
+}
+
+/// Which of an MLP's three projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proj {
+    /// The gate projection (SiLU side).
+    Gate,
+    /// The up projection.
+    Up,
+    /// The down projection.
+    Down,
+}
+
+impl Proj {
+    fn gguf(self) -> &'static str {
+        match self {
+            Proj::Gate => "gate",
+            Proj::Up => "up",
+            Proj::Down => "down",
+        }
+    }
+}
+
+/// The tensor name a Hugging Face checkpoint of `arch` uses for `w`.
+pub fn hf_name(arch: Architecture, w: W) -> String {
+    let l = |i: usize, rest: &str| format!("model.layers.{i}.{rest}");
+    match w {
+        W::Embed => "model.embed_tokens.weight".into(),
+        W::FinalNorm => "model.norm.weight".into(),
+        W::Head => "lm_head.weight".into(),
+        W::AttnNorm(i) => l(i, "input_layernorm.weight"),
+        W::Q(i) => l(i, "self_attn.q_proj.weight"),
+        W::K(i) => l(i, "self_attn.k_proj.weight"),
+        W::V(i) => l(i, "self_attn.v_proj.weight"),
+        W::O(i) => l(i, "self_attn.o_proj.weight"),
+        W::QBias(i) => l(i, "self_attn.q_proj.bias"),
+        W::KBias(i) => l(i, "self_attn.k_proj.bias"),
+        W::VBias(i) => l(i, "self_attn.v_proj.bias"),
+        W::QNorm(i) => l(i, "self_attn.q_norm.weight"),
+        W::KNorm(i) => l(i, "self_attn.k_norm.weight"),
+        W::MlpNorm(i) => l(i, "post_attention_layernorm.weight"),
+        W::Gate(i) => l(i, "mlp.gate_proj.weight"),
+        W::Up(i) => l(i, "mlp.up_proj.weight"),
+        W::Down(i) => l(i, "mlp.down_proj.weight"),
+        W::Router(i) => match arch {
+            Architecture::Mixtral => l(i, "block_sparse_moe.gate.weight"),
+            _ => l(i, "mlp.gate.weight"),
+        },
+        W::Expert(i, e, p) => match arch {
+            Architecture::Mixtral => {
+                let w = match p {
+                    Proj::Gate => "w1",
+                    Proj::Down => "w2",
+                    Proj::Up => "w3",
+                };
+                l(i, &format!("block_sparse_moe.experts.{e}.{w}.weight"))
+            }
+            _ => l(i, &format!("mlp.experts.{e}.{}_proj.weight", p.gguf())),
+        },
+    }
+}
+
+/// The tensor name llama.cpp's GGUF files use for `w` (per-expert form for experts).
+pub fn gguf_name(w: W) -> String {
+    let b = |i: usize, rest: &str| format!("blk.{i}.{rest}");
+    match w {
+        W::Embed => "token_embd.weight".into(),
+        W::FinalNorm => "output_norm.weight".into(),
+        W::Head => "output.weight".into(),
+        W::AttnNorm(i) => b(i, "attn_norm.weight"),
+        W::Q(i) => b(i, "attn_q.weight"),
+        W::K(i) => b(i, "attn_k.weight"),
+        W::V(i) => b(i, "attn_v.weight"),
+        W::O(i) => b(i, "attn_output.weight"),
+        W::QBias(i) => b(i, "attn_q.bias"),
+        W::KBias(i) => b(i, "attn_k.bias"),
+        W::VBias(i) => b(i, "attn_v.bias"),
+        W::QNorm(i) => b(i, "attn_q_norm.weight"),
+        W::KNorm(i) => b(i, "attn_k_norm.weight"),
+        W::MlpNorm(i) => b(i, "ffn_norm.weight"),
+        W::Gate(i) => b(i, "ffn_gate.weight"),
+        W::Up(i) => b(i, "ffn_up.weight"),
+        W::Down(i) => b(i, "ffn_down.weight"),
+        W::Router(i) => b(i, "ffn_gate_inp.weight"),
+        W::Expert(i, e, p) => b(i, &format!("ffn_{}.{e}.weight", p.gguf())),
+    }
+}
+
+/// The stacked GGUF tensor holding projection `p` of every expert of layer `layer`.
+pub fn gguf_stacked_name(layer: usize, p: Proj) -> String {
+    format!("blk.{layer}.ffn_{}_exps.weight", p.gguf())
+}
+
+/// Where a model's weights come from.
+pub struct Store {
+    kind: Kind,
+    device: Device,
+    dequantize: bool,
+    read: Mutex<Vec<String>>,
+}
+
+enum Kind {
+    Safetensors {
+        dir: PathBuf,
+        arch: Architecture,
+        files: Vec<(PathBuf, MmapedSafetensors)>,
+        index: HashMap<String, usize>,
+    },
+    Gguf {
+        path: PathBuf,
+        content: Box<gguf_file::Content>,
+        file: Mutex<File>,
+    },
+}
+
+impl Store {
+    /// Opens the safetensors files of a Hugging Face model directory: those listed in
+    /// `model.safetensors.index.json` if it exists, else every `*.safetensors` in `dir`.
+    pub fn safetensors(dir: &Path, arch: Architecture, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut paths: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&index_path, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::config(&index_path, "no `weight_map` object"))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .map(|f| {
+                    f.as_str()
+                        .map(|f| dir.join(f))
+                        .ok_or_else(|| Error::config(&index_path, "a `weight_map` value is not a file name"))
+                })
+                .collect::<Result<_>>()?;
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect()
+        };
+        paths.sort();
+        if paths.is_empty() {
+            return Err(Error::weights(dir, "no *.safetensors files"));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            if !path.exists() {
+                return Err(Error::io(
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "listed in the index but absent"),
+                ));
+            }
+            // SAFETY: the file is mapped read-only and only read through the safetensors parser,
+            // which checks every tensor's offsets against the mapping's length. Like every
+            // memory-mapping loader, it relies on nobody truncating the file while it is loaded.
+            let st = unsafe { MmapedSafetensors::new(&path) }
+                .map_err(|e| Error::weights(&path, format!("not a valid safetensors file: {e}")))?;
+            for (name, _) in st.tensors() {
+                index.insert(name, i);
+            }
+            files.push((path, st));
+        }
+        Ok(Store {
+            kind: Kind::Safetensors {
+                dir: dir.to_path_buf(),
+                arch,
+                files,
+                index,
+            },
+            device: device.clone(),
+            dequantize: true,
+            read: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Opens a GGUF file: reads its header and checks that every tensor lies inside the file.
+    /// With `dequantize`, quantized matrices are expanded to f32 as they load (the "twin" of the
+    /// quantized model); otherwise they stay quantized and run through candle's k-quant kernels.
+    pub fn gguf(path: &Path, device: &Device, dequantize: bool) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| Error::weights(path, format!("not a valid GGUF file: {e}")))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        for (name, info) in &content.tensor_infos {
+            let dtype = info.ggml_dtype;
+            let elems = info.shape.elem_count();
+            if elems % dtype.block_size() != 0 {
+                return Err(Error::weights(
+                    path,
+                    format!("tensor {name:?}: {elems} elements is not a whole number of {dtype:?} blocks"),
+                ));
+            }
+            let bytes = (elems / dtype.block_size()) as u64 * dtype.type_size() as u64;
+            let end = content.tensor_data_offset + info.offset + bytes;
+            if end > len {
+                return Err(Error::weights(
+                    path,
+                    format!("truncated: tensor {name:?} ends at byte {end}, the file has {len}"),
+                ));
+            }
+        }
+        Ok(Store {
+            kind: Kind::Gguf {
+                path: path.to_path_buf(),
+                content: Box::new(content),
+                file: Mutex::new(file),
+            },
+            device: device.clone(),
+            dequantize,
+            read: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The GGUF header, for a GGUF store.
+    pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        match &self.kind {
+            Kind::Gguf { content, .. } => Some(content),
+            Kind::Safetensors { .. } => None,
+        }
+    }
+
+    /// The file or directory the weights come from.
+    pub fn path(&self) -> &Path {
+        match &self.kind {
+            Kind::Safetensors { dir, .. } => dir,
+            Kind::Gguf { path, .. } => path,
+        }
+    }
+
+    /// Names of the tensors read so far, in order.
+    pub fn tensors_read(&self) -> Vec<String> {
+        self.read.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    fn name(&self, w: W) -> String {
+        match &self.kind {
+            Kind::Safetensors { arch, .. } => hf_name(*arch, w),
+            Kind::Gguf { .. } => gguf_name(w),
+        }
+    }
+
+    /// Whether the store holds `w`.
+    pub fn has(&self, w: W) -> bool {
+        self.has_name(&self.name(w))
+    }
+
+    fn has_name(&self, name: &str) -> bool {
+        match &self.kind {
+            Kind::Safetensors { index, .. } => index.contains_key(name),
+            Kind::Gguf { content, .. } => content.tensor_infos.contains_key(name),
+        }
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor {
+            path: self.path().to_path_buf(),
+            name: name.to_string(),
+        }
+    }
+
+    fn check_shape(&self, name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+        if actual != expected {
+            return Err(Error::Shape {
+                path: self.path().to_path_buf(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                actual: actual.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn note(&self, name: &str) {
+        if let Ok(mut r) = self.read.lock() {
+            r.push(name.to_string());
+        }
+    }
+
+    /// A safetensors tensor as f32, or a GGUF tensor as it is stored.
+    fn load_raw(&self, name: &str, expected: &[usize]) -> Result<Raw> {
+        self.note(name);
+        match &self.kind {
+            Kind::Safetensors { files, index, .. } => {
+                let &i = index.get(name).ok_or_else(|| self.missing(name))?;
+                let (path, st) = &files[i];
+                let view = st.get(name).map_err(|e| Error::weights(path, format!("{name}: {e}")))?;
+                self.check_shape(name, view.shape(), expected)?;
+                let t = st
+                    .load(name, &self.device)
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .map_err(|e| Error::weights(path, format!("tensor {name:?}: {e}")))?;
+                Ok(Raw::Dense(t))
+            }
+            Kind::Gguf {
+                path,
+                content,
+                file,
+            } => {
+                let info = content.tensor_infos.get(name).ok_or_else(|| self.missing(name))?;
+                self.check_shape(name, info.shape.dims(), expected)?;
+                let mut file = file
+                    .lock()
+                    .map_err(|_| Error::weights(path.clone(), "file lock poisoned"))?;
+                let q = content
+                    .tensor(&mut *file, name, &self.device)
+                    .map_err(|e| Error::weights(path, format!("tensor {name:?}: {e}")))?;
+                Ok(Raw::Quant(q))
+            }
+        }
+    }
+
+    /// A tensor needed in f32 (norms, biases, routers), of shape `shape`.
+    pub fn tensor(&self, w: W, shape: &[usize]) -> Result<Tensor> {
+        let name = self.name(w);
+        match self.load_raw(&name, shape)? {
+            Raw::Dense(t) => Ok(t),
+            Raw::Quant(q) => Ok(q.dequantize(&self.device)?),
+        }
+    }
+
+    /// A matrix [out, in] to multiply activations by, quantized if the file is.
+    pub fn matrix(&self, w: W, out: usize, inp: usize) -> Result<QMatMul> {
+        let name = self.name(w);
+        let raw = self.load_raw(&name, &[out, inp])?;
+        self.to_matmul(raw)
+    }
+
+    fn to_matmul(&self, raw: Raw) -> Result<QMatMul> {
+        Ok(match raw {
+            Raw::Dense(t) => QMatMul::Tensor(t),
+            Raw::Quant(q) if self.dequantize || !is_quantized(q.dtype()) => {
+                QMatMul::Tensor(q.dequantize(&self.device)?)
+            }
+            Raw::Quant(q) => QMatMul::from_qtensor(q)?,
+        })
+    }
+
+    /// Projection `p` of every expert of `layer`, each [out, in]: per-expert tensors, or a GGUF
+    /// stacked `ffn_*_exps` tensor split by expert.
+    pub fn experts(
+        &self,
+        layer: usize,
+        p: Proj,
+        n: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<QMatMul>> {
+        if let Kind::Gguf { .. } = &self.kind {
+            let stacked = gguf_stacked_name(layer, p);
+            if self.has_name(&stacked) {
+                return match self.load_raw(&stacked, &[n, out, inp])? {
+                    Raw::Dense(t) => (0..n)
+                        .map(|e| Ok(QMatMul::Tensor(t.get(e)?)))
+                        .collect(),
+                    Raw::Quant(q) if self.dequantize || !is_quantized(q.dtype()) => {
+                        let t = q.dequantize(&self.device)?;
+                        (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect()
+                    }
+                    Raw::Quant(q) => split_experts(&q, n, out, inp, &self.device),
+                };
+            }
+        }
+        (0..n)
+            .map(|e| self.matrix(W::Expert(layer, e, p), out, inp))
+            .collect()
+    }
+}
+
+enum Raw {
+    Dense(Tensor),
+    Quant(QTensor),
+}
+
+fn is_quantized(d: GgmlDType) -> bool {
+    !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Splits a stacked quantized [n, out, in] tensor into n quantized [out, in] tensors; each
+/// expert's blocks are contiguous because `in` is a whole number of blocks.
+fn split_experts(
+    q: &QTensor,
+    n: usize,
+    out: usize,
+    inp: usize,
+    device: &Device,
+) -> Result<Vec<QMatMul>> {
+    let dtype = q.dtype();
+    let data = q.data()?;
+    let per = data.len() / n;
+    if inp % dtype.block_size() != 0 || per * n != data.len() {
+        return Err(Error::Candle(candle_core::Error::Msg(format!(
+            "stacked experts of width {inp} do not split into whole {dtype:?} blocks"
+        ))));
+    }
+    (0..n)
+        .map(|e| {
+            let bytes = &data[e * per..(e + 1) * per];
+            let storage = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
+            Ok(QMatMul::from_qtensor(QTensor::new(storage, (out, inp))?)?)
+        })
+        .collect()
+}
