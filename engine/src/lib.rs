@@ -26,3 +26,4 @@ pub use generate::{Finish, GenerateOptions, Generation, generate};
 pub use load::{LoadOptions, Loaded};
 pub use sampling::{Sampler, SamplingParams};
 pub use text::{Message, Text};
+pub mod gguf;
