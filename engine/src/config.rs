@@ -123,7 +123,7 @@ impl ModelConfig {
             Some(moe) => {
                 moe.num_experts > 0
                     && !moe.mlp_only_layers.contains(&layer)
-                    && (layer + 1) % moe.decoder_sparse_step.max(1) == 0
+                    && (layer + 1).is_multiple_of(moe.decoder_sparse_step.max(1))
             }
         }
     }
@@ -169,7 +169,10 @@ impl ModelConfig {
         };
         // transformers v5 moved the RoPE fields under `rope_parameters`.
         let rope = v.get("rope_parameters").filter(|r| r.is_object());
-        let rope_theta = match rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64) {
+        let rope_theta = match rope
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+        {
             Some(t) => t,
             None => f.opt_f64(&["rope_theta"])?.unwrap_or(10_000.0),
         };
@@ -236,7 +239,11 @@ impl ModelConfig {
         };
         let eos_token_ids = match v.get("eos_token_id") {
             None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
             Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         };
         let config = ModelConfig {
@@ -251,9 +258,7 @@ impl ModelConfig {
             rms_norm_eps: f.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
             rope_theta,
             rope_style: RopeStyle::Half,
-            max_position_embeddings: f
-                .opt_usize(&["max_position_embeddings"])?
-                .unwrap_or(4096),
+            max_position_embeddings: f.opt_usize(&["max_position_embeddings"])?.unwrap_or(4096),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
             moe,
@@ -269,15 +274,18 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return bad("vocab_size, hidden_size and num_hidden_layers must be positive".into());
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(format!(
                 "{} query heads cannot be grouped over {} key/value heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
         }
         let needs_dense = (0..self.num_layers).any(|l| !self.is_sparse_layer(l));
         if needs_dense && self.intermediate_size == 0 {
@@ -358,10 +366,12 @@ impl ModelConfig {
             Some(v) => v,
             None => match content.tensor_infos.get("token_embd.weight") {
                 Some(info) => info.shape.dims()[0],
-                None => return Err(Error::MissingTensor {
-                    path: path.to_path_buf(),
-                    name: "token_embd.weight".into(),
-                }),
+                None => {
+                    return Err(Error::MissingTensor {
+                        path: path.to_path_buf(),
+                        name: "token_embd.weight".into(),
+                    });
+                }
             },
         };
         let num_experts = opt_usize("expert_count")?.unwrap_or(0);
@@ -379,7 +389,11 @@ impl ModelConfig {
                 ));
             }
             let mlp_only_layers = (0..num_layers)
-                .filter(|l| !content.tensor_infos.contains_key(&format!("blk.{l}.ffn_gate_inp.weight")))
+                .filter(|l| {
+                    !content
+                        .tensor_infos
+                        .contains_key(&format!("blk.{l}.ffn_gate_inp.weight"))
+                })
                 .collect();
             Some(MoeConfig {
                 num_experts,
@@ -443,14 +457,20 @@ impl Fields<'_> {
         match self.find(names) {
             None => Ok(None),
             Some((n, x)) => x.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                Error::config(self.path, format!("`{n}` is not a non-negative integer: {x}"))
+                Error::config(
+                    self.path,
+                    format!("`{n}` is not a non-negative integer: {x}"),
+                )
             }),
         }
     }
 
     fn usize(&self, names: &[&str]) -> Result<usize> {
         self.opt_usize(names)?.ok_or_else(|| {
-            Error::config(self.path, format!("missing field `{}`", names.join("` or `")))
+            Error::config(
+                self.path,
+                format!("missing field `{}`", names.join("` or `")),
+            )
         })
     }
 
@@ -526,7 +546,10 @@ mod tests {
         let mut v = qwen3_moe();
         v["architectures"] = json!(["GPT2LMHeadModel"]);
         let e = parse(v).unwrap_err().to_string();
-        assert!(e.contains("GPT2LMHeadModel") && e.contains("config.json"), "{e}");
+        assert!(
+            e.contains("GPT2LMHeadModel") && e.contains("config.json"),
+            "{e}"
+        );
 
         let mut v = qwen3_moe();
         v.as_object_mut().unwrap().remove("hidden_size");

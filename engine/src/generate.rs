@@ -97,7 +97,11 @@ pub fn generate(
     let mut detok = Detokenizer::new(&options.stop);
     let mut tokens = Vec::new();
     let started = Instant::now();
-    let which = if options.prompt_logits { Logits::All } else { Logits::Last };
+    let which = if options.prompt_logits {
+        Logits::All
+    } else {
+        Logits::Last
+    };
     let logits = model.logits(prompt, which)?;
     let last = logits.get(logits.dim(0)? - 1)?.to_vec1::<f32>()?;
     let prompt_logits = options.prompt_logits.then_some(logits);

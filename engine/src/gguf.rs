@@ -20,7 +20,8 @@ use crate::weights::{Proj, Store, W, gguf_name, gguf_stacked_name};
 /// chat template used by synthetic models.
 pub const BUILTIN_TOKENIZER: &str = include_str!("../fixtures/qwen3_moe_gqa/tokenizer.json");
 /// The built-in chat template (ChatML).
-pub const BUILTIN_CHAT_TEMPLATE: &str = include_str!("../fixtures/qwen3_moe_gqa/chat_template.jinja");
+pub const BUILTIN_CHAT_TEMPLATE: &str =
+    include_str!("../fixtures/qwen3_moe_gqa/chat_template.jinja");
 /// The built-in tokenizer's end-of-sequence id (`<|im_end|>`).
 pub const BUILTIN_EOS: u32 = 2;
 
@@ -89,7 +90,10 @@ fn encode(t: &Tensor, quant: Quant, matrix: bool) -> Result<QTensor> {
                 dtype.block_size()
             )));
         }
-        return Ok(QTensor::quantize(&t, if matrix { dtype } else { GgmlDType::F32 })?);
+        return Ok(QTensor::quantize(
+            &t,
+            if matrix { dtype } else { GgmlDType::F32 },
+        )?);
     }
     Ok(QTensor::quantize(&t, dtype)?)
 }
@@ -98,8 +102,7 @@ fn encode(t: &Tensor, quant: Quant, matrix: bool) -> Result<QTensor> {
 /// dimensions: rows (h, 2, d/2) become (h, d/2, 2).
 fn permute_for_interleaved_rope(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    Ok(w
-        .reshape((heads, 2, out / heads / 2, inp))?
+    Ok(w.reshape((heads, 2, out / heads / 2, inp))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))?)
@@ -110,7 +113,13 @@ fn s(v: &str) -> Value {
 }
 
 /// GGUF metadata for `c`, with the tokenizer (a tokenizer.json text) and chat template embedded.
-fn metadata(c: &ModelConfig, tokenizer_json: &str, template: Option<&str>, eos: Option<u32>, name: &str) -> Result<Vec<(String, Value)>> {
+fn metadata(
+    c: &ModelConfig,
+    tokenizer_json: &str,
+    template: Option<&str>,
+    eos: Option<u32>,
+    name: &str,
+) -> Result<Vec<(String, Value)>> {
     let arch = c.architecture.gguf_name();
     let k = |x: &str| format!("{arch}.{x}");
     let u = |x: usize| Value::U32(x as u32);
@@ -126,14 +135,20 @@ fn metadata(c: &ModelConfig, tokenizer_json: &str, template: Option<&str>, eos: 
         (k("attention.head_count_kv"), u(c.num_kv_heads)),
         (k("attention.key_length"), u(c.head_dim)),
         (k("attention.value_length"), u(c.head_dim)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
         (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
         (k("vocab_size"), u(c.vocab_size)),
     ];
     if let Some(moe) = &c.moe {
         m.push((k("expert_count"), u(moe.num_experts)));
         m.push((k("expert_used_count"), u(moe.top_k)));
-        m.push((k("expert_feed_forward_length"), u(moe.expert_intermediate_size)));
+        m.push((
+            k("expert_feed_forward_length"),
+            u(moe.expert_intermediate_size),
+        ));
         m.push((k("expert_weights_norm"), Value::Bool(moe.norm_topk_prob)));
     }
     // llama.cpp's own tokenizer keys, from the Hugging Face tokenizer.json.
@@ -143,7 +158,11 @@ fn metadata(c: &ModelConfig, tokenizer_json: &str, template: Option<&str>, eos: 
     if model["type"] == "BPE" {
         let mut vocab: Vec<(String, u64)> = model["vocab"]
             .as_object()
-            .map(|o| o.iter().filter_map(|(t, i)| Some((t.clone(), i.as_u64()?))).collect())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(t, i)| Some((t.clone(), i.as_u64()?)))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut special = std::collections::HashSet::new();
         for a in tj["added_tokens"].as_array().into_iter().flatten() {
@@ -164,7 +183,11 @@ fn metadata(c: &ModelConfig, tokenizer_json: &str, template: Option<&str>, eos: 
                 .flatten()
                 .filter_map(|m| match m {
                     serde_json::Value::String(x) => Some(s(x)),
-                    serde_json::Value::Array(p) => Some(s(&format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))),
+                    serde_json::Value::Array(p) => Some(s(&format!(
+                        "{} {}",
+                        p.first()?.as_str()?,
+                        p.get(1)?.as_str()?
+                    ))),
                     _ => None,
                 })
                 .collect();
@@ -174,7 +197,10 @@ fn metadata(c: &ModelConfig, tokenizer_json: &str, template: Option<&str>, eos: 
                 .collect();
             m.push(("tokenizer.ggml.model".into(), s("gpt2")));
             m.push(("tokenizer.ggml.pre".into(), s("qwen2")));
-            m.push(("tokenizer.ggml.tokens".into(), Value::Array(vocab.iter().map(|(t, _)| s(t)).collect())));
+            m.push((
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(vocab.iter().map(|(t, _)| s(t)).collect()),
+            ));
             m.push(("tokenizer.ggml.token_type".into(), Value::Array(types)));
             m.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
         }
@@ -205,19 +231,31 @@ trait Weights {
 }
 
 /// Collects the tensors of a model with configuration `c` from `src` under GGUF names.
-fn collect(c: &ModelConfig, src: &mut dyn Weights, opts: WriteOptions, permute: bool) -> Result<Vec<(String, QTensor)>> {
+fn collect(
+    c: &ModelConfig,
+    src: &mut dyn Weights,
+    opts: WriteOptions,
+    permute: bool,
+) -> Result<Vec<(String, QTensor)>> {
     let (h, hd) = (c.hidden_size, c.head_dim);
     let mut out: Vec<(String, QTensor)> = Vec::new();
     let q = opts.quant;
-    let put = |out: &mut Vec<(String, QTensor)>, name: String, t: &Tensor, matrix: bool| -> Result<()> {
-        out.push((name, encode(t, q, matrix)?));
-        Ok(())
-    };
-    put(&mut out, gguf_name(W::Embed), &src.get(W::Embed, &[c.vocab_size, h])?, true)?;
-    for l in 0..c.num_layers {
-        let mut one = |out: &mut Vec<(String, QTensor)>, w: W, shape: &[usize], matrix: bool| -> Result<()> {
-            put(out, gguf_name(w), &src.get(w, shape)?, matrix)
+    let put =
+        |out: &mut Vec<(String, QTensor)>, name: String, t: &Tensor, matrix: bool| -> Result<()> {
+            out.push((name, encode(t, q, matrix)?));
+            Ok(())
         };
+    put(
+        &mut out,
+        gguf_name(W::Embed),
+        &src.get(W::Embed, &[c.vocab_size, h])?,
+        true,
+    )?;
+    for l in 0..c.num_layers {
+        let mut one =
+            |out: &mut Vec<(String, QTensor)>, w: W, shape: &[usize], matrix: bool| -> Result<()> {
+                put(out, gguf_name(w), &src.get(w, shape)?, matrix)
+            };
         one(&mut out, W::AttnNorm(l), &[h], false)?;
         let mut qw = src.get(W::Q(l), &[c.num_heads * hd, h])?;
         let mut kw = src.get(W::K(l), &[c.num_kv_heads * hd, h])?;
@@ -227,9 +265,10 @@ fn collect(c: &ModelConfig, src: &mut dyn Weights, opts: WriteOptions, permute: 
         }
         put(&mut out, gguf_name(W::Q(l)), &qw, true)?;
         put(&mut out, gguf_name(W::K(l)), &kw, true)?;
-        let mut one = |out: &mut Vec<(String, QTensor)>, w: W, shape: &[usize], matrix: bool| -> Result<()> {
-            put(out, gguf_name(w), &src.get(w, shape)?, matrix)
-        };
+        let mut one =
+            |out: &mut Vec<(String, QTensor)>, w: W, shape: &[usize], matrix: bool| -> Result<()> {
+                put(out, gguf_name(w), &src.get(w, shape)?, matrix)
+            };
         one(&mut out, W::V(l), &[c.num_kv_heads * hd, h], true)?;
         one(&mut out, W::O(l), &[h, c.num_heads * hd], true)?;
         if c.architecture.has_qk_norm() {
@@ -246,9 +285,12 @@ fn collect(c: &ModelConfig, src: &mut dyn Weights, opts: WriteOptions, permute: 
                     .map(|e| src.get(W::Expert(l, e, p), &[o, inp]))
                     .collect::<Result<_>>()?;
                 match opts.experts {
-                    ExpertLayout::Stacked => {
-                        put(&mut out, gguf_stacked_name(l, p), &Tensor::stack(&per, 0)?, true)?
-                    }
+                    ExpertLayout::Stacked => put(
+                        &mut out,
+                        gguf_stacked_name(l, p),
+                        &Tensor::stack(&per, 0)?,
+                        true,
+                    )?,
                     ExpertLayout::PerExpert => {
                         for (e, t) in per.iter().enumerate() {
                             put(&mut out, gguf_name(W::Expert(l, e, p)), t, true)?;
@@ -263,9 +305,19 @@ fn collect(c: &ModelConfig, src: &mut dyn Weights, opts: WriteOptions, permute: 
             one(&mut out, W::Down(l), &[h, i], true)?;
         }
     }
-    put(&mut out, gguf_name(W::FinalNorm), &src.get(W::FinalNorm, &[h])?, false)?;
+    put(
+        &mut out,
+        gguf_name(W::FinalNorm),
+        &src.get(W::FinalNorm, &[h])?,
+        false,
+    )?;
     if !c.tie_word_embeddings {
-        put(&mut out, gguf_name(W::Head), &src.get(W::Head, &[c.vocab_size, h])?, true)?;
+        put(
+            &mut out,
+            gguf_name(W::Head),
+            &src.get(W::Head, &[c.vocab_size, h])?,
+            true,
+        )?;
     }
     Ok(out)
 }
@@ -282,18 +334,32 @@ impl Weights for FromStore<'_> {
 pub fn convert_hf(dir: &Path, out: &Path, opts: WriteOptions) -> Result<()> {
     let c = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     if c.attention_bias {
-        return Err(Error::Request("converting models with attention biases is not supported".into()));
+        return Err(Error::Request(
+            "converting models with attention biases is not supported".into(),
+        ));
     }
     let store = Store::safetensors(dir, c.architecture, &Device::Cpu)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = std::fs::read_to_string(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
     let text = crate::text::Text::from_hf_dir(dir, &c.eos_token_ids)?;
     let permute = matches!(c.architecture, Architecture::Llama | Architecture::Mixtral);
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut meta = metadata(&c, &tokenizer, text.template(), text.eos_ids().first().copied(), &name)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut meta = metadata(
+        &c,
+        &tokenizer,
+        text.template(),
+        text.eos_ids().first().copied(),
+        &name,
+    )?;
     // Qwen3-MoE's sparse-layer pattern (decoder_sparse_step, mlp_only_layers) survives as the
     // presence of a router in exactly the sparse layers.
-    meta.push(("general.source.url".into(), s("converted by sinew from a Hugging Face directory")));
+    meta.push((
+        "general.source.url".into(),
+        s("converted by sinew from a Hugging Face directory"),
+    ));
     let tensors = collect(&c, &mut FromStore(&store), opts, permute)?;
     write_file(out, &meta, &tensors)
 }
@@ -376,7 +442,9 @@ impl Weights for Random {
                 return Ok(Tensor::from_vec(v, shape, &Device::Cpu)?);
             }
             W::Embed => {
-                let v: Vec<f32> = (0..n).map(|_| self.rng.random_range(-1.7320508f32..1.7320508)).collect();
+                let v: Vec<f32> = (0..n)
+                    .map(|_| self.rng.random_range(-1.7320508f32..1.7320508))
+                    .collect();
                 let t = Tensor::from_vec(v, shape, &Device::Cpu)?;
                 self.embedding = Some(t.clone());
                 return Ok(t);
@@ -426,9 +494,18 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, opts: WriteOptions) -> Re
     let c = shape.config();
     c.validate(out)?;
     if c.vocab_size < 384 {
-        return Err(Error::Request("a synthetic model needs a vocabulary of at least 384 (the built-in tokenizer's)".into()));
+        return Err(Error::Request(
+            "a synthetic model needs a vocabulary of at least 384 (the built-in tokenizer's)"
+                .into(),
+        ));
     }
-    let meta = metadata(&c, BUILTIN_TOKENIZER, Some(BUILTIN_CHAT_TEMPLATE), Some(BUILTIN_EOS), "sinew-synthetic")?;
+    let meta = metadata(
+        &c,
+        BUILTIN_TOKENIZER,
+        Some(BUILTIN_CHAT_TEMPLATE),
+        Some(BUILTIN_EOS),
+        "sinew-synthetic",
+    )?;
     let mut rng = Random {
         rng: StdRng::seed_from_u64(shape.seed),
         hidden: c.hidden_size,
@@ -443,17 +520,24 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, opts: WriteOptions) -> Re
 /// embedding table (one row) and the experts not selected (top_k of num_experts per layer).
 pub fn active_weight_bytes(path: &Path) -> Result<u64> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = gguf_file::Content::read(&mut f).map_err(|e| Error::weights(path, e.to_string()))?;
+    let content =
+        gguf_file::Content::read(&mut f).map_err(|e| Error::weights(path, e.to_string()))?;
     let c = ModelConfig::from_gguf(&content, path)?;
     let bytes = |info: &gguf_file::TensorInfo| {
-        (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
+        (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size())
+            as u64
     };
     let mut experts = 0u64;
     let mut total = 0u64;
     for (name, info) in &content.tensor_infos {
         if name == "token_embd.weight" {
             total += bytes(info) / c.vocab_size as u64;
-        } else if name.contains("_exps.") || name.split('.').nth(3).is_some_and(|e| e.parse::<usize>().is_ok()) {
+        } else if name.contains("_exps.")
+            || name
+                .split('.')
+                .nth(3)
+                .is_some_and(|e| e.parse::<usize>().is_ok())
+        {
             experts += bytes(info);
         } else {
             total += bytes(info);

@@ -170,8 +170,12 @@ impl Model {
                     b: bias(W::VBias(l), c.num_kv_heads * hd)?,
                 },
                 o: store.matrix(W::O(l), h, c.num_heads * hd)?,
-                q_norm: norms.then(|| store.tensor(W::QNorm(l), &[hd])).transpose()?,
-                k_norm: norms.then(|| store.tensor(W::KNorm(l), &[hd])).transpose()?,
+                q_norm: norms
+                    .then(|| store.tensor(W::QNorm(l), &[hd]))
+                    .transpose()?,
+                k_norm: norms
+                    .then(|| store.tensor(W::KNorm(l), &[hd]))
+                    .transpose()?,
                 heads: c.num_heads,
                 kv_heads: c.num_kv_heads,
                 head_dim: hd,
@@ -218,7 +222,9 @@ impl Model {
             let head = if store.has(W::Head) || !c.tie_word_embeddings {
                 store.matrix(W::Head, c.vocab_size, h)?
             } else {
-                embed.clone().expect("the embedding is loaded for a tied head")
+                embed
+                    .clone()
+                    .expect("the embedding is loaded for a tied head")
             };
             (Some(norm), Some(head))
         } else {
@@ -381,7 +387,15 @@ fn causal_mask(offset: usize, seq: usize, device: &Device) -> Result<Option<Tens
     }
     let total = offset + seq;
     let m: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Some(Tensor::from_vec(m, (seq, total), device)?))
 }
@@ -406,7 +420,12 @@ impl Attention {
         };
         let q = shape(self.q.forward(x)?, hs, &self.q_norm)?;
         let k = shape(self.k.forward(x)?, kvh, &self.k_norm)?;
-        let v = self.v.forward(x)?.reshape((seq, kvh, d))?.transpose(0, 1)?.contiguous()?;
+        let v = self
+            .v
+            .forward(x)?
+            .reshape((seq, kvh, d))?
+            .transpose(0, 1)?
+            .contiguous()?;
         let (q, k) = match self.style {
             RopeStyle::Half => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
@@ -456,7 +475,11 @@ impl Moe {
             let chosen = top_k(row, self.top_k);
             let sum: f32 = chosen.iter().map(|&e| row[e]).sum();
             for e in chosen {
-                let w = if self.norm_topk_prob { row[e] / sum } else { row[e] };
+                let w = if self.norm_topk_prob {
+                    row[e] / sum
+                } else {
+                    row[e]
+                };
                 routed[e].0.push(t as u32);
                 routed[e].1.push(w);
             }
@@ -468,7 +491,11 @@ impl Moe {
             }
             let count = tokens.len();
             let idx = Tensor::from_vec(tokens, count, x.device())?;
-            let xs = if count == seq && seq == 1 { x.clone() } else { x.index_select(&idx, 0)? };
+            let xs = if count == seq && seq == 1 {
+                x.clone()
+            } else {
+                x.index_select(&idx, 0)?
+            };
             let y = self.experts[e].forward(&xs)?;
             let w = Tensor::from_vec(weights, (count, 1), x.device())?;
             out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;

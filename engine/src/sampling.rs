@@ -69,7 +69,11 @@ impl Sampler {
             return Ok(argmax(logits));
         }
         // Candidates sorted by logit, largest first (ties: lower id first).
-        let mut c: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let mut c: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
         c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = self.params.top_k {
             c.truncate(k.min(c.len()));
@@ -122,7 +126,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn sampler(temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64) -> Sampler {
-        Sampler::new(SamplingParams { temperature, top_k, top_p, seed }).unwrap()
+        Sampler::new(SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        })
+        .unwrap()
     }
 
     #[test]
@@ -134,15 +144,34 @@ mod tests {
     #[test]
     fn bad_parameters_and_nan_logits_are_errors() {
         for p in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
-            SamplingParams { top_k: Some(0), ..Default::default() },
-            SamplingParams { top_p: Some(0.0), ..Default::default() },
-            SamplingParams { top_p: Some(1.5), ..Default::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_k: Some(0),
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: Some(1.5),
+                ..Default::default()
+            },
         ] {
             assert!(Sampler::new(p).is_err());
         }
-        assert!(sampler(1.0, None, None, 0).sample(&[0.0, f32::NAN]).is_err());
+        assert!(
+            sampler(1.0, None, None, 0)
+                .sample(&[0.0, f32::NAN])
+                .is_err()
+        );
         assert!(sampler(1.0, None, None, 0).sample(&[]).is_err());
     }
 
@@ -151,7 +180,9 @@ mod tests {
         // logits ln(1), ln(3): token 1 should come up about 75% of the time.
         let mut s = sampler(1.0, None, None, 7);
         let logits = [0.0f32, 3f32.ln()];
-        let ones = (0..20_000).filter(|_| s.sample(&logits).unwrap() == 1).count();
+        let ones = (0..20_000)
+            .filter(|_| s.sample(&logits).unwrap() == 1)
+            .count();
         let frac = ones as f64 / 20_000.0;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
     }

@@ -61,7 +61,10 @@ impl Text {
         if !tok_path.exists() {
             return Err(Error::io(
                 &tok_path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "the model has no tokenizer.json"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the model has no tokenizer.json",
+                ),
             ));
         }
         let tokenizer = Tokenizer::from_file(&tok_path)
@@ -90,7 +93,9 @@ impl Text {
         let gen_path = dir.join("generation_config.json");
         if let Some(g) = read_json(&gen_path)? {
             match g.get("eos_token_id") {
-                Some(Value::Array(a)) => eos_ids.extend(a.iter().filter_map(Value::as_u64).map(|x| x as u32)),
+                Some(Value::Array(a)) => {
+                    eos_ids.extend(a.iter().filter_map(Value::as_u64).map(|x| x as u32))
+                }
                 Some(x) => eos_ids.extend(x.as_u64().map(|x| x as u32)),
                 None => {}
             }
@@ -200,9 +205,15 @@ pub fn render_template(
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_template("chat", source)
         .map_err(|e| Error::Template(format!("does not parse: {e}")))?;
     let t = env
@@ -298,5 +309,87 @@ impl Detokenizer {
         let out = s.get(self.emitted..).unwrap_or("").to_string();
         self.emitted = s.len();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builtin() -> Text {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3_moe_gqa");
+        Text::from_hf_dir(&dir, &[]).unwrap()
+    }
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn chat_template_renders_with_and_without_the_generation_prompt() {
+        let t = builtin();
+        let m = [msg("system", "be brief"), msg("user", "hi")];
+        let with = t.render_chat(&m, true).unwrap();
+        assert_eq!(
+            with,
+            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let without = t.render_chat(&m, false).unwrap();
+        assert!(!without.ends_with("assistant\n"));
+        // special tokens in the rendered text become single ids
+        let ids = t.encode(&with, false).unwrap();
+        assert_eq!(ids[0], 1);
+        assert!(ids.contains(&2));
+        assert_eq!(t.eos_ids(), &[2]);
+    }
+
+    #[test]
+    fn templates_get_python_methods_and_raise_exception() {
+        let src = "{% for m in messages %}{% if m.role not in ['user'] %}{{ raise_exception('only users') }}{% endif %}{{ m.content.strip().upper() }}{% endfor %}";
+        assert_eq!(
+            render_template(src, &[msg("user", "  hey ")], false, "", "").unwrap(),
+            "HEY"
+        );
+        let e = render_template(src, &[msg("tool", "x")], false, "", "").unwrap_err();
+        assert!(e.to_string().contains("only users"), "{e}");
+        assert!(render_template("{% for %}", &[], false, "", "").is_err());
+    }
+
+    #[test]
+    fn detokenizer_streams_whole_text_and_stops_at_stop_strings() {
+        let t = builtin();
+        let ids = t.encode("hello brown fox, the end", false).unwrap();
+        // without stops, the streamed pieces add up to the decoded text
+        let mut d = Detokenizer::new(&[]);
+        let mut streamed = String::new();
+        for &id in &ids {
+            match d.push(&t, id).unwrap() {
+                Step::Text(s) => streamed.push_str(&s),
+                Step::Stop(_) => panic!("no stop strings"),
+            }
+        }
+        streamed.push_str(&d.finish(&t).unwrap());
+        assert_eq!(streamed, t.decode(&ids).unwrap());
+
+        // a stop string that spans tokens: nothing of it is ever shown
+        let mut d = Detokenizer::new(&["fox,".to_string()]);
+        let mut streamed = String::new();
+        let mut stopped = false;
+        for &id in &ids {
+            match d.push(&t, id).unwrap() {
+                Step::Text(s) => streamed.push_str(&s),
+                Step::Stop(s) => {
+                    streamed.push_str(&s);
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        assert!(stopped);
+        assert_eq!(streamed, "hello brown ");
+        assert_eq!(d.text(&t).unwrap(), "hello brown ");
     }
 }

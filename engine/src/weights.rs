@@ -175,11 +175,13 @@ enum Kind {
 
 impl Store {
     /// Opens the safetensors files of a Hugging Face model directory: those listed in
-    /// `model.safetensors.index.json` if it exists, else every `*.safetensors` in `dir`.
+    /// `model.safetensors.index.json` if it exists, else `model.safetensors`, else every
+    /// `*.safetensors` in `dir`.
     pub fn safetensors(dir: &Path, arch: Architecture, device: &Device) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let mut paths: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&index_path, format!("not valid JSON: {e}")))?;
             let map = v
@@ -189,14 +191,16 @@ impl Store {
             let mut files: Vec<PathBuf> = map
                 .values()
                 .map(|f| {
-                    f.as_str()
-                        .map(|f| dir.join(f))
-                        .ok_or_else(|| Error::config(&index_path, "a `weight_map` value is not a file name"))
+                    f.as_str().map(|f| dir.join(f)).ok_or_else(|| {
+                        Error::config(&index_path, "a `weight_map` value is not a file name")
+                    })
                 })
                 .collect::<Result<_>>()?;
             files.sort();
             files.dedup();
             files
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
         } else {
             let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
             entries
@@ -214,7 +218,10 @@ impl Store {
             if !path.exists() {
                 return Err(Error::io(
                     &path,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "listed in the index but absent"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "listed in the index but absent",
+                    ),
                 ));
             }
             // SAFETY: the file is mapped read-only and only read through the safetensors parser,
@@ -254,7 +261,9 @@ impl Store {
             if elems % dtype.block_size() != 0 {
                 return Err(Error::weights(
                     path,
-                    format!("tensor {name:?}: {elems} elements is not a whole number of {dtype:?} blocks"),
+                    format!(
+                        "tensor {name:?}: {elems} elements is not a whole number of {dtype:?} blocks"
+                    ),
                 ));
             }
             let bytes = (elems / dtype.block_size()) as u64 * dtype.type_size() as u64;
@@ -350,7 +359,9 @@ impl Store {
             Kind::Safetensors { files, index, .. } => {
                 let &i = index.get(name).ok_or_else(|| self.missing(name))?;
                 let (path, st) = &files[i];
-                let view = st.get(name).map_err(|e| Error::weights(path, format!("{name}: {e}")))?;
+                let view = st
+                    .get(name)
+                    .map_err(|e| Error::weights(path, format!("{name}: {e}")))?;
                 self.check_shape(name, view.shape(), expected)?;
                 let t = st
                     .load(name, &self.device)
@@ -363,7 +374,10 @@ impl Store {
                 content,
                 file,
             } => {
-                let info = content.tensor_infos.get(name).ok_or_else(|| self.missing(name))?;
+                let info = content
+                    .tensor_infos
+                    .get(name)
+                    .ok_or_else(|| self.missing(name))?;
                 self.check_shape(name, info.shape.dims(), expected)?;
                 let mut file = file
                     .lock()
@@ -416,9 +430,7 @@ impl Store {
             let stacked = gguf_stacked_name(layer, p);
             if self.has_name(&stacked) {
                 return match self.load_raw(&stacked, &[n, out, inp])? {
-                    Raw::Dense(t) => (0..n)
-                        .map(|e| Ok(QMatMul::Tensor(t.get(e)?)))
-                        .collect(),
+                    Raw::Dense(t) => (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect(),
                     Raw::Quant(q) if self.dequantize || !is_quantized(q.dtype()) => {
                         let t = q.dequantize(&self.device)?;
                         (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect()
@@ -454,7 +466,7 @@ fn split_experts(
     let dtype = q.dtype();
     let data = q.data()?;
     let per = data.len() / n;
-    if inp % dtype.block_size() != 0 || per * n != data.len() {
+    if !inp.is_multiple_of(dtype.block_size()) || per * n != data.len() {
         return Err(Error::Candle(candle_core::Error::Msg(format!(
             "stacked experts of width {inp} do not split into whole {dtype:?} blocks"
         ))));

@@ -27,9 +27,14 @@ struct Reference {
 
 fn reference(dir: &Path) -> Reference {
     let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let ids = |k: &str| -> Vec<u32> {
-        r[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     let t = candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu).unwrap();
     Reference {
@@ -40,8 +45,7 @@ fn reference(dir: &Path) -> Reference {
 }
 
 fn open(dir: &Path) -> Loaded {
-    Loaded::open(dir, &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    Loaded::open(dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -75,7 +79,10 @@ fn greedy_continuation_matches_transformers() {
     for dir in fixtures() {
         let r = reference(&dir);
         let mut m = open(&dir);
-        let options = GenerateOptions { max_tokens: r.greedy_ids.len(), ..Default::default() };
+        let options = GenerateOptions {
+            max_tokens: r.greedy_ids.len(),
+            ..Default::default()
+        };
         let g = generate(&mut m.model, &m.text, &r.prompt_ids, &options, &mut |_| {}).unwrap();
         assert_eq!(g.tokens, r.greedy_ids, "{}", dir.display());
     }
@@ -93,7 +100,11 @@ fn prefill_then_decode_equals_one_full_pass() {
         // a prefill of the prompt in two chunks, then one token at a time
         let split = r.prompt_ids.len() / 2;
         let mut got = rows(&m.model.logits(&all[..split], Logits::All).unwrap());
-        got.extend(rows(&m.model.logits(&all[split..r.prompt_ids.len()], Logits::All).unwrap()));
+        got.extend(rows(
+            &m.model
+                .logits(&all[split..r.prompt_ids.len()], Logits::All)
+                .unwrap(),
+        ));
         for &t in &r.greedy_ids {
             got.extend(rows(&m.model.logits(&[t], Logits::Last).unwrap()));
         }
@@ -108,7 +119,16 @@ fn two_pipeline_stages_equal_the_whole_model_and_read_only_their_share() {
         let r = reference(&dir);
         let n = open(&dir).config.num_layers;
         let cut = n / 2;
-        let stage = |layers| Loaded::open(&dir, &LoadOptions { layers: Some(layers), ..Default::default() }).unwrap();
+        let stage = |layers| {
+            Loaded::open(
+                &dir,
+                &LoadOptions {
+                    layers: Some(layers),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
         let mut a = stage(0..cut);
         let mut b = stage(cut..n);
         for (s, range) in [(&a, 0..cut), (&b, cut..n)] {
@@ -121,13 +141,22 @@ fn two_pipeline_stages_equal_the_whole_model_and_read_only_their_share() {
                     Some(l) => assert!(range.contains(&l), "{name} read by stage {range:?}"),
                     None if range.start == 0 => assert_eq!(name, "model.embed_tokens.weight"),
                     None => assert!(
-                        ["model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"].contains(&name.as_str()),
+                        [
+                            "model.norm.weight",
+                            "lm_head.weight",
+                            "model.embed_tokens.weight"
+                        ]
+                        .contains(&name.as_str()),
                         "{name} read by the last stage"
                     ),
                 }
             }
         }
-        let Output::Hidden(h) = a.model.forward(Input::Tokens(&r.prompt_ids), Logits::All).unwrap() else {
+        let Output::Hidden(h) = a
+            .model
+            .forward(Input::Tokens(&r.prompt_ids), Logits::All)
+            .unwrap()
+        else {
             panic!("the first stage returned logits")
         };
         let Output::Logits(l) = b.model.forward(Input::Hidden(h), Logits::All).unwrap() else {
@@ -136,6 +165,10 @@ fn two_pipeline_stages_equal_the_whole_model_and_read_only_their_share() {
         let d = max_diff(&rows(&l), &r.logits);
         assert!(d <= 1e-4, "{}: max |Δlogit| = {d}", dir.display());
         // the first stage cannot produce logits, the last cannot take tokens
-        assert!(b.model.forward(Input::Tokens(&r.prompt_ids), Logits::All).is_err());
+        assert!(
+            b.model
+                .forward(Input::Tokens(&r.prompt_ids), Logits::All)
+                .is_err()
+        );
     }
 }

@@ -10,16 +10,29 @@ use engine::gguf::{ExpertLayout, Quant, SynthShape, WriteOptions, convert_hf, wr
 use engine::{Architecture, GenerateOptions, LoadOptions, Loaded, Logits, generate};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
-const ALL: [&str; 5] = ["llama_dense", "mixtral", "qwen3_dense", "qwen3_moe_gqa", "qwen3_moe_sparse_step"];
+const ALL: [&str; 5] = [
+    "llama_dense",
+    "mixtral",
+    "qwen3_dense",
+    "qwen3_moe_gqa",
+    "qwen3_moe_sparse_step",
+];
 
 fn reference(dir: &Path) -> (String, Vec<u32>, Vec<u32>, Vec<Vec<f32>>) {
     let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let ids = |k: &str| -> Vec<u32> {
-        r[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     let t = candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu).unwrap();
     (
@@ -31,14 +44,23 @@ fn reference(dir: &Path) -> (String, Vec<u32>, Vec<u32>, Vec<Vec<f32>>) {
 }
 
 fn open(path: &Path, dequantize: bool) -> Loaded {
-    Loaded::open(path, &LoadOptions { dequantize, ..Default::default() })
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    Loaded::open(
+        path,
+        &LoadOptions {
+            dequantize,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn max_diff(a: &Tensor, b: &[Vec<f32>]) -> f32 {
     let a = a.to_vec2::<f32>().unwrap();
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -54,15 +76,39 @@ fn converted_fixtures_match_the_references() {
         };
         for &experts in layouts {
             let out = tmp.path().join(format!("{name}-{experts:?}.gguf"));
-            convert_hf(&dir, &out, WriteOptions { quant: Quant::F32, experts }).unwrap();
+            convert_hf(
+                &dir,
+                &out,
+                WriteOptions {
+                    quant: Quant::F32,
+                    experts,
+                },
+            )
+            .unwrap();
             let mut m = open(&out, false);
-            assert_eq!(m.text.encode(&prompt, false).unwrap(), prompt_ids, "{name}: GGUF tokenizer");
-            assert!(m.text.template().is_some(), "{name}: chat template from metadata");
+            assert_eq!(
+                m.text.encode(&prompt, false).unwrap(),
+                prompt_ids,
+                "{name}: GGUF tokenizer"
+            );
+            assert!(
+                m.text.template().is_some(),
+                "{name}: chat template from metadata"
+            );
             let got = m.model.logits(&prompt_ids, Logits::All).unwrap();
             let d = max_diff(&got, &logits);
             assert!(d <= 1e-4, "{name} {experts:?}: max |Δlogit| = {d}");
-            let g = generate(&mut m.model, &m.text, &prompt_ids,
-                             &GenerateOptions { max_tokens: greedy.len(), ..Default::default() }, &mut |_| {}).unwrap();
+            let g = generate(
+                &mut m.model,
+                &m.text,
+                &prompt_ids,
+                &GenerateOptions {
+                    max_tokens: greedy.len(),
+                    ..Default::default()
+                },
+                &mut |_| {},
+            )
+            .unwrap();
             assert_eq!(g.tokens, greedy, "{name} {experts:?}");
         }
     }
@@ -75,9 +121,22 @@ fn the_llama_cpp_tokenizer_keys_alone_build_the_same_tokenizer() {
     let dir = fixture("qwen3_dense");
     let (prompt, prompt_ids, _, _) = reference(&dir);
     let full = tmp.path().join("full.gguf");
-    convert_hf(&dir, &full, WriteOptions { quant: Quant::F32, experts: ExpertLayout::Stacked }).unwrap();
+    convert_hf(
+        &dir,
+        &full,
+        WriteOptions {
+            quant: Quant::F32,
+            experts: ExpertLayout::Stacked,
+        },
+    )
+    .unwrap();
     let slim = tmp.path().join("slim.gguf");
-    rewrite(&full, &slim, |k, _| k != "tokenizer.huggingface.json", |_| true);
+    rewrite(
+        &full,
+        &slim,
+        |k, _| k != "tokenizer.huggingface.json",
+        |_| true,
+    );
     let m = open(&slim, false);
     assert_eq!(m.text.encode(&prompt, false).unwrap(), prompt_ids);
 }
@@ -91,13 +150,20 @@ fn rewrite(
 ) {
     let mut f = std::fs::File::open(from).unwrap();
     let c = gguf_file::Content::read(&mut f).unwrap();
-    let meta: Vec<(&str, &gguf_file::Value)> =
-        c.metadata.iter().filter(|(k, v)| keep_meta(k, v)).map(|(k, v)| (k.as_str(), v)).collect();
+    let meta: Vec<(&str, &gguf_file::Value)> = c
+        .metadata
+        .iter()
+        .filter(|(k, v)| keep_meta(k, v))
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
     let mut names: Vec<&String> = c.tensor_infos.keys().filter(|n| keep_tensor(n)).collect();
     names.sort();
-    let tensors: Vec<(String, candle_core::quantized::QTensor)> =
-        names.iter().map(|n| (n.to_string(), c.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
-    let refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = names
+        .iter()
+        .map(|n| (n.to_string(), c.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut out = std::fs::File::create(to).unwrap();
     gguf_file::write(&mut out, &meta, &refs).unwrap();
 }
@@ -127,12 +193,24 @@ fn twin_agreement(path: &Path) -> (f64, f64) {
     let mut rng = 12345u64;
     let ids: Vec<u32> = (0..512)
         .map(|_| {
-            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((rng >> 33) % 384) as u32
         })
         .collect();
-    let a = q.model.logits(&ids, Logits::All).unwrap().to_vec2::<f32>().unwrap();
-    let b = f.model.logits(&ids, Logits::All).unwrap().to_vec2::<f32>().unwrap();
+    let a = q
+        .model
+        .logits(&ids, Logits::All)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = f
+        .model
+        .logits(&ids, Logits::All)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let same = a
         .iter()
         .zip(&b)
@@ -151,15 +229,32 @@ fn twin_agreement(path: &Path) -> (f64, f64) {
 #[test]
 fn quantized_models_agree_with_their_dequantized_twins() {
     let tmp = tempfile::tempdir().unwrap();
-    for (arch, experts) in [(Architecture::Qwen3Moe, 8), (Architecture::Mixtral, 4), (Architecture::Llama, 0)] {
+    for (arch, experts) in [
+        (Architecture::Qwen3Moe, 8),
+        (Architecture::Mixtral, 4),
+        (Architecture::Llama, 0),
+    ] {
         for quant in [Quant::Q4K, Quant::Q8_0] {
             let path = tmp.path().join(format!("{arch:?}-{quant:?}.gguf"));
-            write_synthetic(&synth(arch, experts), &path, WriteOptions { quant, experts: ExpertLayout::Stacked }).unwrap();
+            write_synthetic(
+                &synth(arch, experts),
+                &path,
+                WriteOptions {
+                    quant,
+                    experts: ExpertLayout::Stacked,
+                },
+            )
+            .unwrap();
             let (agree, rel) = twin_agreement(&path);
-            eprintln!("{arch:?} {quant:?}: top-1 agreement {agree}, relative RMS logit error {rel:.4}");
+            eprintln!(
+                "{arch:?} {quant:?}: top-1 agreement {agree}, relative RMS logit error {rel:.4}"
+            );
             assert!(agree >= 0.99, "{arch:?} {quant:?}: top-1 agreement {agree}");
             // the logits themselves stay close: a wrong expert or block layout would not
-            assert!(rel <= 0.05, "{arch:?} {quant:?}: relative RMS logit error {rel}");
+            assert!(
+                rel <= 0.05,
+                "{arch:?} {quant:?}: relative RMS logit error {rel}"
+            );
         }
     }
 }
@@ -168,7 +263,15 @@ fn quantized_models_agree_with_their_dequantized_twins() {
 fn broken_gguf_files_are_named_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let good = tmp.path().join("good.gguf");
-    convert_hf(&fixture("qwen3_moe_gqa"), &good, WriteOptions { quant: Quant::F32, experts: ExpertLayout::Stacked }).unwrap();
+    convert_hf(
+        &fixture("qwen3_moe_gqa"),
+        &good,
+        WriteOptions {
+            quant: Quant::F32,
+            experts: ExpertLayout::Stacked,
+        },
+    )
+    .unwrap();
     let bytes = std::fs::read(&good).unwrap();
     let err = |p: &Path| match Loaded::open(p, &LoadOptions::default()) {
         Ok(_) => panic!("{} loaded", p.display()),
@@ -178,7 +281,10 @@ fn broken_gguf_files_are_named_errors() {
     let truncated = tmp.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
     let e = err(&truncated);
-    assert!(e.contains("truncated.gguf") && e.contains("truncated: tensor"), "{e}");
+    assert!(
+        e.contains("truncated.gguf") && e.contains("truncated: tensor"),
+        "{e}"
+    );
 
     let header_only = tmp.path().join("header.gguf");
     std::fs::write(&header_only, &bytes[..200]).unwrap();
@@ -191,10 +297,18 @@ fn broken_gguf_files_are_named_errors() {
     let missing = tmp.path().join("missing.gguf");
     rewrite(&good, &missing, |_, _| true, |n| n != "blk.2.attn_k.weight");
     let e = err(&missing);
-    assert!(e.contains("missing.gguf") && e.contains("blk.2.attn_k.weight"), "{e}");
+    assert!(
+        e.contains("missing.gguf") && e.contains("blk.2.attn_k.weight"),
+        "{e}"
+    );
 
     let unknown = tmp.path().join("unknown.gguf");
-    rewrite(&good, &unknown, |k, _| k != "general.architecture", |_| true);
+    rewrite(
+        &good,
+        &unknown,
+        |k, _| k != "general.architecture",
+        |_| true,
+    );
     assert!(err(&unknown).contains("general.architecture"));
 
     assert!(err(Path::new("/nonexistent/model.gguf")).contains("/nonexistent/model.gguf"));
@@ -208,8 +322,15 @@ fn synthetic_writer_refuses_shapes_it_cannot_quantize() {
     s.num_heads = 3;
     s.num_kv_heads = 1;
     s.head_dim = 32;
-    let e = write_synthetic(&s, &tmp.path().join("x.gguf"), WriteOptions { quant: Quant::Q4K, experts: ExpertLayout::Stacked })
-        .unwrap_err()
-        .to_string();
+    let e = write_synthetic(
+        &s,
+        &tmp.path().join("x.gguf"),
+        WriteOptions {
+            quant: Quant::Q4K,
+            experts: ExpertLayout::Stacked,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("Q4K") && e.contains("96"), "{e}");
 }

@@ -4,6 +4,8 @@
 //! (nccl-tests-style collective micro-benchmarks).
 
 mod bench;
+mod generate;
+mod gguf;
 mod keys;
 mod link;
 mod units;
@@ -27,6 +29,11 @@ enum Command {
     Link(link::LinkCommand),
     /// Measure a collective over N ranks, like nccl-tests: latency, algbw, busbw, checked results.
     Bench(bench::BenchArgs),
+    /// Run a model on one prompt: stream the text, report prefill and decode tok/s.
+    Generate(generate::GenerateArgs),
+    /// Write synthetic GGUF models, convert Hugging Face directories to GGUF.
+    #[command(subcommand)]
+    Gguf(gguf::GgufCommand),
 }
 
 fn init_tracing(default: &str) {
@@ -39,6 +46,17 @@ fn init_tracing(default: &str) {
         .init();
 }
 
+/// Sets the compute thread count candle reads (its matmul and quantized kernels size their pools
+/// from `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS` on first use).
+fn set_threads(n: usize) {
+    // SAFETY: called first thing in `main`, before any other thread exists, so nothing can be
+    // reading the environment concurrently.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -49,6 +67,17 @@ fn main() -> ExitCode {
         Command::Bench(args) => {
             init_tracing("warn");
             bench::run(args)
+        }
+        Command::Generate(args) => {
+            if let Some(n) = args.threads {
+                set_threads(n);
+            }
+            init_tracing("warn");
+            generate::run(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Gguf(cmd) => {
+            init_tracing("warn");
+            gguf::run(cmd).map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
