@@ -21,6 +21,8 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Keep the logits of every prompt position.
     pub prompt_logits: bool,
+    /// Do not stop at end-of-sequence tokens (benchmarks: always produce `max_tokens`).
+    pub ignore_eos: bool,
 }
 
 /// Why generation ended.
@@ -114,7 +116,7 @@ pub fn generate(
             break Finish::Length;
         }
         tokens.push(next);
-        if text.eos_ids().contains(&next) {
+        if !options.ignore_eos && text.eos_ids().contains(&next) {
             break Finish::Eos;
         }
         match detok.push(text, next)? {

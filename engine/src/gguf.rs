@@ -548,3 +548,100 @@ pub fn active_weight_bytes(path: &Path) -> Result<u64> {
     }
     Ok(total)
 }
+
+/// Writes a synthetic model of `shape` as a Hugging Face directory (config.json, one f32
+/// model.safetensors, the built-in tokenizer and chat template), with the same random weights
+/// [`write_synthetic`] would quantize. For comparisons with engines that read only safetensors.
+pub fn write_synthetic_hf(shape: &SynthShape, dir: &Path) -> Result<()> {
+    let c = shape.config();
+    c.validate(dir)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let arch = c.architecture;
+    let (name, model_type) = match arch {
+        Architecture::Qwen3Moe => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+        Architecture::Mixtral => ("MixtralForCausalLM", "mixtral"),
+        Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Architecture::Llama => ("LlamaForCausalLM", "llama"),
+    };
+    let moe = c.moe.clone();
+    let config = serde_json::json!({
+        "architectures": [name], "model_type": model_type, "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "intermediate_size": if arch == Architecture::Mixtral {
+            moe.as_ref().map_or(c.intermediate_size, |m| m.expert_intermediate_size) } else { c.intermediate_size },
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": false,
+        "attention_bias": false, "hidden_act": "silu", "eos_token_id": BUILTIN_EOS,
+        "sliding_window": null, "use_sliding_window": false, "max_window_layers": c.num_layers,
+        "num_experts": moe.as_ref().map_or(0, |m| m.num_experts),
+        "num_local_experts": moe.as_ref().map_or(0, |m| m.num_experts),
+        "num_experts_per_tok": moe.as_ref().map_or(0, |m| m.top_k),
+        "moe_intermediate_size": moe.as_ref().map_or(0, |m| m.expert_intermediate_size),
+        "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "torch_dtype": "float32",
+    });
+    let mut rng = Random {
+        rng: StdRng::seed_from_u64(shape.seed),
+        hidden: c.hidden_size,
+        layers: c.num_layers,
+        embedding: None,
+    };
+    // Same draw order as `collect`, so both writers produce the same model.
+    let mut tensors = std::collections::HashMap::new();
+    let mut order = Vec::new();
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    order.push((W::Embed, vec![c.vocab_size, h]));
+    for l in 0..c.num_layers {
+        order.push((W::AttnNorm(l), vec![h]));
+        order.push((W::Q(l), vec![c.num_heads * hd, h]));
+        order.push((W::K(l), vec![c.num_kv_heads * hd, h]));
+        order.push((W::V(l), vec![c.num_kv_heads * hd, h]));
+        order.push((W::O(l), vec![h, c.num_heads * hd]));
+        if arch.has_qk_norm() {
+            order.push((W::QNorm(l), vec![hd]));
+            order.push((W::KNorm(l), vec![hd]));
+        }
+        order.push((W::MlpNorm(l), vec![h]));
+        match &moe {
+            Some(m) if c.is_sparse_layer(l) => {
+                let (n, i) = (m.num_experts, m.expert_intermediate_size);
+                order.push((W::Router(l), vec![n, h]));
+                for (p, o, inp) in [(Proj::Gate, i, h), (Proj::Up, i, h), (Proj::Down, h, i)] {
+                    for e in 0..n {
+                        order.push((W::Expert(l, e, p), vec![o, inp]));
+                    }
+                }
+            }
+            _ => {
+                let i = c.intermediate_size;
+                order.push((W::Gate(l), vec![i, h]));
+                order.push((W::Up(l), vec![i, h]));
+                order.push((W::Down(l), vec![h, i]));
+            }
+        }
+    }
+    order.push((W::FinalNorm, vec![h]));
+    order.push((W::Head, vec![c.vocab_size, h]));
+    for (w, shape) in order {
+        tensors.insert(crate::weights::hf_name(arch, w), rng.get(w, &shape)?);
+    }
+    let st = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &st)
+        .map_err(|e| Error::weights(&st, e.to_string()))?;
+    let write = |file: &str, text: &str| -> Result<()> {
+        let p = dir.join(file);
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    };
+    write(
+        "config.json",
+        &serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )?;
+    write("tokenizer.json", BUILTIN_TOKENIZER)?;
+    write("chat_template.jinja", BUILTIN_CHAT_TEMPLATE)?;
+    write(
+        "tokenizer_config.json",
+        r#"{"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": null}"#,
+    )?;
+    Ok(())
+}

@@ -51,6 +51,9 @@ pub struct GenerateArgs {
     /// Compute threads (default: all cores). Applied by `main` before any thread starts.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Keep generating past end-of-sequence tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -103,6 +106,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         stop: args.stop.clone(),
         prompt_logits: args.logits_out.is_some(),
+        ignore_eos: args.ignore_eos,
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();

@@ -14,6 +14,11 @@ pub enum GgufCommand {
     Synth(SynthArgs),
     /// Convert a Hugging Face model directory to GGUF.
     Convert(ConvertArgs),
+    /// Print a GGUF model's configuration and the weight bytes one decode step reads, as JSON.
+    Info {
+        /// The GGUF file.
+        file: PathBuf,
+    },
 }
 
 /// Format and layout flags shared by both subcommands.
@@ -84,6 +89,9 @@ pub struct SynthArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Write a Hugging Face directory (f32 safetensors) at --out instead of a GGUF file.
+    #[arg(long)]
+    hf: bool,
     #[command(flatten)]
     format: FormatArgs,
 }
@@ -125,9 +133,32 @@ pub fn run(cmd: GgufCommand) -> anyhow::Result<()> {
                 expert_intermediate_size: a.moe_intermediate,
                 seed: a.seed,
             };
-            engine::gguf::write_synthetic(&shape, &a.out, a.format.options()?)
-                .with_context(|| format!("writing {}", a.out.display()))?;
+            if a.hf {
+                engine::gguf::write_synthetic_hf(&shape, &a.out)
+            } else {
+                engine::gguf::write_synthetic(&shape, &a.out, a.format.options()?)
+            }
+            .with_context(|| format!("writing {}", a.out.display()))?;
             eprintln!("wrote {}", a.out.display());
+        }
+        GgufCommand::Info { file } => {
+            let m = engine::Loaded::open(&file, &engine::LoadOptions::default())
+                .with_context(|| format!("reading {}", file.display()))?;
+            let c = &m.config;
+            let active = engine::gguf::active_weight_bytes(&file)?;
+            let total = std::fs::metadata(&file)?.len();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "architecture": format!("{:?}", c.architecture),
+                    "layers": c.num_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
+                    "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+                    "experts": c.moe.as_ref().map(|m| m.num_experts),
+                    "top_k": c.moe.as_ref().map(|m| m.top_k),
+                    "file_bytes": total,
+                    "active_weight_bytes_per_token": active,
+                })
+            );
         }
         GgufCommand::Convert(a) => {
             engine::gguf::convert_hf(&a.dir, &a.out, a.format.options()?)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Engine decode speed, side by side with its references, in one run:
+#  1. a synthetic Qwen3-30B-A3B-shaped model (hidden 2048, 128 experts, top-8, moe_intermediate 768,
+#     32 query / 4 kv heads, head_dim 128; LAYERS layers) in Q4_K and Q8_0, with 1 and 2 threads,
+#     against the memory-bandwidth roofline: active weight bytes per token ÷ the read bandwidth this
+#     script measures on this machine with the same thread count;
+#  2. sinew in f32 against candle-transformers' qwen3_moe in f32 on the same model directory
+#     (F32_LAYERS layers: the 8-layer f32 model is 19 GiB), same threads, interleaved rounds.
+# Results: bench/out/engine.json and a table on stdout. Knobs: LAYERS F32_LAYERS TOKENS PROMPT ROUNDS.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT="$ROOT/bench/out"
+mkdir -p "$OUT"
+LAYERS=${LAYERS:-8}
+F32_LAYERS=${F32_LAYERS:-2}
+TOKENS=${TOKENS:-32}
+PROMPT=${PROMPT:-16}
+ROUNDS=${ROUNDS:-3}
+THREADS=${THREADS:-"1 2"}
+
+(cd "$ROOT" && cargo build --release -q -p sinew)
+(cd "$ROOT/bench/engine-peer" && cargo build --release -q)
+SINEW="$ROOT/target/release/sinew"
+PEER="$ROOT/bench/engine-peer/target/release/engine-peer"
+SHAPE=(--arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 --moe-intermediate 768
+       --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 --seed 1)
+PROMPT_IDS=$(seq -s, 10 $((9 + PROMPT)))
+
+for q in q4_k q8_0; do
+  f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
+  [ -f "$f" ] || "$SINEW" gguf synth "${SHAPE[@]}" --layers "$LAYERS" --quant "$q" --out "$f"
+done
+HF="$OUT/qwen3-30b-a3b-shape-${F32_LAYERS}l-f32"
+[ -f "$HF/model.safetensors" ] || "$SINEW" gguf synth "${SHAPE[@]}" --layers "$F32_LAYERS" --hf --out "$HF"
+
+median() { python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+field() { python3 -c 'import sys,json; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
+sinew_decode() { # MODEL THREADS
+  RAYON_NUM_THREADS=$2 "$SINEW" generate --model "$1" --prompt-ids "$PROMPT_IDS" --max-tokens "$TOKENS" \
+    --ignore-eos --threads "$2" --json | field decode_tokens_per_s
+}
+peer_decode() { # DIR THREADS
+  RAYON_NUM_THREADS=$2 CANDLE_NUM_THREADS=$2 "$PEER" candle-qwen3-moe "$1" "$2" "$PROMPT" "$TOKENS" | field decode_tokens_per_s
+}
+
+results="[]"
+add() { results=$(python3 -c 'import sys,json; r=json.loads(sys.argv[1]); r.append(json.loads(sys.argv[2])); print(json.dumps(r))' "$results" "$1"); }
+for t in $THREADS; do
+  bw=$("$PEER" membw "$t" | field gb_per_s)
+  for q in q4_k q8_0; do
+    f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
+    active=$("$SINEW" gguf info "$f" | field active_weight_bytes_per_token)
+    runs=()
+    for _ in $(seq "$ROUNDS"); do runs+=("$(sinew_decode "$f" "$t")"); done
+    tps=$(median "${runs[@]}")
+    roof=$(python3 -c "print($bw * 1e9 / $active)")
+    add "{\"model\": \"$q\", \"threads\": $t, \"decode_tokens_per_s\": $tps, \"membw_gb_per_s\": $bw, \"active_bytes\": $active, \"roofline_tokens_per_s\": $roof, \"of_roofline\": $(python3 -c "print($tps / $roof)")}"
+    printf '%-5s threads %s  decode %7.2f tok/s  roofline %7.2f tok/s (%.2f GB/s ÷ %.1f MB/token)  %.0f%% of roofline\n' \
+      "$q" "$t" "$tps" "$roof" "$bw" "$(python3 -c "print($active / 1e6)")" "$(python3 -c "print(100 * $tps / $roof)")"
+  done
+  s=(); c=()
+  for _ in $(seq "$ROUNDS"); do s+=("$(sinew_decode "$HF" "$t")"); c+=("$(peer_decode "$HF" "$t")"); done
+  st=$(median "${s[@]}"); ct=$(median "${c[@]}")
+  add "{\"model\": \"f32-${F32_LAYERS}l\", \"threads\": $t, \"sinew_decode_tokens_per_s\": $st, \"candle_transformers_decode_tokens_per_s\": $ct, \"ratio\": $(python3 -c "print($st / $ct)")}"
+  printf 'f32   threads %s  sinew %7.2f tok/s  candle-transformers qwen3_moe %7.2f tok/s  ratio %.2fx\n' "$t" "$st" "$ct" "$(python3 -c "print($st / $ct)")"
+done
+echo "$results" > "$OUT/engine.json"
+echo "wrote $OUT/engine.json"
