@@ -17,6 +17,7 @@ TOKENS=${TOKENS:-32}
 PROMPT=${PROMPT:-16}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-"1 2"}
+PARTS=${PARTS:-"quant f32"}   # which comparisons to run
 
 (cd "$ROOT" && cargo build --release -q -p sinew)
 (cd "$ROOT/bench/engine-peer" && cargo build --release -q)
@@ -48,6 +49,7 @@ add() { results=$(python3 -c 'import sys,json; r=json.loads(sys.argv[1]); r.appe
 for t in $THREADS; do
   bw=$("$PEER" membw "$t" | field gb_per_s)
   for q in q4_k q8_0; do
+    [[ " $PARTS " == *" quant "* ]] || continue
     f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
     active=$("$SINEW" gguf info "$f" | field active_weight_bytes_per_token)
     runs=()
@@ -58,6 +60,7 @@ for t in $THREADS; do
     printf '%-5s threads %s  decode %7.2f tok/s  roofline %7.2f tok/s (%.2f GB/s ÷ %.1f MB/token)  %.0f%% of roofline\n' \
       "$q" "$t" "$tps" "$roof" "$bw" "$(python3 -c "print($active / 1e6)")" "$(python3 -c "print(100 * $tps / $roof)")"
   done
+  [[ " $PARTS " == *" f32 "* ]] || continue
   s=(); c=()
   for _ in $(seq "$ROUNDS"); do s+=("$(sinew_decode "$HF" "$t")"); c+=("$(peer_decode "$HF" "$t")"); done
   st=$(median "${s[@]}"); ct=$(median "${c[@]}")

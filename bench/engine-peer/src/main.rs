@@ -35,6 +35,12 @@ fn membw(threads: usize) {
     println!("{}", serde_json::json!({"threads": threads, "gb_per_s": bytes as f64 / best / 1e9}));
 }
 
+/// The greedy token of the last position, whatever leading dimensions the logits carry.
+fn last_argmax(logits: &Tensor, vocab: usize) -> candle_core::Result<u32> {
+    let flat = logits.flatten_all()?;
+    flat.narrow(0, flat.dim(0)? - vocab, vocab)?.argmax(0)?.to_scalar::<u32>()
+}
+
 fn candle_qwen3_moe(dir: &str, prompt_len: usize, tokens: usize) -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let text = std::fs::read_to_string(format!("{dir}/config.json"))?;
@@ -47,13 +53,13 @@ fn candle_qwen3_moe(dir: &str, prompt_len: usize, tokens: usize) -> candle_core:
     let t = Instant::now();
     let input = Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?;
     let logits = model.forward(&input, 0)?;
-    let mut next = logits.squeeze(0)?.argmax(candle_core::D::Minus1)?.to_scalar::<u32>()?;
+    let mut next = last_argmax(&logits, cfg.vocab_size)?;
     let prefill = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for i in 0..tokens {
         let input = Tensor::new(&[next], &dev)?.unsqueeze(0)?;
         let logits = model.forward(&input, prompt_len + i)?;
-        next = logits.squeeze(0)?.argmax(candle_core::D::Minus1)?.to_scalar::<u32>()?;
+        next = last_argmax(&logits, cfg.vocab_size)?;
     }
     let decode = t.elapsed().as_secs_f64();
     println!(
