@@ -367,7 +367,9 @@ impl ModelConfig {
         let vocab_size = match opt_usize("vocab_size")? {
             Some(v) => v,
             None => match content.tensor_infos.get("token_embd.weight") {
-                Some(info) => info.shape.dims()[0],
+                Some(info) => *info.shape.dims().first().ok_or_else(|| {
+                    Error::config(path, "tensor token_embd.weight has no dimensions")
+                })?,
                 None => {
                     return Err(Error::MissingTensor {
                         path: path.to_path_buf(),

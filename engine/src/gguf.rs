@@ -230,6 +230,63 @@ trait Weights {
     fn get(&mut self, w: W, shape: &[usize]) -> Result<Tensor>;
 }
 
+/// One weight of a model: its role, shape, and whether it is a matrix (quantizable) or a vector.
+struct Role {
+    w: W,
+    shape: Vec<usize>,
+    matrix: bool,
+}
+
+/// Every weight of a model with configuration `c`, in file order (an MoE layer's experts by
+/// projection, then by expert). Both writers walk this list, so a synthetic model drawn for
+/// GGUF and for safetensors gets the same random weights.
+fn roles(c: &ModelConfig) -> Vec<Role> {
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let mut v = Vec::new();
+    let mut add = |w: W, shape: &[usize], matrix: bool| {
+        v.push(Role {
+            w,
+            shape: shape.to_vec(),
+            matrix,
+        })
+    };
+    add(W::Embed, &[c.vocab_size, h], true);
+    for l in 0..c.num_layers {
+        add(W::AttnNorm(l), &[h], false);
+        add(W::Q(l), &[c.num_heads * hd, h], true);
+        add(W::K(l), &[c.num_kv_heads * hd, h], true);
+        add(W::V(l), &[c.num_kv_heads * hd, h], true);
+        add(W::O(l), &[h, c.num_heads * hd], true);
+        if c.architecture.has_qk_norm() {
+            add(W::QNorm(l), &[hd], false);
+            add(W::KNorm(l), &[hd], false);
+        }
+        add(W::MlpNorm(l), &[h], false);
+        match &c.moe {
+            Some(moe) if c.is_sparse_layer(l) => {
+                let (n, i) = (moe.num_experts, moe.expert_intermediate_size);
+                add(W::Router(l), &[n, h], false);
+                for (p, o, inp) in [(Proj::Gate, i, h), (Proj::Up, i, h), (Proj::Down, h, i)] {
+                    for e in 0..n {
+                        add(W::Expert(l, e, p), &[o, inp], true);
+                    }
+                }
+            }
+            _ => {
+                let i = c.intermediate_size;
+                add(W::Gate(l), &[i, h], true);
+                add(W::Up(l), &[i, h], true);
+                add(W::Down(l), &[h, i], true);
+            }
+        }
+    }
+    add(W::FinalNorm, &[h], false);
+    if !c.tie_word_embeddings {
+        add(W::Head, &[c.vocab_size, h], true);
+    }
+    v
+}
+
 /// Collects the tensors of a model with configuration `c` from `src` under GGUF names.
 fn collect(
     c: &ModelConfig,
@@ -237,87 +294,26 @@ fn collect(
     opts: WriteOptions,
     permute: bool,
 ) -> Result<Vec<(String, QTensor)>> {
-    let (h, hd) = (c.hidden_size, c.head_dim);
-    let mut out: Vec<(String, QTensor)> = Vec::new();
-    let q = opts.quant;
-    let put =
-        |out: &mut Vec<(String, QTensor)>, name: String, t: &Tensor, matrix: bool| -> Result<()> {
-            out.push((name, encode(t, q, matrix)?));
-            Ok(())
-        };
-    put(
-        &mut out,
-        gguf_name(W::Embed),
-        &src.get(W::Embed, &[c.vocab_size, h])?,
-        true,
-    )?;
-    for l in 0..c.num_layers {
-        let mut one =
-            |out: &mut Vec<(String, QTensor)>, w: W, shape: &[usize], matrix: bool| -> Result<()> {
-                put(out, gguf_name(w), &src.get(w, shape)?, matrix)
-            };
-        one(&mut out, W::AttnNorm(l), &[h], false)?;
-        let mut qw = src.get(W::Q(l), &[c.num_heads * hd, h])?;
-        let mut kw = src.get(W::K(l), &[c.num_kv_heads * hd, h])?;
-        if permute {
-            qw = permute_for_interleaved_rope(&qw, c.num_heads)?;
-            kw = permute_for_interleaved_rope(&kw, c.num_kv_heads)?;
-        }
-        put(&mut out, gguf_name(W::Q(l)), &qw, true)?;
-        put(&mut out, gguf_name(W::K(l)), &kw, true)?;
-        let mut one =
-            |out: &mut Vec<(String, QTensor)>, w: W, shape: &[usize], matrix: bool| -> Result<()> {
-                put(out, gguf_name(w), &src.get(w, shape)?, matrix)
-            };
-        one(&mut out, W::V(l), &[c.num_kv_heads * hd, h], true)?;
-        one(&mut out, W::O(l), &[h, c.num_heads * hd], true)?;
-        if c.architecture.has_qk_norm() {
-            one(&mut out, W::QNorm(l), &[hd], false)?;
-            one(&mut out, W::KNorm(l), &[hd], false)?;
-        }
-        one(&mut out, W::MlpNorm(l), &[h], false)?;
-        if c.is_sparse_layer(l) {
-            let moe = c.moe.as_ref().expect("sparse layers imply an MoE config");
-            let (n, i) = (moe.num_experts, moe.expert_intermediate_size);
-            one(&mut out, W::Router(l), &[n, h], false)?;
-            for (p, o, inp) in [(Proj::Gate, i, h), (Proj::Up, i, h), (Proj::Down, h, i)] {
-                let per: Vec<Tensor> = (0..n)
-                    .map(|e| src.get(W::Expert(l, e, p), &[o, inp]))
-                    .collect::<Result<_>>()?;
-                match opts.experts {
-                    ExpertLayout::Stacked => put(
-                        &mut out,
-                        gguf_stacked_name(l, p),
-                        &Tensor::stack(&per, 0)?,
-                        true,
-                    )?,
-                    ExpertLayout::PerExpert => {
-                        for (e, t) in per.iter().enumerate() {
-                            put(&mut out, gguf_name(W::Expert(l, e, p)), t, true)?;
-                        }
-                    }
+    let experts = c.moe.as_ref().map_or(0, |m| m.num_experts);
+    let mut out = Vec::new();
+    let mut stack = Vec::with_capacity(experts);
+    for r in roles(c) {
+        let mut t = src.get(r.w, &r.shape)?;
+        match r.w {
+            W::Q(_) if permute => t = permute_for_interleaved_rope(&t, c.num_heads)?,
+            W::K(_) if permute => t = permute_for_interleaved_rope(&t, c.num_kv_heads)?,
+            W::Expert(l, e, p) if opts.experts == ExpertLayout::Stacked => {
+                stack.push(t);
+                if e + 1 == experts {
+                    let all = Tensor::stack(&stack, 0)?;
+                    out.push((gguf_stacked_name(l, p), encode(&all, opts.quant, true)?));
+                    stack.clear();
                 }
+                continue;
             }
-        } else {
-            let i = c.intermediate_size;
-            one(&mut out, W::Gate(l), &[i, h], true)?;
-            one(&mut out, W::Up(l), &[i, h], true)?;
-            one(&mut out, W::Down(l), &[h, i], true)?;
+            _ => {}
         }
-    }
-    put(
-        &mut out,
-        gguf_name(W::FinalNorm),
-        &src.get(W::FinalNorm, &[h])?,
-        false,
-    )?;
-    if !c.tie_word_embeddings {
-        put(
-            &mut out,
-            gguf_name(W::Head),
-            &src.get(W::Head, &[c.vocab_size, h])?,
-            true,
-        )?;
+        out.push((gguf_name(r.w), encode(&t, opts.quant, r.matrix)?));
     }
     Ok(out)
 }
@@ -587,44 +583,9 @@ pub fn write_synthetic_hf(shape: &SynthShape, dir: &Path) -> Result<()> {
         layers: c.num_layers,
         embedding: None,
     };
-    // Same draw order as `collect`, so both writers produce the same model.
     let mut tensors = std::collections::HashMap::new();
-    let mut order = Vec::new();
-    let (h, hd) = (c.hidden_size, c.head_dim);
-    order.push((W::Embed, vec![c.vocab_size, h]));
-    for l in 0..c.num_layers {
-        order.push((W::AttnNorm(l), vec![h]));
-        order.push((W::Q(l), vec![c.num_heads * hd, h]));
-        order.push((W::K(l), vec![c.num_kv_heads * hd, h]));
-        order.push((W::V(l), vec![c.num_kv_heads * hd, h]));
-        order.push((W::O(l), vec![h, c.num_heads * hd]));
-        if arch.has_qk_norm() {
-            order.push((W::QNorm(l), vec![hd]));
-            order.push((W::KNorm(l), vec![hd]));
-        }
-        order.push((W::MlpNorm(l), vec![h]));
-        match &moe {
-            Some(m) if c.is_sparse_layer(l) => {
-                let (n, i) = (m.num_experts, m.expert_intermediate_size);
-                order.push((W::Router(l), vec![n, h]));
-                for (p, o, inp) in [(Proj::Gate, i, h), (Proj::Up, i, h), (Proj::Down, h, i)] {
-                    for e in 0..n {
-                        order.push((W::Expert(l, e, p), vec![o, inp]));
-                    }
-                }
-            }
-            _ => {
-                let i = c.intermediate_size;
-                order.push((W::Gate(l), vec![i, h]));
-                order.push((W::Up(l), vec![i, h]));
-                order.push((W::Down(l), vec![h, i]));
-            }
-        }
-    }
-    order.push((W::FinalNorm, vec![h]));
-    order.push((W::Head, vec![c.vocab_size, h]));
-    for (w, shape) in order {
-        tensors.insert(crate::weights::hf_name(arch, w), rng.get(w, &shape)?);
+    for r in roles(&c) {
+        tensors.insert(crate::weights::hf_name(arch, r.w), rng.get(r.w, &r.shape)?);
     }
     let st = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &st)

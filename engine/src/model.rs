@@ -442,8 +442,6 @@ impl Attention {
         // Grouped-query attention without copying k/v per query head: the `group` query heads of
         // one kv head are stacked along the position axis.
         let q = q.squeeze(0)?.reshape((kvh, group * seq, d))?;
-        let k = k.contiguous()?;
-        let v = v.contiguous()?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match mask {

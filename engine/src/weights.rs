@@ -267,7 +267,12 @@ impl Store {
                 ));
             }
             let bytes = (elems / dtype.block_size()) as u64 * dtype.type_size() as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
+            // Offsets come from the file: add without overflowing.
+            let end = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|x| x.checked_add(bytes))
+                .unwrap_or(u64::MAX);
             if end > len {
                 return Err(Error::weights(
                     path,
@@ -393,10 +398,7 @@ impl Store {
     /// A tensor needed in f32 (norms, biases, routers), of shape `shape`.
     pub fn tensor(&self, w: W, shape: &[usize]) -> Result<Tensor> {
         let name = self.name(w);
-        match self.load_raw(&name, shape)? {
-            Raw::Dense(t) => Ok(t),
-            Raw::Quant(q) => Ok(q.dequantize(&self.device)?),
-        }
+        self.load_raw(&name, shape)?.into_dense(&self.device)
     }
 
     /// A matrix [out, in] to multiply activations by, quantized if the file is.
@@ -406,13 +408,14 @@ impl Store {
         self.to_matmul(raw)
     }
 
+    /// Keeps a block-quantized GGUF tensor quantized unless the store dequantizes; everything
+    /// else (safetensors, f32/f16 GGUF tensors) becomes an f32 tensor.
     fn to_matmul(&self, raw: Raw) -> Result<QMatMul> {
         Ok(match raw {
-            Raw::Dense(t) => QMatMul::Tensor(t),
-            Raw::Quant(q) if self.dequantize || !is_quantized(q.dtype()) => {
-                QMatMul::Tensor(q.dequantize(&self.device)?)
+            Raw::Quant(q) if !self.dequantize && is_quantized(q.dtype()) => {
+                QMatMul::from_qtensor(q)?
             }
-            Raw::Quant(q) => QMatMul::from_qtensor(q)?,
+            raw => QMatMul::Tensor(raw.into_dense(&self.device)?),
         })
     }
 
@@ -430,12 +433,13 @@ impl Store {
             let stacked = gguf_stacked_name(layer, p);
             if self.has_name(&stacked) {
                 return match self.load_raw(&stacked, &[n, out, inp])? {
-                    Raw::Dense(t) => (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect(),
-                    Raw::Quant(q) if self.dequantize || !is_quantized(q.dtype()) => {
-                        let t = q.dequantize(&self.device)?;
+                    Raw::Quant(q) if !self.dequantize && is_quantized(q.dtype()) => {
+                        split_experts(&q, n, out, inp, &self.device)
+                    }
+                    raw => {
+                        let t = raw.into_dense(&self.device)?;
                         (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect()
                     }
-                    Raw::Quant(q) => split_experts(&q, n, out, inp, &self.device),
                 };
             }
         }
@@ -448,6 +452,16 @@ impl Store {
 enum Raw {
     Dense(Tensor),
     Quant(QTensor),
+}
+
+impl Raw {
+    /// The tensor in f32 (a GGUF tensor dequantized).
+    fn into_dense(self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            Raw::Dense(t) => t,
+            Raw::Quant(q) => q.dequantize(device)?,
+        })
+    }
 }
 
 fn is_quantized(d: GgmlDType) -> bool {

@@ -1,6 +1,8 @@
 //! A broken Hugging Face model directory is a clear error naming the file and tensor, never a
 //! panic: truncated or garbage safetensors, a missing or mis-shaped tensor, a bad config.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -8,9 +10,7 @@ use engine::{LoadOptions, Loaded};
 
 /// A copy of a fixture in a temporary directory, to break.
 fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
+    let src = common::fixture(name);
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join(name);
     std::fs::create_dir(&dst).unwrap();
@@ -132,27 +132,10 @@ fn sharded_checkpoints_load_through_the_index() {
         serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
     )
     .unwrap();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let ids: Vec<u32> = r["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let r = common::reference(&dir);
     let mut m = Loaded::open(&dir, &LoadOptions::default()).unwrap();
-    let logits = m.model.logits(&ids, engine::Logits::All).unwrap();
-    let want =
-        candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu).unwrap();
-    let d = (logits - &want["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let logits = m.model.logits(&r.prompt_ids, engine::Logits::All).unwrap();
+    let d = common::max_diff(&logits.to_vec2::<f32>().unwrap(), &r.logits);
     assert!(d <= 1e-4, "{d}");
 
     // an index naming a shard that is gone

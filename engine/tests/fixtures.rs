@@ -2,61 +2,16 @@
 //! make_fixtures.py): logits at every prompt position, greedy continuations, cache consistency
 //! and pipeline-stage equivalence, for every fixture model.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{Device, Tensor};
+use std::path::Path;
+
+use candle_core::Tensor;
+use common::{fixtures, max_diff, reference};
 use engine::{GenerateOptions, Input, LoadOptions, Loaded, Logits, Output, generate};
-
-fn fixtures() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("reference.json").exists())
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 5, "fixtures missing under {}", root.display());
-    dirs
-}
-
-struct Reference {
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-}
-
-fn reference(dir: &Path) -> Reference {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        r[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let t = candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu).unwrap();
-    Reference {
-        prompt_ids: ids("prompt_ids"),
-        greedy_ids: ids("greedy_ids"),
-        logits: t["logits"].to_vec2::<f32>().unwrap(),
-    }
-}
 
 fn open(dir: &Path) -> Loaded {
     Loaded::open(dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| {
-            assert_eq!(x.len(), y.len());
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
-        })
-        .fold(0.0, f32::max)
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {

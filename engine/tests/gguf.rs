@@ -2,18 +2,15 @@
 //! permuted q/k with interleaved RoPE, stacked and per-expert experts, tokenizer and template
 //! from metadata); quantized models agree with their dequantized twins; broken files are errors.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use common::{fixture, reference};
 use engine::gguf::{ExpertLayout, Quant, SynthShape, WriteOptions, convert_hf, write_synthetic};
 use engine::{Architecture, GenerateOptions, LoadOptions, Loaded, Logits, generate};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 const ALL: [&str; 5] = [
     "llama_dense",
@@ -22,26 +19,6 @@ const ALL: [&str; 5] = [
     "qwen3_moe_gqa",
     "qwen3_moe_sparse_step",
 ];
-
-fn reference(dir: &Path) -> (String, Vec<u32>, Vec<u32>, Vec<Vec<f32>>) {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        r[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let t = candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu).unwrap();
-    (
-        r["prompt"].as_str().unwrap().to_string(),
-        ids("prompt_ids"),
-        ids("greedy_ids"),
-        t["logits"].to_vec2::<f32>().unwrap(),
-    )
-}
 
 fn open(path: &Path, dequantize: bool) -> Loaded {
     Loaded::open(
@@ -54,21 +31,17 @@ fn open(path: &Path, dequantize: bool) -> Loaded {
     .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn max_diff(a: &Tensor, b: &[Vec<f32>]) -> f32 {
-    let a = a.to_vec2::<f32>().unwrap();
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn converted_fixtures_match_the_references() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ALL {
         let dir = fixture(name);
-        let (prompt, prompt_ids, greedy, logits) = reference(&dir);
+        let common::Reference {
+            prompt,
+            prompt_ids,
+            greedy_ids: greedy,
+            logits,
+        } = reference(&dir);
         let layouts: &[ExpertLayout] = if name.contains("moe") || name == "mixtral" {
             &[ExpertLayout::Stacked, ExpertLayout::PerExpert]
         } else {
@@ -96,7 +69,7 @@ fn converted_fixtures_match_the_references() {
                 "{name}: chat template from metadata"
             );
             let got = m.model.logits(&prompt_ids, Logits::All).unwrap();
-            let d = max_diff(&got, &logits);
+            let d = common::max_diff(&got.to_vec2::<f32>().unwrap(), &logits);
             assert!(d <= 1e-4, "{name} {experts:?}: max |Δlogit| = {d}");
             let g = generate(
                 &mut m.model,
@@ -119,7 +92,9 @@ fn the_llama_cpp_tokenizer_keys_alone_build_the_same_tokenizer() {
     // Drop the embedded tokenizer.huggingface.json: the vocabulary and merges must suffice.
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixture("qwen3_dense");
-    let (prompt, prompt_ids, _, _) = reference(&dir);
+    let common::Reference {
+        prompt, prompt_ids, ..
+    } = reference(&dir);
     let full = tmp.path().join("full.gguf");
     convert_hf(
         &dir,
