@@ -3,7 +3,8 @@
 #  1. a synthetic Qwen3-30B-A3B-shaped model (hidden 2048, 128 experts, top-8, moe_intermediate 768,
 #     32 query / 4 kv heads, head_dim 128; LAYERS layers) in Q4_K and Q8_0, with 1 and 2 threads,
 #     against the memory-bandwidth roofline: active weight bytes per token ÷ the read bandwidth this
-#     script measures on this machine with the same thread count;
+#     script measures on this machine with the same thread count; beside it the same binary with
+#     SINEW_KERNELS=candle (candle's quantized matmul instead of sinew's packed kernels);
 #  2. sinew in f32 against candle-transformers' qwen3_moe in f32 on the same model directory
 #     (F32_LAYERS layers: the 8-layer f32 model is 19 GiB), same threads, interleaved rounds.
 # Results: bench/out/engine.json and a table on stdout. Knobs: LAYERS F32_LAYERS TOKENS PROMPT ROUNDS.
@@ -36,8 +37,8 @@ HF="$OUT/qwen3-30b-a3b-shape-${F32_LAYERS}l-f32"
 
 median() { python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 field() { python3 -c 'import sys,json; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
-sinew_decode() { # MODEL THREADS
-  RAYON_NUM_THREADS=$2 "$SINEW" generate --model "$1" --prompt-ids "$PROMPT_IDS" --max-tokens "$TOKENS" \
+sinew_decode() { # MODEL THREADS [KERNELS]
+  SINEW_KERNELS=${3:-sinew} RAYON_NUM_THREADS=$2 "$SINEW" generate --model "$1" --prompt-ids "$PROMPT_IDS" --max-tokens "$TOKENS" \
     --ignore-eos --threads "$2" --json | field decode_tokens_per_s
 }
 peer_decode() { # DIR THREADS
@@ -52,13 +53,16 @@ for t in $THREADS; do
     [[ " $PARTS " == *" quant "* ]] || continue
     f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
     active=$("$SINEW" gguf info "$f" | field active_weight_bytes_per_token)
-    runs=()
-    for _ in $(seq "$ROUNDS"); do runs+=("$(sinew_decode "$f" "$t")"); done
-    tps=$(median "${runs[@]}")
+    runs=(); cruns=()
+    for _ in $(seq "$ROUNDS"); do
+      runs+=("$(sinew_decode "$f" "$t")"); cruns+=("$(sinew_decode "$f" "$t" candle)")
+    done
+    tps=$(median "${runs[@]}"); ctps=$(median "${cruns[@]}")
     roof=$(python3 -c "print($bw * 1e9 / $active)")
-    add "{\"model\": \"$q\", \"threads\": $t, \"decode_tokens_per_s\": $tps, \"membw_gb_per_s\": $bw, \"active_bytes\": $active, \"roofline_tokens_per_s\": $roof, \"of_roofline\": $(python3 -c "print($tps / $roof)")}"
-    printf '%-5s threads %s  decode %7.2f tok/s  roofline %7.2f tok/s (%.2f GB/s ÷ %.1f MB/token)  %.0f%% of roofline\n' \
-      "$q" "$t" "$tps" "$roof" "$bw" "$(python3 -c "print($active / 1e6)")" "$(python3 -c "print(100 * $tps / $roof)")"
+    add "{\"model\": \"$q\", \"threads\": $t, \"decode_tokens_per_s\": $tps, \"candle_matmul_decode_tokens_per_s\": $ctps, \"membw_gb_per_s\": $bw, \"active_bytes\": $active, \"roofline_tokens_per_s\": $roof, \"of_roofline\": $(python3 -c "print($tps / $roof)")}"
+    printf '%-5s threads %s  decode %7.2f tok/s  roofline %7.2f tok/s (%.2f GB/s ÷ %.1f MB/token)  %.0f%% of roofline; candle matmul %7.2f tok/s (%.0f%%)\n' \
+      "$q" "$t" "$tps" "$roof" "$bw" "$(python3 -c "print($active / 1e6)")" "$(python3 -c "print(100 * $tps / $roof)")" \
+      "$ctps" "$(python3 -c "print(100 * $ctps / $roof)")"
   done
   [[ " $PARTS " == *" f32 "* ]] || continue
   s=(); c=()

@@ -27,3 +27,5 @@ pub use load::{LoadOptions, Loaded};
 pub use sampling::{Sampler, SamplingParams};
 pub use text::{Message, Text};
 pub mod gguf;
+pub mod kernels;
+pub mod linear;

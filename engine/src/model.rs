@@ -4,11 +4,13 @@
 use std::ops::Range;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
+use crate::kernels::{self, Job, PackedMatrix, QuantRow};
+use crate::linear::{Acts, Mat};
 use crate::weights::{Proj, Store, W};
 
 /// What a stage consumes: token ids (the first stage) or the previous stage's hidden states.
@@ -39,13 +41,12 @@ pub enum Logits {
 
 /// A linear layer: a (possibly quantized) matrix and an optional bias.
 struct Linear {
-    w: QMatMul,
+    w: Mat,
     b: Option<Tensor>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+    fn bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -57,7 +58,7 @@ struct Attention {
     q: Linear,
     k: Linear,
     v: Linear,
-    o: QMatMul,
+    o: Mat,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     heads: usize,
@@ -69,21 +70,30 @@ struct Attention {
 }
 
 struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Mat,
+    up: Mat,
+    down: Mat,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        let u = self.up.forward(x)?;
-        Ok(self.down.forward(&(g * u)?)?)
+        let mut gu = Mat::forward_shared(&[&self.gate, &self.up], x)?;
+        let u = gu.pop().expect("two outputs");
+        let g = candle_nn::ops::silu(&gu.pop().expect("two outputs"))?;
+        self.down.forward(&(g * u)?)
+    }
+
+    /// The three matrices, when all are packed for sinew's kernels.
+    fn packed(&self) -> Option<[&PackedMatrix; 3]> {
+        match (&self.gate, &self.up, &self.down) {
+            (Mat::Packed(g), Mat::Packed(u), Mat::Packed(d)) => Some([g, u, d]),
+            _ => None,
+        }
     }
 }
 
 struct Moe {
-    router: QMatMul,
+    router: Mat,
     experts: Vec<Mlp>,
     top_k: usize,
     norm_topk_prob: bool,
@@ -109,7 +119,7 @@ pub struct Model {
     embed: Option<QMatMul>,
     blocks: Vec<Block>,
     norm: Option<Tensor>,
-    head: Option<QMatMul>,
+    head: Option<Mat>,
     device: Device,
     position: usize,
 }
@@ -158,18 +168,18 @@ impl Model {
             let norms = c.architecture.has_qk_norm();
             let attn = Attention {
                 q: Linear {
-                    w: store.matrix(W::Q(l), c.num_heads * hd, h)?,
+                    w: Mat::new(store.matrix(W::Q(l), c.num_heads * hd, h)?)?,
                     b: bias(W::QBias(l), c.num_heads * hd)?,
                 },
                 k: Linear {
-                    w: store.matrix(W::K(l), c.num_kv_heads * hd, h)?,
+                    w: Mat::new(store.matrix(W::K(l), c.num_kv_heads * hd, h)?)?,
                     b: bias(W::KBias(l), c.num_kv_heads * hd)?,
                 },
                 v: Linear {
-                    w: store.matrix(W::V(l), c.num_kv_heads * hd, h)?,
+                    w: Mat::new(store.matrix(W::V(l), c.num_kv_heads * hd, h)?)?,
                     b: bias(W::VBias(l), c.num_kv_heads * hd)?,
                 },
-                o: store.matrix(W::O(l), h, c.num_heads * hd)?,
+                o: Mat::new(store.matrix(W::O(l), h, c.num_heads * hd)?)?,
                 q_norm: norms
                     .then(|| store.tensor(W::QNorm(l), &[hd]))
                     .transpose()?,
@@ -196,7 +206,7 @@ impl Model {
                     .map(|((gate, up), down)| Mlp { gate, up, down })
                     .collect();
                 Ffn::Sparse(Moe {
-                    router: store.matrix(W::Router(l), e, h)?,
+                    router: Mat::new(store.matrix(W::Router(l), e, h)?)?,
                     experts,
                     top_k: moe.top_k,
                     norm_topk_prob: moe.norm_topk_prob,
@@ -204,9 +214,9 @@ impl Model {
             } else {
                 let i = c.intermediate_size;
                 Ffn::Dense(Mlp {
-                    gate: store.matrix(W::Gate(l), i, h)?,
-                    up: store.matrix(W::Up(l), i, h)?,
-                    down: store.matrix(W::Down(l), h, i)?,
+                    gate: Mat::new(store.matrix(W::Gate(l), i, h)?)?,
+                    up: Mat::new(store.matrix(W::Up(l), i, h)?)?,
+                    down: Mat::new(store.matrix(W::Down(l), h, i)?)?,
                 })
             };
             blocks.push(Block {
@@ -226,6 +236,7 @@ impl Model {
                     .clone()
                     .expect("the embedding is loaded for a tied head")
             };
+            let head = Mat::new(head)?;
             (Some(norm), Some(head))
         } else {
             (None, None)
@@ -418,14 +429,13 @@ impl Attention {
             };
             Ok(t.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
         };
-        let q = shape(self.q.forward(x)?, hs, &self.q_norm)?;
-        let k = shape(self.k.forward(x)?, kvh, &self.k_norm)?;
-        let v = self
-            .v
-            .forward(x)?
-            .reshape((seq, kvh, d))?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let mut qkv = Mat::forward_shared(&[&self.q.w, &self.k.w, &self.v.w], x)?;
+        let v = self.v.bias(qkv.pop().expect("three outputs"))?;
+        let k = self.k.bias(qkv.pop().expect("three outputs"))?;
+        let q = self.q.bias(qkv.pop().expect("three outputs"))?;
+        let q = shape(q, hs, &self.q_norm)?;
+        let k = shape(k, kvh, &self.k_norm)?;
+        let v = v.reshape((seq, kvh, d))?.transpose(0, 1)?.contiguous()?;
         let (q, k) = match self.style {
             RopeStyle::Half => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
@@ -457,7 +467,7 @@ impl Attention {
             .reshape((hs, seq, d))?
             .transpose(0, 1)?
             .reshape((seq, hs * d))?;
-        Ok(self.o.forward(&y)?)
+        self.o.forward(&y)
     }
 }
 
@@ -482,23 +492,132 @@ impl Moe {
                 routed[e].1.push(w);
             }
         }
+        // experts no token chose are not computed
+        let active: Vec<usize> = (0..n).filter(|&e| !routed[e].0.is_empty()).collect();
+        if active.iter().all(|&e| self.experts[e].packed().is_some()) {
+            return self.forward_packed(x, &active, &routed);
+        }
         let mut out = Tensor::zeros((seq, hidden), DType::F32, x.device())?;
-        for (e, (tokens, weights)) in routed.into_iter().enumerate() {
-            if tokens.is_empty() {
-                continue; // no token chose this expert: it is not computed
-            }
+        for e in active {
+            let (tokens, weights) = &routed[e];
             let count = tokens.len();
-            let idx = Tensor::from_vec(tokens, count, x.device())?;
+            let idx = Tensor::from_slice(tokens, count, x.device())?;
             let xs = if count == seq && seq == 1 {
                 x.clone()
             } else {
                 x.index_select(&idx, 0)?
             };
             let y = self.experts[e].forward(&xs)?;
-            let w = Tensor::from_vec(weights, (count, 1), x.device())?;
+            let w = Tensor::from_slice(weights, (count, 1), x.device())?;
             out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
         }
         Ok(out)
+    }
+
+    /// The routed experts on sinew's kernels: every expert's gate and up projections in one
+    /// parallel region, then every down projection in another, with each input row quantized
+    /// once per weight format.
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        active: &[usize],
+        routed: &[(Vec<u32>, Vec<f32>)],
+    ) -> Result<Tensor> {
+        let (seq, hidden) = x.dims2()?;
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut acts = Acts::new(&xs, hidden);
+        let mats: Vec<[&PackedMatrix; 3]> = active
+            .iter()
+            .map(|&e| self.experts[e].packed().expect("checked by the caller"))
+            .collect();
+        for [g, u, _] in &mats {
+            acts.prepare(g.format());
+            acts.prepare(u.format());
+        }
+        // an expert's input rows: all of them when it took every token, else its tokens'
+        let rows_for = |f, tokens: &[u32]| -> Option<Vec<QuantRow>> {
+            (tokens.len() != seq).then(|| {
+                tokens
+                    .iter()
+                    .map(|&t| acts.get(f)[t as usize].clone())
+                    .collect()
+            })
+        };
+        let selected: Vec<[Option<Vec<QuantRow>>; 2]> = active
+            .iter()
+            .zip(&mats)
+            .map(|(&e, [g, u, _])| {
+                [
+                    rows_for(g.format(), &routed[e].0),
+                    rows_for(u.format(), &routed[e].0),
+                ]
+            })
+            .collect();
+        let mut gate_up: Vec<[Vec<f32>; 2]> = active
+            .iter()
+            .zip(&mats)
+            .map(|(&e, [g, u, _])| {
+                let count = routed[e].0.len();
+                [vec![0f32; count * g.rows()], vec![0f32; count * u.rows()]]
+            })
+            .collect();
+        let mut jobs = Vec::with_capacity(2 * active.len());
+        for ((m, sel), out) in mats.iter().zip(&selected).zip(gate_up.iter_mut()) {
+            let [go, uo] = out;
+            for (mat, (rows, out)) in [m[0], m[1]].into_iter().zip([(&sel[0], go), (&sel[1], uo)]) {
+                jobs.push(Job {
+                    mat,
+                    acts: rows.as_deref().unwrap_or_else(|| acts.get(mat.format())),
+                    out,
+                });
+            }
+        }
+        kernels::run(&mut jobs);
+        drop(jobs);
+        // silu(gate) · up, quantized for each down projection
+        let hidden_rows: Vec<Vec<QuantRow>> = mats
+            .iter()
+            .zip(&gate_up)
+            .map(|([g, _, d], [go, uo])| {
+                go.chunks_exact(g.rows())
+                    .zip(uo.chunks_exact(g.rows()))
+                    .map(|(gr, ur)| {
+                        let h: Vec<f32> = gr
+                            .iter()
+                            .zip(ur)
+                            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                            .collect();
+                        QuantRow::new(d.format(), &h)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut downs: Vec<Vec<f32>> = active
+            .iter()
+            .zip(&mats)
+            .map(|(&e, [_, _, d])| vec![0f32; routed[e].0.len() * d.rows()])
+            .collect();
+        let mut jobs: Vec<Job<'_>> = mats
+            .iter()
+            .zip(&hidden_rows)
+            .zip(downs.iter_mut())
+            .map(|(([_, _, d], rows), out)| Job {
+                mat: d,
+                acts: rows,
+                out,
+            })
+            .collect();
+        kernels::run(&mut jobs);
+        drop(jobs);
+        let mut out = vec![0f32; seq * hidden];
+        for (&e, y) in active.iter().zip(&downs) {
+            let (tokens, weights) = &routed[e];
+            for ((&t, &w), yr) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
+                let o = &mut out[t as usize * hidden..(t as usize + 1) * hidden];
+                o.iter_mut().zip(yr).for_each(|(o, &y)| *o += w * y);
+            }
+        }
+        Ok(Tensor::from_vec(out, (seq, hidden), x.device())?)
     }
 }
 

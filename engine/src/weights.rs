@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::Architecture;
 use crate::error::{Error, Result};
+use crate::linear::Mat;
 
 /// A weight's role in the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -420,7 +421,8 @@ impl Store {
     }
 
     /// Projection `p` of every expert of `layer`, each [out, in]: per-expert tensors, or a GGUF
-    /// stacked `ffn_*_exps` tensor split by expert.
+    /// stacked `ffn_*_exps` tensor split by expert (packed for sinew's kernels straight from the
+    /// stacked blocks when they take the format).
     pub fn experts(
         &self,
         layer: usize,
@@ -428,23 +430,35 @@ impl Store {
         n: usize,
         out: usize,
         inp: usize,
-    ) -> Result<Vec<QMatMul>> {
+    ) -> Result<Vec<Mat>> {
         if let Kind::Gguf { .. } = &self.kind {
             let stacked = gguf_stacked_name(layer, p);
             if self.has_name(&stacked) {
                 return match self.load_raw(&stacked, &[n, out, inp])? {
                     Raw::Quant(q) if !self.dequantize && is_quantized(q.dtype()) => {
-                        split_experts(&q, n, out, inp, &self.device)
+                        let data = q.data()?;
+                        let per = data.len() / n.max(1);
+                        let packed: Option<Vec<Mat>> = (0..n)
+                            .map(|e| {
+                                Mat::from_blocks(q.dtype(), &data[e * per..(e + 1) * per], out, inp)
+                            })
+                            .collect();
+                        match packed {
+                            Some(m) => Ok(m),
+                            None => split_experts(&q, n, out, inp, &self.device),
+                        }
                     }
                     raw => {
                         let t = raw.into_dense(&self.device)?;
-                        (0..n).map(|e| Ok(QMatMul::Tensor(t.get(e)?))).collect()
+                        (0..n)
+                            .map(|e| Ok(Mat::Candle(QMatMul::Tensor(t.get(e)?))))
+                            .collect()
                     }
                 };
             }
         }
         (0..n)
-            .map(|e| self.matrix(W::Expert(layer, e, p), out, inp))
+            .map(|e| Mat::new(self.matrix(W::Expert(layer, e, p), out, inp)?))
             .collect()
     }
 }
@@ -476,7 +490,7 @@ fn split_experts(
     out: usize,
     inp: usize,
     device: &Device,
-) -> Result<Vec<QMatMul>> {
+) -> Result<Vec<Mat>> {
     let dtype = q.dtype();
     let data = q.data()?;
     let per = data.len() / n;
@@ -489,7 +503,10 @@ fn split_experts(
         .map(|e| {
             let bytes = &data[e * per..(e + 1) * per];
             let storage = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
-            Ok(QMatMul::from_qtensor(QTensor::new(storage, (out, inp))?)?)
+            Ok(Mat::Candle(QMatMul::from_qtensor(QTensor::new(
+                storage,
+                (out, inp),
+            )?)?))
         })
         .collect()
 }

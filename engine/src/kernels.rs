@@ -1,0 +1,733 @@
+//! Quantized matrix–vector products for decoding, on a compact tiled copy of GGUF's blocks.
+//!
+//! Decoding one token multiplies every active weight matrix by one activation row, so its speed
+//! is how fast the weights stream through the core. Reading GGUF's blocks one row at a time
+//! spends most instructions on per-row work (unpacking scales, horizontal sums); candle's x86
+//! repack avoids that with 16-row tiles but widens every Q4_K scale and min to f32 (6 bits per
+//! weight instead of 4.5) and builds its copy lazily during the first tokens.
+//!
+//! [`PackedMatrix`] is built once at load: 16 rows × one block of the input dimension per tile,
+//! the 4-bit (Q4_K) or 8-bit (Q8_0) values interleaved so that one AVX-512 VNNI `vpdpbusd`
+//! multiplies 16 rows by 4 broadcast activation values, the scales kept as compact as the file
+//! has them (Q4_K: f16 `d`/`dmin` per row and superblock, 6-bit scales widened to one byte —
+//! 4.625 bits per weight; Q8_0: exactly the file's 8.5). Activations are quantized to 8 bits
+//! once per row ([`QuantRow`]). [`run`] spreads a batch of products (all experts of a layer, or
+//! q/k/v) over candle's persistent worker pool in one parallel region.
+//!
+//! The kernels need AVX-512 F/BW/VNNI and F16C ([`Format::native`]); elsewhere callers keep
+//! candle's matmul. A scalar reference on the file's own blocks ([`dot_scalar`]) is what the
+//! packed kernels are tested against.
+
+use std::ops::Range;
+
+use half::f16;
+
+/// Values per Q4_K superblock.
+pub const QK_K: usize = 256;
+/// Values per Q8_0 block.
+pub const QK8_0: usize = 32;
+/// Rows per tile.
+pub const TILE_ROWS: usize = 16;
+const Q4K_BYTES: usize = 144;
+const Q8_0_BYTES: usize = 34;
+/// Q4_K tile: d[16] f16, dmin[16] f16, scales[8][16] u8, mins[8][16] u8, values.
+const Q4K_TILE: usize = 32 + 32 + 128 + 128 + TILE_ROWS * QK_K / 2;
+const Q4K_SC: usize = 64;
+const Q4K_MN: usize = 192;
+const Q4K_QS: usize = 320;
+/// Q8_0 tile: d[16] f16, values + 128 as u8.
+const Q8_0_TILE: usize = 32 + TILE_ROWS * QK8_0;
+/// Prefetch distance ahead of the weight stream, in bytes.
+const PREFETCH: usize = 4096;
+/// Row tiles per unit of parallel work.
+const TILES_PER_UNIT: usize = 2;
+
+/// A weight block format with a kernel here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// llama.cpp's Q4_K: 256-value superblocks, 4-bit values, 6-bit scales and mins.
+    Q4K,
+    /// llama.cpp's Q8_0: 32-value blocks of i8 with an f16 scale.
+    Q8_0,
+}
+
+impl Format {
+    /// The format of a candle dtype, if it has a kernel here.
+    pub fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType as D;
+        match dtype {
+            D::Q4K => Some(Format::Q4K),
+            D::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Values per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            Format::Q4K => QK_K,
+            Format::Q8_0 => QK8_0,
+        }
+    }
+
+    /// Bytes per block in a GGUF file.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4K => Q4K_BYTES,
+            Format::Q8_0 => Q8_0_BYTES,
+        }
+    }
+
+    /// Bytes of one GGUF row of `cols` values (`cols` a whole number of blocks).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_elems() * self.block_bytes()
+    }
+
+    fn tile_bytes(self) -> usize {
+        match self {
+            Format::Q4K => Q4K_TILE,
+            Format::Q8_0 => Q8_0_TILE,
+        }
+    }
+
+    /// Whether this CPU runs the kernels (AVX-512 F/BW/VNNI and F16C). `SINEW_KERNELS=candle`
+    /// in the environment turns them off, to compare against candle's own path.
+    pub fn native(self) -> bool {
+        if std::env::var_os("SINEW_KERNELS").is_some_and(|v| v == "candle") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// One activation row quantized to 8 bits for a weight format: a scale per block (256 values
+/// for Q4_K, 32 for Q8_0), the values, and the sum of each 32 values.
+#[derive(Clone, Debug)]
+pub struct QuantRow {
+    format: Format,
+    d: Vec<f32>,
+    qs: Vec<i8>,
+    bsum: Vec<i32>,
+}
+
+impl QuantRow {
+    /// Quantizes `x` (a whole number of `format` blocks long): per block, scale = max |x| / 127
+    /// and each value rounded to the nearest step. Non-finite inputs quantize to 0.
+    pub fn new(format: Format, x: &[f32]) -> Self {
+        let be = format.block_elems();
+        assert!(x.len().is_multiple_of(be), "row of {} values", x.len());
+        let mut d = Vec::with_capacity(x.len() / be);
+        let mut qs = vec![0i8; x.len()];
+        for (xb, out) in x.chunks_exact(be).zip(qs.chunks_exact_mut(be)) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inv = if amax > 0.0 && amax.is_finite() {
+                127.0 / amax
+            } else {
+                0.0
+            };
+            d.push(if inv > 0.0 { amax / 127.0 } else { 0.0 });
+            for (o, &v) in out.iter_mut().zip(xb) {
+                // float → int `as` saturates and maps NaN to 0
+                *o = (v * inv).round_ties_even() as i8;
+            }
+        }
+        let bsum = qs
+            .chunks_exact(32)
+            .map(|c| c.iter().map(|&v| v as i32).sum())
+            .collect();
+        QuantRow {
+            format,
+            d,
+            qs,
+            bsum,
+        }
+    }
+
+    /// Values in the row.
+    pub fn len(&self) -> usize {
+        self.qs.len()
+    }
+
+    /// Whether the row is empty.
+    pub fn is_empty(&self) -> bool {
+        self.qs.is_empty()
+    }
+
+    /// The format this row was quantized for.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K superblock (llama.cpp's layout).
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 256 4-bit values of a Q4_K superblock in order.
+fn q4k_values(blk: &[u8]) -> [u8; QK_K] {
+    let qs = &blk[16..Q4K_BYTES];
+    let mut v = [0u8; QK_K];
+    for c in 0..4 {
+        for j in 0..32 {
+            v[64 * c + j] = qs[32 * c + j] & 0x0F;
+            v[64 * c + 32 + j] = qs[32 * c + j] >> 4;
+        }
+    }
+    v
+}
+
+/// Reference dot product of one GGUF weight row (`w`, its blocks as stored) with `a`, one value
+/// at a time in exact integer arithmetic per block: what the packed kernels must reproduce.
+pub fn dot_scalar(format: Format, w: &[u8], a: &QuantRow) -> f32 {
+    assert_eq!(
+        a.format, format,
+        "activation row quantized for another format"
+    );
+    assert_eq!(w.len(), format.row_bytes(a.len()), "weight row length");
+    let mut total = 0f32;
+    for (b, blk) in w.chunks_exact(format.block_bytes()).enumerate() {
+        match format {
+            Format::Q8_0 => {
+                let y = &a.qs[b * QK8_0..(b + 1) * QK8_0];
+                let s: i32 = (0..QK8_0)
+                    .map(|j| (blk[2 + j] as i8) as i32 * y[j] as i32)
+                    .sum();
+                total += f16_at(blk, 0) * a.d[b] * s as f32;
+            }
+            Format::Q4K => {
+                let q = q4k_values(blk);
+                let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+                let (mut sumi, mut summ) = (0i32, 0i32);
+                for sub in 0..8 {
+                    let (sc, mn) = q4k_scale_min(sub, &blk[4..16]);
+                    let s: i32 = (32 * sub..32 * (sub + 1))
+                        .map(|i| q[i] as i32 * y[i] as i32)
+                        .sum();
+                    sumi += sc as i32 * s;
+                    summ += mn as i32 * a.bsum[b * 8 + sub];
+                }
+                total += a.d[b] * (f16_at(blk, 0) * sumi as f32 - f16_at(blk, 2) * summ as f32);
+            }
+        }
+    }
+    total
+}
+
+/// A weight matrix [rows, cols] repacked into 16-row tiles for the kernels.
+pub struct PackedMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Repacks the GGUF blocks `gguf` of a [rows, cols] matrix. `None` when the shape does not
+    /// tile (rows not a multiple of 16, cols not of the block size) or `gguf` has the wrong
+    /// length; the caller then keeps candle's matmul.
+    pub fn pack(format: Format, gguf: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let be = format.block_elems();
+        if rows == 0
+            || cols == 0
+            || !rows.is_multiple_of(TILE_ROWS)
+            || !cols.is_multiple_of(be)
+            || gguf.len() != rows * format.row_bytes(cols)
+        {
+            return None;
+        }
+        let kb = cols / be;
+        let tb = format.tile_bytes();
+        let mut data = vec![0u8; rows / TILE_ROWS * kb * tb];
+        for (t, tile) in data.chunks_exact_mut(tb).enumerate() {
+            let (rt, b) = (t / kb, t % kb);
+            for r in 0..TILE_ROWS {
+                let row = rt * TILE_ROWS + r;
+                let at = (row * kb + b) * format.block_bytes();
+                let blk = &gguf[at..at + format.block_bytes()];
+                match format {
+                    Format::Q8_0 => {
+                        tile[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                        for (k, &q) in blk[2..].iter().enumerate() {
+                            let at = 32 + (k / 4) * 64 + r * 4 + k % 4;
+                            tile[at] = (q as i8 as i16 + 128) as u8;
+                        }
+                    }
+                    Format::Q4K => {
+                        tile[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                        tile[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                        for j in 0..8 {
+                            let (sc, mn) = q4k_scale_min(j, &blk[4..16]);
+                            tile[Q4K_SC + 16 * j + r] = sc;
+                            tile[Q4K_MN + 16 * j + r] = mn;
+                        }
+                        let q = q4k_values(blk);
+                        // per sub-block j, 4 loads of 64 bytes: load g holds values 4g..4g+4
+                        // (low nibbles) and 16+4g..16+4g+4 (high nibbles) of each row
+                        for j in 0..8 {
+                            for g in 0..4 {
+                                for i in 0..4 {
+                                    let lo = q[32 * j + 4 * g + i];
+                                    let hi = q[32 * j + 16 + 4 * g + i];
+                                    tile[Q4K_QS + (4 * j + g) * 64 + r * 4 + i] = lo | (hi << 4);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(PackedMatrix {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// The weight format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row `row` dequantized from the packed tiles (portable; for tests and checks).
+    pub fn dequantize_row(&self, row: usize) -> Vec<f32> {
+        let (rt, r) = (row / TILE_ROWS, row % TILE_ROWS);
+        let kb = self.cols / self.format.block_elems();
+        let tb = self.format.tile_bytes();
+        let mut out = Vec::with_capacity(self.cols);
+        for b in 0..kb {
+            let tile = &self.data[(rt * kb + b) * tb..(rt * kb + b + 1) * tb];
+            match self.format {
+                Format::Q8_0 => {
+                    let d = f16_at(tile, 2 * r);
+                    for k in 0..QK8_0 {
+                        let q = tile[32 + (k / 4) * 64 + r * 4 + k % 4] as i32 - 128;
+                        out.push(d * q as f32);
+                    }
+                }
+                Format::Q4K => {
+                    let (d, dmin) = (f16_at(tile, 2 * r), f16_at(tile, 32 + 2 * r));
+                    for j in 0..8 {
+                        let sc = tile[Q4K_SC + 16 * j + r] as f32;
+                        let mn = tile[Q4K_MN + 16 * j + r] as f32;
+                        for k in 0..32 {
+                            let (g, i, high) = ((k % 16) / 4, k % 4, k >= 16);
+                            let byte = tile[Q4K_QS + (4 * j + g) * 64 + r * 4 + i];
+                            let q = if high { byte >> 4 } else { byte & 0x0F };
+                            out.push(d * sc * q as f32 - dmin * mn);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows `tiles.start * 16 .. tiles.end * 16` of this matrix times `a`, into `out` (16 values
+    /// per tile).
+    fn gemv(&self, tiles: Range<usize>, a: &QuantRow, out: &mut [f32]) {
+        assert_eq!(
+            a.format, self.format,
+            "activation row quantized for another format"
+        );
+        assert_eq!(a.len(), self.cols, "activation row length");
+        assert!(tiles.end * TILE_ROWS <= self.rows && out.len() == tiles.len() * TILE_ROWS);
+        assert!(self.format.native(), "the packed kernels need AVX-512 VNNI");
+        #[cfg(target_arch = "x86_64")]
+        {
+            let kb = self.cols / self.format.block_elems();
+            let tb = self.format.tile_bytes();
+            for (i, rt) in tiles.enumerate() {
+                let slab = &self.data[rt * kb * tb..(rt + 1) * kb * tb];
+                let dst: &mut [f32; TILE_ROWS] = (&mut out[i * TILE_ROWS..(i + 1) * TILE_ROWS])
+                    .try_into()
+                    .expect("16 outputs per tile");
+                match self.format {
+                    // SAFETY: `native` checked the CPU features; `slab` holds kb tiles and `a`
+                    // kb blocks (lengths asserted above).
+                    Format::Q4K => unsafe { x86::tile_row_q4k(slab, a, dst) },
+                    // SAFETY: as above.
+                    Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab, a, dst) },
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (tiles, a, out);
+            unreachable!("native() is false off x86_64");
+        }
+    }
+}
+
+/// One product of a batch: `mat` times each row of `acts`, into `out` laid out
+/// [acts.len(), mat.rows()].
+pub struct Job<'a> {
+    /// The weights.
+    pub mat: &'a PackedMatrix,
+    /// Input rows, quantized for `mat`'s format.
+    pub acts: &'a [QuantRow],
+    /// Output, `acts.len() * mat.rows()` values.
+    pub out: &'a mut [f32],
+}
+
+/// Raw output pointers shared with the worker threads.
+struct Outputs(Vec<*mut f32>);
+// SAFETY: each (job, activation row, tile) output range is written by exactly one work unit,
+// and `run` does not return before every unit has finished.
+unsafe impl Sync for Outputs {}
+
+impl Outputs {
+    fn get(&self, job: usize) -> *mut f32 {
+        self.0[job]
+    }
+}
+
+/// Runs a batch of products in one parallel region on candle's worker pool (its size follows
+/// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`). Panics if a job's shapes disagree.
+pub fn run(jobs: &mut [Job<'_>]) {
+    let mut units: Vec<(usize, Range<usize>)> = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        assert_eq!(
+            job.out.len(),
+            job.acts.len() * job.mat.rows,
+            "job output size"
+        );
+        let tiles = job.mat.rows / TILE_ROWS;
+        for start in (0..tiles).step_by(TILES_PER_UNIT) {
+            units.push((j, start..(start + TILES_PER_UNIT).min(tiles)));
+        }
+    }
+    let outs = Outputs(jobs.iter_mut().map(|j| j.out.as_mut_ptr()).collect());
+    let jobs = &*jobs;
+    let work = |range: Range<usize>| {
+        let mut tmp = [0f32; TILE_ROWS * TILES_PER_UNIT];
+        for (j, tiles) in &units[range] {
+            let job = &jobs[*j];
+            let rows = job.mat.rows;
+            let n = tiles.len() * TILE_ROWS;
+            for (i, a) in job.acts.iter().enumerate() {
+                job.mat.gemv(tiles.clone(), a, &mut tmp[..n]);
+                // SAFETY: the destination lies inside job j's output (row i, this unit's
+                // tiles), which no other unit writes, and outlives the parallel region.
+                unsafe {
+                    let dst = outs.get(*j).add(i * rows + tiles.start * TILE_ROWS);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+                }
+            }
+        }
+    };
+    if units.len() <= 1 {
+        work(0..units.len());
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units.len(), work);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{
+        PREFETCH, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow, TILE_ROWS,
+    };
+
+    /// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q4_K tiles.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn tile_row_q4k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+        let blocks = a.len() / QK_K;
+        debug_assert_eq!(slab.len(), blocks * Q4K_TILE);
+        let m4 = _mm512_set1_epi8(0x0F);
+        let mut acc = _mm512_setzero_ps();
+        let yp = a.qs.as_ptr();
+        for b in 0..blocks {
+            // SAFETY: tile b is within the slab and block b within the activation row (the
+            // caller's contract); prefetches past the end never fault.
+            unsafe {
+                let t = slab.as_ptr().add(b * Q4K_TILE);
+                let dy = _mm512_set1_ps(*a.d.get_unchecked(b));
+                let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)), dy);
+                let dmin = _mm512_mul_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256(t.add(32) as *const _)),
+                    dy,
+                );
+                for j in 0..8 {
+                    let y = yp.add(b * QK_K + 32 * j);
+                    let q = t.add(Q4K_QS + j * 256);
+                    let mut lo_acc = _mm512_setzero_si512();
+                    let mut hi_acc = _mm512_setzero_si512();
+                    for g in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH + 64 * g) as *const i8);
+                        let v = _mm512_loadu_si512(q.add(64 * g) as *const _);
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                        let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                        let yhi =
+                            _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
+                        lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
+                        hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
+                    }
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc, hi_acc));
+                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        t.add(Q4K_SC + 16 * j) as *const _,
+                    )));
+                    let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        t.add(Q4K_MN + 16 * j) as *const _,
+                    )));
+                    let bsum = _mm512_set1_ps(*a.bsum.get_unchecked(b * 8 + j) as f32);
+                    acc = _mm512_fmadd_ps(_mm512_mul_ps(d, sc), dot, acc);
+                    acc = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, mn), bsum, acc);
+                }
+            }
+        }
+        // SAFETY: out holds 16 f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+
+    /// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 32` Q8_0 tiles.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn tile_row_q8_0(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+        let blocks = a.len() / QK8_0;
+        debug_assert_eq!(slab.len(), blocks * Q8_0_TILE);
+        let mut acc = _mm512_setzero_ps();
+        let yp = a.qs.as_ptr();
+        for b in 0..blocks {
+            // SAFETY: as in `tile_row_q4k`.
+            unsafe {
+                let t = slab.as_ptr().add(b * Q8_0_TILE);
+                let y = yp.add(b * QK8_0);
+                let mut acc0 = _mm512_setzero_si512();
+                let mut acc1 = _mm512_setzero_si512();
+                for g in (0..8).step_by(2) {
+                    let q = t.add(32 + 64 * g);
+                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH + 64) as *const i8);
+                    let y0 = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                    let y1 = _mm512_set1_epi32((y.add(4 * g + 4) as *const i32).read_unaligned());
+                    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(q as *const _), y0);
+                    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(q.add(64) as *const _), y1);
+                }
+                // the values are stored + 128: subtract 128 · Σ y
+                let dot = _mm512_sub_ps(
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
+                    _mm512_set1_ps(128.0 * *a.bsum.get_unchecked(b) as f32),
+                );
+                let d = _mm512_mul_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
+                    _mm512_set1_ps(*a.d.get_unchecked(b)),
+                );
+                acc = _mm512_fmadd_ps(d, dot, acc);
+            }
+        }
+        // SAFETY: out holds 16 f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use proptest::prelude::*;
+
+    /// Quantizes [rows, cols] values with candle (llama.cpp's quantizer): the GGUF blocks and
+    /// the dequantized values.
+    fn quantize(dtype: GgmlDType, vals: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+        let t = Tensor::from_slice(vals, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (q.data().unwrap().into_owned(), deq)
+    }
+
+    fn dtype(f: Format) -> GgmlDType {
+        match f {
+            Format::Q4K => GgmlDType::Q4K,
+            Format::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// `w` (dequantized) · the activation row as quantized, in f64.
+    fn exact(w: &[f32], a: &QuantRow) -> f64 {
+        let be = a.format.block_elems();
+        w.iter()
+            .enumerate()
+            .map(|(i, &w)| w as f64 * a.d[i / be] as f64 * a.qs[i] as f64)
+            .sum()
+    }
+
+    /// Packs a random [rows, cols] matrix, checks the packed copy dequantizes to candle's values,
+    /// and that the scalar reference and (where the CPU has it) the packed kernel give each
+    /// row's dot product with `x`.
+    fn check(format: Format, w: &[f32], x: &[f32], rows: usize) {
+        let cols = x.len();
+        let (blocks, deq) = quantize(dtype(format), w, rows, cols);
+        let packed = PackedMatrix::pack(format, &blocks, rows, cols).expect("tiles");
+        let a = QuantRow::new(format, x);
+        let mut simd = vec![0f32; rows];
+        if format.native() {
+            run(&mut [Job {
+                mat: &packed,
+                acts: std::slice::from_ref(&a),
+                out: &mut simd,
+            }]);
+        }
+        let rb = format.row_bytes(cols);
+        for r in 0..rows {
+            let wr = &deq[r * cols..(r + 1) * cols];
+            assert_eq!(packed.dequantize_row(r), wr, "row {r} repacked");
+            let want = exact(wr, &a);
+            let scale = wr
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| {
+                    (w as f64 * a.d[i / format.block_elems()] as f64 * a.qs[i] as f64).abs()
+                })
+                .sum::<f64>()
+                + 1e-6;
+            let s = dot_scalar(format, &blocks[r * rb..(r + 1) * rb], &a) as f64;
+            assert!(
+                (s - want).abs() <= 1e-4 * scale,
+                "row {r}: scalar {s} vs {want}"
+            );
+            if format.native() {
+                let v = simd[r] as f64;
+                assert!(
+                    (v - want).abs() <= 1e-4 * scale,
+                    "row {r}: packed {v} vs {want}"
+                );
+            }
+        }
+        // the quantized activations stay within half a step of x
+        let step = a.d.iter().fold(0f32, |m, &d| m.max(d)) as f64;
+        for (i, (&xi, &qi)) in x.iter().zip(&a.qs).enumerate() {
+            let back = a.d[i / format.block_elems()] as f64 * qi as f64;
+            assert!((back - xi as f64).abs() <= 0.5 * step + 1e-6, "x[{i}]");
+        }
+    }
+
+    fn case(format: Format) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize)> {
+        let be = format.block_elems();
+        (1usize..4, 1usize..3).prop_flat_map(move |(blocks, tiles)| {
+            let (cols, rows) = (
+                blocks * be * if be == QK8_0 { 3 } else { 1 },
+                tiles * TILE_ROWS,
+            );
+            (
+                prop::collection::vec(-4.0f32..4.0, rows * cols),
+                prop::collection::vec(-4.0f32..4.0, cols),
+                Just(rows),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn q4k_packed_and_reference((w, x, rows) in case(Format::Q4K)) {
+            check(Format::Q4K, &w, &x, rows);
+        }
+
+        #[test]
+        fn q8_0_packed_and_reference((w, x, rows) in case(Format::Q8_0)) {
+            check(Format::Q8_0, &w, &x, rows);
+        }
+    }
+
+    #[test]
+    fn zero_rows_and_uneven_blocks() {
+        let rows = TILE_ROWS;
+        check(
+            Format::Q4K,
+            &vec![1.0; rows * 2 * QK_K],
+            &vec![0.0; 2 * QK_K],
+            rows,
+        );
+        let x: Vec<f32> = (0..4 * QK8_0)
+            .map(|i| if i < QK8_0 { 1e-3 } else { 300.0 })
+            .collect();
+        let w: Vec<f32> = (0..rows).flat_map(|_| x.iter().copied()).collect();
+        check(Format::Q8_0, &w, &x, rows);
+    }
+
+    #[test]
+    fn q8_0_minus_128_does_not_wrap() {
+        // llama.cpp never writes -128 into Q8_0, but a file may hold it
+        let mut blk = vec![0u8; Q8_0_BYTES];
+        blk[..2].copy_from_slice(&f16::from_f32(1.0).to_bits().to_le_bytes());
+        blk[2..].iter_mut().for_each(|b| *b = 0x80);
+        let gguf: Vec<u8> = (0..TILE_ROWS).flat_map(|_| blk.iter().copied()).collect();
+        let a = QuantRow::new(Format::Q8_0, &[1.0; QK8_0]);
+        let want = -128.0 * 127.0 * QK8_0 as f32 * a.d[0];
+        assert!((dot_scalar(Format::Q8_0, &blk, &a) - want).abs() < 1e-3 * want.abs());
+        let packed = PackedMatrix::pack(Format::Q8_0, &gguf, TILE_ROWS, QK8_0).unwrap();
+        assert_eq!(packed.dequantize_row(3), vec![-128.0; QK8_0]);
+        if Format::Q8_0.native() {
+            let mut out = vec![0f32; TILE_ROWS];
+            run(&mut [Job {
+                mat: &packed,
+                acts: std::slice::from_ref(&a),
+                out: &mut out,
+            }]);
+            assert!(out.iter().all(|v| (v - want).abs() < 1e-3 * want.abs()));
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_tile_are_refused() {
+        let row = vec![0u8; Q8_0_BYTES];
+        assert!(PackedMatrix::pack(Format::Q8_0, &row, 1, QK8_0).is_none());
+        let rows: Vec<u8> = vec![0u8; TILE_ROWS * Q8_0_BYTES];
+        assert!(PackedMatrix::pack(Format::Q8_0, &rows, TILE_ROWS, QK8_0 + 1).is_none());
+        assert!(PackedMatrix::pack(Format::Q8_0, &rows[1..], TILE_ROWS, QK8_0).is_none());
+        assert!(PackedMatrix::pack(Format::Q8_0, &rows, TILE_ROWS, QK8_0).is_some());
+    }
+}
