@@ -561,17 +561,20 @@ impl Moe {
                 [vec![0f32; count * g.rows()], vec![0f32; count * u.rows()]]
             })
             .collect();
-        let mut jobs = Vec::with_capacity(2 * active.len());
-        for ((m, sel), out) in mats.iter().zip(&selected).zip(gate_up.iter_mut()) {
-            let [go, uo] = out;
-            for (mat, (rows, out)) in [m[0], m[1]].into_iter().zip([(&sel[0], go), (&sel[1], uo)]) {
-                jobs.push(Job {
-                    mat,
-                    acts: rows.as_deref().unwrap_or_else(|| acts.get(mat.format())),
+        // one job per (expert, projection): gate is projection 0, up is 1
+        let acts = &acts;
+        let mut jobs: Vec<Job<'_>> = mats
+            .iter()
+            .zip(&selected)
+            .zip(gate_up.iter_mut())
+            .flat_map(|((m, sel), outs)| {
+                outs.iter_mut().enumerate().map(move |(p, out)| Job {
+                    mat: m[p],
+                    acts: sel[p].as_deref().unwrap_or_else(|| acts.get(m[p].format())),
                     out,
-                });
-            }
-        }
+                })
+            })
+            .collect();
         kernels::run(&mut jobs);
         drop(jobs);
         // silu(gate) · up, quantized for each down projection
