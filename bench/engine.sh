@@ -6,7 +6,8 @@
 #     script measures on this machine with the same thread count; beside it the same binary with
 #     SINEW_KERNELS=candle (candle's quantized matmul instead of sinew's packed kernels);
 #  2. sinew in f32 against candle-transformers' qwen3_moe in f32 on the same model directory
-#     (F32_LAYERS layers: the 8-layer f32 model is 19 GiB), same threads, interleaved rounds.
+#     (F32_LAYERS layers: the 8-layer f32 model is 19 GiB), same threads, interleaved rounds;
+#     beside it sinew with SINEW_KERNELS=candle (candle's f32 matmul instead of the packed one).
 # Results: bench/out/engine.json and a table on stdout. Knobs: LAYERS F32_LAYERS TOKENS PROMPT ROUNDS.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -65,11 +66,13 @@ for t in $THREADS; do
       "$ctps" "$(python3 -c "print(100 * $ctps / $roof)")"
   done
   [[ " $PARTS " == *" f32 "* ]] || continue
-  s=(); c=()
-  for _ in $(seq "$ROUNDS"); do s+=("$(sinew_decode "$HF" "$t")"); c+=("$(peer_decode "$HF" "$t")"); done
-  st=$(median "${s[@]}"); ct=$(median "${c[@]}")
-  add "{\"model\": \"f32-${F32_LAYERS}l\", \"threads\": $t, \"sinew_decode_tokens_per_s\": $st, \"candle_transformers_decode_tokens_per_s\": $ct, \"ratio\": $(python3 -c "print($st / $ct)")}"
-  printf 'f32   threads %s  sinew %7.2f tok/s  candle-transformers qwen3_moe %7.2f tok/s  ratio %.2fx\n' "$t" "$st" "$ct" "$(python3 -c "print($st / $ct)")"
+  s=(); k=(); c=()
+  for _ in $(seq "$ROUNDS"); do
+    s+=("$(sinew_decode "$HF" "$t")"); k+=("$(sinew_decode "$HF" "$t" candle)"); c+=("$(peer_decode "$HF" "$t")")
+  done
+  st=$(median "${s[@]}"); kt=$(median "${k[@]}"); ct=$(median "${c[@]}")
+  add "{\"model\": \"f32-${F32_LAYERS}l\", \"threads\": $t, \"sinew_decode_tokens_per_s\": $st, \"candle_matmul_decode_tokens_per_s\": $kt, \"candle_transformers_decode_tokens_per_s\": $ct, \"ratio\": $(python3 -c "print($st / $ct)")}"
+  printf 'f32   threads %s  sinew %7.2f tok/s (candle matmul %7.2f)  candle-transformers qwen3_moe %7.2f tok/s  ratio %.2fx\n' "$t" "$st" "$kt" "$ct" "$(python3 -c "print($st / $ct)")"
 done
 echo "$results" > "$OUT/engine.json"
 echo "wrote $OUT/engine.json"

@@ -16,6 +16,11 @@
 //! [`run`] spreads a batch of products (all experts of a layer, or
 //! q/k/v) over candle's persistent worker pool in one parallel region.
 //!
+//! f32 matrices take the same path ([`Format::F32`]): 16-row tiles stored column by column, so
+//! one 64-byte load holds the 16 rows' weights for one input value and the slab streams front to
+//! back with one fused multiply-add per load (up to 4 activation rows share each load, for
+//! prefill).
+//!
 //! The kernels need AVX-512 F/BW/VNNI and F16C ([`Format::native`]); elsewhere callers keep
 //! candle's matmul. A scalar reference on the file's own blocks ([`dot_scalar`]) is what the
 //! packed kernels are tested against.
@@ -40,8 +45,12 @@ const Q4K_MN: usize = 192;
 const Q4K_QS: usize = 320;
 /// Q8_0 tile: d[16] f16, values + 128 as u8.
 const Q8_0_TILE: usize = 32 + TILE_ROWS * QK8_0;
+/// f32 tile: one input value of 16 rows.
+const F32_TILE: usize = 4 * TILE_ROWS;
 /// Row tiles per unit of parallel work.
 const TILES_PER_UNIT: usize = 2;
+/// Activation rows that share one pass over a tile slab (f32; the 8-bit kernels take one).
+const ROWS_PER_PASS: usize = 4;
 
 /// A weight block format with a kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +59,8 @@ pub enum Format {
     Q4K,
     /// llama.cpp's Q8_0: 32-value blocks of i8 with an f16 scale.
     Q8_0,
+    /// Plain f32 (a "block" is one value); activations stay f32.
+    F32,
 }
 
 impl Format {
@@ -59,6 +70,7 @@ impl Format {
         match dtype {
             D::Q4K => Some(Format::Q4K),
             D::Q8_0 => Some(Format::Q8_0),
+            D::F32 => Some(Format::F32),
             _ => None,
         }
     }
@@ -68,6 +80,7 @@ impl Format {
         match self {
             Format::Q4K => QK_K,
             Format::Q8_0 => QK8_0,
+            Format::F32 => 1,
         }
     }
 
@@ -76,6 +89,7 @@ impl Format {
         match self {
             Format::Q4K => Q4K_BYTES,
             Format::Q8_0 => Q8_0_BYTES,
+            Format::F32 => 4,
         }
     }
 
@@ -88,11 +102,12 @@ impl Format {
         match self {
             Format::Q4K => Q4K_TILE,
             Format::Q8_0 => Q8_0_TILE,
+            Format::F32 => F32_TILE,
         }
     }
 
-    /// Whether this CPU runs the kernels (AVX-512 F/BW/VNNI and F16C; the same for both
-    /// formats). `SINEW_KERNELS=candle` in the environment at the first call turns them off, to
+    /// Whether this CPU runs the kernels (AVX-512 F/BW/VNNI and F16C; the same for every
+    /// format). `SINEW_KERNELS=candle` in the environment at the first call turns them off, to
     /// compare against candle's own path.
     pub fn native(self) -> bool {
         static NATIVE: OnceLock<bool> = OnceLock::new();
@@ -115,20 +130,32 @@ impl Format {
     }
 }
 
-/// One activation row quantized to 8 bits for a weight format: a scale per block (256 values
-/// for Q4_K, 32 for Q8_0), the values, and the sum of each 32 values.
+/// One activation row prepared for a weight format: for Q4_K and Q8_0 quantized to 8 bits — a
+/// scale per block (256 values for Q4_K, 32 for Q8_0), the values, and the sum of each 32
+/// values; for f32 kept as it is.
 #[derive(Clone, Debug)]
 pub struct QuantRow {
     format: Format,
     d: Vec<f32>,
     qs: Vec<i8>,
     bsum: Vec<i32>,
+    f: Vec<f32>,
 }
 
 impl QuantRow {
     /// Quantizes `x` (a whole number of `format` blocks long): per block, scale = max |x| / 127
-    /// and each value rounded to the nearest step. Non-finite inputs quantize to 0.
+    /// and each value rounded to the nearest step. Non-finite inputs quantize to 0. For
+    /// [`Format::F32`] the row is copied unchanged.
     pub fn new(format: Format, x: &[f32]) -> Self {
+        if format == Format::F32 {
+            return QuantRow {
+                format,
+                d: Vec::new(),
+                qs: Vec::new(),
+                bsum: Vec::new(),
+                f: x.to_vec(),
+            };
+        }
         let be = format.block_elems();
         assert!(x.len().is_multiple_of(be), "row of {} values", x.len());
         let mut d = Vec::with_capacity(x.len() / be);
@@ -154,17 +181,18 @@ impl QuantRow {
             d,
             qs,
             bsum,
+            f: Vec::new(),
         }
     }
 
     /// Values in the row.
     pub fn len(&self) -> usize {
-        self.qs.len()
+        self.qs.len().max(self.f.len())
     }
 
     /// Whether the row is empty.
     pub fn is_empty(&self) -> bool {
-        self.qs.is_empty()
+        self.len() == 0
     }
 
     /// The format this row was quantized for.
@@ -179,6 +207,10 @@ fn round_to_i8(v: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0;
     // float → int `as` saturates and maps NaN to 0
     ((v + MAGIC) - MAGIC) as i8
+}
+
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -242,6 +274,7 @@ pub fn dot_scalar(format: Format, w: &[u8], a: &QuantRow) -> f32 {
                 }
                 total += a.d[b] * (f16_at(blk, 0) * sumi as f32 - f16_at(blk, 2) * summ as f32);
             }
+            Format::F32 => total += f32_at(blk, 0) * a.f[b],
         }
     }
     total
@@ -252,27 +285,56 @@ pub struct PackedMatrix {
     format: Format,
     rows: usize,
     cols: usize,
+    /// The tiles start at `off`, the first cache-line boundary of the allocation.
     data: Vec<u8>,
+    off: usize,
+    len: usize,
 }
 
 impl PackedMatrix {
-    /// Repacks the GGUF blocks `gguf` of a [rows, cols] matrix. `None` when the shape does not
-    /// tile (rows not a multiple of 16, cols not of the block size) or `gguf` has the wrong
-    /// length; the caller then keeps candle's matmul.
-    pub fn pack(format: Format, gguf: &[u8], rows: usize, cols: usize) -> Option<Self> {
+    /// Zeroed tiles for a [rows, cols] matrix, or `None` when the shape does not tile.
+    fn zeroed(format: Format, rows: usize, cols: usize) -> Option<Self> {
         let be = format.block_elems();
-        if rows == 0
-            || cols == 0
-            || !rows.is_multiple_of(TILE_ROWS)
-            || !cols.is_multiple_of(be)
-            || gguf.len() != rows * format.row_bytes(cols)
-        {
+        if rows == 0 || cols == 0 || !rows.is_multiple_of(TILE_ROWS) || !cols.is_multiple_of(be) {
             return None;
         }
-        let kb = cols / be;
+        let len = rows / TILE_ROWS * (cols / be) * format.tile_bytes();
+        let data = vec![0u8; len + 63];
+        let off = data.as_ptr().align_offset(64).min(63);
+        Some(PackedMatrix {
+            format,
+            rows,
+            cols,
+            data,
+            off,
+            len,
+        })
+    }
+
+    fn tiles(&self) -> &[u8] {
+        &self.data[self.off..self.off + self.len]
+    }
+
+    fn tiles_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.off..self.off + self.len]
+    }
+
+    /// Repacks the GGUF blocks `gguf` of a [rows, cols] matrix (for [`Format::F32`], its
+    /// little-endian values). `None` when the shape does not tile (rows not a multiple of 16,
+    /// cols not of the block size) or `gguf` has the wrong length; the caller then keeps
+    /// candle's matmul.
+    pub fn pack(format: Format, gguf: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let mut m = Self::zeroed(format, rows, cols)?;
+        if gguf.len() != rows * format.row_bytes(cols) {
+            return None;
+        }
+        if format == Format::F32 {
+            m.fill_f32(|i| f32_at(gguf, 4 * i));
+            return Some(m);
+        }
+        let kb = cols / format.block_elems();
         let tb = format.tile_bytes();
-        let mut data = vec![0u8; rows / TILE_ROWS * kb * tb];
-        for (t, tile) in data.chunks_exact_mut(tb).enumerate() {
+        for (t, tile) in m.tiles_mut().chunks_exact_mut(tb).enumerate() {
             let (rt, b) = (t / kb, t % kb);
             for r in 0..TILE_ROWS {
                 let row = rt * TILE_ROWS + r;
@@ -307,15 +369,39 @@ impl PackedMatrix {
                             }
                         }
                     }
+                    Format::F32 => unreachable!("packed above"),
                 }
             }
         }
-        Some(PackedMatrix {
-            format,
-            rows,
-            cols,
-            data,
-        })
+        Some(m)
+    }
+
+    /// Packs an f32 [rows, cols] matrix given row-major; `None` when the shape does not tile or
+    /// `w` has the wrong length.
+    pub fn pack_f32(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        let mut m = Self::zeroed(Format::F32, rows, cols)?;
+        if w.len() != rows * cols {
+            return None;
+        }
+        m.fill_f32(|i| w[i]);
+        Some(m)
+    }
+
+    /// Fills an f32 matrix from its row-major values: value (row, c) goes to slab row / 16 at
+    /// c · 16 + row % 16.
+    fn fill_f32(&mut self, value: impl Fn(usize) -> f32) {
+        let cols = self.cols;
+        let slab = cols * F32_TILE;
+        let rows = self.rows;
+        let tiles = self.tiles_mut();
+        for row in 0..rows {
+            let (rt, r) = (row / TILE_ROWS, row % TILE_ROWS);
+            let s = &mut tiles[rt * slab..(rt + 1) * slab];
+            for c in 0..cols {
+                let at = c * F32_TILE + 4 * r;
+                s[at..at + 4].copy_from_slice(&value(row * cols + c).to_le_bytes());
+            }
+        }
     }
 
     /// The weight format.
@@ -335,7 +421,7 @@ impl PackedMatrix {
 
     /// Bytes held.
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len()
+        self.len
     }
 
     /// Row `row` dequantized from the packed tiles (portable; for tests and checks).
@@ -345,8 +431,9 @@ impl PackedMatrix {
         let tb = self.format.tile_bytes();
         let mut out = Vec::with_capacity(self.cols);
         for b in 0..kb {
-            let tile = &self.data[(rt * kb + b) * tb..(rt * kb + b + 1) * tb];
+            let tile = &self.tiles()[(rt * kb + b) * tb..(rt * kb + b + 1) * tb];
             match self.format {
+                Format::F32 => out.push(f32_at(tile, 4 * r)),
                 Format::Q8_0 => {
                     let d = f16_at(tile, 2 * r);
                     for k in 0..QK8_0 {
@@ -372,36 +459,63 @@ impl PackedMatrix {
         out
     }
 
-    /// Rows `tiles.start * 16 .. tiles.end * 16` of this matrix times `a`, into `out` (16 values
-    /// per tile).
-    fn gemv(&self, tiles: Range<usize>, a: &QuantRow, out: &mut [f32]) {
-        assert_eq!(
-            a.format, self.format,
-            "activation row quantized for another format"
-        );
-        assert_eq!(a.len(), self.cols, "activation row length");
-        assert!(tiles.end * TILE_ROWS <= self.rows && out.len() == tiles.len() * TILE_ROWS);
+    /// Rows `tiles.start * 16 .. tiles.end * 16` of this matrix times each row of `acts` (at
+    /// most [`ROWS_PER_PASS`]), into `out` laid out [acts.len(), tiles.len() * 16].
+    fn gemv(&self, tiles: Range<usize>, acts: &[QuantRow], out: &mut [f32]) {
+        let n = tiles.len() * TILE_ROWS;
+        assert!(acts.len() <= ROWS_PER_PASS && out.len() == acts.len() * n);
+        assert!(tiles.end * TILE_ROWS <= self.rows);
+        for a in acts {
+            assert_eq!(
+                a.format, self.format,
+                "activation row quantized for another format"
+            );
+            assert_eq!(a.len(), self.cols, "activation row length");
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let kb = self.cols / self.format.block_elems();
             let tb = self.format.tile_bytes();
             for (i, rt) in tiles.enumerate() {
-                let slab = &self.data[rt * kb * tb..(rt + 1) * kb * tb];
-                let dst: &mut [f32; TILE_ROWS] = (&mut out[i * TILE_ROWS..(i + 1) * TILE_ROWS])
-                    .try_into()
-                    .expect("16 outputs per tile");
-                match self.format {
-                    // SAFETY: `native` checked the CPU features; `slab` holds kb tiles and `a`
-                    // kb blocks (lengths asserted above).
-                    Format::Q4K => unsafe { x86::tile_row_q4k(slab, a, dst) },
-                    // SAFETY: as above.
-                    Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab, a, dst) },
+                let slab = &self.tiles()[rt * kb * tb..(rt + 1) * kb * tb];
+                let at = i * TILE_ROWS;
+                if self.format == Format::F32 {
+                    let mut tmp = [[0f32; TILE_ROWS]; ROWS_PER_PASS];
+                    let x = |j: usize| acts[j.min(acts.len() - 1)].f.as_slice();
+                    // SAFETY: `native` checked the CPU features; `slab` holds `cols` f32 tiles
+                    // and every row `cols` values (asserted above).
+                    unsafe {
+                        match acts.len() {
+                            0 => {}
+                            1 => x86::tile_rows_f32::<1>(slab, [x(0)], &mut tmp),
+                            2 => x86::tile_rows_f32::<2>(slab, [x(0), x(1)], &mut tmp),
+                            3 => x86::tile_rows_f32::<3>(slab, [x(0), x(1), x(2)], &mut tmp),
+                            _ => x86::tile_rows_f32::<4>(slab, [x(0), x(1), x(2), x(3)], &mut tmp),
+                        }
+                    }
+                    for (j, t) in tmp.iter().take(acts.len()).enumerate() {
+                        out[j * n + at..j * n + at + TILE_ROWS].copy_from_slice(t);
+                    }
+                    continue;
+                }
+                for (j, a) in acts.iter().enumerate() {
+                    let dst: &mut [f32; TILE_ROWS] = (&mut out[j * n + at..j * n + at + TILE_ROWS])
+                        .try_into()
+                        .expect("16 outputs per tile");
+                    match self.format {
+                        // SAFETY: `native` checked the CPU features; `slab` holds kb tiles and
+                        // `a` kb blocks (lengths asserted above).
+                        Format::Q4K => unsafe { x86::tile_row_q4k(slab, a, dst) },
+                        // SAFETY: as above.
+                        Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab, a, dst) },
+                        Format::F32 => unreachable!("handled above"),
+                    }
                 }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (tiles, a, out);
+            let _ = (tiles, out);
             unreachable!("native() is false off x86_64");
         }
     }
@@ -448,18 +562,28 @@ pub fn run(jobs: &mut [Job<'_>]) {
     let outs = Outputs(jobs.iter_mut().map(|j| j.out.as_mut_ptr()).collect());
     let jobs = &*jobs;
     let work = |range: Range<usize>| {
-        let mut tmp = [0f32; TILE_ROWS * TILES_PER_UNIT];
+        let mut tmp = [0f32; ROWS_PER_PASS * TILE_ROWS * TILES_PER_UNIT];
         for (j, tiles) in &units[range] {
             let job = &jobs[*j];
             let rows = job.mat.rows;
             let n = tiles.len() * TILE_ROWS;
-            for (i, a) in job.acts.iter().enumerate() {
-                job.mat.gemv(tiles.clone(), a, &mut tmp[..n]);
-                // SAFETY: the destination lies inside job j's output (row i, this unit's
-                // tiles), which no other unit writes, and outlives the parallel region.
-                unsafe {
-                    let dst = outs.get(*j).add(i * rows + tiles.start * TILE_ROWS);
-                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+            let pass = if job.mat.format == Format::F32 {
+                ROWS_PER_PASS
+            } else {
+                1
+            };
+            for (c, acts) in job.acts.chunks(pass).enumerate() {
+                job.mat
+                    .gemv(tiles.clone(), acts, &mut tmp[..acts.len() * n]);
+                for i in 0..acts.len() {
+                    let row = c * pass + i;
+                    // SAFETY: the destination lies inside job j's output (row `row`, this
+                    // unit's tiles), which no other unit writes, and outlives the parallel
+                    // region.
+                    unsafe {
+                        let dst = outs.get(*j).add(row * rows + tiles.start * TILE_ROWS);
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr().add(i * n), dst, n);
+                    }
                 }
             }
         }
@@ -475,7 +599,58 @@ pub fn run(jobs: &mut [Job<'_>]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow, TILE_ROWS};
+    use super::{
+        F32_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow,
+        ROWS_PER_PASS, TILE_ROWS,
+    };
+
+    /// One f32 tile slab (16 rows, every input value) times each of the `N` rows `x`, into
+    /// `out[..N]`. Four partial sums per row over the input (every fourth value each) keep
+    /// the fused multiply-adds independent.
+    ///
+    /// # Safety
+    /// AVX-512 F available; `slab` holds `x[i].len()` f32 tiles for every `i`.
+    #[target_feature(enable = "avx512f")]
+    // `u` and `n` index the weights, the rows and the accumulators together
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn tile_rows_f32<const N: usize>(
+        slab: &[u8],
+        x: [&[f32]; N],
+        out: &mut [[f32; TILE_ROWS]; ROWS_PER_PASS],
+    ) {
+        let cols = x[0].len();
+        debug_assert!(N <= ROWS_PER_PASS && x.iter().all(|r| r.len() == cols));
+        debug_assert_eq!(slab.len(), cols * F32_TILE);
+        let w = slab.as_ptr() as *const f32;
+        let mut acc = [[_mm512_setzero_ps(); 4]; N];
+        let mut k = 0;
+        // SAFETY: k + u < cols, so every load lies in the slab and every read in each row.
+        unsafe {
+            while k + 4 <= cols {
+                for u in 0..4 {
+                    let wv = _mm512_loadu_ps(w.add((k + u) * TILE_ROWS));
+                    for n in 0..N {
+                        let xv = _mm512_set1_ps(*x[n].get_unchecked(k + u));
+                        acc[n][u] = _mm512_fmadd_ps(wv, xv, acc[n][u]);
+                    }
+                }
+                k += 4;
+            }
+            while k < cols {
+                let wv = _mm512_loadu_ps(w.add(k * TILE_ROWS));
+                for n in 0..N {
+                    let xv = _mm512_set1_ps(*x[n].get_unchecked(k));
+                    acc[n][0] = _mm512_fmadd_ps(wv, xv, acc[n][0]);
+                }
+                k += 1;
+            }
+            for n in 0..N {
+                let [a0, a1, a2, a3] = acc[n];
+                let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+                _mm512_storeu_ps(out[n].as_mut_ptr(), s);
+            }
+        }
+    }
 
     /// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
     ///
@@ -598,16 +773,23 @@ mod tests {
         match f {
             Format::Q4K => GgmlDType::Q4K,
             Format::Q8_0 => GgmlDType::Q8_0,
+            Format::F32 => GgmlDType::F32,
         }
     }
 
-    /// `w` (dequantized) · the activation row as quantized, in f64.
-    fn exact(w: &[f32], a: &QuantRow) -> f64 {
-        let be = a.format.block_elems();
-        w.iter()
-            .enumerate()
-            .map(|(i, &w)| w as f64 * a.d[i / be] as f64 * a.qs[i] as f64)
-            .sum()
+    /// Activation value `i` as the kernels see it.
+    fn act(a: &QuantRow, i: usize) -> f64 {
+        match a.format {
+            Format::F32 => a.f[i] as f64,
+            f => a.d[i / f.block_elems()] as f64 * a.qs[i] as f64,
+        }
+    }
+
+    /// `w` (dequantized) · the activation row as prepared, in f64, and the sum of the terms'
+    /// magnitudes (the scale of the rounding error).
+    fn exact(w: &[f32], a: &QuantRow) -> (f64, f64) {
+        let terms = w.iter().enumerate().map(|(i, &w)| w as f64 * act(a, i));
+        (terms.clone().sum(), terms.map(f64::abs).sum::<f64>() + 1e-6)
     }
 
     /// Packs a random [rows, cols] matrix, checks the packed copy dequantizes to candle's values,
@@ -630,15 +812,7 @@ mod tests {
         for r in 0..rows {
             let wr = &deq[r * cols..(r + 1) * cols];
             assert_eq!(packed.dequantize_row(r), wr, "row {r} repacked");
-            let want = exact(wr, &a);
-            let scale = wr
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| {
-                    (w as f64 * a.d[i / format.block_elems()] as f64 * a.qs[i] as f64).abs()
-                })
-                .sum::<f64>()
-                + 1e-6;
+            let (want, scale) = exact(wr, &a);
             let s = dot_scalar(format, &blocks[r * rb..(r + 1) * rb], &a) as f64;
             assert!(
                 (s - want).abs() <= 1e-4 * scale,
@@ -652,17 +826,50 @@ mod tests {
                 );
             }
         }
-        // the quantized activations stay within half a step of x
+        // the quantized activations stay within half a step of x (f32: exactly x)
         let step = a.d.iter().fold(0f32, |m, &d| m.max(d)) as f64;
-        for (i, (&xi, &qi)) in x.iter().zip(&a.qs).enumerate() {
-            let back = a.d[i / format.block_elems()] as f64 * qi as f64;
-            assert!((back - xi as f64).abs() <= 0.5 * step + 1e-6, "x[{i}]");
+        for (i, &xi) in x.iter().enumerate() {
+            assert!((act(&a, i) - xi as f64).abs() <= 0.5 * step, "x[{i}]");
+        }
+    }
+
+    /// Several activation rows through `run` (f32 shares each pass over the weights among up to
+    /// four): every output equals that row's product on its own.
+    fn check_rows(format: Format, w: &[f32], xs: &[Vec<f32>], rows: usize) {
+        if !format.native() {
+            return;
+        }
+        let cols = xs[0].len();
+        let (blocks, deq) = quantize(dtype(format), w, rows, cols);
+        let packed = PackedMatrix::pack(format, &blocks, rows, cols).expect("tiles");
+        let acts: Vec<QuantRow> = xs.iter().map(|x| QuantRow::new(format, x)).collect();
+        let mut out = vec![0f32; xs.len() * rows];
+        run(&mut [Job {
+            mat: &packed,
+            acts: &acts,
+            out: &mut out,
+        }]);
+        for (i, a) in acts.iter().enumerate() {
+            for r in 0..rows {
+                let (want, scale) = exact(&deq[r * cols..(r + 1) * cols], a);
+                let v = out[i * rows + r] as f64;
+                assert!(
+                    (v - want).abs() <= 1e-4 * scale,
+                    "input {i} row {r}: {v} vs {want}"
+                );
+            }
         }
     }
 
     fn case(format: Format) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize)> {
         let be = format.block_elems();
-        (1usize..4, 1usize..3).prop_flat_map(move |(blocks, tiles)| {
+        // f32 widths from 1 (not a multiple of the kernel's 4-way unroll) to 70
+        let blocks = if format == Format::F32 {
+            1usize..71
+        } else {
+            1..4
+        };
+        (blocks, 1usize..4).prop_flat_map(move |(blocks, tiles)| {
             let (cols, rows) = (
                 blocks * be * if be == QK8_0 { 3 } else { 1 },
                 tiles * TILE_ROWS,
@@ -685,6 +892,29 @@ mod tests {
         #[test]
         fn q8_0_packed_and_reference((w, x, rows) in case(Format::Q8_0)) {
             check(Format::Q8_0, &w, &x, rows);
+        }
+
+        #[test]
+        fn f32_packed_and_reference((w, x, rows) in case(Format::F32)) {
+            check(Format::F32, &w, &x, rows);
+        }
+
+        #[test]
+        fn several_rows_share_a_pass(
+            (w, x, rows) in prop_oneof![case(Format::F32), case(Format::Q8_0), case(Format::Q4K)],
+            extra in prop::collection::vec(-4.0f32..4.0, 0..6 * 256),
+        ) {
+            // 1..=7 input rows of x's width: whole passes of 4 and a remainder
+            let cols = x.len();
+            let mut xs = vec![x];
+            xs.extend(extra.chunks_exact(cols).take(6).map(<[f32]>::to_vec));
+            check_rows(Format::F32, &w, &xs, rows);
+            if cols.is_multiple_of(QK8_0) {
+                check_rows(Format::Q8_0, &w, &xs, rows);
+            }
+            if cols.is_multiple_of(QK_K) {
+                check_rows(Format::Q4K, &w, &xs, rows);
+            }
         }
     }
 

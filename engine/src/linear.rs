@@ -1,5 +1,6 @@
 //! Weight matrices as the model multiplies by them: packed for sinew's kernels
-//! ([`crate::kernels`]) where the format and CPU allow, candle's matmul otherwise.
+//! ([`crate::kernels`]: Q4_K, Q8_0, f32) where the format and CPU allow, candle's matmul
+//! otherwise.
 
 use std::sync::Arc;
 
@@ -18,14 +19,31 @@ pub enum Mat {
 }
 
 impl Mat {
-    /// Packs `q` for the kernels when it is a Q4_K / Q8_0 matrix of a shape that tiles on a CPU
-    /// that runs them; keeps candle's matmul otherwise.
+    /// Packs `q` for the kernels when it is a Q4_K / Q8_0 / f32 matrix of a shape that tiles,
+    /// on the CPU, and the CPU runs them; keeps candle's matmul otherwise.
     pub fn new(q: QMatMul) -> Result<Self> {
-        if let QMatMul::QTensor(t) = &q
-            && let Ok((rows, cols)) = t.shape().dims2()
-            && let Some(m) = Self::from_blocks(t.dtype(), &t.data()?, rows, cols)
-        {
-            return Ok(m);
+        match &q {
+            QMatMul::QTensor(t) => {
+                if let Ok((rows, cols)) = t.shape().dims2()
+                    && t.device().is_cpu()
+                    && let Some(m) = Self::from_blocks(t.dtype(), &t.data()?, rows, cols)
+                {
+                    return Ok(m);
+                }
+            }
+            QMatMul::Tensor(t) => {
+                if let Ok((rows, cols)) = t.dims2()
+                    && t.device().is_cpu()
+                    && t.dtype() == DType::F32
+                    && Format::F32.native()
+                {
+                    let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                    if let Some(p) = PackedMatrix::pack_f32(&w, rows, cols) {
+                        return Ok(Mat::Packed(Arc::new(p)));
+                    }
+                }
+            }
+            QMatMul::TensorF16(_) => {}
         }
         Ok(Mat::Candle(q))
     }
@@ -100,12 +118,13 @@ impl Mat {
     }
 }
 
-/// f32 rows quantized on demand for each weight format.
+/// f32 rows prepared on demand for each weight format.
 pub(crate) struct Acts<'a> {
     rows: &'a [f32],
     k: usize,
     q4k: Vec<QuantRow>,
     q8_0: Vec<QuantRow>,
+    f32: Vec<QuantRow>,
 }
 
 impl<'a> Acts<'a> {
@@ -116,6 +135,7 @@ impl<'a> Acts<'a> {
             k,
             q4k: Vec::new(),
             q8_0: Vec::new(),
+            f32: Vec::new(),
         }
     }
 
@@ -125,6 +145,7 @@ impl<'a> Acts<'a> {
         let slot = match f {
             Format::Q4K => &mut self.q4k,
             Format::Q8_0 => &mut self.q8_0,
+            Format::F32 => &mut self.f32,
         };
         if slot.is_empty() && k > 0 {
             *slot = rows.chunks_exact(k).map(|r| QuantRow::new(f, r)).collect();
@@ -136,6 +157,7 @@ impl<'a> Acts<'a> {
         match f {
             Format::Q4K => &self.q4k,
             Format::Q8_0 => &self.q8_0,
+            Format::F32 => &self.f32,
         }
     }
 }

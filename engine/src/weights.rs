@@ -451,7 +451,7 @@ impl Store {
                     raw => {
                         let t = raw.into_dense(&self.device)?;
                         (0..n)
-                            .map(|e| Ok(Mat::Candle(QMatMul::Tensor(t.get(e)?))))
+                            .map(|e| Mat::new(QMatMul::Tensor(t.get(e)?)))
                             .collect()
                     }
                 };
