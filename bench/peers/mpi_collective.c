@@ -1,7 +1,9 @@
 /* Times one MPI collective over a list of sizes, as sinew bench does: barrier, then the op, per
  * iteration; prints one JSON object per size with the median time (µs) and the bus bandwidth.
  * Usage: mpirun -np N ... mpi_collective OP SIZES ITERS
- *        OP: all-reduce | all-gather | reduce-scatter | broadcast | all-to-all   (f32, sum) */
+ *        OP: all-reduce | all-gather | reduce-scatter | broadcast | all-to-all | sendrecv
+ *        (f32, sum; sendrecv: every rank sends SIZE bytes to rank + 1 while receiving SIZE from
+ *        rank - 1, as MPI_Sendrecv and as sinew bench sendrecv) */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +44,7 @@ int main(int argc, char **argv) {
             else if (!strcmp(op, "all-gather")) { MPI_Allgather(a, (int)(count / n), MPI_FLOAT, b, (int)(count / n), MPI_FLOAT, MPI_COMM_WORLD); factor = (double)(n - 1) / n; }
             else if (!strcmp(op, "reduce-scatter")) { MPI_Reduce_scatter_block(a, b, (int)(count / n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD); factor = (double)(n - 1) / n; }
             else if (!strcmp(op, "broadcast")) { MPI_Bcast(a, (int)count, MPI_FLOAT, 0, MPI_COMM_WORLD); factor = 1.0; }
+            else if (!strcmp(op, "sendrecv")) { MPI_Sendrecv(a, (int)count, MPI_FLOAT, (rank + 1) % n, 7, b, (int)count, MPI_FLOAT, (rank + n - 1) % n, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE); factor = 1.0; }
             else if (!strcmp(op, "all-to-all")) { MPI_Alltoall(a, (int)(count / n), MPI_FLOAT, b, (int)(count / n), MPI_FLOAT, MPI_COMM_WORLD); factor = (double)(n - 1) / n; }
             else { if (rank == 0) fprintf(stderr, "unknown op %s\n", op); MPI_Abort(MPI_COMM_WORLD, 2); }
             if (i >= 5) t[i - 5] = MPI_Wtime() - t0;

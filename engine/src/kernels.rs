@@ -47,8 +47,10 @@ const Q4K_QS: usize = 320;
 const Q8_0_TILE: usize = 32 + TILE_ROWS * QK8_0;
 /// f32 tile: one input value of 16 rows.
 const F32_TILE: usize = 4 * TILE_ROWS;
-/// Row tiles per unit of parallel work.
-const TILES_PER_UNIT: usize = 2;
+/// Row tiles per unit of parallel work, read side by side: a matrix's tiles are cut into this
+/// many contiguous runs and a unit takes one tile of each, so every unit streams from several
+/// places at once (more of the memory system busy than one sequential stream).
+const STREAMS: usize = 4;
 /// Activation rows that share one pass over a tile slab (f32; the 8-bit kernels take one).
 const ROWS_PER_PASS: usize = 4;
 
@@ -96,6 +98,16 @@ impl Format {
     /// Bytes of one GGUF row of `cols` values (`cols` a whole number of blocks).
     pub fn row_bytes(self, cols: usize) -> usize {
         cols / self.block_elems() * self.block_bytes()
+    }
+
+    /// Tiles a unit of work reads side by side: four for f32; one for the 8-bit kernels, whose
+    /// tile slabs are short enough (≈ 19–35 KB) that jumping between four of them costs more
+    /// than the extra streams bring.
+    fn streams(self) -> usize {
+        match self {
+            Format::F32 => STREAMS,
+            Format::Q4K | Format::Q8_0 => 1,
+        }
     }
 
     fn tile_bytes(self) -> usize {
@@ -459,12 +471,13 @@ impl PackedMatrix {
         out
     }
 
-    /// Rows `tiles.start * 16 .. tiles.end * 16` of this matrix times each row of `acts` (at
+    /// The row tiles `tiles` (at most [`STREAMS`]) of this matrix times each row of `acts` (at
     /// most [`ROWS_PER_PASS`]), into `out` laid out [acts.len(), tiles.len() * 16].
-    fn gemv(&self, tiles: Range<usize>, acts: &[QuantRow], out: &mut [f32]) {
+    fn gemv(&self, tiles: &[usize], acts: &[QuantRow], out: &mut [f32]) {
         let n = tiles.len() * TILE_ROWS;
-        assert!(acts.len() <= ROWS_PER_PASS && out.len() == acts.len() * n);
-        assert!(tiles.end * TILE_ROWS <= self.rows);
+        assert!(tiles.len() <= STREAMS && acts.len() <= ROWS_PER_PASS);
+        assert!(out.len() == acts.len() * n);
+        assert!(tiles.iter().all(|&t| (t + 1) * TILE_ROWS <= self.rows));
         for a in acts {
             assert_eq!(
                 a.format, self.format,
@@ -472,42 +485,43 @@ impl PackedMatrix {
             );
             assert_eq!(a.len(), self.cols, "activation row length");
         }
+        if acts.is_empty() {
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let kb = self.cols / self.format.block_elems();
             let tb = self.format.tile_bytes();
-            for (i, rt) in tiles.enumerate() {
-                let slab = &self.tiles()[rt * kb * tb..(rt + 1) * kb * tb];
-                let at = i * TILE_ROWS;
-                if self.format == Format::F32 {
-                    let mut tmp = [[0f32; TILE_ROWS]; ROWS_PER_PASS];
-                    let x = |j: usize| acts[j.min(acts.len() - 1)].f.as_slice();
-                    // SAFETY: `native` checked the CPU features; `slab` holds `cols` f32 tiles
-                    // and every row `cols` values (asserted above).
-                    unsafe {
-                        match acts.len() {
-                            0 => {}
-                            1 => x86::tile_rows_f32::<1>(slab, [x(0)], &mut tmp),
-                            2 => x86::tile_rows_f32::<2>(slab, [x(0), x(1)], &mut tmp),
-                            3 => x86::tile_rows_f32::<3>(slab, [x(0), x(1), x(2)], &mut tmp),
-                            _ => x86::tile_rows_f32::<4>(slab, [x(0), x(1), x(2), x(3)], &mut tmp),
-                        }
-                    }
-                    for (j, t) in tmp.iter().take(acts.len()).enumerate() {
-                        out[j * n + at..j * n + at + TILE_ROWS].copy_from_slice(t);
-                    }
-                    continue;
+            let slab = |t: usize| &self.tiles()[t * kb * tb..(t + 1) * kb * tb];
+            if self.format == Format::F32 {
+                let mut tmp = [[[0f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS];
+                let s = |i: usize| slab(tiles[i.min(tiles.len() - 1)]);
+                match tiles.len() {
+                    1 => f32_rows::<1>([s(0)], acts, &mut tmp),
+                    2 => f32_rows::<2>([s(0), s(1)], acts, &mut tmp),
+                    3 => f32_rows::<3>([s(0), s(1), s(2)], acts, &mut tmp),
+                    _ => f32_rows::<4>([s(0), s(1), s(2), s(3)], acts, &mut tmp),
                 }
+                for (i, per_tile) in tmp.iter().take(tiles.len()).enumerate() {
+                    for (j, t) in per_tile.iter().take(acts.len()).enumerate() {
+                        let at = j * n + i * TILE_ROWS;
+                        out[at..at + TILE_ROWS].copy_from_slice(t);
+                    }
+                }
+                return;
+            }
+            for (i, &t) in tiles.iter().enumerate() {
                 for (j, a) in acts.iter().enumerate() {
-                    let dst: &mut [f32; TILE_ROWS] = (&mut out[j * n + at..j * n + at + TILE_ROWS])
+                    let at = j * n + i * TILE_ROWS;
+                    let dst: &mut [f32; TILE_ROWS] = (&mut out[at..at + TILE_ROWS])
                         .try_into()
                         .expect("16 outputs per tile");
                     match self.format {
-                        // SAFETY: `native` checked the CPU features; `slab` holds kb tiles and
-                        // `a` kb blocks (lengths asserted above).
-                        Format::Q4K => unsafe { x86::tile_row_q4k(slab, a, dst) },
+                        // SAFETY: `native` checked the CPU features; the slab holds kb tiles
+                        // and `a` kb blocks (lengths asserted above).
+                        Format::Q4K => unsafe { x86::tile_row_q4k(slab(t), a, dst) },
                         // SAFETY: as above.
-                        Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab, a, dst) },
+                        Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab(t), a, dst) },
                         Format::F32 => unreachable!("handled above"),
                     }
                 }
@@ -515,8 +529,28 @@ impl PackedMatrix {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (tiles, out);
+            let _ = out;
             unreachable!("native() is false off x86_64");
+        }
+    }
+}
+
+/// `S` f32 tile slabs times 1..=4 activation rows, into `out[slab][row]`.
+#[cfg(target_arch = "x86_64")]
+fn f32_rows<const S: usize>(
+    slabs: [&[u8]; S],
+    acts: &[QuantRow],
+    out: &mut [[[f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS],
+) {
+    let x = |j: usize| acts[j.min(acts.len() - 1)].f.as_slice();
+    // SAFETY: `native` checked the CPU features; the caller asserted every row's length, and
+    // each slab holds that many f32 tiles.
+    unsafe {
+        match acts.len() {
+            1 => x86::tile_rows_f32::<S, 1>(slabs, [x(0)], out),
+            2 => x86::tile_rows_f32::<S, 2>(slabs, [x(0), x(1)], out),
+            3 => x86::tile_rows_f32::<S, 3>(slabs, [x(0), x(1), x(2)], out),
+            _ => x86::tile_rows_f32::<S, 4>(slabs, [x(0), x(1), x(2), x(3)], out),
         }
     }
 }
@@ -547,25 +581,36 @@ impl Outputs {
 /// Runs a batch of products in one parallel region on candle's worker pool (its size follows
 /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`). Panics if a job's shapes disagree.
 pub fn run(jobs: &mut [Job<'_>]) {
-    let mut units: Vec<(usize, Range<usize>)> = Vec::new();
+    // a unit: job j, tile i of each of the job's STREAMS runs of `run_len` tiles
+    let mut units: Vec<(usize, usize)> = Vec::new();
+    let mut run_lens = Vec::with_capacity(jobs.len());
     for (j, job) in jobs.iter().enumerate() {
         assert_eq!(
             job.out.len(),
             job.acts.len() * job.mat.rows,
             "job output size"
         );
-        let tiles = job.mat.rows / TILE_ROWS;
-        for start in (0..tiles).step_by(TILES_PER_UNIT) {
-            units.push((j, start..(start + TILES_PER_UNIT).min(tiles)));
-        }
+        let run_len = (job.mat.rows / TILE_ROWS).div_ceil(job.mat.format.streams());
+        run_lens.push(run_len);
+        units.extend((0..run_len).map(|i| (j, i)));
     }
     let outs = Outputs(jobs.iter_mut().map(|j| j.out.as_mut_ptr()).collect());
     let jobs = &*jobs;
     let work = |range: Range<usize>| {
-        let mut tmp = [0f32; ROWS_PER_PASS * TILE_ROWS * TILES_PER_UNIT];
-        for (j, tiles) in &units[range] {
-            let job = &jobs[*j];
+        let mut tmp = [0f32; ROWS_PER_PASS * TILE_ROWS * STREAMS];
+        for &(j, i) in &units[range] {
+            let job = &jobs[j];
             let rows = job.mat.rows;
+            let mut picked = [0usize; STREAMS];
+            let mut count = 0;
+            for r in 0..job.mat.format.streams() {
+                let t = r * run_lens[j] + i;
+                if t < rows / TILE_ROWS {
+                    picked[count] = t;
+                    count += 1;
+                }
+            }
+            let tiles = &picked[..count];
             let n = tiles.len() * TILE_ROWS;
             let pass = if job.mat.format == Format::F32 {
                 ROWS_PER_PASS
@@ -573,16 +618,16 @@ pub fn run(jobs: &mut [Job<'_>]) {
                 1
             };
             for (c, acts) in job.acts.chunks(pass).enumerate() {
-                job.mat
-                    .gemv(tiles.clone(), acts, &mut tmp[..acts.len() * n]);
-                for i in 0..acts.len() {
-                    let row = c * pass + i;
-                    // SAFETY: the destination lies inside job j's output (row `row`, this
-                    // unit's tiles), which no other unit writes, and outlives the parallel
-                    // region.
-                    unsafe {
-                        let dst = outs.get(*j).add(row * rows + tiles.start * TILE_ROWS);
-                        std::ptr::copy_nonoverlapping(tmp.as_ptr().add(i * n), dst, n);
+                job.mat.gemv(tiles, acts, &mut tmp[..acts.len() * n]);
+                for (a, row) in (c * pass..).take(acts.len()).enumerate() {
+                    for (k, &t) in tiles.iter().enumerate() {
+                        let src = &tmp[a * n + k * TILE_ROWS..a * n + (k + 1) * TILE_ROWS];
+                        // SAFETY: the destination, tile t of row `row` of job j's output, is
+                        // written by this unit only and outlives the parallel region.
+                        unsafe {
+                            let dst = outs.get(j).add(row * rows + t * TILE_ROWS);
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, TILE_ROWS);
+                        }
                     }
                 }
             }
@@ -601,53 +646,44 @@ mod x86 {
 
     use super::{
         F32_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow,
-        ROWS_PER_PASS, TILE_ROWS,
+        ROWS_PER_PASS, STREAMS, TILE_ROWS,
     };
 
-    /// One f32 tile slab (16 rows, every input value) times each of the `N` rows `x`, into
-    /// `out[..N]`. Four partial sums per row over the input (every fourth value each) keep
-    /// the fused multiply-adds independent.
+    /// `S` f32 tile slabs (16 rows each, every input value) times each of the `N` rows `x`,
+    /// into `out[slab][row]`. The slabs are read side by side, one sequential stream each.
     ///
     /// # Safety
-    /// AVX-512 F available; `slab` holds `x[i].len()` f32 tiles for every `i`.
+    /// AVX-512 F available; every slab holds `x[i].len()` f32 tiles for every `i`.
     #[target_feature(enable = "avx512f")]
-    // `u` and `n` index the weights, the rows and the accumulators together
+    // `s` and `n` index the slabs, the rows and the accumulators together
     #[allow(clippy::needless_range_loop)]
-    pub(super) unsafe fn tile_rows_f32<const N: usize>(
-        slab: &[u8],
+    pub(super) unsafe fn tile_rows_f32<const S: usize, const N: usize>(
+        slabs: [&[u8]; S],
         x: [&[f32]; N],
-        out: &mut [[f32; TILE_ROWS]; ROWS_PER_PASS],
+        out: &mut [[[f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS],
     ) {
         let cols = x[0].len();
-        debug_assert!(N <= ROWS_PER_PASS && x.iter().all(|r| r.len() == cols));
-        debug_assert_eq!(slab.len(), cols * F32_TILE);
-        let w = slab.as_ptr() as *const f32;
-        let mut acc = [[_mm512_setzero_ps(); 4]; N];
-        let mut k = 0;
-        // SAFETY: k + u < cols, so every load lies in the slab and every read in each row.
+        debug_assert!(S <= STREAMS && N <= ROWS_PER_PASS);
+        debug_assert!(x.iter().all(|r| r.len() == cols));
+        debug_assert!(slabs.iter().all(|s| s.len() == cols * F32_TILE));
+        let w = slabs.map(|s| s.as_ptr() as *const f32);
+        let mut acc = [[_mm512_setzero_ps(); N]; S];
+        // SAFETY: k < cols, so every load lies in its slab and every read in each row.
         unsafe {
-            while k + 4 <= cols {
-                for u in 0..4 {
-                    let wv = _mm512_loadu_ps(w.add((k + u) * TILE_ROWS));
+            for k in 0..cols {
+                let xv: [__m512; N] =
+                    std::array::from_fn(|n| _mm512_set1_ps(*x[n].get_unchecked(k)));
+                for s in 0..S {
+                    let wv = _mm512_loadu_ps(w[s].add(k * TILE_ROWS));
                     for n in 0..N {
-                        let xv = _mm512_set1_ps(*x[n].get_unchecked(k + u));
-                        acc[n][u] = _mm512_fmadd_ps(wv, xv, acc[n][u]);
+                        acc[s][n] = _mm512_fmadd_ps(wv, xv[n], acc[s][n]);
                     }
                 }
-                k += 4;
             }
-            while k < cols {
-                let wv = _mm512_loadu_ps(w.add(k * TILE_ROWS));
+            for s in 0..S {
                 for n in 0..N {
-                    let xv = _mm512_set1_ps(*x[n].get_unchecked(k));
-                    acc[n][0] = _mm512_fmadd_ps(wv, xv, acc[n][0]);
+                    _mm512_storeu_ps(out[s][n].as_mut_ptr(), acc[s][n]);
                 }
-                k += 1;
-            }
-            for n in 0..N {
-                let [a0, a1, a2, a3] = acc[n];
-                let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-                _mm512_storeu_ps(out[n].as_mut_ptr(), s);
             }
         }
     }
@@ -863,13 +899,13 @@ mod tests {
 
     fn case(format: Format) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize)> {
         let be = format.block_elems();
-        // f32 widths from 1 (not a multiple of the kernel's 4-way unroll) to 70
+        // f32 widths from 1 to 70; 1 to 7 row tiles (runs of unequal length for f32 units)
         let blocks = if format == Format::F32 {
             1usize..71
         } else {
             1..4
         };
-        (blocks, 1usize..4).prop_flat_map(move |(blocks, tiles)| {
+        (blocks, 1usize..8).prop_flat_map(move |(blocks, tiles)| {
             let (cols, rows) = (
                 blocks * be * if be == QK8_0 { 3 } else { 1 },
                 tiles * TILE_ROWS,
