@@ -2,7 +2,9 @@
 # sinew's collectives against OpenMPI over TCP and MLX's ring backend (what EXO uses over TCP),
 # 2 ranks on loopback pinned to separate cores, TCP, busy-polling like OpenMPI, in one run:
 #   - all-reduce busbw and 8 B latency, per size, with ratios (sinew/OpenMPI, sinew/MLX);
-#   - sendrecv at 16 MiB against the TCP bandwidth `sinew link` measures in the same run;
+#   - sendrecv at 16 MiB against the TCP bandwidth `sinew link` measures in the same run, and
+#     against OpenMPI's MPI_Sendrecv (the same exchange; on loopback both directions' copies
+#     share the two cores — bench/duplex.sh measures sendrecv where the link is the limit);
 #   - TRIALS kill trials: 3 ranks, rank 2 killed mid all-reduce; how many trials see every
 #     survivor exit with an error within 5 s.
 # Installs OpenMPI (Debian) and MLX (PyPI, `mlx[cpu]`) when missing.
@@ -54,6 +56,8 @@ for round in $(seq "$ROUNDS"); do
   rm -f "$hosts"
   "$SINEW" bench sendrecv --ranks 2 --transport tcp --wait spin --sizes 16M --iters "$ITERS" --warmup 3 --json \
     --cluster-key-file "$KEYFILE" | tag sendrecv
+  mpirun "${mpi_flags[@]}" -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" : \
+         -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" 2>/dev/null | tag mpi_sendrecv
   sinew_link spin tcp --sizes 16M --no-latency --duration "$DURATION" |
     python3 -c 'import json,sys; print(json.dumps({"what": "link_bw_16777216", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' >> "$results"
 done
@@ -92,5 +96,6 @@ for s in "${sz[@]}"; do
 done
 specs+=("all-reduce 8 B p50 µs vs OpenMPI TCP|sinew_p50_8|mpi_p50_8|<= 1.2|lower")
 specs+=("sendrecv 16 MiB vs sinew link TCP GB/s|sendrecv_bw_16777216|link_bw_16777216|>= 0.9|higher")
+specs+=("sendrecv 16 MiB vs OpenMPI MPI_Sendrecv GB/s|sendrecv_bw_16777216|mpi_sendrecv_bw_16777216|(context)|higher")
 python3 "$ROOT/bench/ratios.py" "$results" "sinew collectives vs OpenMPI (TCP) and MLX ring, 2 ranks, loopback, pinned, $ROUNDS rounds, medians" "${specs[@]}"
 echo "kill trials: $passed of $TRIALS saw every survivor fail within 5 s"

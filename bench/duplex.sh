@@ -42,7 +42,7 @@ for ns in "$NS_A:sdx-a:$ADDR_A" "$NS_B:sdx-b:$ADDR_B"; do
   ip -n "$n" link set "$dev" up
   # shape this end's egress: one htb class at RATE carries everything
   tc -n "$n" qdisc add dev "$dev" root handle 1: htb default 10
-  tc -n "$n" class add dev "$dev" parent 1: classid 1:10 htb rate "$RATE" ceil "$RATE"
+  tc -n "$n" class add dev "$dev" parent 1: classid 1:10 htb rate "$RATE" ceil "$RATE" quantum 65536
 done
 in_a() { ip netns exec "$NS_A" taskset -c "$SERVER_CPU" "$@"; }
 in_b() { ip netns exec "$NS_B" taskset -c "$CLIENT_CPU" "$@"; }

@@ -3,7 +3,9 @@
 #  1. a synthetic Qwen3-30B-A3B-shaped model (hidden 2048, 128 experts, top-8, moe_intermediate 768,
 #     32 query / 4 kv heads, head_dim 128; LAYERS layers) in Q4_K and Q8_0, with 1 and 2 threads,
 #     against the memory-bandwidth roofline: active weight bytes per token ÷ the read bandwidth this
-#     script measures on this machine with the same thread count; beside it the same binary with
+#     script measures on this machine with the same thread count (median of one measurement per
+#     round, taken between the decodes: this VM's bandwidth moves from run to run, and a single
+#     best-of-5 once read 54 GB/s where the rounds around it read 33–35); beside it the same binary with
 #     SINEW_KERNELS=candle (candle's quantized matmul instead of sinew's packed kernels);
 #  2. sinew in f32 against candle-transformers' qwen3_moe in f32 on the same model directory
 #     (F32_LAYERS layers: the 8-layer f32 model is 19 GiB), same threads, interleaved rounds;
@@ -49,15 +51,18 @@ peer_decode() { # DIR THREADS
 results="[]"
 add() { results=$(python3 -c 'import sys,json; r=json.loads(sys.argv[1]); r.append(json.loads(sys.argv[2])); print(json.dumps(r))' "$results" "$1"); }
 for t in $THREADS; do
-  bw=$("$PEER" membw "$t" | field gb_per_s)
+  bws=()
   for q in q4_k q8_0; do
     [[ " $PARTS " == *" quant "* ]] || continue
     f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
     active=$("$SINEW" gguf info "$f" | field active_weight_bytes_per_token)
     runs=(); cruns=()
     for _ in $(seq "$ROUNDS"); do
+      # the bandwidth is measured between the decodes, every round: the median is the roofline
+      bws+=("$("$PEER" membw "$t" | field gb_per_s)")
       runs+=("$(sinew_decode "$f" "$t")"); cruns+=("$(sinew_decode "$f" "$t" candle)")
     done
+    bw=$(median "${bws[@]}")
     tps=$(median "${runs[@]}"); ctps=$(median "${cruns[@]}")
     roof=$(python3 -c "print($bw * 1e9 / $active)")
     add "{\"model\": \"$q\", \"threads\": $t, \"decode_tokens_per_s\": $tps, \"candle_matmul_decode_tokens_per_s\": $ctps, \"membw_gb_per_s\": $bw, \"active_bytes\": $active, \"roofline_tokens_per_s\": $roof, \"of_roofline\": $(python3 -c "print($tps / $roof)")}"

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Storage, Tensor};
 
 use crate::error::Result;
 use crate::kernels::{Format, Job, PackedMatrix, QuantRow, run};
@@ -37,8 +37,16 @@ impl Mat {
                     && t.dtype() == DType::F32
                     && Format::F32.native()
                 {
-                    let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                    if let Some(p) = PackedMatrix::pack_f32(&w, rows, cols) {
+                    // packed straight from the tensor's storage (no intermediate copy: a real
+                    // model's f32 output head is over a GB)
+                    let (storage, layout) = t.storage_and_layout();
+                    let packed = match (&*storage, layout.contiguous_offsets()) {
+                        (Storage::Cpu(cpu), Some((from, to))) => {
+                            PackedMatrix::pack_f32(&cpu.as_slice::<f32>()?[from..to], rows, cols)
+                        }
+                        _ => None,
+                    };
+                    if let Some(p) = packed {
                         return Ok(Mat::Packed(Arc::new(p)));
                     }
                 }
