@@ -485,7 +485,7 @@ impl PackedMatrix {
             );
             assert_eq!(a.len(), self.cols, "activation row length");
         }
-        if acts.is_empty() {
+        if acts.is_empty() || tiles.is_empty() {
             return;
         }
         #[cfg(target_arch = "x86_64")]
