@@ -512,13 +512,24 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, opts: WriteOptions) -> Re
     write_file(out, &meta, &tensors)
 }
 
-/// Bytes of weights one token's decode step reads in a GGUF file: everything except the
-/// embedding table (one row) and the experts not selected (top_k of num_experts per layer).
-pub fn active_weight_bytes(path: &Path) -> Result<u64> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let content =
-        gguf_file::Content::read(&mut f).map_err(|e| Error::weights(path, e.to_string()))?;
-    let c = ModelConfig::from_gguf(&content, path)?;
+/// What a GGUF file's header says, read without loading any weight.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// The model's configuration.
+    pub config: ModelConfig,
+    /// Bytes of weights one token's decode step reads: everything except the embedding table
+    /// (one row) and the experts not selected (top_k of num_experts per layer).
+    pub active_weight_bytes: u64,
+}
+
+/// Reads `path`'s header (checking, as loading does, that every tensor lies inside the file)
+/// and summarizes it.
+pub fn summary(path: &Path) -> Result<Summary> {
+    let store = Store::gguf(path, &Device::Cpu, false)?;
+    let content = store
+        .gguf_content()
+        .ok_or_else(|| Error::weights(path, "not a GGUF store"))?;
+    let c = ModelConfig::from_gguf(content, path)?;
     let bytes = |info: &gguf_file::TensorInfo| {
         (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size())
             as u64
@@ -542,7 +553,10 @@ pub fn active_weight_bytes(path: &Path) -> Result<u64> {
     if let Some(moe) = &c.moe {
         total += experts * moe.top_k as u64 / moe.num_experts as u64;
     }
-    Ok(total)
+    Ok(Summary {
+        config: c,
+        active_weight_bytes: total,
+    })
 }
 
 /// Writes a synthetic model of `shape` as a Hugging Face directory (config.json, one f32

@@ -309,3 +309,30 @@ fn synthetic_writer_refuses_shapes_it_cannot_quantize() {
     .to_string();
     assert!(e.contains("Q4K") && e.contains("96"), "{e}");
 }
+
+#[test]
+fn the_header_summary_matches_the_loaded_model_and_counts_only_routed_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_stacked = WriteOptions {
+        quant: Quant::F32,
+        experts: ExpertLayout::Stacked,
+    };
+    let mut active = Vec::new();
+    for top_k in [2, 4] {
+        let path = tmp.path().join(format!("top{top_k}.gguf"));
+        let shape = SynthShape {
+            top_k,
+            ..synth(Architecture::Qwen3Moe, 8)
+        };
+        write_synthetic(&shape, &path, f32_stacked).unwrap();
+        let s = engine::gguf::summary(&path).unwrap();
+        assert_eq!(s.config, open(&path, false).config);
+        active.push(s.active_weight_bytes);
+    }
+    // two more of 8 experts per layer: 2 layers × 2 experts × gate, up, down of 256 × 256 f32
+    assert_eq!(active[1] - active[0], 2 * 2 * 3 * 256 * 256 * 4);
+    let bad = tmp.path().join("bad.gguf");
+    std::fs::write(&bad, b"not a gguf file").unwrap();
+    let e = engine::gguf::summary(&bad).unwrap_err().to_string();
+    assert!(e.contains("bad.gguf"), "{e}");
+}

@@ -60,9 +60,6 @@ pub struct GenerateArgs {
     /// Write the prompt's logits, f32 [prompt_len, vocab] named `logits`, to this safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
-    /// Load only these layers (START..END), to check a pipeline stage's share loads.
-    #[arg(long, hide = true)]
-    layers: Option<String>,
 }
 
 /// Runs `sinew generate`.

@@ -142,10 +142,11 @@ pub fn run(cmd: GgufCommand) -> anyhow::Result<()> {
             eprintln!("wrote {}", a.out.display());
         }
         GgufCommand::Info { file } => {
-            let m = engine::Loaded::open(&file, &engine::LoadOptions::default())
+            // the header alone: no weight is read
+            let summary = engine::gguf::summary(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let c = &m.config;
-            let active = engine::gguf::active_weight_bytes(&file)?;
+            let c = &summary.config;
+            let active = summary.active_weight_bytes;
             let total = std::fs::metadata(&file)?.len();
             println!(
                 "{}",
