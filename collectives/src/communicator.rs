@@ -332,24 +332,13 @@ impl Communicator {
         let (sctx, rctx) = (self.ctx(op, tag, to), self.ctx(op, tag, from));
         let mut idle = Idle::new(self.config.timeout);
         let (tx, rx) = self.halves(op, to, from)?;
-        let (mut si, mut ri) = (0, 0);
-        while si < n_send || ri < n_recv {
-            let mut moved = false;
-            if si < n_send && sctx.try_send(tx, &send[piece_at(send_len, piece, si)])? {
-                si += 1;
-                moved = true;
-            }
-            if ri < n_recv && rctx.try_recv(rx, &mut recv[piece_at(recv_len, piece, ri)])? {
-                ri += 1;
-                moved = true;
-            }
-            if moved {
-                idle.progressed();
-            } else {
-                idle.wait(if si < n_send { &sctx } else { &rctx })?;
-            }
-        }
-        Ok(())
+        pump(
+            (tx, &sctx, n_send, |i| &send[piece_at(send_len, piece, i)]),
+            (rx, &rctx, n_recv, |rx: &mut LinkReceiver, i| {
+                rctx.try_recv(rx, &mut recv[piece_at(recv_len, piece, i)])
+            }),
+            &mut idle,
+        )
     }
 
     fn check_peer(&self, op: &'static str, peer: usize) -> Result<()> {
@@ -566,32 +555,23 @@ impl Communicator {
                     piece_count(recv.len(), piece),
                 );
                 let (tx, rx) = self.halves(name, next, prev)?;
-                let (mut si, mut ri) = (0, 0);
-                while si < n_send || ri < n_recv {
-                    let mut moved = false;
-                    if si < n_send
-                        && sctx.try_send(tx, as_bytes(&send[piece_at(send.len(), piece, si)]))?
-                    {
-                        si += 1;
-                        moved = true;
-                    }
-                    if ri < n_recv {
-                        let p = piece_at(recv.len(), piece, ri);
+                pump(
+                    (tx, &sctx, n_send, |i| {
+                        as_bytes(&send[piece_at(send.len(), piece, i)])
+                    }),
+                    (rx, &rctx, n_recv, |rx: &mut LinkReceiver, i| {
+                        let p = piece_at(recv.len(), piece, i);
                         let tmp: &mut [T] =
                             &mut bytemuck::cast_slice_mut::<u64, T>(&mut scratch)[..p.len()];
-                        if rctx.try_recv(rx, as_bytes_mut(tmp))? {
+                        let done = rctx.try_recv(rx, as_bytes_mut(tmp))?;
+                        if done {
                             // The received partial result comes earlier in the fold.
                             reduce_after(op, tmp, &mut recv[p]);
-                            ri += 1;
-                            moved = true;
                         }
-                    }
-                    if moved {
-                        idle.progressed();
-                    } else {
-                        idle.wait(if si < n_send { &sctx } else { &rctx })?;
-                    }
-                }
+                        Ok(done)
+                    }),
+                    &mut idle,
+                )?;
             }
             Ok(())
         })();
@@ -910,6 +890,42 @@ impl Ctx {
         let expected = buf.len();
         self.check(rx.recv_until(buf, Deadline::after(self.timeout)), expected)
     }
+}
+
+/// Drives one step's two directions at once until every piece has moved: the sending side is
+/// the link half, its context, the number of pieces and piece `i`'s bytes; the receiving side
+/// is the link half, its context, the number of pieces and a call that progresses receive `i`
+/// without waiting (`Ok(true)` once it is complete).
+fn pump<'a>(
+    send: (&mut LinkSender, &Ctx, usize, impl Fn(usize) -> &'a [u8]),
+    recv: (
+        &mut LinkReceiver,
+        &Ctx,
+        usize,
+        impl FnMut(&mut LinkReceiver, usize) -> Result<bool>,
+    ),
+    idle: &mut Idle,
+) -> Result<()> {
+    let (tx, sctx, n_send, piece) = send;
+    let (rx, rctx, n_recv, mut receive) = recv;
+    let (mut si, mut ri) = (0, 0);
+    while si < n_send || ri < n_recv {
+        let mut moved = false;
+        if si < n_send && sctx.try_send(tx, piece(si))? {
+            si += 1;
+            moved = true;
+        }
+        if ri < n_recv && receive(rx, ri)? {
+            ri += 1;
+            moved = true;
+        }
+        if moved {
+            idle.progressed();
+        } else {
+            idle.wait(if si < n_send { sctx } else { rctx })?;
+        }
+    }
+    Ok(())
 }
 
 /// How long a progress loop has gone without completing a piece; past the timeout, the peer it
