@@ -1490,16 +1490,27 @@ mod tests {
 
     #[test]
     fn the_segment_name_is_gone_once_both_sides_mapped_it() {
-        let mine = format!("sinew-{}-", std::process::id());
-        let ours = || {
-            std::fs::read_dir("/dev/shm")
-                .unwrap()
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))
-                .count()
+        // The kernel's view of each side's own mapping (other tests in this process create
+        // segments concurrently, so the directory listing alone would race with them).
+        let mapping_of = |addr: usize| -> String {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            maps.lines()
+                .find(|line| {
+                    let range = line.split_whitespace().next().unwrap_or("");
+                    let (start, end) = range.split_once('-').unwrap();
+                    let start = usize::from_str_radix(start, 16).unwrap();
+                    let end = usize::from_str_radix(end, 16).unwrap();
+                    (start..end).contains(&addr)
+                })
+                .unwrap_or_else(|| panic!("no mapping holds {addr:#x}"))
+                .to_string()
         };
-        let _ends = ends(4096);
-        assert_eq!(ours(), 0);
+        let ((creator, _), (joiner, _)) = ends(4096);
+        for side in [&creator, &joiner] {
+            let line = mapping_of(side.dir.control as usize);
+            assert!(line.contains("/dev/shm/sinew-"), "{line}");
+            assert!(line.ends_with(" (deleted)"), "{line}");
+        }
     }
 
     #[test]
