@@ -36,26 +36,46 @@ pub enum Quant {
     Q8_0,
     /// 4-bit k-quant super-blocks of 256 (4.5 bits per weight).
     Q4K,
+    /// 6-bit k-quant super-blocks of 256 (6.5625 bits per weight).
+    Q6K,
+    /// llama.cpp's Q4_K_M mix: Q4_K, except Q6_K for the output head and for `attn_v` and
+    /// `ffn_down` (experts' too) in the layers llama.cpp gives more bits (the first and last
+    /// eighth, and every third between).
+    Q4KM,
 }
 
 impl Quant {
-    /// Parses `f32`, `f16`, `q8_0`, `q4_k` (case-insensitive).
+    /// Parses `f32`, `f16`, `q8_0`, `q4_k`, `q6_k`, `q4_k_m` (case-insensitive).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_lowercase().as_str() {
             "f32" => Quant::F32,
             "f16" => Quant::F16,
             "q8_0" | "q8" => Quant::Q8_0,
-            "q4_k" | "q4k" | "q4_k_m" => Quant::Q4K,
+            "q4_k" | "q4k" | "q4_k_s" => Quant::Q4K,
+            "q6_k" | "q6k" => Quant::Q6K,
+            "q4_k_m" => Quant::Q4KM,
             _ => return None,
         })
     }
 
-    fn ggml(self) -> GgmlDType {
+    /// The format of matrix `w` of a model with `layers` layers.
+    fn ggml(self, w: W, layers: usize) -> GgmlDType {
         match self {
             Quant::F32 => GgmlDType::F32,
             Quant::F16 => GgmlDType::F16,
             Quant::Q8_0 => GgmlDType::Q8_0,
             Quant::Q4K => GgmlDType::Q4K,
+            Quant::Q6K => GgmlDType::Q6K,
+            Quant::Q4KM => {
+                // llama.cpp's use_more_bits
+                let more =
+                    |l: usize| l < layers / 8 || l >= 7 * layers / 8 || (l - layers / 8) % 3 == 2;
+                match w {
+                    W::Head => GgmlDType::Q6K,
+                    W::V(l) | W::Down(l) | W::Expert(l, _, Proj::Down) if more(l) => GgmlDType::Q6K,
+                    _ => GgmlDType::Q4K,
+                }
+            }
         }
     }
 }
@@ -79,10 +99,10 @@ pub struct WriteOptions {
 }
 
 /// A tensor to write: quantize matrices whose inner width allows it, keep the rest f32.
-fn encode(t: &Tensor, quant: Quant, matrix: bool) -> Result<QTensor> {
+fn encode(t: &Tensor, quant: Quant, w: W, layers: usize, matrix: bool) -> Result<QTensor> {
     let t = t.to_dtype(DType::F32)?.contiguous()?;
     let inner = *t.dims().last().unwrap_or(&1);
-    let dtype = quant.ggml();
+    let dtype = quant.ggml(w, layers);
     if !matrix || inner % dtype.block_size() != 0 {
         if matrix && quant != Quant::F32 && quant != Quant::F16 {
             return Err(Error::Request(format!(
@@ -306,14 +326,20 @@ fn collect(
                 stack.push(t);
                 if e + 1 == experts {
                     let all = Tensor::stack(&stack, 0)?;
-                    out.push((gguf_stacked_name(l, p), encode(&all, opts.quant, true)?));
+                    out.push((
+                        gguf_stacked_name(l, p),
+                        encode(&all, opts.quant, r.w, c.num_layers, true)?,
+                    ));
                     stack.clear();
                 }
                 continue;
             }
             _ => {}
         }
-        out.push((gguf_name(r.w), encode(&t, opts.quant, r.matrix)?));
+        out.push((
+            gguf_name(r.w),
+            encode(&t, opts.quant, r.w, c.num_layers, r.matrix)?,
+        ));
     }
     Ok(out)
 }

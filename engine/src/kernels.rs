@@ -7,10 +7,10 @@
 //! weight instead of 4.5) and builds its copy lazily during the first tokens.
 //!
 //! [`PackedMatrix`] is built once at load: 16 rows × one block of the input dimension per tile,
-//! the 4-bit (Q4_K) or 8-bit (Q8_0) values interleaved so that one AVX-512 VNNI `vpdpbusd`
-//! multiplies 16 rows by 4 broadcast activation values, the scales kept as compact as the file
-//! has them (Q4_K: f16 `d`/`dmin` per row and superblock, 6-bit scales widened to one byte —
-//! 4.625 bits per weight; Q8_0: exactly the file's 8.5). Activations are quantized to 8 bits
+//! the 4-bit (Q4_K), 6-bit (Q6_K) or 8-bit (Q8_0) values interleaved so that one AVX-512 VNNI
+//! `vpdpbusd` multiplies 16 rows by 4 broadcast activation values, the scales kept as compact as
+//! the file has them (Q4_K: f16 `d`/`dmin` per row and superblock, 6-bit scales widened to one
+//! byte — 4.625 bits per weight; Q6_K and Q8_0: exactly the file's 6.5625 and 8.5). Activations are quantized to 8 bits
 //! once per row ([`QuantRow`]). Each tile row-slab is read front to back, which the hardware
 //! prefetcher follows well: software prefetch ahead of it measured slower here (Zen 4).
 //! [`run`] spreads a batch of products (all experts of a layer, or
@@ -37,12 +37,19 @@ pub const QK8_0: usize = 32;
 /// Rows per tile.
 pub const TILE_ROWS: usize = 16;
 const Q4K_BYTES: usize = 144;
+const Q6K_BYTES: usize = 210;
 const Q8_0_BYTES: usize = 34;
 /// Q4_K tile: d[16] f16, dmin[16] f16, scales[8][16] u8, mins[8][16] u8, values.
 const Q4K_TILE: usize = 32 + 32 + 128 + 128 + TILE_ROWS * QK_K / 2;
 const Q4K_SC: usize = 64;
 const Q4K_MN: usize = 192;
 const Q4K_QS: usize = 320;
+/// Q6_K tile: d[16] f16, scales[16][16] i8 (one per 16 values), the low 4 bits of the values
+/// (laid out as Q4_K's), their high 2 bits.
+const Q6K_TILE: usize = 32 + 256 + TILE_ROWS * QK_K / 2 + TILE_ROWS * QK_K / 4;
+const Q6K_SC: usize = 32;
+const Q6K_QL: usize = 288;
+const Q6K_QH: usize = Q6K_QL + TILE_ROWS * QK_K / 2;
 /// Q8_0 tile: d[16] f16, values + 128 as u8.
 const Q8_0_TILE: usize = 32 + TILE_ROWS * QK8_0;
 /// f32 tile: one input value of 16 rows.
@@ -59,6 +66,9 @@ const ROWS_PER_PASS: usize = 4;
 pub enum Format {
     /// llama.cpp's Q4_K: 256-value superblocks, 4-bit values, 6-bit scales and mins.
     Q4K,
+    /// llama.cpp's Q6_K: 256-value superblocks, 6-bit values, an 8-bit scale per 16 values
+    /// (what Q4_K_M files use for the output head and some `ffn_down` / `attn_v` matrices).
+    Q6K,
     /// llama.cpp's Q8_0: 32-value blocks of i8 with an f16 scale.
     Q8_0,
     /// Plain f32 (a "block" is one value); activations stay f32.
@@ -71,6 +81,7 @@ impl Format {
         use candle_core::quantized::GgmlDType as D;
         match dtype {
             D::Q4K => Some(Format::Q4K),
+            D::Q6K => Some(Format::Q6K),
             D::Q8_0 => Some(Format::Q8_0),
             D::F32 => Some(Format::F32),
             _ => None,
@@ -80,7 +91,7 @@ impl Format {
     /// Values per block.
     pub fn block_elems(self) -> usize {
         match self {
-            Format::Q4K => QK_K,
+            Format::Q4K | Format::Q6K => QK_K,
             Format::Q8_0 => QK8_0,
             Format::F32 => 1,
         }
@@ -90,6 +101,7 @@ impl Format {
     pub fn block_bytes(self) -> usize {
         match self {
             Format::Q4K => Q4K_BYTES,
+            Format::Q6K => Q6K_BYTES,
             Format::Q8_0 => Q8_0_BYTES,
             Format::F32 => 4,
         }
@@ -106,13 +118,14 @@ impl Format {
     fn streams(self) -> usize {
         match self {
             Format::F32 => STREAMS,
-            Format::Q4K | Format::Q8_0 => 1,
+            Format::Q4K | Format::Q6K | Format::Q8_0 => 1,
         }
     }
 
     fn tile_bytes(self) -> usize {
         match self {
             Format::Q4K => Q4K_TILE,
+            Format::Q6K => Q6K_TILE,
             Format::Q8_0 => Q8_0_TILE,
             Format::F32 => F32_TILE,
         }
@@ -142,9 +155,9 @@ impl Format {
     }
 }
 
-/// One activation row prepared for a weight format: for Q4_K and Q8_0 quantized to 8 bits — a
-/// scale per block (256 values for Q4_K, 32 for Q8_0), the values, and the sum of each 32
-/// values; for f32 kept as it is.
+/// One activation row prepared for a weight format: for Q4_K, Q6_K and Q8_0 quantized to 8 bits
+/// — a scale per block (256 values for the k-quants, 32 for Q8_0), the values, and the sum of
+/// each 32 values (each 16 for Q6_K, whose scales cover 16); for f32 kept as it is.
 #[derive(Clone, Debug)]
 pub struct QuantRow {
     format: Format,
@@ -185,7 +198,7 @@ impl QuantRow {
             }
         }
         let bsum = qs
-            .chunks_exact(32)
+            .chunks_exact(if format == Format::Q6K { 16 } else { 32 })
             .map(|c| c.iter().map(|&v| v as i32).sum())
             .collect();
         QuantRow {
@@ -254,6 +267,24 @@ fn q4k_values(blk: &[u8]) -> [u8; QK_K] {
     v
 }
 
+/// The 256 6-bit values of a Q6_K superblock in order (llama.cpp's layout: `ql` holds the low 4
+/// bits, `qh` the high 2, in two halves of 128 values).
+fn q6k_values(blk: &[u8]) -> [u8; QK_K] {
+    let (ql, qh) = (&blk[..128], &blk[128..192]);
+    let mut v = [0u8; QK_K];
+    for half in 0..2 {
+        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+        let v = &mut v[128 * half..];
+        for l in 0..32 {
+            v[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+            v[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+            v[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            v[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    v
+}
+
 /// Reference dot product of one GGUF weight row (`w`, its blocks as stored) with `a`, one value
 /// at a time in exact integer arithmetic per block: what the packed kernels must reproduce.
 pub fn dot_scalar(format: Format, w: &[u8], a: &QuantRow) -> f32 {
@@ -285,6 +316,14 @@ pub fn dot_scalar(format: Format, w: &[u8], a: &QuantRow) -> f32 {
                     summ += mn as i32 * a.bsum[b * 8 + sub];
                 }
                 total += a.d[b] * (f16_at(blk, 0) * sumi as f32 - f16_at(blk, 2) * summ as f32);
+            }
+            Format::Q6K => {
+                let q = q6k_values(blk);
+                let y = &a.qs[b * QK_K..(b + 1) * QK_K];
+                let s: i32 = (0..QK_K)
+                    .map(|i| blk[192 + i / 16] as i8 as i32 * (q[i] as i32 - 32) * y[i] as i32)
+                    .sum();
+                total += f16_at(blk, 208) * a.d[b] * s as f32;
             }
             Format::F32 => total += f32_at(blk, 0) * a.f[b],
         }
@@ -381,6 +420,30 @@ impl PackedMatrix {
                             }
                         }
                     }
+                    Format::Q6K => {
+                        tile[2 * r..2 * r + 2].copy_from_slice(&blk[208..210]);
+                        for g in 0..16 {
+                            tile[Q6K_SC + 16 * g + r] = blk[192 + g];
+                        }
+                        let q = q6k_values(blk);
+                        // low 4 bits as Q4_K's values; the high 2 bits of sub-block j in two
+                        // loads, h = 0 for its first 16 values and 1 for the rest: byte (r, i)
+                        // holds value 16h + 4g + i's bits at 2g
+                        for j in 0..8 {
+                            for g in 0..4 {
+                                for i in 0..4 {
+                                    let lo = q[32 * j + 4 * g + i];
+                                    let hi = q[32 * j + 16 + 4 * g + i];
+                                    tile[Q6K_QL + (4 * j + g) * 64 + r * 4 + i] =
+                                        (lo & 0x0F) | ((hi & 0x0F) << 4);
+                                    for (h, v) in [lo, hi].into_iter().enumerate() {
+                                        tile[Q6K_QH + (2 * j + h) * 64 + r * 4 + i] |=
+                                            (v >> 4) << (2 * g);
+                                    }
+                                }
+                            }
+                        }
+                    }
                     Format::F32 => unreachable!("packed above"),
                 }
             }
@@ -453,6 +516,17 @@ impl PackedMatrix {
                         out.push(d * q as f32);
                     }
                 }
+                Format::Q6K => {
+                    let d = f16_at(tile, 2 * r);
+                    for k in 0..QK_K {
+                        let (j, h, g, i) = (k / 32, (k % 32) / 16, (k % 16) / 4, k % 4);
+                        let lo = tile[Q6K_QL + (4 * j + g) * 64 + r * 4 + i];
+                        let lo = if h == 1 { lo >> 4 } else { lo & 0x0F };
+                        let hi = (tile[Q6K_QH + (2 * j + h) * 64 + r * 4 + i] >> (2 * g)) & 3;
+                        let sc = tile[Q6K_SC + 16 * (k / 16) + r] as i8 as f32;
+                        out.push(d * sc * ((lo | (hi << 4)) as i32 - 32) as f32);
+                    }
+                }
                 Format::Q4K => {
                     let (d, dmin) = (f16_at(tile, 2 * r), f16_at(tile, 32 + 2 * r));
                     for j in 0..8 {
@@ -520,6 +594,8 @@ impl PackedMatrix {
                         // SAFETY: `native` checked the CPU features; the slab holds kb tiles
                         // and `a` kb blocks (lengths asserted above).
                         Format::Q4K => unsafe { x86::tile_row_q4k(slab(t), a, dst) },
+                        // SAFETY: as above.
+                        Format::Q6K => unsafe { x86::tile_row_q6k(slab(t), a, dst) },
                         // SAFETY: as above.
                         Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab(t), a, dst) },
                         Format::F32 => unreachable!("handled above"),
@@ -645,8 +721,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        F32_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow,
-        ROWS_PER_PASS, STREAMS, TILE_ROWS,
+        F32_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_QH, Q6K_QL, Q6K_SC, Q6K_TILE, Q8_0_TILE,
+        QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
     };
 
     /// `S` f32 tile slabs (16 rows each, every input value) times each of the `N` rows `x`,
@@ -742,6 +818,77 @@ mod x86 {
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
     }
 
+    /// One Q6_K tile row-slab (16 rows, every block of the input) times `a`, into `out`. The
+    /// 6-bit values go unsigned into `vpdpbusd` and the offset of 32 comes off per 16 values
+    /// (`32 · Σ y`); a block's sum stays in i32 (|sum| < 2³⁰) until its one f32 step.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q6_K tiles.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn tile_row_q6k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+        let blocks = a.len() / QK_K;
+        debug_assert_eq!(slab.len(), blocks * Q6K_TILE);
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m30 = _mm512_set1_epi8(0x30);
+        let mut acc = _mm512_setzero_ps();
+        let yp = a.qs.as_ptr();
+        // bits 4..6 of each byte: the high 2 bits of value 4g + i, stored at bit 2g
+        let high = |h: __m512i, g: usize| -> __m512i {
+            let h = match g {
+                0 => _mm512_slli_epi16::<4>(h),
+                1 => _mm512_slli_epi16::<2>(h),
+                2 => h,
+                _ => _mm512_srli_epi16::<2>(h),
+            };
+            _mm512_and_si512(h, m30)
+        };
+        for b in 0..blocks {
+            // SAFETY: tile b is within the slab and block b within the activation row (the
+            // caller's contract).
+            unsafe {
+                let t = slab.as_ptr().add(b * Q6K_TILE);
+                let mut total = _mm512_setzero_si512();
+                for j in 0..8 {
+                    let y = yp.add(b * QK_K + 32 * j);
+                    let h0 = _mm512_loadu_si512(t.add(Q6K_QH + 128 * j) as *const _);
+                    let h1 = _mm512_loadu_si512(t.add(Q6K_QH + 128 * j + 64) as *const _);
+                    let mut lo_acc = _mm512_setzero_si512();
+                    let mut hi_acc = _mm512_setzero_si512();
+                    for g in 0..4 {
+                        let v = _mm512_loadu_si512(t.add(Q6K_QL + (4 * j + g) * 64) as *const _);
+                        let lo = _mm512_or_si512(_mm512_and_si512(v, m4), high(h0, g));
+                        let hi = _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
+                            high(h1, g),
+                        );
+                        let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                        let yhi =
+                            _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
+                        lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
+                        hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
+                    }
+                    let s = a.bsum.as_ptr().add(b * 16 + 2 * j);
+                    lo_acc = _mm512_sub_epi32(lo_acc, _mm512_set1_epi32(32 * *s));
+                    hi_acc = _mm512_sub_epi32(hi_acc, _mm512_set1_epi32(32 * *s.add(1)));
+                    let sc_lo =
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(t.add(Q6K_SC + 32 * j) as *const _));
+                    let sc_hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        t.add(Q6K_SC + 32 * j + 16) as *const _
+                    ));
+                    total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_lo, lo_acc));
+                    total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_hi, hi_acc));
+                }
+                let d = _mm512_mul_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
+                    _mm512_set1_ps(*a.d.get_unchecked(b)),
+                );
+                acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(total), acc);
+            }
+        }
+        // SAFETY: out holds 16 f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+
     /// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
     ///
     /// # Safety
@@ -808,6 +955,7 @@ mod tests {
     fn dtype(f: Format) -> GgmlDType {
         match f {
             Format::Q4K => GgmlDType::Q4K,
+            Format::Q6K => GgmlDType::Q6K,
             Format::Q8_0 => GgmlDType::Q8_0,
             Format::F32 => GgmlDType::F32,
         }
@@ -931,6 +1079,11 @@ mod tests {
         }
 
         #[test]
+        fn q6k_packed_and_reference((w, x, rows) in case(Format::Q6K)) {
+            check(Format::Q6K, &w, &x, rows);
+        }
+
+        #[test]
         fn f32_packed_and_reference((w, x, rows) in case(Format::F32)) {
             check(Format::F32, &w, &x, rows);
         }
@@ -950,6 +1103,7 @@ mod tests {
             }
             if cols.is_multiple_of(QK_K) {
                 check_rows(Format::Q4K, &w, &xs, rows);
+                check_rows(Format::Q6K, &w, &xs, rows);
             }
         }
     }

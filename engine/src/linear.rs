@@ -1,5 +1,5 @@
 //! Weight matrices as the model multiplies by them: packed for sinew's kernels
-//! ([`crate::kernels`]: Q4_K, Q8_0, f32) where the format and CPU allow, candle's matmul
+//! ([`crate::kernels`]: Q4_K, Q6_K, Q8_0, f32) where the format and CPU allow, candle's matmul
 //! otherwise.
 
 use std::sync::Arc;
@@ -12,14 +12,14 @@ use crate::kernels::{Format, Job, PackedMatrix, QuantRow, run};
 
 /// A weight matrix [out, in].
 pub enum Mat {
-    /// Q4_K or Q8_0 repacked for sinew's kernels.
+    /// Q4_K, Q6_K, Q8_0 or f32 repacked for sinew's kernels.
     Packed(Arc<PackedMatrix>),
     /// Anything else (f32, other quantizations, CPUs without the kernels): candle's matmul.
     Candle(QMatMul),
 }
 
 impl Mat {
-    /// Packs `q` for the kernels when it is a Q4_K / Q8_0 / f32 matrix of a shape that tiles,
+    /// Packs `q` for the kernels when it is a Q4_K / Q6_K / Q8_0 / f32 matrix of a shape that tiles,
     /// on the CPU, and the CPU runs them; keeps candle's matmul otherwise.
     pub fn new(q: QMatMul) -> Result<Self> {
         match &q {
@@ -131,6 +131,7 @@ pub(crate) struct Acts<'a> {
     rows: &'a [f32],
     k: usize,
     q4k: Vec<QuantRow>,
+    q6k: Vec<QuantRow>,
     q8_0: Vec<QuantRow>,
     f32: Vec<QuantRow>,
 }
@@ -142,6 +143,7 @@ impl<'a> Acts<'a> {
             rows,
             k,
             q4k: Vec::new(),
+            q6k: Vec::new(),
             q8_0: Vec::new(),
             f32: Vec::new(),
         }
@@ -152,6 +154,7 @@ impl<'a> Acts<'a> {
         let (k, rows) = (self.k, self.rows);
         let slot = match f {
             Format::Q4K => &mut self.q4k,
+            Format::Q6K => &mut self.q6k,
             Format::Q8_0 => &mut self.q8_0,
             Format::F32 => &mut self.f32,
         };
@@ -164,6 +167,7 @@ impl<'a> Acts<'a> {
     pub(crate) fn get(&self, f: Format) -> &[QuantRow] {
         match f {
             Format::Q4K => &self.q4k,
+            Format::Q6K => &self.q6k,
             Format::Q8_0 => &self.q8_0,
             Format::F32 => &self.f32,
         }

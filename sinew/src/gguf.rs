@@ -24,7 +24,8 @@ pub enum GgufCommand {
 /// Format and layout flags shared by both subcommands.
 #[derive(Args, Debug)]
 pub struct FormatArgs {
-    /// Matrix format: f32, f16, q8_0 or q4_k (norms and routers stay f32).
+    /// Matrix format: f32, f16, q8_0, q4_k, q6_k or q4_k_m (llama.cpp's mix: q4_k with q6_k for
+    /// the output head and some attn_v / ffn_down); norms and routers stay f32.
     #[arg(long, default_value = "q8_0")]
     quant: String,
     /// Store experts one tensor per expert instead of stacked `ffn_*_exps`.
@@ -36,7 +37,10 @@ impl FormatArgs {
     fn options(&self) -> anyhow::Result<WriteOptions> {
         Ok(WriteOptions {
             quant: Quant::parse(&self.quant).ok_or_else(|| {
-                anyhow!("unknown --quant {:?} (f32, f16, q8_0, q4_k)", self.quant)
+                anyhow!(
+                    "unknown --quant {:?} (f32, f16, q8_0, q4_k, q6_k, q4_k_m)",
+                    self.quant
+                )
             })?,
             experts: if self.per_expert {
                 ExpertLayout::PerExpert
