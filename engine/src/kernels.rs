@@ -44,12 +44,14 @@ const Q4K_TILE: usize = 32 + 32 + 128 + 128 + TILE_ROWS * QK_K / 2;
 const Q4K_SC: usize = 64;
 const Q4K_MN: usize = 192;
 const Q4K_QS: usize = 320;
-/// Q6_K tile: d[16] f16, scales[16][16] i8 (one per 16 values), the low 4 bits of the values
-/// (laid out as Q4_K's), their high 2 bits.
+/// Q6_K tile: d[16] f16, scales[16][16] i8 (one per 16 values), then per sub-block of 32
+/// values the low 4 bits (4 × 64 bytes, laid out as Q4_K's) and the high 2 bits (2 × 64), so a
+/// tile is read strictly front to back.
 const Q6K_TILE: usize = 32 + 256 + TILE_ROWS * QK_K / 2 + TILE_ROWS * QK_K / 4;
 const Q6K_SC: usize = 32;
-const Q6K_QL: usize = 288;
-const Q6K_QH: usize = Q6K_QL + TILE_ROWS * QK_K / 2;
+const Q6K_Q: usize = 288;
+/// Bytes of one sub-block's values in a Q6_K tile.
+const Q6K_SUB: usize = 6 * 64;
 /// Q8_0 tile: d[16] f16, values + 128 as u8.
 const Q8_0_TILE: usize = 32 + TILE_ROWS * QK8_0;
 /// f32 tile: one input value of 16 rows.
@@ -434,11 +436,11 @@ impl PackedMatrix {
                                 for i in 0..4 {
                                     let lo = q[32 * j + 4 * g + i];
                                     let hi = q[32 * j + 16 + 4 * g + i];
-                                    tile[Q6K_QL + (4 * j + g) * 64 + r * 4 + i] =
+                                    let sub = Q6K_Q + Q6K_SUB * j;
+                                    tile[sub + 128 + g * 64 + r * 4 + i] =
                                         (lo & 0x0F) | ((hi & 0x0F) << 4);
                                     for (h, v) in [lo, hi].into_iter().enumerate() {
-                                        tile[Q6K_QH + (2 * j + h) * 64 + r * 4 + i] |=
-                                            (v >> 4) << (2 * g);
+                                        tile[sub + h * 64 + r * 4 + i] |= (v >> 4) << (2 * g);
                                     }
                                 }
                             }
@@ -520,9 +522,10 @@ impl PackedMatrix {
                     let d = f16_at(tile, 2 * r);
                     for k in 0..QK_K {
                         let (j, h, g, i) = (k / 32, (k % 32) / 16, (k % 16) / 4, k % 4);
-                        let lo = tile[Q6K_QL + (4 * j + g) * 64 + r * 4 + i];
+                        let sub = Q6K_Q + Q6K_SUB * j;
+                        let lo = tile[sub + 128 + g * 64 + r * 4 + i];
                         let lo = if h == 1 { lo >> 4 } else { lo & 0x0F };
-                        let hi = (tile[Q6K_QH + (2 * j + h) * 64 + r * 4 + i] >> (2 * g)) & 3;
+                        let hi = (tile[sub + h * 64 + r * 4 + i] >> (2 * g)) & 3;
                         let sc = tile[Q6K_SC + 16 * (k / 16) + r] as i8 as f32;
                         out.push(d * sc * ((lo | (hi << 4)) as i32 - 32) as f32);
                     }
@@ -721,7 +724,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        F32_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_QH, Q6K_QL, Q6K_SC, Q6K_TILE, Q8_0_TILE,
+        F32_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_Q, Q6K_SC, Q6K_SUB, Q6K_TILE, Q8_0_TILE,
         QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
     };
 
@@ -832,16 +835,6 @@ mod x86 {
         let m30 = _mm512_set1_epi8(0x30);
         let mut acc = _mm512_setzero_ps();
         let yp = a.qs.as_ptr();
-        // bits 4..6 of each byte: the high 2 bits of value 4g + i, stored at bit 2g
-        let high = |h: __m512i, g: usize| -> __m512i {
-            let h = match g {
-                0 => _mm512_slli_epi16::<4>(h),
-                1 => _mm512_slli_epi16::<2>(h),
-                2 => h,
-                _ => _mm512_srli_epi16::<2>(h),
-            };
-            _mm512_and_si512(h, m30)
-        };
         for b in 0..blocks {
             // SAFETY: tile b is within the slab and block b within the activation row (the
             // caller's contract).
@@ -850,17 +843,26 @@ mod x86 {
                 let mut total = _mm512_setzero_si512();
                 for j in 0..8 {
                     let y = yp.add(b * QK_K + 32 * j);
-                    let h0 = _mm512_loadu_si512(t.add(Q6K_QH + 128 * j) as *const _);
-                    let h1 = _mm512_loadu_si512(t.add(Q6K_QH + 128 * j + 64) as *const _);
+                    // bits 4 and 5 of each byte of high(h)[g]: the high 2 bits of value 4g + i,
+                    // stored at bit 2g
+                    let high = |h: __m512i| {
+                        [
+                            _mm512_and_si512(_mm512_slli_epi16::<4>(h), m30),
+                            _mm512_and_si512(_mm512_slli_epi16::<2>(h), m30),
+                            _mm512_and_si512(h, m30),
+                            _mm512_and_si512(_mm512_srli_epi16::<2>(h), m30),
+                        ]
+                    };
+                    let q = t.add(Q6K_Q + Q6K_SUB * j);
+                    let h0 = high(_mm512_loadu_si512(q as *const _));
+                    let h1 = high(_mm512_loadu_si512(q.add(64) as *const _));
                     let mut lo_acc = _mm512_setzero_si512();
                     let mut hi_acc = _mm512_setzero_si512();
                     for g in 0..4 {
-                        let v = _mm512_loadu_si512(t.add(Q6K_QL + (4 * j + g) * 64) as *const _);
-                        let lo = _mm512_or_si512(_mm512_and_si512(v, m4), high(h0, g));
-                        let hi = _mm512_or_si512(
-                            _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
-                            high(h1, g),
-                        );
+                        let v = _mm512_loadu_si512(q.add(128 + 64 * g) as *const _);
+                        let lo = _mm512_or_si512(_mm512_and_si512(v, m4), h0[g]);
+                        let hi =
+                            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v), m4), h1[g]);
                         let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
                         let yhi =
                             _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
