@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Engine decode speed, side by side with its references, in one run:
 #  1. a synthetic Qwen3-30B-A3B-shaped model (hidden 2048, 128 experts, top-8, moe_intermediate 768,
-#     32 query / 4 kv heads, head_dim 128; LAYERS layers) in Q4_K and Q8_0, with 1 and 2 threads,
+#     32 query / 4 kv heads, head_dim 128; LAYERS layers) in Q4_K, Q8_0 and Q4_K_M (llama.cpp's mix,
+#     Q6_K for the more-bits layers' attn_v / ffn_down: what users download), with 1 and 2 threads,
 #     against the memory-bandwidth roofline: active weight bytes per token ÷ the read bandwidth this
 #     script measures on this machine with the same thread count (median of one measurement per
 #     round, taken between the decodes: this VM's bandwidth moves from run to run, and a single
@@ -10,7 +11,8 @@
 #  2. sinew in f32 against candle-transformers' qwen3_moe in f32 on the same model directory
 #     (F32_LAYERS layers: the 8-layer f32 model is 19 GiB), same threads, interleaved rounds;
 #     beside it sinew with SINEW_KERNELS=candle (candle's f32 matmul instead of the packed one).
-# Results: bench/out/engine.json and a table on stdout. Knobs: LAYERS F32_LAYERS TOKENS PROMPT ROUNDS.
+# Results: bench/out/engine.json and a table on stdout.
+# Knobs: LAYERS F32_LAYERS TOKENS PROMPT ROUNDS THREADS PARTS QUANTS.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT="$ROOT/bench/out"
@@ -22,6 +24,7 @@ PROMPT=${PROMPT:-16}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-"1 2"}
 PARTS=${PARTS:-"quant f32"}   # which comparisons to run
+QUANTS=${QUANTS:-"q4_k q8_0 q4_k_m"}
 
 (cd "$ROOT" && cargo build --release -q -p sinew)
 (cd "$ROOT/bench/engine-peer" && cargo build --release -q)
@@ -31,7 +34,7 @@ SHAPE=(--arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 --moe-intermediate
        --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 --seed 1)
 PROMPT_IDS=$(seq -s, 10 $((9 + PROMPT)))
 
-for q in q4_k q8_0; do
+for q in $QUANTS; do
   f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
   [ -f "$f" ] || "$SINEW" gguf synth "${SHAPE[@]}" --layers "$LAYERS" --quant "$q" --out "$f"
 done
@@ -52,7 +55,7 @@ results="[]"
 add() { results=$(python3 -c 'import sys,json; r=json.loads(sys.argv[1]); r.append(json.loads(sys.argv[2])); print(json.dumps(r))' "$results" "$1"); }
 for t in $THREADS; do
   bws=()
-  for q in q4_k q8_0; do
+  for q in $QUANTS; do
     [[ " $PARTS " == *" quant "* ]] || continue
     f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
     active=$("$SINEW" gguf info "$f" | field active_weight_bytes_per_token)
@@ -66,7 +69,7 @@ for t in $THREADS; do
     tps=$(median "${runs[@]}"); ctps=$(median "${cruns[@]}")
     roof=$(python3 -c "print($bw * 1e9 / $active)")
     add "{\"model\": \"$q\", \"threads\": $t, \"decode_tokens_per_s\": $tps, \"candle_matmul_decode_tokens_per_s\": $ctps, \"membw_gb_per_s\": $bw, \"active_bytes\": $active, \"roofline_tokens_per_s\": $roof, \"of_roofline\": $(python3 -c "print($tps / $roof)")}"
-    printf '%-5s threads %s  decode %7.2f tok/s  roofline %7.2f tok/s (%.2f GB/s ÷ %.1f MB/token)  %.0f%% of roofline; candle matmul %7.2f tok/s (%.0f%%)\n' \
+    printf '%-6s threads %s  decode %7.2f tok/s  roofline %7.2f tok/s (%.2f GB/s ÷ %.1f MB/token)  %.0f%% of roofline; candle matmul %7.2f tok/s (%.0f%%)\n' \
       "$q" "$t" "$tps" "$roof" "$bw" "$(python3 -c "print($active / 1e6)")" "$(python3 -c "print(100 * $tps / $roof)")" \
       "$ctps" "$(python3 -c "print(100 * $ctps / $roof)")"
   done
