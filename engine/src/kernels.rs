@@ -345,12 +345,21 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
+    /// Whether a [rows, cols] matrix of `format` tiles: rows a non-zero multiple of 16, cols a
+    /// non-zero whole number of blocks.
+    pub fn tiles_shape(format: Format, rows: usize, cols: usize) -> bool {
+        rows > 0
+            && cols > 0
+            && rows.is_multiple_of(TILE_ROWS)
+            && cols.is_multiple_of(format.block_elems())
+    }
+
     /// Zeroed tiles for a [rows, cols] matrix, or `None` when the shape does not tile.
     fn zeroed(format: Format, rows: usize, cols: usize) -> Option<Self> {
-        let be = format.block_elems();
-        if rows == 0 || cols == 0 || !rows.is_multiple_of(TILE_ROWS) || !cols.is_multiple_of(be) {
+        if !Self::tiles_shape(format, rows, cols) {
             return None;
         }
+        let be = format.block_elems();
         let len = rows / TILE_ROWS * (cols / be) * format.tile_bytes();
         let data = vec![0u8; len + 63];
         let off = data.as_ptr().align_offset(64).min(63);

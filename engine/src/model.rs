@@ -168,18 +168,18 @@ impl Model {
             let norms = c.architecture.has_qk_norm();
             let attn = Attention {
                 q: Linear {
-                    w: Mat::new(store.matrix(W::Q(l), c.num_heads * hd, h)?)?,
+                    w: store.mat(W::Q(l), c.num_heads * hd, h)?,
                     b: bias(W::QBias(l), c.num_heads * hd)?,
                 },
                 k: Linear {
-                    w: Mat::new(store.matrix(W::K(l), c.num_kv_heads * hd, h)?)?,
+                    w: store.mat(W::K(l), c.num_kv_heads * hd, h)?,
                     b: bias(W::KBias(l), c.num_kv_heads * hd)?,
                 },
                 v: Linear {
-                    w: Mat::new(store.matrix(W::V(l), c.num_kv_heads * hd, h)?)?,
+                    w: store.mat(W::V(l), c.num_kv_heads * hd, h)?,
                     b: bias(W::VBias(l), c.num_kv_heads * hd)?,
                 },
-                o: Mat::new(store.matrix(W::O(l), h, c.num_heads * hd)?)?,
+                o: store.mat(W::O(l), h, c.num_heads * hd)?,
                 q_norm: norms
                     .then(|| store.tensor(W::QNorm(l), &[hd]))
                     .transpose()?,
@@ -206,7 +206,7 @@ impl Model {
                     .map(|((gate, up), down)| Mlp { gate, up, down })
                     .collect();
                 Ffn::Sparse(Moe {
-                    router: Mat::new(store.matrix(W::Router(l), e, h)?)?,
+                    router: store.mat(W::Router(l), e, h)?,
                     experts,
                     top_k: moe.top_k,
                     norm_topk_prob: moe.norm_topk_prob,
@@ -214,9 +214,9 @@ impl Model {
             } else {
                 let i = c.intermediate_size;
                 Ffn::Dense(Mlp {
-                    gate: Mat::new(store.matrix(W::Gate(l), i, h)?)?,
-                    up: Mat::new(store.matrix(W::Up(l), i, h)?)?,
-                    down: Mat::new(store.matrix(W::Down(l), h, i)?)?,
+                    gate: store.mat(W::Gate(l), i, h)?,
+                    up: store.mat(W::Up(l), i, h)?,
+                    down: store.mat(W::Down(l), h, i)?,
                 })
             };
             blocks.push(Block {
@@ -230,13 +230,14 @@ impl Model {
         let (norm, head) = if last {
             let norm = store.tensor(W::FinalNorm, &[h])?;
             let head = if store.has(W::Head) || !c.tie_word_embeddings {
-                store.matrix(W::Head, c.vocab_size, h)?
+                store.mat(W::Head, c.vocab_size, h)?
             } else {
-                embed
-                    .clone()
-                    .expect("the embedding is loaded for a tied head")
+                Mat::new(
+                    embed
+                        .clone()
+                        .expect("the embedding is loaded for a tied head"),
+                )?
             };
-            let head = Mat::new(head)?;
             (Some(norm), Some(head))
         } else {
             (None, None)

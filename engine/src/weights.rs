@@ -8,14 +8,16 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
 
 use crate::config::Architecture;
 use crate::error::{Error, Result};
+use crate::kernels::{Format, PackedMatrix};
 use crate::linear::Mat;
 
 /// A weight's role in the model.
@@ -171,6 +173,9 @@ enum Kind {
         path: PathBuf,
         content: Box<gguf_file::Content>,
         file: Mutex<File>,
+        /// The whole file, read-only: matrices sinew's kernels take are packed straight from it
+        /// (no intermediate copy of each tensor).
+        map: Mmap,
     },
 }
 
@@ -281,11 +286,16 @@ impl Store {
                 ));
             }
         }
+        // SAFETY: the mapping is read-only and only read within the tensor ranges checked above
+        // against the file's length. Like every memory-mapping loader (and the safetensors store),
+        // it relies on nobody truncating the file while it is loaded.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Ok(Store {
             kind: Kind::Gguf {
                 path: path.to_path_buf(),
                 content: Box::new(content),
                 file: Mutex::new(file),
+                map,
             },
             device: device.clone(),
             dequantize,
@@ -379,6 +389,7 @@ impl Store {
                 path,
                 content,
                 file,
+                ..
             } => {
                 let info = content
                     .tensor_infos
@@ -400,6 +411,74 @@ impl Store {
     pub fn tensor(&self, w: W, shape: &[usize]) -> Result<Tensor> {
         let name = self.name(w);
         self.load_raw(&name, shape)?.into_dense(&self.device)
+    }
+
+    /// The stored blocks of GGUF tensor `name` when the store keeps quantized matrices and
+    /// sinew's kernels take their format and the [rows, cols] matrices it holds: the format and
+    /// the bytes in the file's mapping (the shape is checked against `expected` and the read
+    /// noted). `None` otherwise.
+    fn packable_blocks(
+        &self,
+        name: &str,
+        expected: &[usize],
+        (rows, cols): (usize, usize),
+    ) -> Result<Option<(Format, &[u8])>> {
+        let Kind::Gguf { content, map, .. } = &self.kind else {
+            return Ok(None);
+        };
+        let Some(info) = content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        let dtype = info.ggml_dtype;
+        let format = match Format::of(dtype) {
+            Some(f)
+                if f.native()
+                    && !self.dequantize
+                    && is_quantized(dtype)
+                    && PackedMatrix::tiles_shape(f, rows, cols) =>
+            {
+                f
+            }
+            _ => return Ok(None),
+        };
+        self.check_shape(name, info.shape.dims(), expected)?;
+        let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        // in range: `Store::gguf` checked every tensor against the file's length
+        let start = (content.tensor_data_offset + info.offset) as usize;
+        self.note(name);
+        Ok(Some((format, &map[start..start + bytes])))
+    }
+
+    /// Drops this process's mapping of `bytes` (a range of the GGUF mapping, packed already), so
+    /// the file's pages do not stay resident beside their packed copy; the page cache keeps them
+    /// for the kernel to reclaim.
+    fn release(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        if let Kind::Gguf { map, .. } = &self.kind {
+            let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
+            // SAFETY: the mapping is a read-only view of a file: after MADV_DONTNEED a later
+            // access faults the same file contents back in, so no live reference can observe a
+            // change. The range lies in the mapping (`bytes` was cut from it).
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = bytes;
+    }
+
+    /// A matrix [out, in] as the model multiplies by it: packed for sinew's kernels straight
+    /// from a GGUF file's mapping when they take it, else as [`Store::matrix`] gives it.
+    pub fn mat(&self, w: W, out: usize, inp: usize) -> Result<Mat> {
+        let name = self.name(w);
+        match self.packable_blocks(&name, &[out, inp], (out, inp))? {
+            Some((format, bytes)) => {
+                let m = pack(format, bytes, out, inp, &name);
+                self.release(bytes);
+                m
+            }
+            None => Mat::new(self.matrix(w, out, inp)?),
+        }
     }
 
     /// A matrix [out, in] to multiply activations by, quantized if the file is.
@@ -433,6 +512,16 @@ impl Store {
     ) -> Result<Vec<Mat>> {
         if let Kind::Gguf { .. } = &self.kind {
             let stacked = gguf_stacked_name(layer, p);
+            if let Some((format, data)) =
+                self.packable_blocks(&stacked, &[n, out, inp], (out, inp))?
+            {
+                let per = data.len() / n.max(1);
+                let m = (0..n)
+                    .map(|e| pack(format, &data[e * per..(e + 1) * per], out, inp, &stacked))
+                    .collect();
+                self.release(data);
+                return m;
+            }
             if self.has_name(&stacked) {
                 return match self.load_raw(&stacked, &[n, out, inp])? {
                     Raw::Quant(q) if !self.dequantize && is_quantized(q.dtype()) => {
@@ -461,6 +550,18 @@ impl Store {
             .map(|e| Mat::new(self.matrix(W::Expert(layer, e, p), out, inp)?))
             .collect()
     }
+}
+
+/// Packs the blocks of a [rows, cols] matrix whose shape tiles (checked by the caller).
+fn pack(format: Format, bytes: &[u8], rows: usize, cols: usize, name: &str) -> Result<Mat> {
+    PackedMatrix::pack(format, bytes, rows, cols)
+        .map(|p| Mat::Packed(Arc::new(p)))
+        .ok_or_else(|| {
+            Error::Candle(candle_core::Error::Msg(format!(
+                "tensor {name:?}: {} bytes do not pack as a [{rows}, {cols}] {format:?} matrix",
+                bytes.len()
+            )))
+        })
 }
 
 enum Raw {

@@ -10,7 +10,7 @@ use candle_core::Device;
 use candle_core::quantized::{GgmlDType, gguf_file};
 use common::{fixture, reference};
 use engine::gguf::{ExpertLayout, Quant, SynthShape, WriteOptions, convert_hf, write_synthetic};
-use engine::{Architecture, GenerateOptions, LoadOptions, Loaded, Logits, generate};
+use engine::{Architecture, GenerateOptions, Input, LoadOptions, Loaded, Logits, Output, generate};
 
 const ALL: [&str; 5] = [
     "llama_dense",
@@ -359,4 +359,70 @@ fn the_header_summary_matches_the_loaded_model_and_counts_only_routed_experts() 
     std::fs::write(&bad, b"not a gguf file").unwrap();
     let e = engine::gguf::summary(&bad).unwrap_err().to_string();
     assert!(e.contains("bad.gguf"), "{e}");
+}
+
+#[test]
+fn quantized_gguf_stages_read_only_their_share_and_equal_the_whole_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut shape = synth(Architecture::Qwen3Moe, 8);
+    shape.num_layers = 4;
+    let path = tmp.path().join("stages.gguf");
+    // Q4_K_M: Q4_K and Q6_K matrices, packed straight from the file's mapping where the CPU has
+    // the kernels
+    write_synthetic(
+        &shape,
+        &path,
+        WriteOptions {
+            quant: Quant::Q4KM,
+            experts: ExpertLayout::Stacked,
+        },
+    )
+    .unwrap();
+    let stage = |layers: std::ops::Range<usize>| {
+        Loaded::open(
+            &path,
+            &LoadOptions {
+                layers: Some(layers),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let mut whole = open(&path, false);
+    let (mut a, mut b) = (stage(0..1), stage(1..4));
+    for (s, range) in [(&a, 0..1), (&b, 1..4)] {
+        assert!(!s.tensors_read.is_empty());
+        for name in &s.tensors_read {
+            let layer = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok());
+            match layer {
+                Some(l) => assert!(range.contains(&l), "{name} read by stage {range:?}"),
+                None if range.start == 0 => assert_eq!(name, "token_embd.weight"),
+                None => assert!(
+                    ["output_norm.weight", "output.weight"].contains(&name.as_str()),
+                    "{name} read by the last stage"
+                ),
+            }
+        }
+        // each tensor read once
+        let mut names = s.tensors_read.clone();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), s.tensors_read.len(), "{range:?}");
+    }
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 380) as u32 + 3).collect();
+    let want = whole.model.logits(&ids, Logits::All).unwrap();
+    let Output::Hidden(h) = a.model.forward(Input::Tokens(&ids), Logits::All).unwrap() else {
+        panic!("the first stage returned logits")
+    };
+    let Output::Logits(got) = b.model.forward(Input::Hidden(h), Logits::All).unwrap() else {
+        panic!("the last stage returned hidden states")
+    };
+    let (got, want) = (
+        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    assert_eq!(got, want, "two stages differ from the whole model");
 }
