@@ -516,9 +516,9 @@ impl Store {
                 self.packable_blocks(&stacked, &[n, out, inp], (out, inp))?
             {
                 let per = data.len() / n.max(1);
-                let m = (0..n)
-                    .map(|e| pack(format, &data[e * per..(e + 1) * per], out, inp, &stacked))
-                    .collect();
+                let m = pack_all(n, |e| {
+                    pack(format, &data[e * per..(e + 1) * per], out, inp, &stacked)
+                });
                 self.release(data);
                 return m;
             }
@@ -546,9 +546,9 @@ impl Store {
                 };
             }
         }
-        (0..n)
-            .map(|e| Mat::new(self.matrix(W::Expert(layer, e, p), out, inp)?))
-            .collect()
+        pack_all(n, |e| {
+            Mat::new(self.matrix(W::Expert(layer, e, p), out, inp)?)
+        })
     }
 }
 
@@ -562,6 +562,38 @@ fn pack(format: Format, bytes: &[u8], rows: usize, cols: usize, name: &str) -> R
                 bytes.len()
             )))
         })
+}
+
+/// `make(0..n)` in order, spread over the engine's worker threads (candle's thread count) in
+/// contiguous runs: packing a layer's experts is independent per expert, and the page faults of
+/// the fresh tiles parallelize with it.
+fn pack_all(n: usize, make: impl Fn(usize) -> Result<Mat> + Sync) -> Result<Vec<Mat>> {
+    let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
+    if threads == 1 {
+        return (0..n).map(make).collect();
+    }
+    let run = n.div_ceil(threads);
+    let make = &make;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..n)
+            .step_by(run)
+            .map(|start| {
+                s.spawn(move || {
+                    (start..(start + run).min(n))
+                        .map(make)
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(n);
+        for w in workers {
+            let part = w.join().map_err(|_| {
+                Error::Candle(candle_core::Error::Msg("a packing thread panicked".into()))
+            })??;
+            all.extend(part);
+        }
+        Ok(all)
+    })
 }
 
 enum Raw {
