@@ -230,9 +230,23 @@ pub fn render_template(
 
 /// Turns a growing list of token ids into text deltas, holding back bytes that do not yet form
 /// whole characters and text that might be the start of a stop string.
+///
+/// Each token costs work for the few ids not yet settled, not for the whole sequence: the text is
+/// decoded window by window (the last settled ids as context, so tokenizers that drop or merge a
+/// leading space decode as they would in the whole sequence), and stop strings are looked for
+/// only where a new match could begin.
 pub struct Detokenizer {
     ids: Vec<u32>,
+    /// The text of `ids[..read]`.
+    text: String,
+    /// `ids[prefix..read]` are settled ids decoded again as context for the pending
+    /// `ids[read..]`.
+    prefix: usize,
+    read: usize,
+    /// Bytes of `text` shown so far.
     emitted: usize,
+    /// Bytes of `text` already searched for stop strings without a match.
+    searched: usize,
     stops: Vec<String>,
 }
 
@@ -250,7 +264,11 @@ impl Detokenizer {
     pub fn new(stops: &[String]) -> Self {
         Detokenizer {
             ids: Vec::new(),
+            text: String::new(),
+            prefix: 0,
+            read: 0,
             emitted: 0,
+            searched: 0,
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
         }
     }
@@ -258,30 +276,49 @@ impl Detokenizer {
     /// The whole text so far, up to any stop string.
     pub fn text(&self, text: &Text) -> Result<String> {
         let s = text.decode(&self.ids)?;
-        Ok(match self.first_stop(&s) {
+        Ok(match first_stop(&self.stops, &s, 0) {
             Some(i) => s[..i].to_string(),
             None => s,
         })
     }
 
-    fn first_stop(&self, s: &str) -> Option<usize> {
-        self.stops.iter().filter_map(|p| s.find(p.as_str())).min()
+    /// Settles the pending ids into `self.text` when they decode to whole characters (an
+    /// incomplete UTF-8 sequence decodes to U+FFFD at the end), or always with `flush`.
+    fn settle(&mut self, text: &Text, flush: bool) -> Result<()> {
+        let before = text.decode(&self.ids[self.prefix..self.read])?;
+        let now = text.decode(&self.ids[self.prefix..])?;
+        if !flush && now.ends_with('\u{FFFD}') {
+            return Ok(());
+        }
+        match now.strip_prefix(before.as_str()) {
+            Some(new) => self.text.push_str(new),
+            // the context decodes differently once followed by more ids: decode everything
+            // again (keeping what was shown, which only ever ends on a settled prefix)
+            None => {
+                let all = text.decode(&self.ids)?;
+                self.text = if all.starts_with(&self.text[..self.emitted]) {
+                    all
+                } else {
+                    let mut t = self.text[..self.emitted].to_string();
+                    t.push_str(all.get(self.emitted..).unwrap_or(""));
+                    t
+                };
+                self.searched = self.searched.min(self.emitted);
+            }
+        }
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(())
     }
 
     /// Adds a token and returns what became showable.
     pub fn push(&mut self, text: &Text, id: u32) -> Result<Step> {
         self.ids.push(id);
-        let s = text.decode(&self.ids)?;
-        if let Some(i) = self.first_stop(&s) {
-            let out = s.get(self.emitted.min(i)..i).unwrap_or("").to_string();
-            self.emitted = i;
-            return Ok(Step::Stop(out));
+        self.settle(text, false)?;
+        if let Some(step) = self.stop() {
+            return Ok(step);
         }
-        // An incomplete UTF-8 sequence decodes to U+FFFD at the end: wait for the next token.
-        let mut end = s.len();
-        if s.ends_with('\u{FFFD}') {
-            end -= '\u{FFFD}'.len_utf8();
-        }
+        let s = &self.text;
         // Hold back a suffix that could begin a stop string.
         let hold = self
             .stops
@@ -289,12 +326,12 @@ impl Detokenizer {
             .map(|p| {
                 (1..p.len())
                     .rev()
-                    .find(|&n| p.is_char_boundary(n) && s[..end].ends_with(&p[..n]))
+                    .find(|&n| p.is_char_boundary(n) && s.ends_with(&p[..n]))
                     .unwrap_or(0)
             })
             .max()
             .unwrap_or(0);
-        end -= hold;
+        let end = s.len() - hold;
         if end <= self.emitted || !s.is_char_boundary(end) || !s.is_char_boundary(self.emitted) {
             return Ok(Step::Text(String::new()));
         }
@@ -303,13 +340,46 @@ impl Detokenizer {
         Ok(Step::Text(out))
     }
 
-    /// Text held back at the end of generation (no stop string came).
+    /// A stop string in the text added since the last search: the unshown text before it.
+    fn stop(&mut self) -> Option<Step> {
+        let longest = self.stops.iter().map(String::len).max()?;
+        // a match not found before ends in the new text, so starts at most `longest - 1` bytes
+        // before it
+        let mut from = self.searched.saturating_sub(longest - 1);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.searched = self.text.len();
+        let i = first_stop(&self.stops, &self.text, from)?;
+        let out = self
+            .text
+            .get(self.emitted.min(i)..i)
+            .unwrap_or("")
+            .to_string();
+        self.emitted = i;
+        Some(Step::Stop(out))
+    }
+
+    /// Text held back at the end of generation (no stop string came while streaming; one in the
+    /// ids that never settled into whole characters still cuts the text).
     pub fn finish(&mut self, text: &Text) -> Result<String> {
-        let s = text.decode(&self.ids)?;
-        let out = s.get(self.emitted..).unwrap_or("").to_string();
-        self.emitted = s.len();
+        self.settle(text, true)?;
+        if let Some(Step::Stop(out) | Step::Text(out)) = self.stop() {
+            return Ok(out);
+        }
+        let out = self.text.get(self.emitted..).unwrap_or("").to_string();
+        self.emitted = self.text.len();
         Ok(out)
     }
+}
+
+/// Where the first of `stops` occurs in `s[from..]`, as an index into `s`.
+fn first_stop(stops: &[String], s: &str, from: usize) -> Option<usize> {
+    stops
+        .iter()
+        .filter_map(|p| s[from..].find(p.as_str()))
+        .min()
+        .map(|i| from + i)
 }
 
 #[cfg(test)]
@@ -356,6 +426,46 @@ mod tests {
         let e = render_template(src, &[msg("tool", "x")], false, "", "").unwrap_err();
         assert!(e.to_string().contains("only users"), "{e}");
         assert!(render_template("{% for %}", &[], false, "", "").is_err());
+    }
+
+    /// Streams `ids` through a detokenizer with `stops`: the text shown.
+    fn stream(t: &Text, ids: &[u32], stops: &[String]) -> String {
+        let mut d = Detokenizer::new(stops);
+        let mut shown = String::new();
+        for &id in ids {
+            match d.push(t, id).unwrap() {
+                Step::Text(s) => shown.push_str(&s),
+                Step::Stop(s) => return shown + &s,
+            }
+        }
+        shown + &d.finish(t).unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any ids (byte tokens that split characters, special tokens) stream to exactly the
+        /// text the whole sequence decodes to; with a stop string taken from that text, exactly
+        /// the text before its first occurrence is shown.
+        #[test]
+        fn streamed_text_is_the_decoded_text_up_to_the_first_stop(
+            ids in proptest::collection::vec(0u32..384, 0..80),
+            cut in (0usize..1000, 1usize..6),
+        ) {
+            let t = builtin();
+            let full = t.decode(&ids).unwrap();
+            let shown = stream(&t, &ids, &[]);
+            proptest::prop_assert_eq!(&shown, &full);
+            let chars: Vec<(usize, char)> = full.char_indices().collect();
+            if !chars.is_empty() {
+                let a = cut.0 % chars.len();
+                let b = (a + cut.1).min(chars.len());
+                let end = chars.get(b).map_or(full.len(), |c| c.0);
+                let stop = full[chars[a].0..end].to_string();
+                let want = &full[..full.find(&stop).unwrap()];
+                let shown = stream(&t, &ids, std::slice::from_ref(&stop));
+                proptest::prop_assert_eq!(shown.as_str(), want, "stop {:?}", stop);
+            }
+        }
     }
 
     #[test]
