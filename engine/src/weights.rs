@@ -383,6 +383,8 @@ impl Store {
                     .load(name, &self.device)
                     .and_then(|t| t.to_dtype(DType::F32))
                     .map_err(|e| Error::weights(path, format!("tensor {name:?}: {e}")))?;
+                // the tensor owns a copy: the file's pages need not stay in this process
+                release_pages(view.data());
                 Ok(Raw::Dense(t))
             }
             Kind::Gguf {
@@ -449,24 +451,6 @@ impl Store {
         Ok(Some((format, &map[start..start + bytes])))
     }
 
-    /// Drops this process's mapping of `bytes` (a range of the GGUF mapping, packed already), so
-    /// the file's pages do not stay resident beside their packed copy; the page cache keeps them
-    /// for the kernel to reclaim.
-    fn release(&self, bytes: &[u8]) {
-        #[cfg(unix)]
-        if let Kind::Gguf { map, .. } = &self.kind {
-            let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
-            // SAFETY: the mapping is a read-only view of a file: after MADV_DONTNEED a later
-            // access faults the same file contents back in, so no live reference can observe a
-            // change. The range lies in the mapping (`bytes` was cut from it).
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
-            };
-        }
-        #[cfg(not(unix))]
-        let _ = bytes;
-    }
-
     /// A matrix [out, in] as the model multiplies by it: packed for sinew's kernels straight
     /// from a GGUF file's mapping when they take it, else as [`Store::matrix`] gives it.
     pub fn mat(&self, w: W, out: usize, inp: usize) -> Result<Mat> {
@@ -474,7 +458,7 @@ impl Store {
         match self.packable_blocks(&name, &[out, inp], (out, inp))? {
             Some((format, bytes)) => {
                 let m = pack(format, bytes, out, inp, &name);
-                self.release(bytes);
+                release_pages(bytes);
                 m
             }
             None => Mat::new(self.matrix(w, out, inp)?),
@@ -519,7 +503,7 @@ impl Store {
                 let m = pack_all(n, |e| {
                     pack(format, &data[e * per..(e + 1) * per], out, inp, &stacked)
                 });
-                self.release(data);
+                release_pages(data);
                 return m;
             }
             if self.has_name(&stacked) {
@@ -550,6 +534,27 @@ impl Store {
             Mat::new(self.matrix(W::Expert(layer, e, p), out, inp)?)
         })
     }
+}
+
+/// Drops this process's mapping of the whole pages inside `bytes`, a range of a read-only file
+/// mapping whose contents were copied (packed, or loaded into a tensor), so the model's file does
+/// not stay resident beside its copy; the page cache keeps the pages for the kernel to reclaim.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside `bytes`, part of a read-only mapping of a file
+            // that is never written: after MADV_DONTNEED a later access faults the same file
+            // contents back in, so no reference into the mapping can observe a change.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
 }
 
 /// Packs the blocks of a [rows, cols] matrix whose shape tiles (checked by the caller).
