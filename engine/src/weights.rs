@@ -319,7 +319,8 @@ impl Store {
         }
     }
 
-    /// Names of the tensors read so far, in order.
+    /// Names of the tensors read so far, in the order they were read (a layer's per-expert
+    /// tensors load on several threads, so their order among themselves varies).
     pub fn tensors_read(&self) -> Vec<String> {
         self.read.lock().map(|r| r.clone()).unwrap_or_default()
     }
