@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use transport::{Deadline, Link, LinkReceiver, LinkSender, Message};
 
-use crate::element::{Element, Reduce, ReduceOp, reduce_after, reduce_into};
+use crate::element::{Element, Reduce, ReduceOp, reduce_after, reduce_after_to, reduce_into};
 use crate::error::{CollectiveError, Result};
 use crate::schedule::{self, chunk, piece_at, piece_count, pieces};
 use crate::stats::Stats;
@@ -525,15 +525,25 @@ impl Communicator {
         Ok(())
     }
 
-    /// Ring reduce-scatter in place over `buf` cut by [`schedule::chunk`]: afterwards chunk
-    /// `rank` of `buf` holds the reduction (other chunks hold partial results).
+    /// Ring reduce-scatter over `buf` cut by [`schedule::chunk`]: afterwards chunk `rank` of
+    /// `buf` holds the reduction (other chunks hold partial results). With `src`, this rank's
+    /// contribution is read from `src` (as long as `buf`) and `buf`'s prior contents are
+    /// ignored: each step reduces what arrives with `src`'s chunk into `buf`, and only the
+    /// first step sends from `src` (later ones forward the chunk reduced the step before), so an
+    /// out-of-place operation needs no copy of its input. The result is bitwise the in-place one.
     fn ring_reduce_scatter<T: Reduce>(
         &mut self,
+        src: Option<&[T]>,
         buf: &mut [T],
         op: ReduceOp,
         name: &'static str,
         tag: u32,
     ) -> Result<()> {
+        debug_assert!(src.is_none_or(|s| s.len() == buf.len()));
+        if let (Some(src), 1) = (src, self.world) {
+            buf.copy_from_slice(src);
+            return Ok(());
+        }
         let (rank, world) = (self.rank, self.world);
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
@@ -550,6 +560,12 @@ impl Communicator {
             for step in 0..world.saturating_sub(1) {
                 let (s, r) = schedule::reduce_scatter_step(rank, world, step);
                 let (send, recv) = split_pair(buf, chunk(len, world, s), chunk(len, world, r));
+                // this rank's own contribution to the received chunk, when not in `recv` itself
+                let mine = src.map(|src| &src[chunk(len, world, r)]);
+                let send = match src {
+                    Some(src) if step == 0 => &src[chunk(len, world, s)],
+                    _ => send,
+                };
                 let (n_send, n_recv) = (
                     piece_count(send.len(), piece),
                     piece_count(recv.len(), piece),
@@ -566,7 +582,12 @@ impl Communicator {
                         let done = rctx.try_recv(rx, as_bytes_mut(tmp))?;
                         if done {
                             // The received partial result comes earlier in the fold.
-                            reduce_after(op, tmp, &mut recv[p]);
+                            match mine {
+                                Some(mine) => {
+                                    reduce_after_to(op, tmp, &mine[p.clone()], &mut recv[p])
+                                }
+                                None => reduce_after(op, tmp, &mut recv[p]),
+                            }
                         }
                         Ok(done)
                     }),
@@ -599,8 +620,19 @@ impl Communicator {
                 reason: format!("output of {} elements for chunk {:?}", output.len(), mine),
             });
         }
-        let mut work = input.to_vec();
-        self.reduce_scatter_in_place(&mut work, op)?;
+        // the ring passes partial results through every chunk: a working buffer, filled by the
+        // reduction itself (no copy of `input`)
+        let mut work = vec![T::zeroed(); input.len()];
+        let bytes = std::mem::size_of_val(input);
+        self.run("reduce_scatter", bytes, |c| {
+            c.ring_reduce_scatter(
+                Some(input),
+                &mut work,
+                op,
+                "reduce_scatter",
+                tag::REDUCE_SCATTER,
+            )
+        })?;
         output.copy_from_slice(&work[mine]);
         Ok(())
     }
@@ -617,7 +649,7 @@ impl Communicator {
     ) -> Result<()> {
         let bytes = std::mem::size_of_val(buf);
         self.run("reduce_scatter", bytes, |c| {
-            c.ring_reduce_scatter(buf, op, "reduce_scatter", tag::REDUCE_SCATTER)
+            c.ring_reduce_scatter(None, buf, op, "reduce_scatter", tag::REDUCE_SCATTER)
         })
     }
 
@@ -633,13 +665,15 @@ impl Communicator {
         self.run("all_reduce", bytes, |c| match algorithm {
             AllReduceAlgorithm::Direct => c.all_reduce_direct(buf, op),
             AllReduceAlgorithm::Ring => {
-                c.ring_reduce_scatter(buf, op, "all_reduce", tag::ALL_REDUCE)?;
+                c.ring_reduce_scatter(None, buf, op, "all_reduce", tag::ALL_REDUCE)?;
                 c.ring_all_gather_uneven(buf)
             }
         })
     }
 
-    /// All-reduce out of place: `output` receives the reduction of every rank's `input`.
+    /// All-reduce out of place: `output` receives the reduction of every rank's `input`,
+    /// bitwise what [`Communicator::all_reduce`] gives. The ring reads `input` where it is (no
+    /// copy into `output` first); the small-message algorithm copies.
     ///
     /// # Errors
     /// As [`Communicator::all_reduce`]; `output` must be as long as `input`.
@@ -659,8 +693,17 @@ impl Communicator {
                 ),
             });
         }
-        output.copy_from_slice(input);
-        self.all_reduce(output, op)
+        let bytes = std::mem::size_of_val(input);
+        match self.all_reduce_algorithm(bytes) {
+            AllReduceAlgorithm::Direct => {
+                output.copy_from_slice(input);
+                self.all_reduce(output, op)
+            }
+            AllReduceAlgorithm::Ring => self.run("all_reduce", bytes, |c| {
+                c.ring_reduce_scatter(Some(input), output, op, "all_reduce", tag::ALL_REDUCE)?;
+                c.ring_all_gather_uneven(output)
+            }),
+        }
     }
 
     /// The all-gather half of a ring all-reduce, over chunks of unequal length.

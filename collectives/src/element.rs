@@ -134,6 +134,22 @@ pub fn reduce_after<T: Reduce>(op: ReduceOp, earlier: &[T], acc: &mut [T]) {
     zip_with(acc, earlier, op, true);
 }
 
+/// `out[i] = op(earlier[i], mine[i])`: [`reduce_after`] into a third buffer.
+pub fn reduce_after_to<T: Reduce>(op: ReduceOp, earlier: &[T], mine: &[T], out: &mut [T]) {
+    macro_rules! kernel {
+        ($op:expr) => {
+            for ((o, e), m) in out.iter_mut().zip(earlier).zip(mine) {
+                *o = T::apply($op, *e, *m);
+            }
+        };
+    }
+    match op {
+        ReduceOp::Sum => kernel!(ReduceOp::Sum),
+        ReduceOp::Max => kernel!(ReduceOp::Max),
+        ReduceOp::Min => kernel!(ReduceOp::Min),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

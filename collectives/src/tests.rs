@@ -190,6 +190,31 @@ fn check_all_reduce<T: Reduce>(
     for (r, g) in got.iter().enumerate() {
         prop_assert_eq!(g, &expected, "rank {} of {} ({:?})", r, n, algorithm);
     }
+    // out of place, into an output holding garbage: the same bits, the input untouched
+    let got = ok(w.run(|r| {
+        let input = data[r].clone();
+        Box::new(move |c| {
+            let kept = bytes(&input);
+            let mut out = vec![T::zeroed(); input.len()];
+            bytemuck::cast_slice_mut::<T, u8>(&mut out).fill(0xA5);
+            c.all_reduce_into(&input, &mut out, op)
+                .map_err(|e| e.to_string())?;
+            if bytes(&input) != kept {
+                return Err("all_reduce_into changed its input".into());
+            }
+            Ok(bytes(&out))
+        })
+    }));
+    for (r, g) in got.iter().enumerate() {
+        prop_assert_eq!(
+            g,
+            &expected,
+            "out of place, rank {} of {} ({:?})",
+            r,
+            n,
+            algorithm
+        );
+    }
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use crate::units::{format_size, parse_size_list};
 /// The operations `sinew bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchOp {
-    /// All-reduce (sum), in place.
+    /// All-reduce (sum), out of place (input → output).
     AllReduce,
     /// All-gather.
     AllGather,
@@ -441,10 +441,10 @@ fn measure_reductions<T: Exact + Reduce>(
         let mine: Vec<T> = (0..count).map(|i| T::exact(value(rank, i))).collect();
         let (hist, ok) = match args.op {
             BenchOp::AllReduce => {
+                // out of place, as nccl-tests and MPI_Allreduce(send, recv) measure it
                 let mut buf = mine.clone();
                 let h = time_it(comm, args.warmup, args.iters, |c| {
-                    buf.copy_from_slice(&mine);
-                    c.all_reduce(&mut buf, ReduceOp::Sum)
+                    c.all_reduce_into(&mine, &mut buf, ReduceOp::Sum)
                 })?;
                 let ok = buf
                     .iter()
