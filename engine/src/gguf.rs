@@ -585,10 +585,21 @@ pub fn summary(path: &Path) -> Result<Summary> {
     })
 }
 
-/// Writes a synthetic model of `shape` as a Hugging Face directory (config.json, one f32
-/// model.safetensors, the built-in tokenizer and chat template), with the same random weights
-/// [`write_synthetic`] would quantize. For comparisons with engines that read only safetensors.
-pub fn write_synthetic_hf(shape: &SynthShape, dir: &Path) -> Result<()> {
+/// Writes a synthetic model of `shape` as a Hugging Face directory (config.json, one
+/// model.safetensors in `dtype` — f32, bf16 or f16 —, the built-in tokenizer and chat template),
+/// with the same random weights [`write_synthetic`] would quantize. For comparisons with engines
+/// that read only safetensors.
+pub fn write_synthetic_hf(shape: &SynthShape, dir: &Path, dtype: DType) -> Result<()> {
+    let torch_dtype = match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        other => {
+            return Err(Error::Request(format!(
+                "a Hugging Face directory in {other:?}: f32, bf16 or f16 only"
+            )));
+        }
+    };
     let c = shape.config();
     c.validate(dir)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -615,7 +626,7 @@ pub fn write_synthetic_hf(shape: &SynthShape, dir: &Path) -> Result<()> {
         "num_experts_per_tok": moe.as_ref().map_or(0, |m| m.top_k),
         "moe_intermediate_size": moe.as_ref().map_or(0, |m| m.expert_intermediate_size),
         "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
     });
     let mut rng = Random {
         rng: StdRng::seed_from_u64(shape.seed),
@@ -625,7 +636,8 @@ pub fn write_synthetic_hf(shape: &SynthShape, dir: &Path) -> Result<()> {
     };
     let mut tensors = std::collections::HashMap::new();
     for r in roles(&c) {
-        tensors.insert(crate::weights::hf_name(arch, r.w), rng.get(r.w, &r.shape)?);
+        let t = rng.get(r.w, &r.shape)?.to_dtype(dtype)?;
+        tensors.insert(crate::weights::hf_name(arch, r.w), t);
     }
     let st = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &st)

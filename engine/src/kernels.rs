@@ -56,6 +56,8 @@ const Q6K_SUB: usize = 6 * 64;
 const Q8_0_TILE: usize = 32 + TILE_ROWS * QK8_0;
 /// f32 tile: one input value of 16 rows.
 const F32_TILE: usize = 4 * TILE_ROWS;
+/// bf16 / f16 tile: one input value of 16 rows, two bytes each.
+const HALF_TILE: usize = 2 * TILE_ROWS;
 /// Row tiles per unit of parallel work, read side by side: a matrix's tiles are cut into this
 /// many contiguous runs and a unit takes one tile of each, so every unit streams from several
 /// places at once (more of the memory system busy than one sequential stream).
@@ -75,6 +77,11 @@ pub enum Format {
     Q8_0,
     /// Plain f32 (a "block" is one value); activations stay f32.
     F32,
+    /// bfloat16 weights (what Hugging Face checkpoints ship), widened to f32 in the kernel —
+    /// exactly, so the products are the f32 path's on the same values, at half the bytes.
+    BF16,
+    /// IEEE half weights, widened to f32 in the kernel (exactly, as bf16).
+    F16,
 }
 
 impl Format {
@@ -86,6 +93,8 @@ impl Format {
             D::Q6K => Some(Format::Q6K),
             D::Q8_0 => Some(Format::Q8_0),
             D::F32 => Some(Format::F32),
+            D::BF16 => Some(Format::BF16),
+            D::F16 => Some(Format::F16),
             _ => None,
         }
     }
@@ -95,7 +104,7 @@ impl Format {
         match self {
             Format::Q4K | Format::Q6K => QK_K,
             Format::Q8_0 => QK8_0,
-            Format::F32 => 1,
+            Format::F32 | Format::BF16 | Format::F16 => 1,
         }
     }
 
@@ -106,6 +115,7 @@ impl Format {
             Format::Q6K => Q6K_BYTES,
             Format::Q8_0 => Q8_0_BYTES,
             Format::F32 => 4,
+            Format::BF16 | Format::F16 => 2,
         }
     }
 
@@ -119,9 +129,14 @@ impl Format {
     /// than the extra streams bring.
     fn streams(self) -> usize {
         match self {
-            Format::F32 => STREAMS,
+            Format::F32 | Format::BF16 | Format::F16 => STREAMS,
             Format::Q4K | Format::Q6K | Format::Q8_0 => 1,
         }
+    }
+
+    /// Whether the activations stay f32 (weights f32, bf16 or f16): several rows share a pass.
+    fn is_float(self) -> bool {
+        matches!(self, Format::F32 | Format::BF16 | Format::F16)
     }
 
     fn tile_bytes(self) -> usize {
@@ -130,6 +145,7 @@ impl Format {
             Format::Q6K => Q6K_TILE,
             Format::Q8_0 => Q8_0_TILE,
             Format::F32 => F32_TILE,
+            Format::BF16 | Format::F16 => HALF_TILE,
         }
     }
 
@@ -172,9 +188,9 @@ pub struct QuantRow {
 impl QuantRow {
     /// Quantizes `x` (a whole number of `format` blocks long): per block, scale = max |x| / 127
     /// and each value rounded to the nearest step. Non-finite inputs quantize to 0. For
-    /// [`Format::F32`] the row is copied unchanged.
+    /// [`Format::F32`], [`Format::BF16`] and [`Format::F16`] the row is copied unchanged.
     pub fn new(format: Format, x: &[f32]) -> Self {
-        if format == Format::F32 {
+        if format.is_float() {
             return QuantRow {
                 format,
                 d: Vec::new(),
@@ -242,6 +258,10 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+fn bf16_at(b: &[u8], i: usize) -> f32 {
+    half::bf16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K superblock (llama.cpp's layout).
@@ -328,6 +348,8 @@ pub fn dot_scalar(format: Format, w: &[u8], a: &QuantRow) -> f32 {
                 total += f16_at(blk, 208) * a.d[b] * s as f32;
             }
             Format::F32 => total += f32_at(blk, 0) * a.f[b],
+            Format::BF16 => total += bf16_at(blk, 0) * a.f[b],
+            Format::F16 => total += f16_at(blk, 0) * a.f[b],
         }
     }
     total
@@ -390,9 +412,16 @@ impl PackedMatrix {
         if gguf.len() != rows * format.row_bytes(cols) {
             return None;
         }
-        if format == Format::F32 {
-            m.fill_f32(|i| f32_at(gguf, 4 * i));
-            return Some(m);
+        match format {
+            Format::F32 => {
+                m.fill_f32(|i| f32_at(gguf, 4 * i));
+                return Some(m);
+            }
+            Format::BF16 | Format::F16 => {
+                m.fill_half(|i| [gguf[2 * i], gguf[2 * i + 1]]);
+                return Some(m);
+            }
+            _ => {}
         }
         let kb = cols / format.block_elems();
         let tb = format.tile_bytes();
@@ -455,7 +484,7 @@ impl PackedMatrix {
                             }
                         }
                     }
-                    Format::F32 => unreachable!("packed above"),
+                    Format::F32 | Format::BF16 | Format::F16 => unreachable!("packed above"),
                 }
             }
         }
@@ -490,6 +519,23 @@ impl PackedMatrix {
         }
     }
 
+    /// Fills a bf16 / f16 matrix from its row-major values (little-endian bytes): value (row, c)
+    /// goes to slab row / 16 at c · 16 + row % 16.
+    fn fill_half(&mut self, value: impl Fn(usize) -> [u8; 2]) {
+        let cols = self.cols;
+        let slab = cols * HALF_TILE;
+        let rows = self.rows;
+        let tiles = self.tiles_mut();
+        for row in 0..rows {
+            let (rt, r) = (row / TILE_ROWS, row % TILE_ROWS);
+            let s = &mut tiles[rt * slab..(rt + 1) * slab];
+            for c in 0..cols {
+                let at = c * HALF_TILE + 2 * r;
+                s[at..at + 2].copy_from_slice(&value(row * cols + c));
+            }
+        }
+    }
+
     /// The weight format.
     pub fn format(&self) -> Format {
         self.format
@@ -520,6 +566,8 @@ impl PackedMatrix {
             let tile = &self.tiles()[(rt * kb + b) * tb..(rt * kb + b + 1) * tb];
             match self.format {
                 Format::F32 => out.push(f32_at(tile, 4 * r)),
+                Format::BF16 => out.push(bf16_at(tile, 2 * r)),
+                Format::F16 => out.push(f16_at(tile, 2 * r)),
                 Format::Q8_0 => {
                     let d = f16_at(tile, 2 * r);
                     for k in 0..QK8_0 {
@@ -579,14 +627,23 @@ impl PackedMatrix {
             let kb = self.cols / self.format.block_elems();
             let tb = self.format.tile_bytes();
             let slab = |t: usize| &self.tiles()[t * kb * tb..(t + 1) * kb * tb];
-            if self.format == Format::F32 {
+            if self.format.is_float() {
                 let mut tmp = [[[0f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS];
                 let s = |i: usize| slab(tiles[i.min(tiles.len() - 1)]);
-                match tiles.len() {
-                    1 => f32_rows::<1>([s(0)], acts, &mut tmp),
-                    2 => f32_rows::<2>([s(0), s(1)], acts, &mut tmp),
-                    3 => f32_rows::<3>([s(0), s(1), s(2)], acts, &mut tmp),
-                    _ => f32_rows::<4>([s(0), s(1), s(2), s(3)], acts, &mut tmp),
+                macro_rules! by_width {
+                    ($w:expr) => {
+                        match tiles.len() {
+                            1 => f32_rows::<1, $w>([s(0)], acts, &mut tmp),
+                            2 => f32_rows::<2, $w>([s(0), s(1)], acts, &mut tmp),
+                            3 => f32_rows::<3, $w>([s(0), s(1), s(2)], acts, &mut tmp),
+                            _ => f32_rows::<4, $w>([s(0), s(1), s(2), s(3)], acts, &mut tmp),
+                        }
+                    };
+                }
+                match self.format {
+                    Format::BF16 => by_width!({ x86::BF16 }),
+                    Format::F16 => by_width!({ x86::F16 }),
+                    _ => by_width!({ x86::F32 }),
                 }
                 for (i, per_tile) in tmp.iter().take(tiles.len()).enumerate() {
                     for (j, t) in per_tile.iter().take(acts.len()).enumerate() {
@@ -610,7 +667,9 @@ impl PackedMatrix {
                         Format::Q6K => unsafe { x86::tile_row_q6k(slab(t), a, dst) },
                         // SAFETY: as above.
                         Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab(t), a, dst) },
-                        Format::F32 => unreachable!("handled above"),
+                        Format::F32 | Format::BF16 | Format::F16 => {
+                            unreachable!("handled above")
+                        }
                     }
                 }
             }
@@ -623,9 +682,10 @@ impl PackedMatrix {
     }
 }
 
-/// `S` f32 tile slabs times 1..=4 activation rows, into `out[slab][row]`.
+/// `S` float tile slabs (weights of kind `W`: [`x86::F32`], [`x86::BF16`], [`x86::F16`]) times
+/// 1..=4 activation rows, into `out[slab][row]`.
 #[cfg(target_arch = "x86_64")]
-fn f32_rows<const S: usize>(
+fn f32_rows<const S: usize, const W: u8>(
     slabs: [&[u8]; S],
     acts: &[QuantRow],
     out: &mut [[[f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS],
@@ -635,10 +695,10 @@ fn f32_rows<const S: usize>(
     // each slab holds that many f32 tiles.
     unsafe {
         match acts.len() {
-            1 => x86::tile_rows_f32::<S, 1>(slabs, [x(0)], out),
-            2 => x86::tile_rows_f32::<S, 2>(slabs, [x(0), x(1)], out),
-            3 => x86::tile_rows_f32::<S, 3>(slabs, [x(0), x(1), x(2)], out),
-            _ => x86::tile_rows_f32::<S, 4>(slabs, [x(0), x(1), x(2), x(3)], out),
+            1 => x86::tile_rows_f32::<S, 1, W>(slabs, [x(0)], out),
+            2 => x86::tile_rows_f32::<S, 2, W>(slabs, [x(0), x(1)], out),
+            3 => x86::tile_rows_f32::<S, 3, W>(slabs, [x(0), x(1), x(2)], out),
+            _ => x86::tile_rows_f32::<S, 4, W>(slabs, [x(0), x(1), x(2), x(3)], out),
         }
     }
 }
@@ -700,7 +760,7 @@ pub fn run(jobs: &mut [Job<'_>]) {
             }
             let tiles = &picked[..count];
             let n = tiles.len() * TILE_ROWS;
-            let pass = if job.mat.format == Format::F32 {
+            let pass = if job.mat.format.is_float() {
                 ROWS_PER_PASS
             } else {
                 1
@@ -733,28 +793,39 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        F32_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_Q, Q6K_SC, Q6K_SUB, Q6K_TILE, Q8_0_TILE,
-        QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
+        F32_TILE, HALF_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_Q, Q6K_SC, Q6K_SUB, Q6K_TILE,
+        Q8_0_TILE, QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
     };
 
-    /// `S` f32 tile slabs (16 rows each, every input value) times each of the `N` rows `x`,
-    /// into `out[slab][row]`. The slabs are read side by side, one sequential stream each.
+    /// Weight kinds of [`tile_rows_f32`]: f32, bf16, f16.
+    pub(super) const F32: u8 = 0;
+    /// bf16 weights.
+    pub(super) const BF16: u8 = 1;
+    /// f16 weights.
+    pub(super) const F16: u8 = 2;
+
+    /// `S` float tile slabs (16 rows each, every input value; weights of kind `W`) times each of
+    /// the `N` rows `x`, into `out[slab][row]`. The slabs are read side by side, one sequential
+    /// stream each. bf16 and f16 weights widen to f32 exactly, so the products and their order
+    /// are the f32 kernel's on the same values.
     ///
     /// # Safety
-    /// AVX-512 F available; every slab holds `x[i].len()` f32 tiles for every `i`.
-    #[target_feature(enable = "avx512f")]
+    /// AVX-512 F and F16C available; every slab holds `x[i].len()` tiles of kind `W` for every
+    /// `i`.
+    #[target_feature(enable = "avx512f,f16c")]
     // `s` and `n` index the slabs, the rows and the accumulators together
     #[allow(clippy::needless_range_loop)]
-    pub(super) unsafe fn tile_rows_f32<const S: usize, const N: usize>(
+    pub(super) unsafe fn tile_rows_f32<const S: usize, const N: usize, const W: u8>(
         slabs: [&[u8]; S],
         x: [&[f32]; N],
         out: &mut [[[f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS],
     ) {
         let cols = x[0].len();
+        let tile = if W == F32 { F32_TILE } else { HALF_TILE };
         debug_assert!(S <= STREAMS && N <= ROWS_PER_PASS);
         debug_assert!(x.iter().all(|r| r.len() == cols));
-        debug_assert!(slabs.iter().all(|s| s.len() == cols * F32_TILE));
-        let w = slabs.map(|s| s.as_ptr() as *const f32);
+        debug_assert!(slabs.iter().all(|s| s.len() == cols * tile));
+        let w = slabs.map(|s| s.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); N]; S];
         // SAFETY: k < cols, so every load lies in its slab and every read in each row.
         unsafe {
@@ -762,7 +833,15 @@ mod x86 {
                 let xv: [__m512; N] =
                     std::array::from_fn(|n| _mm512_set1_ps(*x[n].get_unchecked(k)));
                 for s in 0..S {
-                    let wv = _mm512_loadu_ps(w[s].add(k * TILE_ROWS));
+                    let p = w[s].add(k * tile);
+                    let wv = match W {
+                        F32 => _mm512_loadu_ps(p as *const f32),
+                        // bf16 is the top half of an f32
+                        BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const _)),
+                        )),
+                        _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const _)),
+                    };
                     for n in 0..N {
                         acc[s][n] = _mm512_fmadd_ps(wv, xv[n], acc[s][n]);
                     }
@@ -969,13 +1048,15 @@ mod tests {
             Format::Q6K => GgmlDType::Q6K,
             Format::Q8_0 => GgmlDType::Q8_0,
             Format::F32 => GgmlDType::F32,
+            Format::BF16 => GgmlDType::BF16,
+            Format::F16 => GgmlDType::F16,
         }
     }
 
     /// Activation value `i` as the kernels see it.
     fn act(a: &QuantRow, i: usize) -> f64 {
         match a.format {
-            Format::F32 => a.f[i] as f64,
+            Format::F32 | Format::BF16 | Format::F16 => a.f[i] as f64,
             f => a.d[i / f.block_elems()] as f64 * a.qs[i] as f64,
         }
     }
@@ -1059,11 +1140,7 @@ mod tests {
     fn case(format: Format) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize)> {
         let be = format.block_elems();
         // f32 widths from 1 to 70; 1 to 7 row tiles (runs of unequal length for f32 units)
-        let blocks = if format == Format::F32 {
-            1usize..71
-        } else {
-            1..4
-        };
+        let blocks = if format.is_float() { 1usize..71 } else { 1..4 };
         (blocks, 1usize..8).prop_flat_map(move |(blocks, tiles)| {
             let (cols, rows) = (
                 blocks * be * if be == QK8_0 { 3 } else { 1 },
@@ -1100,6 +1177,12 @@ mod tests {
         }
 
         #[test]
+        fn bf16_and_f16_packed_and_reference((w, x, rows) in case(Format::BF16)) {
+            check(Format::BF16, &w, &x, rows);
+            check(Format::F16, &w, &x, rows);
+        }
+
+        #[test]
         fn several_rows_share_a_pass(
             (w, x, rows) in prop_oneof![case(Format::F32), case(Format::Q8_0), case(Format::Q4K)],
             extra in prop::collection::vec(-4.0f32..4.0, 0..6 * 256),
@@ -1109,6 +1192,8 @@ mod tests {
             let mut xs = vec![x];
             xs.extend(extra.chunks_exact(cols).take(6).map(<[f32]>::to_vec));
             check_rows(Format::F32, &w, &xs, rows);
+            check_rows(Format::BF16, &w, &xs, rows);
+            check_rows(Format::F16, &w, &xs, rows);
             if cols.is_multiple_of(QK8_0) {
                 check_rows(Format::Q8_0, &w, &xs, rows);
             }

@@ -134,6 +134,8 @@ pub(crate) struct Acts<'a> {
     q6k: Vec<QuantRow>,
     q8_0: Vec<QuantRow>,
     f32: Vec<QuantRow>,
+    bf16: Vec<QuantRow>,
+    f16: Vec<QuantRow>,
 }
 
 impl<'a> Acts<'a> {
@@ -146,6 +148,8 @@ impl<'a> Acts<'a> {
             q6k: Vec::new(),
             q8_0: Vec::new(),
             f32: Vec::new(),
+            bf16: Vec::new(),
+            f16: Vec::new(),
         }
     }
 
@@ -157,6 +161,8 @@ impl<'a> Acts<'a> {
             Format::Q6K => &mut self.q6k,
             Format::Q8_0 => &mut self.q8_0,
             Format::F32 => &mut self.f32,
+            Format::BF16 => &mut self.bf16,
+            Format::F16 => &mut self.f16,
         };
         if slot.is_empty() && k > 0 {
             *slot = rows.chunks_exact(k).map(|r| QuantRow::new(f, r)).collect();
@@ -170,6 +176,8 @@ impl<'a> Acts<'a> {
             Format::Q6K => &self.q6k,
             Format::Q8_0 => &self.q8_0,
             Format::F32 => &self.f32,
+            Format::BF16 => &self.bf16,
+            Format::F16 => &self.f16,
         }
     }
 }

@@ -278,6 +278,36 @@ impl Model {
         self.position = 0;
     }
 
+    /// How this stage's weight matrices are held: for each kind — a packed format of sinew's
+    /// kernels (`"Q4K"`, `"Q6K"`, `"Q8_0"`, `"F32"`, `"BF16"`, `"F16"`) or `"candle"` (candle's
+    /// matmul) — the number of matrices and their bytes, sorted by kind.
+    pub fn matrix_formats(&self) -> Vec<(String, usize, usize)> {
+        let mut all: Vec<&Mat> = Vec::new();
+        for b in &self.blocks {
+            let a = &b.attn;
+            all.extend([&a.q.w, &a.k.w, &a.v.w, &a.o]);
+            match &b.ffn {
+                Ffn::Dense(m) => all.extend([&m.gate, &m.up, &m.down]),
+                Ffn::Sparse(m) => {
+                    all.push(&m.router);
+                    all.extend(m.experts.iter().flat_map(|e| [&e.gate, &e.up, &e.down]));
+                }
+            }
+        }
+        all.extend(self.head.as_ref());
+        let mut kinds: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for m in all {
+            let (kind, bytes) = match m {
+                Mat::Packed(p) => (format!("{:?}", p.format()), p.size_in_bytes()),
+                Mat::Candle(q) => ("candle".to_string(), qmatmul_bytes(q)),
+            };
+            let e = kinds.entry(kind).or_default();
+            e.0 += 1;
+            e.1 += bytes;
+        }
+        kinds.into_iter().map(|(k, (n, b))| (k, n, b)).collect()
+    }
+
     /// Runs the new positions through this stage, appending them to the KV cache.
     pub fn forward(&mut self, input: Input<'_>, logits: Logits) -> Result<Output> {
         let mut x = match input {
@@ -360,6 +390,14 @@ impl Model {
                 "this stage does not hold the output head".into(),
             )),
         }
+    }
+}
+
+/// Bytes of a matrix on candle's path.
+fn qmatmul_bytes(q: &QMatMul) -> usize {
+    match q {
+        QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
     }
 }
 

@@ -433,11 +433,12 @@ impl Store {
             return Ok(None);
         };
         let dtype = info.ggml_dtype;
+        // float formats pack as they are; quantized ones unless the store dequantizes (the twin)
         let format = match Format::of(dtype) {
             Some(f)
                 if f.native()
-                    && !self.dequantize
-                    && is_quantized(dtype)
+                    && self.device.is_cpu()
+                    && (!self.dequantize || !is_quantized(dtype))
                     && PackedMatrix::tiles_shape(f, rows, cols) =>
             {
                 f
@@ -456,6 +457,30 @@ impl Store {
     /// from a GGUF file's mapping when they take it, else as [`Store::matrix`] gives it.
     pub fn mat(&self, w: W, out: usize, inp: usize) -> Result<Mat> {
         let name = self.name(w);
+        if let Kind::Safetensors { files, index, .. } = &self.kind
+            && let Some(&i) = index.get(&name)
+        {
+            let (path, st) = &files[i];
+            let view = st
+                .get(&name)
+                .map_err(|e| Error::weights(path, format!("{name}: {e}")))?;
+            let format = match view.dtype() {
+                safetensors::Dtype::F32 => Some(Format::F32),
+                safetensors::Dtype::BF16 => Some(Format::BF16),
+                safetensors::Dtype::F16 => Some(Format::F16),
+                _ => None,
+            };
+            if let Some(format) = format.filter(|&f| {
+                f.native() && self.device.is_cpu() && PackedMatrix::tiles_shape(f, out, inp)
+            }) {
+                // straight from the mapping, in the file's own precision (bf16 stays 2 bytes)
+                self.check_shape(&name, view.shape(), &[out, inp])?;
+                self.note(&name);
+                let m = pack(format, view.data(), out, inp, &name);
+                release_pages(view.data());
+                return m;
+            }
+        }
         match self.packable_blocks(&name, &[out, inp], (out, inp))? {
             Some((format, bytes)) => {
                 let m = pack(format, bytes, out, inp, &name);
@@ -531,9 +556,7 @@ impl Store {
                 };
             }
         }
-        pack_all(n, |e| {
-            Mat::new(self.matrix(W::Expert(layer, e, p), out, inp)?)
-        })
+        pack_all(n, |e| self.mat(W::Expert(layer, e, p), out, inp))
     }
 }
 

@@ -127,3 +127,95 @@ fn two_pipeline_stages_equal_the_whole_model_and_read_only_their_share() {
         );
     }
 }
+
+/// Writes `src`'s model with every weight rounded to `half` twice: stored in that precision in
+/// `half_dir`, and widened back to f32 in `f32_dir` (the same values), beside `src`'s other files.
+fn write_rounded(src: &Path, half_dir: &Path, f32_dir: &Path, dtype: safetensors::Dtype) {
+    for dir in [half_dir, f32_dir] {
+        std::fs::create_dir_all(dir).unwrap();
+        for e in std::fs::read_dir(src).unwrap().flatten() {
+            let name = e.file_name();
+            let n = name.to_string_lossy();
+            if (n.ends_with(".json") || n.ends_with(".jinja")) && n != "reference.json" {
+                std::fs::copy(e.path(), dir.join(&name)).unwrap();
+            }
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut halves = Vec::new();
+    let mut widened = Vec::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let (h, w): (Vec<[u8; 2]>, Vec<[u8; 4]>) = values
+            .map(|v| match dtype {
+                safetensors::Dtype::BF16 => {
+                    let h = half::bf16::from_f32(v);
+                    (h.to_le_bytes(), h.to_f32().to_le_bytes())
+                }
+                _ => {
+                    let h = half::f16::from_f32(v);
+                    (h.to_le_bytes(), h.to_f32().to_le_bytes())
+                }
+            })
+            .unzip();
+        halves.push((name.clone(), view.shape().to_vec(), h.concat()));
+        widened.push((name, view.shape().to_vec(), w.concat()));
+    }
+    let write = |dir: &Path, dtype, tensors: &[(String, Vec<usize>, Vec<u8>)]| {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, shape, data)| {
+                let v = safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap();
+                (n.clone(), v)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    };
+    write(half_dir, dtype, &halves);
+    write(f32_dir, safetensors::Dtype::F32, &widened);
+}
+
+#[test]
+fn bf16_and_f16_checkpoints_give_the_f32_logits_of_the_same_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in fixtures() {
+        let r = reference(&dir);
+        for (tag, dtype) in [
+            ("bf16", safetensors::Dtype::BF16),
+            ("f16", safetensors::Dtype::F16),
+        ] {
+            let name = dir.file_name().unwrap().to_string_lossy().to_string();
+            let half_dir = tmp.path().join(format!("{name}-{tag}"));
+            let f32_dir = tmp.path().join(format!("{name}-{tag}-as-f32"));
+            write_rounded(&dir, &half_dir, &f32_dir, dtype);
+            let (mut hm, mut fm) = (open(&half_dir), open(&f32_dir));
+            // held in the file's precision where the CPU has the kernels: half the bytes
+            // (matrices whose shape does not tile, such as a 4-expert router, stay on candle's
+            // matmul in both; a tied head is packed from the f32 embedding in both)
+            if engine::kernels::Format::F32.native() {
+                let (hk, fk) = (hm.model.matrix_formats(), fm.model.matrix_formats());
+                let packed = |k: &[(String, usize, usize)], kind: &str| {
+                    k.iter()
+                        .find(|e| e.0 == kind)
+                        .map_or((0, 0), |e| (e.1, e.2))
+                };
+                let (hn, hb) = packed(&hk, &tag.to_uppercase());
+                let (tied_n, tied_b) = packed(&hk, "F32");
+                let (fn_, fb) = packed(&fk, "F32");
+                assert!(hn > 0, "{name}: {hk:?}");
+                assert_eq!((hn + tied_n, 2 * hb + tied_b), (fn_, fb), "{name}");
+                assert_eq!(packed(&hk, "candle"), packed(&fk, "candle"), "{name}");
+            }
+            let h = rows(&hm.model.logits(&r.prompt_ids, Logits::All).unwrap());
+            let f = rows(&fm.model.logits(&r.prompt_ids, Logits::All).unwrap());
+            // widening is exact and the kernels add in the same order: the same bits (the f32
+            // path is the one checked against transformers above)
+            assert_eq!(h, f, "{name} {tag}");
+        }
+    }
+}

@@ -131,6 +131,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "decode_tokens_per_s": g.decode_tokens_per_s(),
             "prefill_s": g.prefill_secs,
             "decode_s": g.decode_secs,
+            "weights": m.model.matrix_formats().into_iter().map(|(format, matrices, bytes)| {
+                serde_json::json!({"format": format, "matrices": matrices, "bytes": bytes})
+            }).collect::<Vec<_>>(),
         });
         writeln!(stdout, "{v}")?;
     } else {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use engine::Architecture;
 use engine::gguf::{ExpertLayout, Quant, SynthShape, WriteOptions};
@@ -93,9 +93,12 @@ pub struct SynthArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Write a Hugging Face directory (f32 safetensors) at --out instead of a GGUF file.
+    /// Write a Hugging Face directory (safetensors) at --out instead of a GGUF file.
     #[arg(long)]
     hf: bool,
+    /// Precision of the --hf weights: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", requires = "hf")]
+    hf_dtype: String,
     #[command(flatten)]
     format: FormatArgs,
 }
@@ -138,7 +141,13 @@ pub fn run(cmd: GgufCommand) -> anyhow::Result<()> {
                 seed: a.seed,
             };
             if a.hf {
-                engine::gguf::write_synthetic_hf(&shape, &a.out)
+                let dtype = match a.hf_dtype.to_ascii_lowercase().as_str() {
+                    "f32" => candle_core::DType::F32,
+                    "bf16" => candle_core::DType::BF16,
+                    "f16" => candle_core::DType::F16,
+                    other => bail!("unknown --hf-dtype {other:?} (f32, bf16, f16)"),
+                };
+                engine::gguf::write_synthetic_hf(&shape, &a.out, dtype)
             } else {
                 engine::gguf::write_synthetic(&shape, &a.out, a.format.options()?)
             }
