@@ -10,7 +10,9 @@
 #     SINEW_KERNELS=candle (candle's quantized matmul instead of sinew's packed kernels);
 #  2. sinew in f32 against candle-transformers' qwen3_moe in f32 on the same model directory
 #     (F32_LAYERS layers: the 8-layer f32 model is 19 GiB), same threads, interleaved rounds;
-#     beside it sinew with SINEW_KERNELS=candle (candle's f32 matmul instead of the packed one).
+#     beside it sinew with SINEW_KERNELS=candle (candle's f32 matmul instead of the packed one);
+#  3. (PARTS=bf16) the same 2-layer model as a bf16 checkpoint: sinew (bf16 kept) against
+#     candle-transformers' qwen3_moe, which loads it as f32.
 # Results: bench/out/engine.json and a table on stdout.
 # Knobs: LAYERS F32_LAYERS TOKENS PROMPT ROUNDS THREADS PARTS QUANTS.
 set -euo pipefail
@@ -23,7 +25,7 @@ TOKENS=${TOKENS:-32}
 PROMPT=${PROMPT:-16}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-"1 2"}
-PARTS=${PARTS:-"quant f32"}   # which comparisons to run
+PARTS=${PARTS:-"quant f32 bf16"}   # which comparisons to run
 QUANTS=${QUANTS:-"q4_k q8_0 q4_k_m"}
 
 (cd "$ROOT" && cargo build --release -q -p sinew)
@@ -40,6 +42,10 @@ for q in $QUANTS; do
 done
 HF="$OUT/qwen3-30b-a3b-shape-${F32_LAYERS}l-f32"
 [ -f "$HF/model.safetensors" ] || "$SINEW" gguf synth "${SHAPE[@]}" --layers "$F32_LAYERS" --hf --out "$HF"
+BF="$OUT/qwen3-30b-a3b-shape-${F32_LAYERS}l-bf16"
+if [[ " $PARTS " == *" bf16 "* ]] && [ ! -f "$BF/model.safetensors" ]; then
+  "$SINEW" gguf synth "${SHAPE[@]}" --layers "$F32_LAYERS" --hf --hf-dtype bf16 --out "$BF"
+fi
 
 median() { python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 field() { python3 -c 'import sys,json; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
@@ -81,6 +87,16 @@ for t in $THREADS; do
   st=$(median "${s[@]}"); kt=$(median "${k[@]}"); ct=$(median "${c[@]}")
   add "{\"model\": \"f32-${F32_LAYERS}l\", \"threads\": $t, \"sinew_decode_tokens_per_s\": $st, \"candle_matmul_decode_tokens_per_s\": $kt, \"candle_transformers_decode_tokens_per_s\": $ct, \"ratio\": $(python3 -c "print($st / $ct)")}"
   printf 'f32   threads %s  sinew %7.2f tok/s (candle matmul %7.2f)  candle-transformers qwen3_moe %7.2f tok/s  ratio %.2fx\n' "$t" "$st" "$kt" "$ct" "$(python3 -c "print($st / $ct)")"
+done
+for t in $THREADS; do
+  [[ " $PARTS " == *" bf16 "* ]] || continue
+  s=(); c=()
+  for _ in $(seq "$ROUNDS"); do
+    s+=("$(sinew_decode "$BF" "$t")"); c+=("$(peer_decode "$BF" "$t")")
+  done
+  st=$(median "${s[@]}"); ct=$(median "${c[@]}")
+  add "{\"model\": \"bf16-${F32_LAYERS}l\", \"threads\": $t, \"sinew_decode_tokens_per_s\": $st, \"candle_transformers_decode_tokens_per_s\": $ct, \"ratio\": $(python3 -c "print($st / $ct)")}"
+  printf 'bf16  threads %s  sinew %7.2f tok/s  candle-transformers qwen3_moe (loads it as f32) %7.2f tok/s  ratio %.2fx\n' "$t" "$st" "$ct" "$(python3 -c "print($st / $ct)")"
 done
 echo "$results" > "$OUT/engine.json"
 echo "wrote $OUT/engine.json"
