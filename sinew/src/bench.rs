@@ -126,6 +126,9 @@ pub struct BenchArgs {
     /// Socket send and receive buffer size of TCP-based links; default: kernel autotuning.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub socket_buffer: Option<usize>,
+    /// TCP congestion control of the links (Linux); `system` keeps the system's.
+    #[arg(long, default_value = "cubic")]
+    pub congestion: String,
     /// RDMA device for links (softrdma0: the built-in software device); default:
     /// $SINEW_RDMA_DEVICE, else the first device.
     #[arg(long)]
@@ -252,6 +255,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     link.wait = args.wait;
     link.transport = args.transport;
     link.socket_buffer = args.socket_buffer;
+    link.congestion = crate::link::congestion(&args.congestion);
     if let Some(dev) = &args.rdma_device {
         link.rdma_device = Some(dev.clone());
     }

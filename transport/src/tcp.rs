@@ -318,6 +318,12 @@ fn configure(stream: &TcpStream, cfg: &LinkConfig) -> io::Result<()> {
         sock.set_send_buffer_size(size)?;
         sock.set_recv_buffer_size(size)?;
     }
+    #[cfg(target_os = "linux")]
+    if let Some(cc) = &cfg.congestion
+        && let Err(e) = sock.set_tcp_congestion(cc.as_bytes())
+    {
+        tracing::warn!(congestion = %cc, error = %e, "congestion control refused; the system's stays");
+    }
     Ok(())
 }
 

@@ -81,6 +81,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = LinkConfig::new(key);
     cfg.wait = args.wait;
     cfg.socket_buffer = args.socket_buffer;
+    cfg.congestion = super::congestion(&args.congestion);
     if let Some(dev) = &args.rdma_device {
         cfg.rdma_device = Some(dev.clone());
     }

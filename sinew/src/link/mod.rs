@@ -60,6 +60,9 @@ pub struct ServerArgs {
     /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     pub socket_buffer: Option<usize>,
+    /// TCP congestion control of the links (Linux); `system` keeps the system's.
+    #[arg(long, default_value = "cubic")]
+    pub congestion: String,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -175,6 +178,9 @@ pub struct ClientArgs {
     /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
     #[arg(long, value_parser = parse_size)]
     pub socket_buffer: Option<usize>,
+    /// TCP congestion control of the links (Linux); `system` keeps the system's.
+    #[arg(long, default_value = "cubic")]
+    pub congestion: String,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -185,4 +191,9 @@ pub fn run(cmd: LinkCommand) -> anyhow::Result<ExitCode> {
         LinkCommand::Server(args) => server::run(args).map(|()| ExitCode::SUCCESS),
         LinkCommand::Client(args) => client::run(args),
     }
+}
+
+/// The congestion control a `--congestion` value asks for: `None` for `system`.
+pub fn congestion(name: &str) -> Option<String> {
+    (name != "system").then(|| name.to_string())
 }

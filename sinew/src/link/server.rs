@@ -19,6 +19,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut cfg = LinkConfig::new(key);
     cfg.wait = args.wait;
     cfg.socket_buffer = args.socket_buffer;
+    cfg.congestion = super::congestion(&args.congestion);
     cfg.transport = args.transport;
     cfg.shm_ring_bytes = args.shm_ring;
     if let Some(dev) = &args.rdma_device {

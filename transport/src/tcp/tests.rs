@@ -392,3 +392,27 @@ fn accept_gives_up_at_its_deadline() {
         "{err:?}"
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_configured_congestion_control_is_set_and_a_refused_one_keeps_the_systems() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let cc = |s: &TcpStream| {
+        let name = SockRef::from(s).tcp_congestion().unwrap();
+        String::from_utf8_lossy(&name).trim_end_matches('\0').to_string()
+    };
+    let system = cc(&s);
+    let mut c = cfg(1);
+    // reno is built into every kernel and always allowed
+    c.congestion = Some("reno".into());
+    configure(&s, &c).unwrap();
+    assert_eq!(cc(&s), "reno");
+    c.congestion = Some("no-such-algorithm".into());
+    configure(&s, &c).unwrap();
+    assert_eq!(cc(&s), "reno", "a refused name changes nothing");
+    c.congestion = None;
+    let fresh = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    configure(&fresh, &c).unwrap();
+    assert_eq!(cc(&fresh), system);
+}
