@@ -400,7 +400,9 @@ fn the_configured_congestion_control_is_set_and_a_refused_one_keeps_the_systems(
     let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let cc = |s: &TcpStream| {
         let name = SockRef::from(s).tcp_congestion().unwrap();
-        String::from_utf8_lossy(&name).trim_end_matches('\0').to_string()
+        String::from_utf8_lossy(&name)
+            .trim_end_matches('\0')
+            .to_string()
     };
     let system = cc(&s);
     let mut c = cfg(1);
