@@ -130,12 +130,8 @@ impl Mat {
 pub(crate) struct Acts<'a> {
     rows: &'a [f32],
     k: usize,
-    q4k: Vec<QuantRow>,
-    q6k: Vec<QuantRow>,
-    q8_0: Vec<QuantRow>,
-    f32: Vec<QuantRow>,
-    bf16: Vec<QuantRow>,
-    f16: Vec<QuantRow>,
+    /// The rows prepared for each format asked for so far (a handful at most).
+    prepared: Vec<(Format, Vec<QuantRow>)>,
 }
 
 impl<'a> Acts<'a> {
@@ -144,40 +140,24 @@ impl<'a> Acts<'a> {
         Acts {
             rows,
             k,
-            q4k: Vec::new(),
-            q6k: Vec::new(),
-            q8_0: Vec::new(),
-            f32: Vec::new(),
-            bf16: Vec::new(),
-            f16: Vec::new(),
+            prepared: Vec::new(),
         }
     }
 
     /// Quantizes the rows for `f` (once).
     pub(crate) fn prepare(&mut self, f: Format) {
-        let (k, rows) = (self.k, self.rows);
-        let slot = match f {
-            Format::Q4K => &mut self.q4k,
-            Format::Q6K => &mut self.q6k,
-            Format::Q8_0 => &mut self.q8_0,
-            Format::F32 => &mut self.f32,
-            Format::BF16 => &mut self.bf16,
-            Format::F16 => &mut self.f16,
-        };
-        if slot.is_empty() && k > 0 {
-            *slot = rows.chunks_exact(k).map(|r| QuantRow::new(f, r)).collect();
+        if self.k > 0 && !self.prepared.iter().any(|(g, _)| *g == f) {
+            let rows = self.rows.chunks_exact(self.k);
+            self.prepared
+                .push((f, rows.map(|r| QuantRow::new(f, r)).collect()));
         }
     }
 
     /// The rows quantized for `f` (after [`Acts::prepare`]).
     pub(crate) fn get(&self, f: Format) -> &[QuantRow] {
-        match f {
-            Format::Q4K => &self.q4k,
-            Format::Q6K => &self.q6k,
-            Format::Q8_0 => &self.q8_0,
-            Format::F32 => &self.f32,
-            Format::BF16 => &self.bf16,
-            Format::F16 => &self.f16,
-        }
+        self.prepared
+            .iter()
+            .find(|(g, _)| *g == f)
+            .map_or(&[], |(_, rows)| rows)
     }
 }
