@@ -1,6 +1,6 @@
 //! Decode-shaped matrix–vector products: sinew's packed kernels against candle's own quantized
 //! matmul on the same GGUF blocks, per format, one activation row — what a decode step does for
-//! every active matrix. Reported as bytes of weights streamed per second (criterion's
+//! every active matrix (for f32, candle's `x · Wᵀ`, what candle-nn's `Linear` runs). Reported as bytes of weights streamed per second (criterion's
 //! throughput), so the two rows of a group compare directly and against the machine's memory
 //! bandwidth.
 //!
@@ -27,6 +27,7 @@ fn bench(c: &mut Criterion) {
         (Format::Q4K, GgmlDType::Q4K),
         (Format::Q6K, GgmlDType::Q6K),
         (Format::Q8_0, GgmlDType::Q8_0),
+        (Format::F32, GgmlDType::F32),
     ] {
         let mut packed = Vec::with_capacity(MATRICES);
         let mut candle = Vec::with_capacity(MATRICES);

@@ -366,6 +366,24 @@ pub struct PackedMatrix {
     len: usize,
 }
 
+/// Asks the kernel to back the 2 MiB-aligned interior of a freshly allocated (untouched) buffer
+/// with transparent huge pages (honoured where THP is `madvise` or `always`).
+fn advise_huge_pages(buf: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_ptr() as usize;
+        let (lo, hi) = (start.next_multiple_of(HUGE), (start + buf.len()) / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside `buf`'s allocation; MADV_HUGEPAGE changes only how the
+            // kernel backs those pages, not their contents or validity.
+            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 impl PackedMatrix {
     /// Whether a [rows, cols] matrix of `format` tiles: rows a non-zero multiple of 16, cols a
     /// non-zero whole number of blocks.
@@ -384,6 +402,7 @@ impl PackedMatrix {
         let be = format.block_elems();
         let len = rows / TILE_ROWS * (cols / be) * format.tile_bytes();
         let data = vec![0u8; len + 63];
+        advise_huge_pages(&data);
         let off = data.as_ptr().align_offset(64).min(63);
         Some(PackedMatrix {
             format,
