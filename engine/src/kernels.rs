@@ -373,7 +373,10 @@ fn advise_huge_pages(buf: &[u8]) {
     {
         const HUGE: usize = 2 << 20;
         let start = buf.as_ptr() as usize;
-        let (lo, hi) = (start.next_multiple_of(HUGE), (start + buf.len()) / HUGE * HUGE);
+        let (lo, hi) = (
+            start.next_multiple_of(HUGE),
+            (start + buf.len()) / HUGE * HUGE,
+        );
         if hi > lo {
             // SAFETY: [lo, hi) lies inside `buf`'s allocation; MADV_HUGEPAGE changes only how the
             // kernel backs those pages, not their contents or validity.

@@ -459,9 +459,12 @@ fn establish(
                 &mut conn,
                 stream,
                 shm_role,
-                cfg.shm_ring_bytes,
-                max,
-                cfg.wait,
+                shm::Params {
+                    ring_bytes: cfg.shm_ring_bytes,
+                    single_copy_min: cfg.shm_single_copy_min,
+                    max_payload: max,
+                    wait: cfg.wait,
+                },
                 deadline,
             )?;
             (Box::new(tx), Box::new(rx))

@@ -53,6 +53,10 @@ pub struct ServerArgs {
     /// Bytes of each direction's shared-memory ring.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub shm_ring: usize,
+    /// Send shared-memory messages from this size up by single copy (the receiver reads them
+    /// straight from this process with process_vm_readv) instead of through the ring.
+    #[arg(long, value_parser = parse_size)]
+    pub shm_single_copy: Option<usize>,
     /// RDMA device for links (e.g. rdma_en2, mlx5_0, rxe0; softrdma0 is the built-in software
     /// device); default: $SINEW_RDMA_DEVICE, else the first device.
     #[arg(long)]
@@ -171,6 +175,10 @@ pub struct ClientArgs {
     /// Skip the bandwidth tests.
     #[arg(long)]
     pub no_bandwidth: bool,
+    /// Send shared-memory messages from this size up by single copy (the receiver reads them
+    /// straight from this process with process_vm_readv) instead of through the ring.
+    #[arg(long, value_parser = parse_size)]
+    pub shm_single_copy: Option<usize>,
     /// RDMA device for links (e.g. rdma_en2, mlx5_0, rxe0; softrdma0 is the built-in software
     /// device); default: $SINEW_RDMA_DEVICE, else the first device.
     #[arg(long)]
