@@ -180,7 +180,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.op.name()
     );
     match (args.ranks, &args.rendezvous) {
-        (Some(n), _) => spawn_local(n),
+        (Some(n), _) => spawn_local(n, message_timeout(&args)?),
         (None, Some(root)) => {
             let (rank, world) = (args.rank.unwrap_or(0), args.world.unwrap_or(1));
             run_rank(&args, root, rank, world)
@@ -189,8 +189,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Spawns `n` ranks of this binary on loopback and relays rank 0's output.
-fn spawn_local(n: usize) -> anyhow::Result<ExitCode> {
+/// `--timeout` as a duration: positive, finite, representable.
+fn message_timeout(args: &BenchArgs) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .with_context(|| {
+            format!(
+                "--timeout must be a positive number of seconds, got {}",
+                args.timeout
+            )
+        })
+}
+
+/// How long the other ranks get to exit once one has failed: their own operations fail within
+/// `timeout` of the failure (a message's deadline), the rest is room for reporting.
+fn exit_grace(timeout: Duration) -> Duration {
+    timeout * 2 + Duration::from_secs(5)
+}
+
+/// Spawns `n` ranks of this binary on loopback and relays rank 0's output. Once a rank has
+/// failed, the others get [`exit_grace`] to exit before they are killed, so a rank stopped or
+/// wedged (rather than dead) cannot hold the run forever.
+fn spawn_local(n: usize, timeout: Duration) -> anyhow::Result<ExitCode> {
     ensure!(n >= 1, "--ranks must be at least 1");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -225,19 +246,52 @@ fn spawn_local(n: usize) -> anyhow::Result<ExitCode> {
         }
         children.push(cmd.spawn().context("spawning a rank")?);
     }
-    let mut failed = false;
-    for (rank, mut child) in children.into_iter().enumerate() {
-        let status = child.wait()?;
-        if !status.success() {
-            eprintln!("sinew bench: rank {rank} exited with {status}");
-            failed = true;
-        }
-    }
+    let failed = supervise(&mut children, exit_grace(timeout))?;
     Ok(if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Waits for every child; after the first failure, kills those still running `grace` later.
+/// Whether any rank failed.
+fn supervise(children: &mut [Child], grace: Duration) -> anyhow::Result<bool> {
+    let mut done = vec![false; children.len()];
+    let mut first_failure: Option<(usize, Instant)> = None;
+    loop {
+        for (rank, child) in children.iter_mut().enumerate() {
+            if done[rank] {
+                continue;
+            }
+            if let Some(status) = child.try_wait().context("waiting for a rank")? {
+                done[rank] = true;
+                if !status.success() {
+                    eprintln!("sinew bench: rank {rank} exited with {status}");
+                    first_failure.get_or_insert((rank, Instant::now()));
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            return Ok(first_failure.is_some());
+        }
+        if let Some((failed, at)) = first_failure
+            && at.elapsed() > grace
+        {
+            for (rank, child) in children.iter_mut().enumerate() {
+                if !done[rank] {
+                    eprintln!(
+                        "sinew bench: rank {rank} still running {:.1} s after rank {failed} failed: killed",
+                        grace.as_secs_f64()
+                    );
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::Result<ExitCode> {
@@ -250,10 +304,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
             }
         }
     }
-    ensure!(
-        args.timeout > 0.0 && args.timeout.is_finite(),
-        "--timeout must be positive"
-    );
+    let timeout = message_timeout(args)?;
     let key = args.key.resolve()?;
     let mut link = LinkConfig::new(key);
     link.wait = args.wait;
@@ -266,7 +317,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     }
     let defaults = CommConfig::default();
     let config = CommConfig {
-        timeout: Duration::from_secs_f64(args.timeout),
+        timeout,
         piece_bytes: args.piece.unwrap_or(defaults.piece_bytes).max(1),
         small_bytes: args.direct_max.unwrap_or(defaults.small_bytes),
     };

@@ -206,3 +206,75 @@ fn collectives_run_over_rdma_between_processes_on_the_software_device() {
         assert!(rows.iter().all(|r| r["ok"] == true), "{op}: {rows:?}");
     }
 }
+
+/// The processes whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the comm may hold spaces, so split after its ')'
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_wedged_rank_is_killed_after_another_failed_and_the_run_fails() {
+    // One of 3 local ranks is stopped (alive, never answering): the others fail at their 1 s
+    // message deadline, and `--ranks` must then kill the stopped one rather than wait forever.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 10);
+    let mut cmd = sinew();
+    cmd.args(["bench", "all-reduce", "--ranks", "3", "--sizes", "4M"])
+        .args(["--iters", "1000000", "--warmup", "0", "--timeout", "1"])
+        .arg("--cluster-key-file")
+        .arg(&key);
+    let mut parent = Node::spawn(cmd);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ranks = children_of(parent.id());
+    assert_eq!(ranks.len(), 3, "expected 3 rank processes, found {ranks:?}");
+    let wedged = nix::unistd::Pid::from_raw(ranks[2]);
+    nix::sys::signal::kill(wedged, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let stopped = Instant::now();
+    // 1 s deadline + grace (2 × 1 s + 5 s) + slack
+    let status = parent
+        .wait_exit(Duration::from_secs(30))
+        .expect("sinew bench --ranks waited on a stopped rank forever");
+    assert!(!status.success(), "a run with a wedged rank claims success");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    let line = parent.wait_for(Stream::Stderr, "killed", Duration::from_secs(1));
+    assert!(line.contains("still running"), "{line}");
+    // killed and reaped by `sinew bench`, not left stopped (or reparented) behind it
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", ranks[2])).exists(),
+        "the stopped rank is still there"
+    );
+}
+
+#[test]
+fn a_timeout_that_is_not_a_positive_representable_duration_is_refused_clearly() {
+    for bad in ["0", "-1", "1e30", "NaN", "inf"] {
+        let mut cmd = sinew();
+        cmd.env("SINEW_CLUSTER_KEY", "11".repeat(32));
+        cmd.args(["bench", "all-reduce", "--ranks", "1", "--sizes", "8"])
+            .arg(format!("--timeout={bad}"));
+        let out = run_with_timeout(cmd, LIMIT).expect("bench hung");
+        assert!(!out.status.success(), "--timeout {bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--timeout must be"), "--timeout {bad}: {err}");
+        assert!(!err.contains("panicked"), "--timeout {bad}: {err}");
+    }
+}
