@@ -8,13 +8,14 @@
 #   - TRIALS kill trials: 3 ranks, rank 2 killed mid all-reduce; how many trials see every
 #     survivor exit with an error within 5 s.
 # Installs OpenMPI (Debian) and MLX (PyPI, `mlx[cpu]`) when missing.
-# Usage: bench/collectives.sh      (ROUNDS=3 ITERS=10 TRIALS=20 SIZES=... by default)
+# Usage: bench/collectives.sh      (ROUNDS=3 ITERS=10 TRIALS=20 SETTLE=5 SIZES=... by default)
 set -euo pipefail
 ROUNDS=${ROUNDS:-3}
 ITERS=${ITERS:-10}
 TRIALS=${TRIALS:-20}
 SIZES=${SIZES:-8,65536,262144,1048576,4194304,16777216,67108864,268435456}
 DURATION=${DURATION:-2}
+SETTLE=${SETTLE:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
 
@@ -60,6 +61,9 @@ for round in $(seq "$ROUNDS"); do
          -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" 2>/dev/null | tag mpi_sendrecv
   sinew_link spin tcp --sizes 16M --no-latency --duration "$DURATION" |
     python3 -c 'import json,sys; print(json.dumps({"what": "link_bw_16777216", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' >> "$results"
+  # A 16 MiB stream leaves this VM's loopback 2-4x slower for a few seconds (README): let it
+  # settle, so the next round's first measurement starts from the same quiet machine as the rest.
+  sleep "$SETTLE"
 done
 
 # Kill trials: rank 2 of 3 is killed mid all-reduce; every survivor must exit non-zero in 5 s.

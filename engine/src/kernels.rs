@@ -430,24 +430,66 @@ impl PackedMatrix {
     /// cols not of the block size) or `gguf` has the wrong length; the caller then keeps
     /// candle's matmul.
     pub fn pack(format: Format, gguf: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        Self::pack_with(format, gguf, rows, cols, |_| {})
+    }
+
+    /// [`PackedMatrix::pack`], calling `done` with each part of `gguf` (a run of whole rows,
+    /// about a megabyte) once it has been packed and will not be read again — so a caller
+    /// packing from a file mapping can drop those pages while the rest is packed.
+    pub fn pack_with(
+        format: Format,
+        gguf: &[u8],
+        rows: usize,
+        cols: usize,
+        done: impl FnMut(&[u8]),
+    ) -> Option<Self> {
+        Self::pack_grouped(format, gguf, rows, cols, 1 << 20, done)
+    }
+
+    /// [`PackedMatrix::pack_with`] in parts of about `part_bytes` of `gguf`.
+    fn pack_grouped(
+        format: Format,
+        gguf: &[u8],
+        rows: usize,
+        cols: usize,
+        part_bytes: usize,
+        mut done: impl FnMut(&[u8]),
+    ) -> Option<Self> {
         let mut m = Self::zeroed(format, rows, cols)?;
-        if gguf.len() != rows * format.row_bytes(cols) {
+        let row_bytes = format.row_bytes(cols);
+        if gguf.len() != rows * row_bytes {
             return None;
         }
+        // 16-row slabs depend on their own 16 rows only: pack a group of slabs at a time
+        let group = (part_bytes / (TILE_ROWS * row_bytes)).max(1);
+        let slabs = rows / TILE_ROWS;
+        for start in (0..slabs).step_by(group) {
+            let part = start..(start + group).min(slabs);
+            m.fill_slabs(gguf, part.clone());
+            done(&gguf[part.start * TILE_ROWS * row_bytes..part.end * TILE_ROWS * row_bytes]);
+        }
+        Some(m)
+    }
+
+    /// Packs slabs (16-row groups) `slabs` from the whole matrix's GGUF blocks `gguf`.
+    fn fill_slabs(&mut self, gguf: &[u8], slabs: Range<usize>) {
+        let format = self.format;
+        let rows = slabs.start * TILE_ROWS..slabs.end * TILE_ROWS;
         match format {
             Format::F32 => {
-                m.fill_f32(|i| f32_at(gguf, 4 * i));
-                return Some(m);
+                self.fill_f32(rows, |i| f32_at(gguf, 4 * i));
+                return;
             }
             Format::BF16 | Format::F16 => {
-                m.fill_half(|i| [gguf[2 * i], gguf[2 * i + 1]]);
-                return Some(m);
+                self.fill_half(rows, |i| [gguf[2 * i], gguf[2 * i + 1]]);
+                return;
             }
             _ => {}
         }
-        let kb = cols / format.block_elems();
+        let kb = self.cols / format.block_elems();
         let tb = format.tile_bytes();
-        for (t, tile) in m.tiles_mut().chunks_exact_mut(tb).enumerate() {
+        let tiles = self.tiles_mut().chunks_exact_mut(tb).enumerate();
+        for (t, tile) in tiles.skip(slabs.start * kb).take(slabs.len() * kb) {
             let (rt, b) = (t / kb, t % kb);
             for r in 0..TILE_ROWS {
                 let row = rt * TILE_ROWS + r;
@@ -510,7 +552,6 @@ impl PackedMatrix {
                 }
             }
         }
-        Some(m)
     }
 
     /// Packs an f32 [rows, cols] matrix given row-major; `None` when the shape does not tile or
@@ -520,18 +561,17 @@ impl PackedMatrix {
         if w.len() != rows * cols {
             return None;
         }
-        m.fill_f32(|i| w[i]);
+        m.fill_f32(0..rows, |i| w[i]);
         Some(m)
     }
 
-    /// Fills an f32 matrix from its row-major values: value (row, c) goes to slab row / 16 at
-    /// c · 16 + row % 16.
-    fn fill_f32(&mut self, value: impl Fn(usize) -> f32) {
+    /// Fills rows `rows` of an f32 matrix from its row-major values: value (row, c) goes to
+    /// slab row / 16 at c · 16 + row % 16.
+    fn fill_f32(&mut self, rows: Range<usize>, value: impl Fn(usize) -> f32) {
         let cols = self.cols;
         let slab = cols * F32_TILE;
-        let rows = self.rows;
         let tiles = self.tiles_mut();
-        for row in 0..rows {
+        for row in rows {
             let (rt, r) = (row / TILE_ROWS, row % TILE_ROWS);
             let s = &mut tiles[rt * slab..(rt + 1) * slab];
             for c in 0..cols {
@@ -541,14 +581,13 @@ impl PackedMatrix {
         }
     }
 
-    /// Fills a bf16 / f16 matrix from its row-major values (little-endian bytes): value (row, c)
-    /// goes to slab row / 16 at c · 16 + row % 16.
-    fn fill_half(&mut self, value: impl Fn(usize) -> [u8; 2]) {
+    /// Fills rows `rows` of a bf16 / f16 matrix from its row-major values (little-endian
+    /// bytes): value (row, c) goes to slab row / 16 at c · 16 + row % 16.
+    fn fill_half(&mut self, rows: Range<usize>, value: impl Fn(usize) -> [u8; 2]) {
         let cols = self.cols;
         let slab = cols * HALF_TILE;
-        let rows = self.rows;
         let tiles = self.tiles_mut();
-        for row in 0..rows {
+        for row in rows {
             let (rt, r) = (row / TILE_ROWS, row % TILE_ROWS);
             let s = &mut tiles[rt * slab..(rt + 1) * slab];
             for c in 0..cols {
@@ -1222,6 +1261,39 @@ mod tests {
             if cols.is_multiple_of(QK_K) {
                 check_rows(Format::Q4K, &w, &xs, rows);
                 check_rows(Format::Q6K, &w, &xs, rows);
+            }
+        }
+    }
+
+    #[test]
+    fn packing_in_parts_gives_the_same_tiles_and_hands_back_every_byte_once_in_order() {
+        for format in [
+            Format::Q4K,
+            Format::Q6K,
+            Format::Q8_0,
+            Format::F32,
+            Format::BF16,
+            Format::F16,
+        ] {
+            let (rows, cols) = (5 * TILE_ROWS, 2 * format.block_elems().max(16));
+            let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (blocks, _) = quantize(dtype(format), &w, rows, cols);
+            let whole = PackedMatrix::pack(format, &blocks, rows, cols).unwrap();
+            let row_bytes = format.row_bytes(cols);
+            // one slab, two slabs (the last part short), and everything at once
+            for part in [1, 2 * TILE_ROWS * row_bytes, usize::MAX / 2] {
+                let mut seen = Vec::new();
+                let m = PackedMatrix::pack_grouped(format, &blocks, rows, cols, part, |p| {
+                    seen.push((p.as_ptr() as usize - blocks.as_ptr() as usize, p.len()))
+                })
+                .unwrap();
+                assert!(m.tiles() == whole.tiles(), "{format:?} in parts of {part}");
+                let mut at = 0;
+                for (start, len) in seen {
+                    assert_eq!(start, at, "{format:?}: parts out of order or overlapping");
+                    at += len;
+                }
+                assert_eq!(at, blocks.len(), "{format:?}: not every byte handed back");
             }
         }
     }

@@ -2,6 +2,7 @@
 //! final norm and output head, for any contiguous range of layers (a pipeline stage).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
@@ -116,12 +117,36 @@ struct Block {
 pub struct Model {
     config: ModelConfig,
     layers: Range<usize>,
-    embed: Option<QMatMul>,
+    embed: Option<Embed>,
     blocks: Vec<Block>,
     norm: Option<Tensor>,
     head: Option<Mat>,
     device: Device,
     position: usize,
+}
+
+/// Where a first stage reads token embeddings.
+enum Embed {
+    /// Its own embedding matrix.
+    Matrix(QMatMul),
+    /// Rows of the tied output head, which the kernels hold packed: the matrix is kept once.
+    Head(Arc<PackedMatrix>),
+}
+
+impl Embed {
+    /// The embeddings of `ids` (checked against the vocabulary by the caller), [ids, hidden].
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embed::Matrix(m) => Ok(m.embedding(&Tensor::new(ids, device)?)?),
+            Embed::Head(p) => {
+                let mut rows = Vec::with_capacity(ids.len() * p.cols());
+                for &id in ids {
+                    rows.extend(p.dequantize_row(id as usize));
+                }
+                Ok(Tensor::from_vec(rows, (ids.len(), p.cols()), device)?)
+            }
+        }
+    }
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
@@ -149,11 +174,8 @@ impl Model {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let first = layers.start == 0;
         let last = layers.end == c.num_layers;
-        let embed = if first || (last && c.tie_word_embeddings && !store.has(W::Head)) {
-            Some(store.matrix(W::Embed, c.vocab_size, h)?)
-        } else {
-            None
-        };
+        // the output head is the embedding matrix (no head tensor of its own)
+        let tied = c.tie_word_embeddings && !store.has(W::Head);
         progress(1, total);
         let eps = c.rms_norm_eps as f32;
         let mut blocks = Vec::with_capacity(layers.len());
@@ -229,23 +251,23 @@ impl Model {
         }
         let (norm, head) = if last {
             let norm = store.tensor(W::FinalNorm, &[h])?;
-            let head = if store.has(W::Head) || !c.tie_word_embeddings {
-                store.mat(W::Head, c.vocab_size, h)?
-            } else {
-                Mat::new(
-                    embed
-                        .clone()
-                        .expect("the embedding is loaded for a tied head"),
-                )?
-            };
+            let head = store.mat(if tied { W::Embed } else { W::Head }, c.vocab_size, h)?;
             (Some(norm), Some(head))
         } else {
             (None, None)
         };
+        // A tied head serves the embedding rows too — from the packed tiles (unpacking is
+        // exact) or candle's matrix — so the embedding is read and kept once.
+        let embed = match &head {
+            _ if !first => None,
+            Some(Mat::Packed(p)) if tied => Some(Embed::Head(p.clone())),
+            Some(Mat::Candle(q)) if tied => Some(Embed::Matrix(q.clone())),
+            _ => Some(Embed::Matrix(store.matrix(W::Embed, c.vocab_size, h)?)),
+        };
         progress(total, total);
         Ok(Model {
             config: c.clone(),
-            embed: if first { embed } else { None },
+            embed,
             layers,
             blocks,
             norm,
@@ -276,6 +298,12 @@ impl Model {
             b.attn.cache.reset();
         }
         self.position = 0;
+    }
+
+    /// Whether token embeddings are read from the packed output head (a tied model whose head
+    /// the kernels hold), so the embedding matrix is not kept twice.
+    pub fn embeds_from_head(&self) -> bool {
+        matches!(self.embed, Some(Embed::Head(_)))
     }
 
     /// How this stage's weight matrices are held: for each kind — a packed format of sinew's
@@ -324,8 +352,7 @@ impl Model {
                         self.config.vocab_size
                     )));
                 }
-                let ids = Tensor::new(ids, &self.device)?;
-                embed.embedding(&ids)?
+                embed.lookup(ids, &self.device)?
             }
             Input::Hidden(h) => {
                 if self.embed.is_some() && self.layers.start == 0 {

@@ -529,6 +529,7 @@ impl Store {
                 let m = pack_all(n, |e| {
                     pack(format, &data[e * per..(e + 1) * per], out, inp, &stacked)
                 });
+                // the pages straddling two experts' blocks
                 release_pages(data);
                 return m;
             }
@@ -582,8 +583,10 @@ fn release_pages(bytes: &[u8]) {
 }
 
 /// Packs the blocks of a [rows, cols] matrix whose shape tiles (checked by the caller).
+/// Every part of `bytes` packed is released ([`release_pages`]) as the packing goes, so a large
+/// matrix is never resident twice.
 fn pack(format: Format, bytes: &[u8], rows: usize, cols: usize, name: &str) -> Result<Mat> {
-    PackedMatrix::pack(format, bytes, rows, cols)
+    PackedMatrix::pack_with(format, bytes, rows, cols, release_pages)
         .map(|p| Mat::Packed(Arc::new(p)))
         .ok_or_else(|| {
             Error::Candle(candle_core::Error::Msg(format!(

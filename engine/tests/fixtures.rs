@@ -219,3 +219,17 @@ fn bf16_and_f16_checkpoints_give_the_f32_logits_of_the_same_values() {
         }
     }
 }
+
+#[test]
+fn a_tied_packed_head_serves_the_embedding_rows_so_the_matrix_is_kept_once() {
+    let mut tied = 0;
+    for dir in fixtures() {
+        let m = open(&dir);
+        let expect = m.model.config().tie_word_embeddings && engine::kernels::Format::F32.native();
+        assert_eq!(m.model.embeds_from_head(), expect, "{}", dir.display());
+        tied += usize::from(expect);
+    }
+    if engine::kernels::Format::F32.native() {
+        assert!(tied >= 2, "the fixtures cover tied embeddings");
+    }
+}
