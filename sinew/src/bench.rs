@@ -205,7 +205,9 @@ fn message_timeout(args: &BenchArgs) -> anyhow::Result<Duration> {
 /// How long the other ranks get to exit once one has failed: their own operations fail within
 /// `timeout` of the failure (a message's deadline), the rest is room for reporting.
 fn exit_grace(timeout: Duration) -> Duration {
-    timeout * 2 + Duration::from_secs(5)
+    timeout
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(5))
 }
 
 /// Spawns `n` ranks of this binary on loopback and relays rank 0's output. Once a rank has

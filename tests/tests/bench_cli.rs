@@ -278,3 +278,16 @@ fn a_timeout_that_is_not_a_positive_representable_duration_is_refused_clearly() 
         assert!(!err.contains("panicked"), "--timeout {bad}: {err}");
     }
 }
+
+#[test]
+fn a_very_long_timeout_is_taken_without_overflowing() {
+    // 1e18 s is representable; the deadlines and the parent's grace built from it saturate
+    let mut cmd = sinew();
+    cmd.env("SINEW_CLUSTER_KEY", "11".repeat(32));
+    cmd.args(["bench", "all-reduce", "--ranks", "2", "--sizes", "8,4K"])
+        .args(["--iters", "3", "--timeout", "1e18", "--json"]);
+    let out = run_with_timeout(cmd, LIMIT).expect("bench hung");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

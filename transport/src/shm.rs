@@ -13,8 +13,8 @@
 //!   rather than use the data). It is off by default: with a core for each side the ring's two
 //!   copies run at once on two cores while the ring stays in the shared cache, and measured
 //!   faster than one `process_vm_readv` copy at every size from 1 to 64 MiB, one- and
-//!   two-directional, spinning or blocking, even with both processes on one core (README,
-//!   "shm single copy").
+//!   two-directional, spinning or blocking, and level or faster with both processes on one core
+//!   (README, "shm single copy").
 //!
 //! The accepting side creates the segment in `/dev/shm` (mode 0600, a random name), tells the
 //! peer its name over the already authenticated TCP link, and unlinks it once the peer has mapped
@@ -1419,7 +1419,6 @@ mod tests {
     use super::*;
     use crate::tcp::Conn;
 
-    /// Both sides' halves over a loopback TCP bootstrap connection.
     /// The single-copy threshold the tests ask for.
     const RENDEZVOUS_MIN: usize = 256 << 10;
 
