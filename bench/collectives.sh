@@ -2,7 +2,8 @@
 # sinew's collectives against OpenMPI over TCP and MLX's ring backend (what EXO uses over TCP),
 # 2 ranks on loopback pinned to separate cores, TCP, busy-polling like OpenMPI, in one run:
 #   - all-reduce busbw and 8 B latency, per size, with ratios (sinew/OpenMPI, sinew/MLX);
-#   - sendrecv at 16 MiB against the TCP bandwidth `sinew link` measures in the same run, and
+#   - sendrecv at 16 MiB against the TCP bandwidth `sinew link` measures in the same run (one way,
+#     and both ways at once with --bidir: the same traffic as sendrecv), and
 #     against OpenMPI's MPI_Sendrecv (the same exchange; on loopback both directions' copies
 #     share the two cores — bench/duplex.sh measures sendrecv where the link is the limit);
 #   - TRIALS kill trials: 3 ranks, rank 2 killed mid all-reduce; how many trials see every
@@ -61,6 +62,11 @@ for round in $(seq "$ROUNDS"); do
          -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" 2>/dev/null | tag mpi_sendrecv
   sinew_link spin tcp --sizes 16M --no-latency --duration "$DURATION" |
     python3 -c 'import json,sys; print(json.dumps({"what": "link_bw_16777216", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' >> "$results"
+  # both directions at once over one link (sendrecv's traffic), blocking: the client and the
+  # server each run a sending and a receiving thread on their one core, and spinning threads
+  # would take turns with the scheduler's time slices
+  sinew_link block tcp --sizes 16M --no-latency --duration "$DURATION" --bidir |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["bidirectional"][0]; print(json.dumps({"what": "link_bidir_bw_16777216", "value": (r["forward_gbytes_per_s"] + r["reverse_gbytes_per_s"]) / 2}))' >> "$results"
   # A 16 MiB stream leaves this VM's loopback 2-4x slower for a few seconds (README): let it
   # settle, so the next round's first measurement starts from the same quiet machine as the rest.
   sleep "$SETTLE"
@@ -100,6 +106,7 @@ for s in "${sz[@]}"; do
 done
 specs+=("all-reduce 8 B p50 µs vs OpenMPI TCP|sinew_p50_8|mpi_p50_8|<= 1.2|lower")
 specs+=("sendrecv 16 MiB vs sinew link TCP GB/s|sendrecv_bw_16777216|link_bw_16777216|>= 0.9|higher")
+specs+=("sendrecv 16 MiB vs sinew link TCP --bidir GB/s, per direction|sendrecv_bw_16777216|link_bidir_bw_16777216|(same traffic)|higher")
 specs+=("sendrecv 16 MiB vs OpenMPI MPI_Sendrecv GB/s|sendrecv_bw_16777216|mpi_sendrecv_bw_16777216|(context)|higher")
 python3 "$ROOT/bench/ratios.py" "$results" "sinew collectives vs OpenMPI (TCP) and MLX ring, 2 ranks, loopback, pinned, $ROUNDS rounds, medians" "${specs[@]}"
 echo "kill trials: $passed of $TRIALS saw every survivor fail within 5 s"

@@ -147,6 +147,65 @@ fn a_client_started_before_its_server_connects_once_it_is_up() {
 }
 
 /// Backends this machine can run (every link starts over TCP, so TCP always is).
+#[test]
+fn bidir_streams_both_ways_at_once_on_every_backend_and_checks_the_counts() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 11);
+    for backend in backends() {
+        let (_server, addr) = Node::link_server_with(&key, device_args(backend));
+        let mut cmd = sinew();
+        cmd.args(["link", "client", &addr, "--transport", backend])
+            .args(["--sizes", "0,64K", "--duration", "0.3", "--streams", "1"])
+            .args(["--no-latency", "--bidir", "--json", "--cluster-key-file"])
+            .arg(&key)
+            .args(device_args(backend));
+        let out = run_with_timeout(cmd, LIMIT).expect("client hung");
+        let v = client_json(&out);
+        assert_eq!(v["transport"], backend);
+        let rows = v["bidirectional"].as_array().expect("bidirectional rows");
+        let sizes: Vec<u64> = rows
+            .iter()
+            .map(|r| r["size_bytes"].as_u64().unwrap())
+            .collect();
+        assert_eq!(sizes, vec![0, 65536], "{backend}");
+        let row = &rows[1];
+        for dir in ["forward", "reverse"] {
+            let bytes = row[format!("{dir}_bytes")].as_u64().unwrap();
+            let rate = row[format!("{dir}_gbytes_per_s")].as_f64().unwrap();
+            assert!(
+                bytes > 0 && bytes.is_multiple_of(65536),
+                "{backend} {dir}: {row}"
+            );
+            assert!(rate > 0.0, "{backend} {dir}: {row}");
+        }
+        // the one-way rows are still there, unchanged
+        assert_eq!(v["bandwidth"].as_array().unwrap().len(), 2, "{backend}");
+    }
+}
+
+#[test]
+fn a_bidir_request_out_of_range_is_refused_by_the_server_not_obeyed() {
+    // A raw client asks for a stream back of more than the negotiated maximum: the server drops
+    // the link with a protocol error instead of allocating or streaming it.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 12);
+    let (mut server, addr) = Node::link_server(&key);
+    let mut cfg =
+        transport::LinkConfig::new(transport::ClusterKey::from_bytes(&[12u8; 32]).unwrap());
+    cfg.transport = transport::TransportChoice::Only(transport::TransportKind::TCP);
+    let mut link = transport::tcp::connect(&addr, &cfg).expect("link");
+    let mut req = [0u8; 16];
+    req[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    req[8..].copy_from_slice(&1_000_000_000u64.to_le_bytes());
+    link.send(4, &req).expect("send the request");
+    let mut buf = [0u8; 64];
+    let started = Instant::now();
+    let err = link.recv(&mut buf).expect_err("the server must not answer");
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    let line = server.wait_for(sinew_tests::Stream::Stderr, "out of range", LIMIT);
+    assert!(line.contains("bidirectional"), "{line}");
+}
+
 fn backends() -> Vec<&'static str> {
     use transport::TransportKind;
     let mut out = vec!["tcp"];

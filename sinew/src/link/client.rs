@@ -10,7 +10,9 @@ use serde::Serialize;
 use transport::select::PREFERENCE;
 use transport::{Link, LinkConfig, TransportChoice, tcp};
 
-use super::protocol::{StreamReport, TAG_PING, TAG_REPORT, TAG_STREAM};
+use super::protocol::{
+    BidirRequest, StreamReport, TAG_BACK_END, TAG_BIDIR, TAG_PING, TAG_REPORT, TAG_STREAM,
+};
 use super::{ClientArgs, DEFAULT_PORT, LinkClass};
 use crate::units::format_size;
 
@@ -39,6 +41,19 @@ struct BandwidthRow {
     seconds: f64,
 }
 
+/// One bidirectional measurement: both ends streaming to each other over one link at once.
+#[derive(Debug, Serialize)]
+struct BidirRow {
+    size_bytes: usize,
+    /// Client → server, counted by the server.
+    forward_gbytes_per_s: f64,
+    /// Server → client, counted by the client.
+    reverse_gbytes_per_s: f64,
+    forward_bytes: u64,
+    reverse_bytes: u64,
+    seconds: f64,
+}
+
 /// The verdict against a link class.
 #[derive(Debug, Serialize)]
 struct Verdict {
@@ -61,6 +76,8 @@ struct Report {
     duration_s: f64,
     latency: Vec<LatencyRow>,
     bandwidth: Vec<BandwidthRow>,
+    /// With `--bidir`: both directions at once, per message size.
+    bidirectional: Vec<BidirRow>,
     verdict: Option<Verdict>,
 }
 
@@ -233,6 +250,30 @@ fn measure(args: &ClientArgs, cfg: &LinkConfig, addr: &str) -> anyhow::Result<Re
         }
     }
 
+    let mut bidirectional = Vec::new();
+    if args.bidir && !args.no_bandwidth {
+        if !args.json {
+            println!(
+                "bidirectional, both ends streaming over one link at once, {:.1} s each",
+                args.duration.as_secs_f64()
+            );
+            println!("{:>10} {:>14} {:>14}", "size", "→ GB/s", "← GB/s");
+        }
+        for &size in &bandwidth_sizes {
+            let (back, row) = measure_bidir(link, size, args.duration)?;
+            link = back;
+            if !args.json {
+                println!(
+                    "{:>10} {:>14.3} {:>14.3}",
+                    format_size(size),
+                    row.forward_gbytes_per_s,
+                    row.reverse_gbytes_per_s
+                );
+            }
+            bidirectional.push(row);
+        }
+    }
+
     let verdict = args.expect.map(|class| judge(class, &bandwidth));
     Ok(Report {
         transport: info.transport.to_string(),
@@ -243,6 +284,7 @@ fn measure(args: &ClientArgs, cfg: &LinkConfig, addr: &str) -> anyhow::Result<Re
         duration_s: args.duration.as_secs_f64(),
         latency,
         bandwidth,
+        bidirectional,
         verdict,
     })
 }
@@ -351,6 +393,107 @@ fn measure_bandwidth(
         bytes,
         seconds: slowest.as_secs_f64(),
     })
+}
+
+/// Both ends stream `size`-byte messages to each other over `link` for `duration`: the client
+/// from a second thread, the server on request ([`TAG_BIDIR`]); each direction's bytes are
+/// counted by its receiver and checked against what its sender says it sent.
+fn measure_bidir(link: Link, size: usize, duration: Duration) -> anyhow::Result<(Link, BidirRow)> {
+    let payload = pattern(size);
+    let (mut tx, mut rx) = link.split();
+    let request = BidirRequest {
+        size: size as u64,
+        duration,
+    };
+    tx.send(TAG_BIDIR, &request.encode())?;
+    let t0 = Instant::now();
+    let (sent, received) = std::thread::scope(|s| {
+        let sender = s.spawn(|| -> anyhow::Result<StreamReport> {
+            let mut sent = StreamReport::default();
+            while t0.elapsed() < duration {
+                tx.send(TAG_STREAM, &payload)?;
+                sent.bytes += payload.len() as u64;
+                sent.messages += 1;
+            }
+            tx.send(TAG_REPORT, &[])?;
+            Ok(sent)
+        });
+        let received = receive_bidir(&mut rx, size, t0);
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the stream thread panicked")));
+        (sent, received)
+    });
+    let sent = sent?;
+    let (report, forward_time, got, reverse_time) = received?;
+    ensure!(
+        report == sent,
+        "the server counted {} bytes in {} messages, we sent {} in {}: data was lost",
+        report.bytes,
+        report.messages,
+        sent.bytes,
+        sent.messages
+    );
+    let link = Link::unsplit(tx, rx).map_err(|_| anyhow::anyhow!("link halves mismatched"))?;
+    let row = BidirRow {
+        size_bytes: size,
+        forward_gbytes_per_s: report.bytes as f64 / forward_time.as_secs_f64() / 1e9,
+        reverse_gbytes_per_s: got.bytes as f64 / reverse_time.as_secs_f64() / 1e9,
+        forward_bytes: report.bytes,
+        reverse_bytes: got.bytes,
+        seconds: forward_time.as_secs_f64().max(reverse_time.as_secs_f64()),
+    };
+    Ok((link, row))
+}
+
+/// The client's receiving side of a bidirectional test: the server's stream up to its end
+/// marker, then the server's report of ours. Returns (server's report, when it came, what we
+/// received, when the stream back ended), times since `t0`.
+fn receive_bidir(
+    rx: &mut transport::LinkReceiver,
+    size: usize,
+    t0: Instant,
+) -> anyhow::Result<(StreamReport, Duration, StreamReport, Duration)> {
+    let mut buf = vec![0u8; size.max(StreamReport::LEN)];
+    let mut got = StreamReport::default();
+    let back_end = loop {
+        let m = rx.recv(&mut buf)?;
+        match m.tag {
+            TAG_STREAM => {
+                ensure!(
+                    m.len == size,
+                    "the server streamed {} bytes, {size} asked",
+                    m.len
+                );
+                got.bytes += m.len as u64;
+                got.messages += 1;
+            }
+            TAG_BACK_END => {
+                break StreamReport::decode(&buf[..m.len])
+                    .context("the server's end-of-stream report is malformed")?;
+            }
+            other => bail!("unexpected tag {other} in the server's stream"),
+        }
+    };
+    let reverse_time = t0.elapsed();
+    ensure!(
+        back_end == got,
+        "the server sent {} bytes in {} messages, we received {} in {}: data was lost",
+        back_end.bytes,
+        back_end.messages,
+        got.bytes,
+        got.messages
+    );
+    let m = rx.recv(&mut buf)?;
+    let report = match (m.tag, StreamReport::decode(&buf[..m.len])) {
+        (TAG_REPORT, Some(r)) => r,
+        _ => bail!(
+            "the server sent no valid report (tag {}, {} bytes)",
+            m.tag,
+            m.len
+        ),
+    };
+    Ok((report, t0.elapsed(), got, reverse_time))
 }
 
 fn stream_one(

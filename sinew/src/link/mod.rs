@@ -175,6 +175,10 @@ pub struct ClientArgs {
     /// Skip the bandwidth tests.
     #[arg(long)]
     pub no_bandwidth: bool,
+    /// Also measure both directions at once over one link, like iperf3 --bidir: each end
+    /// streams to the other; GB/s per direction, each counted by its receiver.
+    #[arg(long)]
+    pub bidir: bool,
     /// Send shared-memory messages from this size up by single copy (the receiver reads them
     /// straight from this process with process_vm_readv) instead of through the ring.
     #[arg(long, value_parser = parse_size)]
