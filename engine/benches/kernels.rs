@@ -5,7 +5,8 @@
 //! bandwidth.
 //!
 //! `cargo bench -p engine --bench kernels` (set `RAYON_NUM_THREADS` for the thread count; both
-//! sides use candle's worker pool). Off AVX-512 VNNI only candle's row is measured.
+//! sides use candle's worker pool). sinew's row runs on `Isa::selected` (`SINEW_KERNELS=avx2` on an
+//! AVX-512 CPU measures the AVX2 kernels); on a CPU with neither only candle's row is measured.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};

@@ -7,23 +7,25 @@
 //! weight instead of 4.5) and builds its copy lazily during the first tokens.
 //!
 //! [`PackedMatrix`] is built once at load: 16 rows × one block of the input dimension per tile,
-//! the 4-bit (Q4_K), 6-bit (Q6_K) or 8-bit (Q8_0) values interleaved so that one AVX-512 VNNI
-//! `vpdpbusd` multiplies 16 rows by 4 broadcast activation values, the scales kept as compact as
-//! the file has them (Q4_K: f16 `d`/`dmin` per row and superblock, 6-bit scales widened to one
-//! byte — 4.625 bits per weight; Q6_K and Q8_0: exactly the file's 6.5625 and 8.5). Activations are quantized to 8 bits
-//! once per row ([`QuantRow`]). Each tile row-slab is read front to back, which the hardware
-//! prefetcher follows well: software prefetch ahead of it measured slower here (Zen 4).
-//! [`run`] spreads a batch of products (all experts of a layer, or
-//! q/k/v) over candle's persistent worker pool in one parallel region.
+//! the 4-bit (Q4_K), 6-bit (Q6_K) or 8-bit (Q8_0) values interleaved four bytes per row, so that
+//! one AVX-512 VNNI `vpdpbusd` multiplies 16 rows by 4 broadcast activation values (AVX2: two
+//! `vpmaddubsw` on halves of 8 rows), the scales kept as compact as the file has them (Q4_K:
+//! f16 `d`/`dmin` per row and superblock, 6-bit scales widened to one byte — 4.625 bits per
+//! weight; Q6_K and Q8_0: exactly the file's 6.5625 and 8.5). Activations are quantized to 8
+//! bits once per row ([`QuantRow`]). Each tile row-slab is read front to back, which the
+//! hardware prefetcher follows well: software prefetch ahead of it measured slower here (Zen 4).
+//! [`run`] spreads a batch of products (all experts of a layer, or q/k/v) over candle's
+//! persistent worker pool in one parallel region.
 //!
 //! f32 matrices take the same path ([`Format::F32`]): 16-row tiles stored column by column, so
-//! one 64-byte load holds the 16 rows' weights for one input value and the slab streams front to
-//! back with one fused multiply-add per load (up to 4 activation rows share each load, for
-//! prefill).
+//! one 64-byte line holds the 16 rows' weights for one input value and the slab streams front to
+//! back with one fused multiply-add per weight (up to 4 activation rows share each load, for
+//! prefill); bf16 and f16 tiles hold the same values in 2 bytes, widened exactly in the kernel.
 //!
-//! The kernels need AVX-512 F/BW/VNNI and F16C ([`Format::native`]); elsewhere callers keep
-//! candle's matmul. A scalar reference on the file's own blocks ([`dot_scalar`]) is what the
-//! packed kernels are tested against.
+//! Two instruction sets ([`Isa`]) read the same tiles: AVX-512 F/BW/VNNI (`avx512`) and AVX2 +
+//! FMA (`avx2`), each with F16C. Where the CPU has neither ([`Format::native`] is false),
+//! callers keep candle's matmul. A scalar reference on the file's own blocks ([`dot_scalar`]) is
+//! what both are tested against.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -149,25 +151,65 @@ impl Format {
         }
     }
 
-    /// Whether this CPU runs the kernels (AVX-512 F/BW/VNNI and F16C; the same for every
-    /// format). `SINEW_KERNELS=candle` in the environment at the first call turns them off, to
-    /// compare against candle's own path.
+    /// Whether this CPU runs the kernels ([`Isa::selected`] is some; the same for every
+    /// format). Where it is false, callers keep candle's matmul.
     pub fn native(self) -> bool {
-        static NATIVE: OnceLock<bool> = OnceLock::new();
-        *NATIVE.get_or_init(|| {
-            if std::env::var_os("SINEW_KERNELS").is_some_and(|v| v == "candle") {
-                return false;
+        Isa::selected().is_some()
+    }
+}
+
+/// An instruction set with kernels here. Both read the same packed tiles and give the same
+/// results up to f32 rounding order (the float kernels bitwise: one fused multiply-add per
+/// weight, in input order, on either).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// AVX-512 F/BW/VNNI and F16C (Zen 4, Ice Lake and later): a tile's 16 rows in one register,
+    /// `vpdpbusd` multiplying them by four activation values.
+    Avx512,
+    /// AVX2, FMA and F16C (Haswell, Zen 1–3 and later): 8 rows per register, `vpmaddubsw` and
+    /// `vpmaddwd` for the 8-bit products.
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU has the features the kernels of `self` need.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Avx512 => {
+                    has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c")
+                }
+                Isa::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
             }
-            #[cfg(target_arch = "x86_64")]
-            {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vnni")
-                    && std::arch::is_x86_feature_detected!("f16c")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                false
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+
+    /// Every instruction set with kernels here that this CPU runs, best first.
+    pub fn supported() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|i| i.runs_here())
+            .collect()
+    }
+
+    /// The kernels the engine uses: the best this CPU runs, or `None` (candle's matmul).
+    /// `SINEW_KERNELS` in the environment at the first call overrides: `candle` turns the
+    /// kernels off, `avx2` keeps an AVX-512 CPU on the AVX2 kernels (to compare the two).
+    pub fn selected() -> Option<Isa> {
+        static SELECTED: OnceLock<Option<Isa>> = OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            let pick = std::env::var("SINEW_KERNELS").unwrap_or_default();
+            match pick.as_str() {
+                "candle" => None,
+                "avx2" => Some(Isa::Avx2).filter(|i| i.runs_here()),
+                _ => Isa::supported().first().copied(),
             }
         })
     }
@@ -667,8 +709,9 @@ impl PackedMatrix {
     }
 
     /// The row tiles `tiles` (at most [`STREAMS`]) of this matrix times each row of `acts` (at
-    /// most [`ROWS_PER_PASS`]), into `out` laid out [acts.len(), tiles.len() * 16].
-    fn gemv(&self, tiles: &[usize], acts: &[QuantRow], out: &mut [f32]) {
+    /// most [`ROWS_PER_PASS`]), into `out` laid out [acts.len(), tiles.len() * 16], on `isa`
+    /// (which this CPU runs: [`run_on`] checked).
+    fn gemv(&self, isa: Isa, tiles: &[usize], acts: &[QuantRow], out: &mut [f32]) {
         let n = tiles.len() * TILE_ROWS;
         assert!(tiles.len() <= STREAMS && acts.len() <= ROWS_PER_PASS);
         assert!(out.len() == acts.len() * n);
@@ -689,22 +732,29 @@ impl PackedMatrix {
             let tb = self.format.tile_bytes();
             let slab = |t: usize| &self.tiles()[t * kb * tb..(t + 1) * kb * tb];
             if self.format.is_float() {
-                let mut tmp = [[[0f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS];
-                let s = |i: usize| slab(tiles[i.min(tiles.len() - 1)]);
-                macro_rules! by_width {
-                    ($w:expr) => {
-                        match tiles.len() {
-                            1 => f32_rows::<1, $w>([s(0)], acts, &mut tmp),
-                            2 => f32_rows::<2, $w>([s(0), s(1)], acts, &mut tmp),
-                            3 => f32_rows::<3, $w>([s(0), s(1), s(2)], acts, &mut tmp),
-                            _ => f32_rows::<4, $w>([s(0), s(1), s(2), s(3)], acts, &mut tmp),
-                        }
-                    };
+                let mut tmp: FloatOut = [[[0f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS];
+                let mut slabs: [&[u8]; STREAMS] = [&[]; STREAMS];
+                for (s, &t) in slabs.iter_mut().zip(tiles) {
+                    *s = slab(t);
                 }
-                match self.format {
-                    Format::BF16 => by_width!({ x86::BF16 }),
-                    Format::F16 => by_width!({ x86::F16 }),
-                    _ => by_width!({ x86::F32 }),
+                let mut xs: [&[f32]; ROWS_PER_PASS] = [&[]; ROWS_PER_PASS];
+                for (x, a) in xs.iter_mut().zip(acts) {
+                    *x = &a.f;
+                }
+                let (slabs, xs) = (&slabs[..tiles.len()], &xs[..acts.len()]);
+                let kind = match self.format {
+                    Format::BF16 => kind::BF16,
+                    Format::F16 => kind::F16,
+                    _ => kind::F32,
+                };
+                // SAFETY: `run_on` checked that the CPU runs `isa`; 1..=STREAMS slabs and
+                // 1..=ROWS_PER_PASS rows, every row `cols` long (asserted above) and every
+                // slab `cols` tiles of this format.
+                unsafe {
+                    match isa {
+                        Isa::Avx512 => avx512::float_rows(kind, slabs, xs, &mut tmp),
+                        Isa::Avx2 => avx2::float_rows(kind, slabs, xs, &mut tmp),
+                    }
                 }
                 for (i, per_tile) in tmp.iter().take(tiles.len()).enumerate() {
                     for (j, t) in per_tile.iter().take(acts.len()).enumerate() {
@@ -720,16 +770,20 @@ impl PackedMatrix {
                     let dst: &mut [f32; TILE_ROWS] = (&mut out[at..at + TILE_ROWS])
                         .try_into()
                         .expect("16 outputs per tile");
-                    match self.format {
-                        // SAFETY: `native` checked the CPU features; the slab holds kb tiles
-                        // and `a` kb blocks (lengths asserted above).
-                        Format::Q4K => unsafe { x86::tile_row_q4k(slab(t), a, dst) },
-                        // SAFETY: as above.
-                        Format::Q6K => unsafe { x86::tile_row_q6k(slab(t), a, dst) },
-                        // SAFETY: as above.
-                        Format::Q8_0 => unsafe { x86::tile_row_q8_0(slab(t), a, dst) },
-                        Format::F32 | Format::BF16 | Format::F16 => {
-                            unreachable!("handled above")
+                    let s = slab(t);
+                    // SAFETY: `run_on` checked that the CPU runs `isa`; the slab holds kb
+                    // tiles and `a` kb blocks (lengths asserted above).
+                    unsafe {
+                        match (isa, self.format) {
+                            (Isa::Avx512, Format::Q4K) => avx512::tile_row_q4k(s, a, dst),
+                            (Isa::Avx512, Format::Q6K) => avx512::tile_row_q6k(s, a, dst),
+                            (Isa::Avx512, Format::Q8_0) => avx512::tile_row_q8_0(s, a, dst),
+                            (Isa::Avx2, Format::Q4K) => avx2::tile_row_q4k(s, a, dst),
+                            (Isa::Avx2, Format::Q6K) => avx2::tile_row_q6k(s, a, dst),
+                            (Isa::Avx2, Format::Q8_0) => avx2::tile_row_q8_0(s, a, dst),
+                            (_, Format::F32 | Format::BF16 | Format::F16) => {
+                                unreachable!("handled above")
+                            }
                         }
                     }
                 }
@@ -737,33 +791,24 @@ impl PackedMatrix {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = out;
-            unreachable!("native() is false off x86_64");
+            let _ = (isa, out);
+            unreachable!("no ISA has kernels off x86_64");
         }
     }
 }
 
-/// `S` float tile slabs (weights of kind `W`: [`x86::F32`], [`x86::BF16`], [`x86::F16`]) times
-/// 1..=4 activation rows, into `out[slab][row]`.
-#[cfg(target_arch = "x86_64")]
-fn f32_rows<const S: usize, const W: u8>(
-    slabs: [&[u8]; S],
-    acts: &[QuantRow],
-    out: &mut [[[f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS],
-) {
-    let x = |j: usize| acts[j.min(acts.len() - 1)].f.as_slice();
-    // SAFETY: `native` checked the CPU features; the caller asserted every row's length, and
-    // each slab holds that many f32 tiles.
-    unsafe {
-        match acts.len() {
-            1 => x86::tile_rows_f32::<S, 1, W>(slabs, [x(0)], out),
-            2 => x86::tile_rows_f32::<S, 2, W>(slabs, [x(0), x(1)], out),
-            3 => x86::tile_rows_f32::<S, 3, W>(slabs, [x(0), x(1), x(2)], out),
-            _ => x86::tile_rows_f32::<S, 4, W>(slabs, [x(0), x(1), x(2), x(3)], out),
-        }
-    }
-}
+/// What the float kernels write: `[slab][activation row][tile row]`.
+type FloatOut = [[[f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS];
 
+/// Weight kinds of the float kernels (a const parameter, so each kind is its own loop).
+mod kind {
+    /// f32 weights.
+    pub(super) const F32: u8 = 0;
+    /// bf16 weights: the top half of an f32.
+    pub(super) const BF16: u8 = 1;
+    /// IEEE half weights.
+    pub(super) const F16: u8 = 2;
+}
 /// One product of a batch: `mat` times each row of `acts`, into `out` laid out
 /// [acts.len(), mat.rows()].
 pub struct Job<'a> {
@@ -788,8 +833,21 @@ impl Outputs {
 }
 
 /// Runs a batch of products in one parallel region on candle's worker pool (its size follows
-/// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`). Panics if a job's shapes disagree.
+/// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`), on [`Isa::selected`].
+///
+/// # Panics
+/// If the CPU runs no kernels here ([`Format::native`] is false) or a job's shapes disagree.
 pub fn run(jobs: &mut [Job<'_>]) {
+    let isa = Isa::selected().expect("sinew's kernels need AVX2/FMA/F16C or AVX-512 VNNI");
+    run_on(isa, jobs);
+}
+
+/// [`run`] on the kernels of `isa`, for comparing instruction sets on one machine.
+///
+/// # Panics
+/// If this CPU does not run `isa` ([`Isa::supported`]) or a job's shapes disagree.
+pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
+    assert!(isa.runs_here(), "this CPU does not run the {isa:?} kernels");
     // a unit: job j, tile i of each of the job's STREAMS runs of `run_len` tiles
     let mut units: Vec<(usize, usize)> = Vec::new();
     let mut run_lens = Vec::with_capacity(jobs.len());
@@ -827,7 +885,7 @@ pub fn run(jobs: &mut [Job<'_>]) {
                 1
             };
             for (c, acts) in job.acts.chunks(pass).enumerate() {
-                job.mat.gemv(tiles, acts, &mut tmp[..acts.len() * n]);
+                job.mat.gemv(isa, tiles, acts, &mut tmp[..acts.len() * n]);
                 for (a, row) in (c * pass..).take(acts.len()).enumerate() {
                     for (k, &t) in tiles.iter().enumerate() {
                         let src = &tmp[a * n + k * TILE_ROWS..a * n + (k + 1) * TILE_ROWS];
@@ -850,236 +908,9 @@ pub fn run(jobs: &mut [Job<'_>]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{
-        F32_TILE, HALF_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_Q, Q6K_SC, Q6K_SUB, Q6K_TILE,
-        Q8_0_TILE, QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
-    };
-
-    /// Weight kinds of [`tile_rows_f32`]: f32, bf16, f16.
-    pub(super) const F32: u8 = 0;
-    /// bf16 weights.
-    pub(super) const BF16: u8 = 1;
-    /// f16 weights.
-    pub(super) const F16: u8 = 2;
-
-    /// `S` float tile slabs (16 rows each, every input value; weights of kind `W`) times each of
-    /// the `N` rows `x`, into `out[slab][row]`. The slabs are read side by side, one sequential
-    /// stream each. bf16 and f16 weights widen to f32 exactly, so the products and their order
-    /// are the f32 kernel's on the same values.
-    ///
-    /// # Safety
-    /// AVX-512 F and F16C available; every slab holds `x[i].len()` tiles of kind `W` for every
-    /// `i`.
-    #[target_feature(enable = "avx512f,f16c")]
-    // `s` and `n` index the slabs, the rows and the accumulators together
-    #[allow(clippy::needless_range_loop)]
-    pub(super) unsafe fn tile_rows_f32<const S: usize, const N: usize, const W: u8>(
-        slabs: [&[u8]; S],
-        x: [&[f32]; N],
-        out: &mut [[[f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS],
-    ) {
-        let cols = x[0].len();
-        let tile = if W == F32 { F32_TILE } else { HALF_TILE };
-        debug_assert!(S <= STREAMS && N <= ROWS_PER_PASS);
-        debug_assert!(x.iter().all(|r| r.len() == cols));
-        debug_assert!(slabs.iter().all(|s| s.len() == cols * tile));
-        let w = slabs.map(|s| s.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); N]; S];
-        // SAFETY: k < cols, so every load lies in its slab and every read in each row.
-        unsafe {
-            for k in 0..cols {
-                let xv: [__m512; N] =
-                    std::array::from_fn(|n| _mm512_set1_ps(*x[n].get_unchecked(k)));
-                for s in 0..S {
-                    let p = w[s].add(k * tile);
-                    let wv = match W {
-                        F32 => _mm512_loadu_ps(p as *const f32),
-                        // bf16 is the top half of an f32
-                        BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const _)),
-                        )),
-                        _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const _)),
-                    };
-                    for n in 0..N {
-                        acc[s][n] = _mm512_fmadd_ps(wv, xv[n], acc[s][n]);
-                    }
-                }
-            }
-            for s in 0..S {
-                for n in 0..N {
-                    _mm512_storeu_ps(out[s][n].as_mut_ptr(), acc[s][n]);
-                }
-            }
-        }
-    }
-
-    /// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q4_K tiles.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-    pub(super) unsafe fn tile_row_q4k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
-        let blocks = a.len() / QK_K;
-        debug_assert_eq!(slab.len(), blocks * Q4K_TILE);
-        let m4 = _mm512_set1_epi8(0x0F);
-        let mut acc = _mm512_setzero_ps();
-        let yp = a.qs.as_ptr();
-        for b in 0..blocks {
-            // SAFETY: tile b is within the slab and block b within the activation row (the
-            // caller's contract).
-            unsafe {
-                let t = slab.as_ptr().add(b * Q4K_TILE);
-                let dy = _mm512_set1_ps(*a.d.get_unchecked(b));
-                let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)), dy);
-                let dmin = _mm512_mul_ps(
-                    _mm512_cvtph_ps(_mm256_loadu_si256(t.add(32) as *const _)),
-                    dy,
-                );
-                for j in 0..8 {
-                    let y = yp.add(b * QK_K + 32 * j);
-                    let q = t.add(Q4K_QS + j * 256);
-                    let mut lo_acc = _mm512_setzero_si512();
-                    let mut hi_acc = _mm512_setzero_si512();
-                    for g in 0..4 {
-                        let v = _mm512_loadu_si512(q.add(64 * g) as *const _);
-                        let lo = _mm512_and_si512(v, m4);
-                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                        let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
-                        let yhi =
-                            _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
-                        lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
-                        hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
-                    }
-                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc, hi_acc));
-                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                        t.add(Q4K_SC + 16 * j) as *const _,
-                    )));
-                    let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                        t.add(Q4K_MN + 16 * j) as *const _,
-                    )));
-                    let bsum = _mm512_set1_ps(*a.bsum.get_unchecked(b * 8 + j) as f32);
-                    acc = _mm512_fmadd_ps(_mm512_mul_ps(d, sc), dot, acc);
-                    acc = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, mn), bsum, acc);
-                }
-            }
-        }
-        // SAFETY: out holds 16 f32.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
-    }
-
-    /// One Q6_K tile row-slab (16 rows, every block of the input) times `a`, into `out`. The
-    /// 6-bit values go unsigned into `vpdpbusd` and the offset of 32 comes off per 16 values
-    /// (`32 · Σ y`); a block's sum stays in i32 (|sum| < 2³⁰) until its one f32 step.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q6_K tiles.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-    pub(super) unsafe fn tile_row_q6k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
-        let blocks = a.len() / QK_K;
-        debug_assert_eq!(slab.len(), blocks * Q6K_TILE);
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m30 = _mm512_set1_epi8(0x30);
-        let mut acc = _mm512_setzero_ps();
-        let yp = a.qs.as_ptr();
-        for b in 0..blocks {
-            // SAFETY: tile b is within the slab and block b within the activation row (the
-            // caller's contract).
-            unsafe {
-                let t = slab.as_ptr().add(b * Q6K_TILE);
-                let mut total = _mm512_setzero_si512();
-                for j in 0..8 {
-                    let y = yp.add(b * QK_K + 32 * j);
-                    // bits 4 and 5 of each byte of high(h)[g]: the high 2 bits of value 4g + i,
-                    // stored at bit 2g
-                    let high = |h: __m512i| {
-                        [
-                            _mm512_and_si512(_mm512_slli_epi16::<4>(h), m30),
-                            _mm512_and_si512(_mm512_slli_epi16::<2>(h), m30),
-                            _mm512_and_si512(h, m30),
-                            _mm512_and_si512(_mm512_srli_epi16::<2>(h), m30),
-                        ]
-                    };
-                    let q = t.add(Q6K_Q + Q6K_SUB * j);
-                    let h0 = high(_mm512_loadu_si512(q as *const _));
-                    let h1 = high(_mm512_loadu_si512(q.add(64) as *const _));
-                    let mut lo_acc = _mm512_setzero_si512();
-                    let mut hi_acc = _mm512_setzero_si512();
-                    for g in 0..4 {
-                        let v = _mm512_loadu_si512(q.add(128 + 64 * g) as *const _);
-                        let lo = _mm512_or_si512(_mm512_and_si512(v, m4), h0[g]);
-                        let hi =
-                            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v), m4), h1[g]);
-                        let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
-                        let yhi =
-                            _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
-                        lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
-                        hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
-                    }
-                    let s = a.bsum.as_ptr().add(b * 16 + 2 * j);
-                    lo_acc = _mm512_sub_epi32(lo_acc, _mm512_set1_epi32(32 * *s));
-                    hi_acc = _mm512_sub_epi32(hi_acc, _mm512_set1_epi32(32 * *s.add(1)));
-                    let sc_lo =
-                        _mm512_cvtepi8_epi32(_mm_loadu_si128(t.add(Q6K_SC + 32 * j) as *const _));
-                    let sc_hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        t.add(Q6K_SC + 32 * j + 16) as *const _
-                    ));
-                    total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_lo, lo_acc));
-                    total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_hi, hi_acc));
-                }
-                let d = _mm512_mul_ps(
-                    _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
-                    _mm512_set1_ps(*a.d.get_unchecked(b)),
-                );
-                acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(total), acc);
-            }
-        }
-        // SAFETY: out holds 16 f32.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
-    }
-
-    /// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 32` Q8_0 tiles.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-    pub(super) unsafe fn tile_row_q8_0(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
-        let blocks = a.len() / QK8_0;
-        debug_assert_eq!(slab.len(), blocks * Q8_0_TILE);
-        let mut acc = _mm512_setzero_ps();
-        let yp = a.qs.as_ptr();
-        for b in 0..blocks {
-            // SAFETY: as in `tile_row_q4k`.
-            unsafe {
-                let t = slab.as_ptr().add(b * Q8_0_TILE);
-                let y = yp.add(b * QK8_0);
-                let mut acc0 = _mm512_setzero_si512();
-                let mut acc1 = _mm512_setzero_si512();
-                for g in (0..8).step_by(2) {
-                    let q = t.add(32 + 64 * g);
-                    let y0 = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
-                    let y1 = _mm512_set1_epi32((y.add(4 * g + 4) as *const i32).read_unaligned());
-                    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(q as *const _), y0);
-                    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(q.add(64) as *const _), y1);
-                }
-                // the values are stored + 128: subtract 128 · Σ y
-                let dot = _mm512_sub_ps(
-                    _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
-                    _mm512_set1_ps(128.0 * *a.bsum.get_unchecked(b) as f32),
-                );
-                let d = _mm512_mul_ps(
-                    _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
-                    _mm512_set1_ps(*a.d.get_unchecked(b)),
-                );
-                acc = _mm512_fmadd_ps(d, dot, acc);
-            }
-        }
-        // SAFETY: out holds 16 f32.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
-    }
-}
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests {
@@ -1129,6 +960,25 @@ mod tests {
         (terms.clone().sum(), terms.map(f64::abs).sum::<f64>() + 1e-6)
     }
 
+    /// `packed` times each row of `acts` on every instruction set this CPU runs.
+    fn on_each_isa(packed: &PackedMatrix, acts: &[QuantRow]) -> Vec<(Isa, Vec<f32>)> {
+        Isa::supported()
+            .into_iter()
+            .map(|isa| {
+                let mut out = vec![0f32; acts.len() * packed.rows()];
+                run_on(
+                    isa,
+                    &mut [Job {
+                        mat: packed,
+                        acts,
+                        out: &mut out,
+                    }],
+                );
+                (isa, out)
+            })
+            .collect()
+    }
+
     /// Packs a random [rows, cols] matrix, checks the packed copy dequantizes to candle's values,
     /// and that the scalar reference and (where the CPU has it) the packed kernel give each
     /// row's dot product with `x`.
@@ -1137,14 +987,7 @@ mod tests {
         let (blocks, deq) = quantize(dtype(format), w, rows, cols);
         let packed = PackedMatrix::pack(format, &blocks, rows, cols).expect("tiles");
         let a = QuantRow::new(format, x);
-        let mut simd = vec![0f32; rows];
-        if format.native() {
-            run(&mut [Job {
-                mat: &packed,
-                acts: std::slice::from_ref(&a),
-                out: &mut simd,
-            }]);
-        }
+        let simd = on_each_isa(&packed, std::slice::from_ref(&a));
         let rb = format.row_bytes(cols);
         for r in 0..rows {
             let wr = &deq[r * cols..(r + 1) * cols];
@@ -1155,11 +998,11 @@ mod tests {
                 (s - want).abs() <= 1e-4 * scale,
                 "row {r}: scalar {s} vs {want}"
             );
-            if format.native() {
-                let v = simd[r] as f64;
+            for (isa, out) in &simd {
+                let v = out[r] as f64;
                 assert!(
                     (v - want).abs() <= 1e-4 * scale,
-                    "row {r}: packed {v} vs {want}"
+                    "row {r}: packed ({isa:?}) {v} vs {want}"
                 );
             }
         }
@@ -1172,29 +1015,36 @@ mod tests {
 
     /// Several activation rows through `run` (f32 shares each pass over the weights among up to
     /// four): every output equals that row's product on its own.
+    /// On every instruction set the CPU runs; the float formats give the same bits on each.
     fn check_rows(format: Format, w: &[f32], xs: &[Vec<f32>], rows: usize) {
-        if !format.native() {
-            return;
-        }
         let cols = xs[0].len();
         let (blocks, deq) = quantize(dtype(format), w, rows, cols);
         let packed = PackedMatrix::pack(format, &blocks, rows, cols).expect("tiles");
         let acts: Vec<QuantRow> = xs.iter().map(|x| QuantRow::new(format, x)).collect();
-        let mut out = vec![0f32; xs.len() * rows];
-        run(&mut [Job {
-            mat: &packed,
-            acts: &acts,
-            out: &mut out,
-        }]);
-        for (i, a) in acts.iter().enumerate() {
-            for r in 0..rows {
-                let (want, scale) = exact(&deq[r * cols..(r + 1) * cols], a);
-                let v = out[i * rows + r] as f64;
+        let mut first: Option<Vec<f32>> = None;
+        for (isa, out) in on_each_isa(&packed, &acts) {
+            for (i, a) in acts.iter().enumerate() {
+                for r in 0..rows {
+                    let (want, scale) = exact(&deq[r * cols..(r + 1) * cols], a);
+                    let v = out[i * rows + r] as f64;
+                    assert!(
+                        (v - want).abs() <= 1e-4 * scale,
+                        "{isa:?} input {i} row {r}: {v} vs {want}"
+                    );
+                }
+            }
+            if format.is_float()
+                && let Some(first) = &first
+            {
                 assert!(
-                    (v - want).abs() <= 1e-4 * scale,
-                    "input {i} row {r}: {v} vs {want}"
+                    first
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .eq(out.iter().map(|v| v.to_bits())),
+                    "{isa:?} float products differ from the first ISA's"
                 );
             }
+            first.get_or_insert(out);
         }
     }
 
@@ -1326,14 +1176,65 @@ mod tests {
         assert!((dot_scalar(Format::Q8_0, &blk, &a) - want).abs() < 1e-3 * want.abs());
         let packed = PackedMatrix::pack(Format::Q8_0, &gguf, TILE_ROWS, QK8_0).unwrap();
         assert_eq!(packed.dequantize_row(3), vec![-128.0; QK8_0]);
-        if Format::Q8_0.native() {
-            let mut out = vec![0f32; TILE_ROWS];
-            run(&mut [Job {
-                mat: &packed,
-                acts: std::slice::from_ref(&a),
-                out: &mut out,
-            }]);
-            assert!(out.iter().all(|v| (v - want).abs() < 1e-3 * want.abs()));
+        for (isa, out) in on_each_isa(&packed, std::slice::from_ref(&a)) {
+            assert!(
+                out.iter().all(|v| (v - want).abs() < 1e-3 * want.abs()),
+                "{isa:?}: {out:?}"
+            );
+        }
+    }
+
+    /// GGUF blocks of `format` with every byte `fill` and a scale of 1: the largest values and
+    /// scales the format holds (Q4_K 15 · 63 with mins 63, Q6_K 63 with scale byte `fill`,
+    /// Q8_0 `fill` as i8).
+    fn extreme_block(format: Format, fill: u8) -> Vec<u8> {
+        let mut blk = vec![fill; format.block_bytes()];
+        let one = f16::from_f32(1.0).to_bits().to_le_bytes();
+        match format {
+            Format::Q4K => {
+                blk[..2].copy_from_slice(&one);
+                blk[2..4].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+            }
+            Format::Q6K => blk[208..].copy_from_slice(&one),
+            _ => blk[..2].copy_from_slice(&one),
+        }
+        blk
+    }
+
+    #[test]
+    fn extreme_values_and_scales_neither_saturate_nor_wrap() {
+        // the 8-bit products' intermediate sums are at their largest when every weight, scale
+        // and activation is: each ISA must still give the exact integer reference
+        for (format, fills) in [
+            (Format::Q4K, vec![0xFF]),
+            (Format::Q6K, vec![0xFF, 0x7F, 0x80]),
+            (Format::Q8_0, vec![0x7F, 0x80, 0x81]),
+        ] {
+            let blocks = 2;
+            let cols = blocks * format.block_elems();
+            for fill in fills {
+                let row: Vec<u8> = (0..blocks)
+                    .flat_map(|_| extreme_block(format, fill))
+                    .collect();
+                let gguf: Vec<u8> = (0..TILE_ROWS).flat_map(|_| row.iter().copied()).collect();
+                let packed = PackedMatrix::pack(format, &gguf, TILE_ROWS, cols).unwrap();
+                let signs: [fn(usize) -> f32; 3] =
+                    [|_| 1.0, |_| -1.0, |i| if i % 4 == 3 { -1.0 } else { 1.0 }];
+                for sign in signs {
+                    let x: Vec<f32> = (0..cols).map(sign).collect();
+                    let a = QuantRow::new(format, &x);
+                    let want = dot_scalar(format, &row, &a);
+                    assert!(want != 0.0);
+                    for (isa, out) in on_each_isa(&packed, std::slice::from_ref(&a)) {
+                        for v in out {
+                            assert!(
+                                (v - want).abs() <= 1e-5 * want.abs().max(1.0),
+                                "{format:?} fill {fill:#x} {isa:?}: {v} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -1,0 +1,260 @@
+//! The AVX-512 F/BW/VNNI kernels (Zen 4, Ice Lake and later): one 64-byte load holds a tile's 16
+//! rows, `vpdpbusd` multiplies them by four broadcast activation values.
+
+use std::arch::x86_64::*;
+
+use super::kind::{BF16, F16, F32};
+use super::{
+    F32_TILE, FloatOut, HALF_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_Q, Q6K_SC, Q6K_SUB,
+    Q6K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
+};
+
+/// 1..=[`STREAMS`] float tile slabs of weight kind `kind` times 1..=[`ROWS_PER_PASS`] rows `xs`,
+/// into `out[slab][row]`: every slab read side by side (16 accumulators at most, of 32
+/// registers).
+///
+/// # Safety
+/// AVX-512 F and F16C available; every slab holds `xs[i].len()` tiles of `kind` for every `i`.
+pub(super) unsafe fn float_rows(kind: u8, slabs: &[&[u8]], xs: &[&[f32]], out: &mut FloatOut) {
+    let s = |i: usize| slabs[i.min(slabs.len() - 1)];
+    let x = |j: usize| xs[j.min(xs.len() - 1)];
+    macro_rules! rows {
+        ($S:literal, $W:expr, $sl:expr) => {
+            match xs.len() {
+                1 => tile_rows_f32::<$S, 1, $W>($sl, [x(0)], out),
+                2 => tile_rows_f32::<$S, 2, $W>($sl, [x(0), x(1)], out),
+                3 => tile_rows_f32::<$S, 3, $W>($sl, [x(0), x(1), x(2)], out),
+                _ => tile_rows_f32::<$S, 4, $W>($sl, [x(0), x(1), x(2), x(3)], out),
+            }
+        };
+    }
+    macro_rules! streams {
+        ($W:expr) => {
+            match slabs.len() {
+                1 => rows!(1, $W, [s(0)]),
+                2 => rows!(2, $W, [s(0), s(1)]),
+                3 => rows!(3, $W, [s(0), s(1), s(2)]),
+                _ => rows!(4, $W, [s(0), s(1), s(2), s(3)]),
+            }
+        };
+    }
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        match kind {
+            BF16 => streams!(BF16),
+            F16 => streams!(F16),
+            _ => streams!(F32),
+        }
+    }
+}
+
+/// `S` float tile slabs (16 rows each, every input value; weights of kind `W`) times each of
+/// the `N` rows `x`, into `out[slab][row]`. The slabs are read side by side, one sequential
+/// stream each. bf16 and f16 weights widen to f32 exactly, so the products and their order
+/// are the f32 kernel's on the same values.
+///
+/// # Safety
+/// AVX-512 F and F16C available; every slab holds `x[i].len()` tiles of kind `W` for every
+/// `i`.
+#[target_feature(enable = "avx512f,f16c")]
+// `s` and `n` index the slabs, the rows and the accumulators together
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile_rows_f32<const S: usize, const N: usize, const W: u8>(
+    slabs: [&[u8]; S],
+    x: [&[f32]; N],
+    out: &mut FloatOut,
+) {
+    let cols = x[0].len();
+    let tile = if W == F32 { F32_TILE } else { HALF_TILE };
+    debug_assert!(S <= STREAMS && N <= ROWS_PER_PASS);
+    debug_assert!(x.iter().all(|r| r.len() == cols));
+    debug_assert!(slabs.iter().all(|s| s.len() == cols * tile));
+    let w = slabs.map(|s| s.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); N]; S];
+    // SAFETY: k < cols, so every load lies in its slab and every read in each row.
+    unsafe {
+        for k in 0..cols {
+            let xv: [__m512; N] = std::array::from_fn(|n| _mm512_set1_ps(*x[n].get_unchecked(k)));
+            for s in 0..S {
+                let p = w[s].add(k * tile);
+                let wv = match W {
+                    F32 => _mm512_loadu_ps(p as *const f32),
+                    // bf16 is the top half of an f32
+                    BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256(p as *const _),
+                    ))),
+                    _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const _)),
+                };
+                for n in 0..N {
+                    acc[s][n] = _mm512_fmadd_ps(wv, xv[n], acc[s][n]);
+                }
+            }
+        }
+        for s in 0..S {
+            for n in 0..N {
+                _mm512_storeu_ps(out[s][n].as_mut_ptr(), acc[s][n]);
+            }
+        }
+    }
+}
+
+/// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q4_K tiles.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+pub(super) unsafe fn tile_row_q4k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+    let blocks = a.len() / QK_K;
+    debug_assert_eq!(slab.len(), blocks * Q4K_TILE);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = _mm512_setzero_ps();
+    let yp = a.qs.as_ptr();
+    for b in 0..blocks {
+        // SAFETY: tile b is within the slab and block b within the activation row (the
+        // caller's contract).
+        unsafe {
+            let t = slab.as_ptr().add(b * Q4K_TILE);
+            let dy = _mm512_set1_ps(*a.d.get_unchecked(b));
+            let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)), dy);
+            let dmin = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256(t.add(32) as *const _)),
+                dy,
+            );
+            for j in 0..8 {
+                let y = yp.add(b * QK_K + 32 * j);
+                let q = t.add(Q4K_QS + j * 256);
+                let mut lo_acc = _mm512_setzero_si512();
+                let mut hi_acc = _mm512_setzero_si512();
+                for g in 0..4 {
+                    let v = _mm512_loadu_si512(q.add(64 * g) as *const _);
+                    let lo = _mm512_and_si512(v, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                    let yhi = _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
+                    lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
+                    hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
+                }
+                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc, hi_acc));
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    t.add(Q4K_SC + 16 * j) as *const _,
+                )));
+                let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    t.add(Q4K_MN + 16 * j) as *const _,
+                )));
+                let bsum = _mm512_set1_ps(*a.bsum.get_unchecked(b * 8 + j) as f32);
+                acc = _mm512_fmadd_ps(_mm512_mul_ps(d, sc), dot, acc);
+                acc = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, mn), bsum, acc);
+            }
+        }
+    }
+    // SAFETY: out holds 16 f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+}
+
+/// One Q6_K tile row-slab (16 rows, every block of the input) times `a`, into `out`. The
+/// 6-bit values go unsigned into `vpdpbusd` and the offset of 32 comes off per 16 values
+/// (`32 · Σ y`); a block's sum stays in i32 (|sum| < 2³⁰) until its one f32 step.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q6_K tiles.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+pub(super) unsafe fn tile_row_q6k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+    let blocks = a.len() / QK_K;
+    debug_assert_eq!(slab.len(), blocks * Q6K_TILE);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m30 = _mm512_set1_epi8(0x30);
+    let mut acc = _mm512_setzero_ps();
+    let yp = a.qs.as_ptr();
+    for b in 0..blocks {
+        // SAFETY: tile b is within the slab and block b within the activation row (the
+        // caller's contract).
+        unsafe {
+            let t = slab.as_ptr().add(b * Q6K_TILE);
+            let mut total = _mm512_setzero_si512();
+            for j in 0..8 {
+                let y = yp.add(b * QK_K + 32 * j);
+                // bits 4 and 5 of each byte of high(h)[g]: the high 2 bits of value 4g + i,
+                // stored at bit 2g
+                let high = |h: __m512i| {
+                    [
+                        _mm512_and_si512(_mm512_slli_epi16::<4>(h), m30),
+                        _mm512_and_si512(_mm512_slli_epi16::<2>(h), m30),
+                        _mm512_and_si512(h, m30),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(h), m30),
+                    ]
+                };
+                let q = t.add(Q6K_Q + Q6K_SUB * j);
+                let h0 = high(_mm512_loadu_si512(q as *const _));
+                let h1 = high(_mm512_loadu_si512(q.add(64) as *const _));
+                let mut lo_acc = _mm512_setzero_si512();
+                let mut hi_acc = _mm512_setzero_si512();
+                for g in 0..4 {
+                    let v = _mm512_loadu_si512(q.add(128 + 64 * g) as *const _);
+                    let lo = _mm512_or_si512(_mm512_and_si512(v, m4), h0[g]);
+                    let hi =
+                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v), m4), h1[g]);
+                    let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                    let yhi = _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
+                    lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
+                    hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
+                }
+                let s = a.bsum.as_ptr().add(b * 16 + 2 * j);
+                lo_acc = _mm512_sub_epi32(lo_acc, _mm512_set1_epi32(32 * *s));
+                hi_acc = _mm512_sub_epi32(hi_acc, _mm512_set1_epi32(32 * *s.add(1)));
+                let sc_lo =
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(t.add(Q6K_SC + 32 * j) as *const _));
+                let sc_hi =
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(t.add(Q6K_SC + 32 * j + 16) as *const _));
+                total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_lo, lo_acc));
+                total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_hi, hi_acc));
+            }
+            let d = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
+                _mm512_set1_ps(*a.d.get_unchecked(b)),
+            );
+            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(total), acc);
+        }
+    }
+    // SAFETY: out holds 16 f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+}
+
+/// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 32` Q8_0 tiles.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+pub(super) unsafe fn tile_row_q8_0(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+    let blocks = a.len() / QK8_0;
+    debug_assert_eq!(slab.len(), blocks * Q8_0_TILE);
+    let mut acc = _mm512_setzero_ps();
+    let yp = a.qs.as_ptr();
+    for b in 0..blocks {
+        // SAFETY: as in `tile_row_q4k`.
+        unsafe {
+            let t = slab.as_ptr().add(b * Q8_0_TILE);
+            let y = yp.add(b * QK8_0);
+            let mut acc0 = _mm512_setzero_si512();
+            let mut acc1 = _mm512_setzero_si512();
+            for g in (0..8).step_by(2) {
+                let q = t.add(32 + 64 * g);
+                let y0 = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                let y1 = _mm512_set1_epi32((y.add(4 * g + 4) as *const i32).read_unaligned());
+                acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(q as *const _), y0);
+                acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(q.add(64) as *const _), y1);
+            }
+            // the values are stored + 128: subtract 128 · Σ y
+            let dot = _mm512_sub_ps(
+                _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
+                _mm512_set1_ps(128.0 * *a.bsum.get_unchecked(b) as f32),
+            );
+            let d = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
+                _mm512_set1_ps(*a.d.get_unchecked(b)),
+            );
+            acc = _mm512_fmadd_ps(d, dot, acc);
+        }
+    }
+    // SAFETY: out holds 16 f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+}
