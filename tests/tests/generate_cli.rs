@@ -103,6 +103,45 @@ fn greedy_json_reproduces_every_fixture_and_logits_out_matches() {
 }
 
 #[test]
+fn every_kernel_choice_reproduces_every_fixture() {
+    // SINEW_KERNELS=candle keeps every matrix on candle's matmul, `avx2` takes the AVX2 kernels
+    // where the CPU has them: either way the same greedy continuation
+    for kernels in ["candle", "avx2"] {
+        for dir in fixtures() {
+            let r = reference(&dir);
+            let greedy = ids(&r["greedy_ids"]);
+            let out = sinew()
+                .env("SINEW_KERNELS", kernels)
+                .args([
+                    "generate",
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--prompt-ids",
+                    &csv(&ids(&r["prompt_ids"])),
+                    "--max-tokens",
+                    &greedy.len().to_string(),
+                    "--temperature",
+                    "0",
+                    "--json",
+                ])
+                .output()
+                .expect("sinew runs");
+            let v = json(&out);
+            assert_eq!(ids(&v["tokens"]), greedy, "{kernels}: {}", dir.display());
+            let formats: Vec<&str> = v["weights"]
+                .as_array()
+                .expect("weights")
+                .iter()
+                .map(|w| w["format"].as_str().expect("format"))
+                .collect();
+            if kernels == "candle" {
+                assert!(formats.iter().all(|f| *f == "candle"), "{formats:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn the_same_seed_gives_the_same_tokens() {
     let dir = fixtures_root().join("qwen3_moe_gqa");
     let sample = |seed: &str| {

@@ -836,8 +836,12 @@ impl Outputs {
 /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`), on [`Isa::selected`].
 ///
 /// # Panics
-/// If the CPU runs no kernels here ([`Format::native`] is false) or a job's shapes disagree.
+/// If there are jobs but the CPU runs no kernels here ([`Format::native`] is false: nothing
+/// was packed), or a job's shapes disagree.
 pub fn run(jobs: &mut [Job<'_>]) {
+    if jobs.is_empty() {
+        return;
+    }
     let isa = Isa::selected().expect("sinew's kernels need AVX2/FMA/F16C or AVX-512 VNNI");
     run_on(isa, jobs);
 }
