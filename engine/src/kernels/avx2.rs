@@ -147,7 +147,9 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
     unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
 }
 
-/// One Q4_K tile row-slab (16 rows, every block of the input) times `a`, into `out`.
+/// Up to [`STREAMS`] Q4_K tile row-slabs (16 rows each, every block of the input) times `a`,
+/// into `out[slab]`, read side by side a tile at a time: on Zen 3 one core streams more from
+/// several places at once than from one.
 ///
 /// Per sub-block of 32 values, each i16 lane of the `vpmaddubsw` sums collects 8 products of a
 /// 4-bit value and an activation (|·| ≤ 15 · 127): at most 30,480, inside i16. The scales
@@ -156,199 +158,220 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
 /// 4,064 < 2²⁴) is exact in f32.
 ///
 /// # Safety
-/// AVX2, FMA and F16C available; `slab` holds `a.len() / 256` Q4_K tiles.
+/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a.len() / 256` Q4_K
+/// tiles; `out` has a row per slab.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_row_q4k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+pub(super) unsafe fn tile_rows_q4k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f32; TILE_ROWS]]) {
     let blocks = a.len() / QK_K;
-    debug_assert_eq!(slab.len(), blocks * Q4K_TILE);
+    debug_assert!(slabs.len() <= STREAMS && out.len() >= slabs.len());
+    debug_assert!(slabs.iter().all(|s| s.len() == blocks * Q4K_TILE));
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut accs = [[_mm256_setzero_ps(); 2]; STREAMS];
     let yp = a.qs.as_ptr();
     for b in 0..blocks {
-        // SAFETY: tile b is within the slab and block b within the activation row (the
-        // caller's contract); every offset below is inside one tile.
-        unsafe {
-            let t = slab.as_ptr().add(b * Q4K_TILE);
-            let mut sumi = [_mm256_setzero_si256(); 2];
-            let mut summ = [_mm256_setzero_ps(); 2];
-            for j in 0..8 {
-                let y = yp.add(b * QK_K + 32 * j);
-                let q = t.add(Q4K_QS + j * 256);
-                let mut s16 = [_mm256_setzero_si256(); 2];
-                for g in 0..4 {
-                    let ylo = bcast4(y.add(4 * g));
-                    let yhi = bcast4(y.add(16 + 4 * g));
-                    for (h, s) in s16.iter_mut().enumerate() {
-                        let v = _mm256_loadu_si256(q.add(64 * g + 32 * h) as *const _);
-                        let lo = _mm256_and_si256(v, m4);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-                        *s = _mm256_add_epi16(
-                            *s,
-                            _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo, ylo),
-                                _mm256_maddubs_epi16(hi, yhi),
-                            ),
-                        );
+        for (slab, acc) in slabs.iter().zip(accs.iter_mut()) {
+            // SAFETY: tile b is within the slab and block b within the activation row (the
+            // caller's contract); every offset below is inside one tile.
+            unsafe {
+                let t = slab.as_ptr().add(b * Q4K_TILE);
+                let mut sumi = [_mm256_setzero_si256(); 2];
+                let mut summ = [_mm256_setzero_ps(); 2];
+                for j in 0..8 {
+                    let y = yp.add(b * QK_K + 32 * j);
+                    let q = t.add(Q4K_QS + j * 256);
+                    let mut s16 = [_mm256_setzero_si256(); 2];
+                    for g in 0..4 {
+                        let ylo = bcast4(y.add(4 * g));
+                        let yhi = bcast4(y.add(16 + 4 * g));
+                        for (h, s) in s16.iter_mut().enumerate() {
+                            let v = _mm256_loadu_si256(q.add(64 * g + 32 * h) as *const _);
+                            let lo = _mm256_and_si256(v, m4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                            *s = _mm256_add_epi16(
+                                *s,
+                                _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, ylo),
+                                    _mm256_maddubs_epi16(hi, yhi),
+                                ),
+                            );
+                        }
+                    }
+                    let bsum = _mm256_set1_ps(*a.bsum.get_unchecked(b * 8 + j) as f32);
+                    for h in 0..2 {
+                        // each row's scale in both i16 halves of its lane
+                        let sc = u8x8(t.add(Q4K_SC + 16 * j + 8 * h));
+                        let sc = _mm256_or_si256(sc, _mm256_slli_epi32::<16>(sc));
+                        sumi[h] = _mm256_add_epi32(sumi[h], _mm256_madd_epi16(s16[h], sc));
+                        let mn = _mm256_cvtepi32_ps(u8x8(t.add(Q4K_MN + 16 * j + 8 * h)));
+                        summ[h] = _mm256_fmadd_ps(mn, bsum, summ[h]);
                     }
                 }
-                let bsum = _mm256_set1_ps(*a.bsum.get_unchecked(b * 8 + j) as f32);
+                let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
                 for h in 0..2 {
-                    // each row's scale in both i16 halves of its lane
-                    let sc = u8x8(t.add(Q4K_SC + 16 * j + 8 * h));
-                    let sc = _mm256_or_si256(sc, _mm256_slli_epi32::<16>(sc));
-                    sumi[h] = _mm256_add_epi32(sumi[h], _mm256_madd_epi16(s16[h], sc));
-                    let mn = _mm256_cvtepi32_ps(u8x8(t.add(Q4K_MN + 16 * j + 8 * h)));
-                    summ[h] = _mm256_fmadd_ps(mn, bsum, summ[h]);
+                    let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
+                    let dmin = _mm256_mul_ps(f16x8(t.add(32 + 16 * h)), dy);
+                    acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[h]), acc[h]);
+                    acc[h] = _mm256_fnmadd_ps(dmin, summ[h], acc[h]);
                 }
-            }
-            let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
-            for h in 0..2 {
-                let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
-                let dmin = _mm256_mul_ps(f16x8(t.add(32 + 16 * h)), dy);
-                acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[h]), acc[h]);
-                acc[h] = _mm256_fnmadd_ps(dmin, summ[h], acc[h]);
             }
         }
     }
-    // SAFETY: out holds 16 f32.
+    // SAFETY: each output row holds 16 f32.
     unsafe {
-        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+        for (o, acc) in out.iter_mut().zip(accs) {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
+        }
     }
 }
 
-/// One Q6_K tile row-slab (16 rows, every block of the input) times `a`, into `out`. The 6-bit
+/// Up to [`STREAMS`] Q6_K tile row-slabs (16 rows each, every block of the input) times `a`,
+/// into `out[slab]`, read side by side a tile at a time. The 6-bit
 /// values go unsigned into `vpmaddubsw` (an i16 lane sums 2 products ≤ 63 · 127, and two
 /// groups are added before widening: ≤ 32,004) and the offset of 32 comes off per 16 values
 /// (`32 · Σ y`); a block's sum stays in i32 (|sum| < 2³⁰) until its one f32 step, as in the
 /// AVX-512 kernel.
 ///
 /// # Safety
-/// AVX2, FMA and F16C available; `slab` holds `a.len() / 256` Q6_K tiles.
+/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a.len() / 256` Q6_K
+/// tiles; `out` has a row per slab.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_row_q6k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+pub(super) unsafe fn tile_rows_q6k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f32; TILE_ROWS]]) {
     let blocks = a.len() / QK_K;
-    debug_assert_eq!(slab.len(), blocks * Q6K_TILE);
+    debug_assert!(slabs.len() <= STREAMS && out.len() >= slabs.len());
+    debug_assert!(slabs.iter().all(|s| s.len() == blocks * Q6K_TILE));
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut accs = [[_mm256_setzero_ps(); 2]; STREAMS];
     let yp = a.qs.as_ptr();
     for b in 0..blocks {
-        // SAFETY: tile b is within the slab and block b within the activation row (the
-        // caller's contract); every offset below is inside one tile.
-        unsafe {
-            let t = slab.as_ptr().add(b * Q6K_TILE);
-            let mut total = [_mm256_setzero_si256(); 2];
-            for j in 0..8 {
-                let y = yp.add(b * QK_K + 32 * j);
-                let q = t.add(Q6K_Q + Q6K_SUB * j);
-                let s = a.bsum.as_ptr().add(b * 16 + 2 * j);
-                let (off_lo, off_hi) = (
-                    _mm256_set1_epi32(32 * *s),
-                    _mm256_set1_epi32(32 * *s.add(1)),
-                );
-                for (h, total) in total.iter_mut().enumerate() {
-                    // bits 4 and 5 of each byte of high(hb)[g]: the high 2 bits of value
-                    // 4g + i, stored at bit 2g
-                    let high = |hb: __m256i| {
-                        [
-                            _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m30),
-                            _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m30),
-                            _mm256_and_si256(hb, m30),
-                            _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m30),
-                        ]
-                    };
-                    let h0 = high(_mm256_loadu_si256(q.add(32 * h) as *const _));
-                    let h1 = high(_mm256_loadu_si256(q.add(64 + 32 * h) as *const _));
-                    let mut lo_acc = _mm256_setzero_si256();
-                    let mut hi_acc = _mm256_setzero_si256();
-                    for pair in 0..2 {
-                        let mut lo16 = _mm256_setzero_si256();
-                        let mut hi16 = _mm256_setzero_si256();
-                        for g in 2 * pair..2 * pair + 2 {
-                            let v = _mm256_loadu_si256(q.add(128 + 64 * g + 32 * h) as *const _);
-                            let lo = _mm256_or_si256(_mm256_and_si256(v, m4), h0[g]);
-                            let hi = _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-                                h1[g],
-                            );
-                            lo16 = _mm256_add_epi16(
-                                lo16,
-                                _mm256_maddubs_epi16(lo, bcast4(y.add(4 * g))),
-                            );
-                            hi16 = _mm256_add_epi16(
-                                hi16,
-                                _mm256_maddubs_epi16(hi, bcast4(y.add(16 + 4 * g))),
-                            );
+        for (slab, acc) in slabs.iter().zip(accs.iter_mut()) {
+            // SAFETY: tile b is within the slab and block b within the activation row (the
+            // caller's contract); every offset below is inside one tile.
+            unsafe {
+                let t = slab.as_ptr().add(b * Q6K_TILE);
+                let mut total = [_mm256_setzero_si256(); 2];
+                for j in 0..8 {
+                    let y = yp.add(b * QK_K + 32 * j);
+                    let q = t.add(Q6K_Q + Q6K_SUB * j);
+                    let s = a.bsum.as_ptr().add(b * 16 + 2 * j);
+                    let (off_lo, off_hi) = (
+                        _mm256_set1_epi32(32 * *s),
+                        _mm256_set1_epi32(32 * *s.add(1)),
+                    );
+                    for (h, total) in total.iter_mut().enumerate() {
+                        // bits 4 and 5 of each byte of high(hb)[g]: the high 2 bits of value
+                        // 4g + i, stored at bit 2g
+                        let high = |hb: __m256i| {
+                            [
+                                _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m30),
+                                _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m30),
+                                _mm256_and_si256(hb, m30),
+                                _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m30),
+                            ]
+                        };
+                        let h0 = high(_mm256_loadu_si256(q.add(32 * h) as *const _));
+                        let h1 = high(_mm256_loadu_si256(q.add(64 + 32 * h) as *const _));
+                        let mut lo_acc = _mm256_setzero_si256();
+                        let mut hi_acc = _mm256_setzero_si256();
+                        for pair in 0..2 {
+                            let mut lo16 = _mm256_setzero_si256();
+                            let mut hi16 = _mm256_setzero_si256();
+                            for g in 2 * pair..2 * pair + 2 {
+                                let v =
+                                    _mm256_loadu_si256(q.add(128 + 64 * g + 32 * h) as *const _);
+                                let lo = _mm256_or_si256(_mm256_and_si256(v, m4), h0[g]);
+                                let hi = _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+                                    h1[g],
+                                );
+                                lo16 = _mm256_add_epi16(
+                                    lo16,
+                                    _mm256_maddubs_epi16(lo, bcast4(y.add(4 * g))),
+                                );
+                                hi16 = _mm256_add_epi16(
+                                    hi16,
+                                    _mm256_maddubs_epi16(hi, bcast4(y.add(16 + 4 * g))),
+                                );
+                            }
+                            lo_acc = _mm256_add_epi32(lo_acc, _mm256_madd_epi16(lo16, ones));
+                            hi_acc = _mm256_add_epi32(hi_acc, _mm256_madd_epi16(hi16, ones));
                         }
-                        lo_acc = _mm256_add_epi32(lo_acc, _mm256_madd_epi16(lo16, ones));
-                        hi_acc = _mm256_add_epi32(hi_acc, _mm256_madd_epi16(hi16, ones));
+                        let sc_lo = i8x8(t.add(Q6K_SC + 32 * j + 8 * h));
+                        let sc_hi = i8x8(t.add(Q6K_SC + 32 * j + 16 + 8 * h));
+                        let lo = _mm256_mullo_epi32(sc_lo, _mm256_sub_epi32(lo_acc, off_lo));
+                        let hi = _mm256_mullo_epi32(sc_hi, _mm256_sub_epi32(hi_acc, off_hi));
+                        *total = _mm256_add_epi32(*total, _mm256_add_epi32(lo, hi));
                     }
-                    let sc_lo = i8x8(t.add(Q6K_SC + 32 * j + 8 * h));
-                    let sc_hi = i8x8(t.add(Q6K_SC + 32 * j + 16 + 8 * h));
-                    let lo = _mm256_mullo_epi32(sc_lo, _mm256_sub_epi32(lo_acc, off_lo));
-                    let hi = _mm256_mullo_epi32(sc_hi, _mm256_sub_epi32(hi_acc, off_hi));
-                    *total = _mm256_add_epi32(*total, _mm256_add_epi32(lo, hi));
                 }
-            }
-            let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
-            for h in 0..2 {
-                let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
-                acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total[h]), acc[h]);
+                let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
+                for h in 0..2 {
+                    let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
+                    acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total[h]), acc[h]);
+                }
             }
         }
     }
-    // SAFETY: out holds 16 f32.
+    // SAFETY: each output row holds 16 f32.
     unsafe {
-        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+        for (o, acc) in out.iter_mut().zip(accs) {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
+        }
     }
 }
 
-/// One Q8_0 tile row-slab (16 rows, every block of the input) times `a`, into `out`. The tiles
+/// Up to [`STREAMS`] Q8_0 tile row-slabs (16 rows each, every block of the input) times `a`,
+/// into `out[slab]`, read side by side a tile at a time. The tiles
 /// hold each value + 128; flipping the top bit gives the signed value back, and `vpmaddubsw`
 /// takes |w| against y with w's sign (an i16 lane ≤ 2 · 128 · 127, so -128 neither saturates
 /// nor wraps).
 ///
 /// # Safety
-/// AVX2, FMA and F16C available; `slab` holds `a.len() / 32` Q8_0 tiles.
+/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a.len() / 32` Q8_0
+/// tiles; `out` has a row per slab.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_row_q8_0(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
+pub(super) unsafe fn tile_rows_q8_0(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f32; TILE_ROWS]]) {
     let blocks = a.len() / QK8_0;
-    debug_assert_eq!(slab.len(), blocks * Q8_0_TILE);
+    debug_assert!(slabs.len() <= STREAMS && out.len() >= slabs.len());
+    debug_assert!(slabs.iter().all(|s| s.len() == blocks * Q8_0_TILE));
     let flip = _mm256_set1_epi8(i8::MIN);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut accs = [[_mm256_setzero_ps(); 2]; STREAMS];
     let yp = a.qs.as_ptr();
     for b in 0..blocks {
-        // SAFETY: tile b is within the slab and block b within the activation row (the
-        // caller's contract); every offset below is inside one tile.
-        unsafe {
-            let t = slab.as_ptr().add(b * Q8_0_TILE);
-            let y = yp.add(b * QK8_0);
-            let mut dot = [_mm256_setzero_si256(); 2];
-            for g in 0..8 {
-                let y4 = bcast4(y.add(4 * g));
-                for (h, d) in dot.iter_mut().enumerate() {
-                    let w = _mm256_xor_si256(
-                        _mm256_loadu_si256(t.add(32 + 64 * g + 32 * h) as *const _),
-                        flip,
-                    );
-                    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(y4, w));
-                    *d = _mm256_add_epi32(*d, _mm256_madd_epi16(p, ones));
+        for (slab, acc) in slabs.iter().zip(accs.iter_mut()) {
+            // SAFETY: tile b is within the slab and block b within the activation row (the
+            // caller's contract); every offset below is inside one tile.
+            unsafe {
+                let t = slab.as_ptr().add(b * Q8_0_TILE);
+                let y = yp.add(b * QK8_0);
+                let mut dot = [_mm256_setzero_si256(); 2];
+                for g in 0..8 {
+                    let y4 = bcast4(y.add(4 * g));
+                    for (h, d) in dot.iter_mut().enumerate() {
+                        let w = _mm256_xor_si256(
+                            _mm256_loadu_si256(t.add(32 + 64 * g + 32 * h) as *const _),
+                            flip,
+                        );
+                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(y4, w));
+                        *d = _mm256_add_epi32(*d, _mm256_madd_epi16(p, ones));
+                    }
                 }
-            }
-            let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
-            for h in 0..2 {
-                let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
-                acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot[h]), acc[h]);
+                let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
+                for h in 0..2 {
+                    let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
+                    acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot[h]), acc[h]);
+                }
             }
         }
     }
-    // SAFETY: out holds 16 f32.
+    // SAFETY: each output row holds 16 f32.
     unsafe {
-        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+        for (o, acc) in out.iter_mut().zip(accs) {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
+        }
     }
 }

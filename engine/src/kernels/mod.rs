@@ -126,13 +126,16 @@ impl Format {
         cols / self.block_elems() * self.block_bytes()
     }
 
-    /// Tiles a unit of work reads side by side: four for f32; one for the 8-bit kernels, whose
-    /// tile slabs are short enough (≈ 19–35 KB) that jumping between four of them costs more
-    /// than the extra streams bring.
-    fn streams(self) -> usize {
-        match self {
-            Format::F32 | Format::BF16 | Format::F16 => STREAMS,
-            Format::Q4K | Format::Q6K | Format::Q8_0 => 1,
+    /// Tiles a unit of work reads side by side: four for the float formats, and for Q8_0 and
+    /// Q4_K on AVX2 (Zen 3, one thread: Q8_0 12.4 → 17.4 GiB/s, Q4_K 9.9 → 11.0, in
+    /// `benches/kernels.rs`); one for Q6_K on AVX2 (four measured 10% slower: its kernel is
+    /// bound by arithmetic, not by the stream) and for every 8-bit format on AVX-512, whose
+    /// tile slabs jumped between cost more than the extra streams brought (Zen 4).
+    fn streams(self, isa: Isa) -> usize {
+        match (self, isa) {
+            (Format::F32 | Format::BF16 | Format::F16, _) => STREAMS,
+            (Format::Q4K | Format::Q8_0, Isa::Avx2) => STREAMS,
+            (Format::Q6K, Isa::Avx2) | (_, Isa::Avx512) => 1,
         }
     }
 
@@ -764,6 +767,33 @@ impl PackedMatrix {
                 }
                 return;
             }
+            if isa == Isa::Avx2 {
+                let mut slabs: [&[u8]; STREAMS] = [&[]; STREAMS];
+                for (s, &t) in slabs.iter_mut().zip(tiles) {
+                    *s = slab(t);
+                }
+                let slabs = &slabs[..tiles.len()];
+                for (j, a) in acts.iter().enumerate() {
+                    let mut tmp = [[0f32; TILE_ROWS]; STREAMS];
+                    // SAFETY: `run_on` checked that the CPU runs AVX2; at most STREAMS slabs of
+                    // kb tiles, `a` kb blocks (lengths asserted above), a `tmp` row per slab.
+                    unsafe {
+                        match self.format {
+                            Format::Q4K => avx2::tile_rows_q4k(slabs, a, &mut tmp),
+                            Format::Q6K => avx2::tile_rows_q6k(slabs, a, &mut tmp),
+                            Format::Q8_0 => avx2::tile_rows_q8_0(slabs, a, &mut tmp),
+                            Format::F32 | Format::BF16 | Format::F16 => {
+                                unreachable!("handled above")
+                            }
+                        }
+                    }
+                    for (i, t) in tmp.iter().take(tiles.len()).enumerate() {
+                        let at = j * n + i * TILE_ROWS;
+                        out[at..at + TILE_ROWS].copy_from_slice(t);
+                    }
+                }
+                return;
+            }
             for (i, &t) in tiles.iter().enumerate() {
                 for (j, a) in acts.iter().enumerate() {
                     let at = j * n + i * TILE_ROWS;
@@ -771,17 +801,14 @@ impl PackedMatrix {
                         .try_into()
                         .expect("16 outputs per tile");
                     let s = slab(t);
-                    // SAFETY: `run_on` checked that the CPU runs `isa`; the slab holds kb
+                    // SAFETY: `run_on` checked that the CPU runs AVX-512; the slab holds kb
                     // tiles and `a` kb blocks (lengths asserted above).
                     unsafe {
-                        match (isa, self.format) {
-                            (Isa::Avx512, Format::Q4K) => avx512::tile_row_q4k(s, a, dst),
-                            (Isa::Avx512, Format::Q6K) => avx512::tile_row_q6k(s, a, dst),
-                            (Isa::Avx512, Format::Q8_0) => avx512::tile_row_q8_0(s, a, dst),
-                            (Isa::Avx2, Format::Q4K) => avx2::tile_row_q4k(s, a, dst),
-                            (Isa::Avx2, Format::Q6K) => avx2::tile_row_q6k(s, a, dst),
-                            (Isa::Avx2, Format::Q8_0) => avx2::tile_row_q8_0(s, a, dst),
-                            (_, Format::F32 | Format::BF16 | Format::F16) => {
+                        match self.format {
+                            Format::Q4K => avx512::tile_row_q4k(s, a, dst),
+                            Format::Q6K => avx512::tile_row_q6k(s, a, dst),
+                            Format::Q8_0 => avx512::tile_row_q8_0(s, a, dst),
+                            Format::F32 | Format::BF16 | Format::F16 => {
                                 unreachable!("handled above")
                             }
                         }
@@ -861,7 +888,7 @@ pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
             job.acts.len() * job.mat.rows,
             "job output size"
         );
-        let run_len = (job.mat.rows / TILE_ROWS).div_ceil(job.mat.format.streams());
+        let run_len = (job.mat.rows / TILE_ROWS).div_ceil(job.mat.format.streams(isa));
         run_lens.push(run_len);
         units.extend((0..run_len).map(|i| (j, i)));
     }
@@ -874,7 +901,7 @@ pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
             let rows = job.mat.rows;
             let mut picked = [0usize; STREAMS];
             let mut count = 0;
-            for r in 0..job.mat.format.streams() {
+            for r in 0..job.mat.format.streams(isa) {
                 let t = r * run_lens[j] + i;
                 if t < rows / TILE_ROWS {
                     picked[count] = t;
