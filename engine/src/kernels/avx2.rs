@@ -107,6 +107,22 @@ unsafe fn tile_rows_f32<const S: usize, const N: usize, const W: u8>(
     }
 }
 
+/// Each slab's two half-tile accumulators into its output row (as many as `out` has).
+///
+/// # Safety
+/// AVX available.
+#[target_feature(enable = "avx2")]
+unsafe fn store_rows(out: &mut [[f32; TILE_ROWS]], accs: &[[__m256; 2]; STREAMS]) {
+    for (o, acc) in out.iter_mut().zip(accs) {
+        let (lo, hi) = o.split_at_mut(8);
+        // SAFETY: each half holds 8 f32.
+        unsafe {
+            _mm256_storeu_ps(lo.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(hi.as_mut_ptr(), acc[1]);
+        }
+    }
+}
+
 /// The 8 f16 values at `p` (one per row of a half tile) as f32.
 ///
 /// # Safety
@@ -216,13 +232,8 @@ pub(super) unsafe fn tile_rows_q4k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f3
             }
         }
     }
-    // SAFETY: each output row holds 16 f32.
-    unsafe {
-        for (o, acc) in out.iter_mut().zip(accs) {
-            _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
-        }
-    }
+    // SAFETY: AVX2 is available (the caller's contract).
+    unsafe { store_rows(out, &accs) };
 }
 
 /// Up to [`STREAMS`] Q6_K tile row-slabs (16 rows each, every block of the input) times `a`,
@@ -313,13 +324,8 @@ pub(super) unsafe fn tile_rows_q6k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f3
             }
         }
     }
-    // SAFETY: each output row holds 16 f32.
-    unsafe {
-        for (o, acc) in out.iter_mut().zip(accs) {
-            _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
-        }
-    }
+    // SAFETY: AVX2 is available (the caller's contract).
+    unsafe { store_rows(out, &accs) };
 }
 
 /// Up to [`STREAMS`] Q8_0 tile row-slabs (16 rows each, every block of the input) times `a`,
@@ -367,11 +373,6 @@ pub(super) unsafe fn tile_rows_q8_0(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f
             }
         }
     }
-    // SAFETY: each output row holds 16 f32.
-    unsafe {
-        for (o, acc) in out.iter_mut().zip(accs) {
-            _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
-        }
-    }
+    // SAFETY: AVX2 is available (the caller's contract).
+    unsafe { store_rows(out, &accs) };
 }

@@ -733,18 +733,19 @@ impl PackedMatrix {
         {
             let kb = self.cols / self.format.block_elems();
             let tb = self.format.tile_bytes();
-            let slab = |t: usize| &self.tiles()[t * kb * tb..(t + 1) * kb * tb];
+            // tile t's row-slab: every block of the input for its 16 rows
+            let mut slabs: [&[u8]; STREAMS] = [&[]; STREAMS];
+            for (s, &t) in slabs.iter_mut().zip(tiles) {
+                *s = &self.tiles()[t * kb * tb..(t + 1) * kb * tb];
+            }
+            let slabs = &slabs[..tiles.len()];
             if self.format.is_float() {
                 let mut tmp: FloatOut = [[[0f32; TILE_ROWS]; ROWS_PER_PASS]; STREAMS];
-                let mut slabs: [&[u8]; STREAMS] = [&[]; STREAMS];
-                for (s, &t) in slabs.iter_mut().zip(tiles) {
-                    *s = slab(t);
-                }
                 let mut xs: [&[f32]; ROWS_PER_PASS] = [&[]; ROWS_PER_PASS];
                 for (x, a) in xs.iter_mut().zip(acts) {
                     *x = &a.f;
                 }
-                let (slabs, xs) = (&slabs[..tiles.len()], &xs[..acts.len()]);
+                let xs = &xs[..acts.len()];
                 let kind = match self.format {
                     Format::BF16 => kind::BF16,
                     Format::F16 => kind::F16,
@@ -768,11 +769,6 @@ impl PackedMatrix {
                 return;
             }
             if isa == Isa::Avx2 {
-                let mut slabs: [&[u8]; STREAMS] = [&[]; STREAMS];
-                for (s, &t) in slabs.iter_mut().zip(tiles) {
-                    *s = slab(t);
-                }
-                let slabs = &slabs[..tiles.len()];
                 for (j, a) in acts.iter().enumerate() {
                     let mut tmp = [[0f32; TILE_ROWS]; STREAMS];
                     // SAFETY: `run_on` checked that the CPU runs AVX2; at most STREAMS slabs of
@@ -794,13 +790,12 @@ impl PackedMatrix {
                 }
                 return;
             }
-            for (i, &t) in tiles.iter().enumerate() {
+            for (i, &s) in slabs.iter().enumerate() {
                 for (j, a) in acts.iter().enumerate() {
                     let at = j * n + i * TILE_ROWS;
                     let dst: &mut [f32; TILE_ROWS] = (&mut out[at..at + TILE_ROWS])
                         .try_into()
                         .expect("16 outputs per tile");
-                    let s = slab(t);
                     // SAFETY: `run_on` checked that the CPU runs AVX-512; the slab holds kb
                     // tiles and `a` kb blocks (lengths asserted above).
                     unsafe {
