@@ -30,8 +30,16 @@ use crate::stats::Stats;
 pub struct CommConfig {
     /// How long any single message may take before the operation fails (a stalled or dead peer).
     pub timeout: Duration,
-    /// Pipelining granularity in bytes.
+    /// The largest piece, in bytes: a message is cut into pieces that stream through a link
+    /// one after another, so that the receiver works on one while the next arrives. A message
+    /// goes in two halves when that keeps them between [`CommConfig::min_piece_bytes`] and this
+    /// ([`schedule::piece_bytes`]); whole when it is no larger than the minimum; in pieces of
+    /// this size when it is larger than twice this. Must be the same on every rank.
     pub piece_bytes: usize,
+    /// The smallest piece a message is cut into, in bytes (a shorter message goes whole); equal
+    /// to [`CommConfig::piece_bytes`] (or above it), every piece has that fixed size. Must be the
+    /// same on every rank.
+    pub min_piece_bytes: usize,
     /// All-reduce payloads up to this size use the latency-optimised algorithm.
     pub small_bytes: usize,
 }
@@ -41,9 +49,12 @@ impl Default for CommConfig {
         CommConfig {
             timeout: Duration::from_secs(5),
             // Measured with 2 ranks on TCP loopback (`sinew bench --piece`, interleaved): with
-            // the out-of-place ring, 1 MiB beat 256 KiB in 17 of 18 pairs of 4–64 MiB
-            // all-reduce and sendrecv runs (by 5–80%), and tied at 256 KiB–1 MiB messages.
+            // the out-of-place ring, 1 MiB pieces beat 256 KiB ones in 17 of 18 pairs of 4–64
+            // MiB all-reduce and sendrecv runs (by 5–80%) on one machine; on another, 1 MiB
+            // all-reduces (512 KiB per ring step) ran 1.4x faster in 256 KiB pieces than whole,
+            // and 64 KiB pieces lost to whole 128 KiB messages by 20%.
             piece_bytes: 1 << 20,
+            min_piece_bytes: 256 << 10,
             small_bytes: 64 << 10,
         }
     }
@@ -327,19 +338,31 @@ impl Communicator {
         from: usize,
         recv: &mut [u8],
     ) -> Result<()> {
-        let piece = self.config.piece_bytes;
         let (send_len, recv_len) = (send.len(), recv.len());
-        let (n_send, n_recv) = (piece_count(send_len, piece), piece_count(recv_len, piece));
+        let (send_piece, recv_piece) = (self.piece(send_len), self.piece(recv_len));
+        let n_send = piece_count(send_len, send_piece);
+        let n_recv = piece_count(recv_len, recv_piece);
         let (sctx, rctx) = (self.ctx(op, tag, to), self.ctx(op, tag, from));
         let mut idle = Idle::new(self.config.timeout);
         let (tx, rx) = self.halves(op, to, from)?;
         pump(
-            (tx, &sctx, n_send, |i| &send[piece_at(send_len, piece, i)]),
+            (tx, &sctx, n_send, |i| &send[piece_at(send_len, send_piece, i)]),
             (rx, &rctx, n_recv, |rx: &mut LinkReceiver, i| {
-                rctx.try_recv(rx, &mut recv[piece_at(recv_len, piece, i)])
+                rctx.try_recv(rx, &mut recv[piece_at(recv_len, recv_piece, i)])
             }),
             &mut idle,
         )
+    }
+
+    /// The piece size, in bytes, of a message of `len` bytes ([`schedule::piece_bytes`]).
+    fn piece(&self, len: usize) -> usize {
+        schedule::piece_bytes(len, self.config.min_piece_bytes, self.config.piece_bytes)
+    }
+
+    /// The piece size, in elements, of a message of `len` elements of `T`.
+    fn piece_elements<T>(&self, len: usize) -> usize {
+        let size = std::mem::size_of::<T>();
+        (self.piece(len * size) / size).max(1)
     }
 
     fn check_peer(&self, op: &'static str, peer: usize) -> Result<()> {
@@ -363,8 +386,9 @@ impl Communicator {
     pub fn send<T: Element>(&mut self, peer: usize, data: &[T]) -> Result<()> {
         self.check_peer("send", peer)?;
         let bytes = as_bytes(data);
+        let piece = self.piece(bytes.len());
         self.run("send", bytes.len(), |c| {
-            for r in pieces(0..bytes.len(), c.config.piece_bytes) {
+            for r in pieces(0..bytes.len(), piece) {
                 c.send_piece("send", tag::SEND, peer, &bytes[r])?;
             }
             Ok(())
@@ -380,8 +404,9 @@ impl Communicator {
         self.check_peer("recv", peer)?;
         let bytes = as_bytes_mut(buf);
         let len = bytes.len();
+        let piece = self.piece(len);
         self.run("recv", len, |c| {
-            for r in pieces(0..len, c.config.piece_bytes) {
+            for r in pieces(0..len, piece) {
                 c.recv_piece("recv", tag::SEND, peer, &mut bytes[r])?;
             }
             Ok(())
@@ -430,6 +455,7 @@ impl Communicator {
         }
         let bytes = as_bytes_mut(buf);
         let len = bytes.len();
+        let piece = self.piece(len);
         self.run("broadcast", len, |c| {
             let (rank, world) = (c.rank, c.world);
             if world == 1 {
@@ -448,7 +474,7 @@ impl Communicator {
             let position = (rank + world - root) % world;
             let prev = (rank + world - 1) % world;
             let next = (rank + 1) % world;
-            for r in pieces(0..len, c.config.piece_bytes) {
+            for r in pieces(0..len, piece) {
                 if position > 0 {
                     c.recv_piece("broadcast", tag::BROADCAST, prev, &mut bytes[r.clone()])?;
                 }
@@ -549,12 +575,7 @@ impl Communicator {
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let len = buf.len();
-        let piece = (self.config.piece_bytes / std::mem::size_of::<T>()).max(1);
         let mut scratch = std::mem::take(&mut self.scratch);
-        let words = (piece * std::mem::size_of::<T>()).div_ceil(8);
-        if scratch.len() < words {
-            scratch.resize(words, 0);
-        }
         let (sctx, rctx) = (self.ctx(name, tag, next), self.ctx(name, tag, prev));
         let mut idle = Idle::new(self.config.timeout);
         let result = (|| {
@@ -567,17 +588,24 @@ impl Communicator {
                     Some(src) if step == 0 => &src[chunk(len, world, s)],
                     _ => send,
                 };
+                // each direction cut by its own length, as the rank at its other end cuts it
+                let send_piece = self.piece_elements::<T>(send.len());
+                let recv_piece = self.piece_elements::<T>(recv.len());
+                let words = (recv_piece * std::mem::size_of::<T>()).div_ceil(8);
+                if scratch.len() < words {
+                    scratch.resize(words, 0);
+                }
                 let (n_send, n_recv) = (
-                    piece_count(send.len(), piece),
-                    piece_count(recv.len(), piece),
+                    piece_count(send.len(), send_piece),
+                    piece_count(recv.len(), recv_piece),
                 );
                 let (tx, rx) = self.halves(name, next, prev)?;
                 pump(
                     (tx, &sctx, n_send, |i| {
-                        as_bytes(&send[piece_at(send.len(), piece, i)])
+                        as_bytes(&send[piece_at(send.len(), send_piece, i)])
                     }),
                     (rx, &rctx, n_recv, |rx: &mut LinkReceiver, i| {
-                        let p = piece_at(recv.len(), piece, i);
+                        let p = piece_at(recv.len(), recv_piece, i);
                         let tmp: &mut [T] =
                             &mut bytemuck::cast_slice_mut::<u64, T>(&mut scratch)[..p.len()];
                         let done = rctx.try_recv(rx, as_bytes_mut(tmp))?;

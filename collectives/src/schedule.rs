@@ -33,6 +33,16 @@ pub fn piece_at(len: usize, piece: usize, i: usize) -> Range<usize> {
     start..(start + piece).min(len)
 }
 
+/// The piece size, in bytes, for a message of `len` bytes: half the message, so that a receiver
+/// can work on (reduce, forward) the first half while the second is still arriving, but never
+/// below `min` (a piece costs a frame and its system calls, so small pieces lose more to
+/// overhead than pipelining wins) nor above `max`. `min` above `max` counts as `max`. Both ends
+/// of a message compute the same size from its length, so they cut it alike.
+pub fn piece_bytes(len: usize, min: usize, max: usize) -> usize {
+    let max = max.max(1);
+    len.div_ceil(2).clamp(min.clamp(1, max), max)
+}
+
 /// Ring reduce-scatter, step `step` of `world - 1`: the chunk rank `rank` sends to `rank + 1`
 /// and the chunk it receives from `rank - 1` and reduces. After the last step `rank` holds chunk
 /// `rank` fully reduced; chunk `k` is folded in ring order starting at rank `k + 1`.
@@ -80,7 +90,34 @@ mod tests {
         }
     }
 
+    #[test]
+    fn pieces_halve_a_message_within_their_bounds() {
+        let (k, m) = (1usize << 10, 1usize << 20);
+        // small messages go whole, mid-sized ones in two halves, large ones in max-sized pieces
+        assert_eq!(piece_bytes(100 * k, 256 * k, m), 256 * k);
+        assert_eq!(piece_bytes(512 * k, 256 * k, m), 256 * k);
+        assert_eq!(piece_bytes(m, 256 * k, m), 512 * k);
+        assert_eq!(piece_bytes(16 * m, 256 * k, m), m);
+        // a floor above the ceiling is the ceiling: a fixed piece size
+        assert_eq!(piece_bytes(16 * m, 4 * m, m), m);
+        assert_eq!(piece_bytes(0, 0, 0), 1);
+    }
+
     proptest! {
+        #[test]
+        fn piece_bytes_stays_in_bounds_and_cuts_at_most_in_two_below_the_ceiling(
+            len in 0usize..1 << 30, min in 0usize..1 << 22, max in 0usize..1 << 22,
+        ) {
+            let p = piece_bytes(len, min, max);
+            let (lo, hi) = (min.clamp(1, max.max(1)), max.max(1));
+            prop_assert!(lo <= p && p <= hi, "piece {} outside {}..={}", p, lo, hi);
+            if p < hi {
+                prop_assert!(piece_count(len, p) <= 2, "{} pieces of {}", piece_count(len, p), p);
+            }
+            // fixed-size pieces when the bounds meet
+            prop_assert_eq!(piece_bytes(len, max, max), max.max(1));
+        }
+
         #[test]
         fn ring_steps_match_between_neighbours_and_cover_every_chunk(world in 1usize..12) {
             for step in 0..world.saturating_sub(1) {

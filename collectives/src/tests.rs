@@ -52,11 +52,14 @@ fn build(n: usize, config: CommConfig) -> Vec<Communicator> {
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-/// Small pieces and a small direct threshold, so tiny inputs exercise pipelining and the ring.
+/// Small pieces and a small direct threshold, so tiny inputs exercise pipelining and the ring:
+/// messages up to 24 bytes go whole, up to 192 bytes in two halves (each direction of a ring
+/// step cut by its own length, which may differ by an element), longer ones in 96-byte pieces.
 fn test_config() -> CommConfig {
     CommConfig {
         timeout: Duration::from_secs(10),
-        piece_bytes: 64,
+        piece_bytes: 96,
+        min_piece_bytes: 24,
         small_bytes: 48,
     }
 }

@@ -116,7 +116,8 @@ pub struct BenchArgs {
     /// How ranks wait: spin, block or adaptive.
     #[arg(long, default_value = "adaptive")]
     pub wait: WaitStrategy,
-    /// Pipelining granularity: messages are cut into pieces of this size.
+    /// Pipelining granularity: messages are cut into pieces of this fixed size. Default: half
+    /// the message, at least 256 KiB (shorter messages go whole) and at most 1 MiB.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub piece: Option<usize>,
     /// All-reduce payloads up to this size use the direct (one-round) algorithm; larger ones the
@@ -321,6 +322,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     let config = CommConfig {
         timeout,
         piece_bytes: args.piece.unwrap_or(defaults.piece_bytes).max(1),
+        min_piece_bytes: args.piece.unwrap_or(defaults.min_piece_bytes).max(1),
         small_bytes: args.direct_max.unwrap_or(defaults.small_bytes),
     };
     let mut comm = collectives::rendezvous::rendezvous(
