@@ -346,7 +346,9 @@ impl Communicator {
         let mut idle = Idle::new(self.config.timeout);
         let (tx, rx) = self.halves(op, to, from)?;
         pump(
-            (tx, &sctx, n_send, |i| &send[piece_at(send_len, send_piece, i)]),
+            (tx, &sctx, n_send, |i| {
+                &send[piece_at(send_len, send_piece, i)]
+            }),
             (rx, &rctx, n_recv, |rx: &mut LinkReceiver, i| {
                 rctx.try_recv(rx, &mut recv[piece_at(recv_len, recv_piece, i)])
             }),

@@ -341,7 +341,8 @@ pub struct LinkConfig {
     /// pieces, a stage's activations) and a pacing controller such as BBR spreads each burst out
     /// (on loopback, 2 ranks: 1–4 MiB all-reduce ≈ 1.3–2× faster under cubic than under BBR). A
     /// name the kernel refuses (not loaded, or not in `tcp_allowed_congestion_control`) is logged
-    /// and the system's stays.
+    /// and the system's stays. It is set on the socket before it connects (on the listener for
+    /// accepted links), so the connection never starts under the system's algorithm.
     pub congestion: Option<String>,
     /// Which backends links may use.
     pub transport: crate::select::TransportChoice,

@@ -393,17 +393,20 @@ fn accept_gives_up_at_its_deadline() {
     );
 }
 
+/// The congestion control a socket runs.
+#[cfg(target_os = "linux")]
+fn cc(s: &TcpStream) -> String {
+    let name = SockRef::from(s).tcp_congestion().unwrap();
+    String::from_utf8_lossy(&name)
+        .trim_end_matches('\0')
+        .to_string()
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn the_configured_congestion_control_is_set_and_a_refused_one_keeps_the_systems() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let cc = |s: &TcpStream| {
-        let name = SockRef::from(s).tcp_congestion().unwrap();
-        String::from_utf8_lossy(&name)
-            .trim_end_matches('\0')
-            .to_string()
-    };
     let system = cc(&s);
     let mut c = cfg(1);
     // reno is built into every kernel and always allowed
@@ -417,4 +420,27 @@ fn the_configured_congestion_control_is_set_and_a_refused_one_keeps_the_systems(
     let fresh = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     configure(&fresh, &c).unwrap();
     assert_eq!(cc(&fresh), system);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn both_ends_run_the_configured_congestion_control_from_the_first_packet() {
+    let mut c = cfg(1);
+    c.congestion = Some("reno".into());
+    let l = Listener::bind("127.0.0.1:0", &c).unwrap();
+    let addr = l.local_addr().unwrap();
+    // set before the connection exists, not switched afterwards (configure is not called here)
+    let client = connect_once(addr, Deadline::after(Duration::from_secs(5)), &c).unwrap();
+    assert_eq!(cc(&client), "reno");
+    let deadline = Deadline::after(Duration::from_secs(5));
+    let server = loop {
+        match l.inner.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !deadline.expired() => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    assert_eq!(cc(&server), "reno", "inherited from the listener");
 }
