@@ -9,7 +9,10 @@
 #   - TRIALS kill trials: 3 ranks, rank 2 killed mid all-reduce; how many trials see every
 #     survivor exit with an error within 5 s.
 # Installs OpenMPI (Debian) and MLX (PyPI, `mlx[cpu]`) when missing.
-# Usage: bench/collectives.sh      (ROUNDS=3 ITERS=10 TRIALS=20 SETTLE=5 SIZES=... by default)
+#   Like with like: every side runs the same TCP congestion control, CONGESTION (default cubic,
+#   what sinew's links pick; `system` keeps the system's for all): the peers, which take the
+#   system's, get it by the system default being set for the run (root) and restored after.
+# Usage: bench/collectives.sh      (ROUNDS=3 ITERS=10 TRIALS=20 SETTLE=5 CONGESTION=cubic SIZES=...)
 set -euo pipefail
 ROUNDS=${ROUNDS:-3}
 ITERS=${ITERS:-10}
@@ -17,8 +20,23 @@ TRIALS=${TRIALS:-20}
 SIZES=${SIZES:-8,65536,262144,1048576,4194304,16777216,67108864,268435456}
 DURATION=${DURATION:-2}
 SETTLE=${SETTLE:-5}
+CONGESTION=${CONGESTION:-cubic}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
+
+system_cc=$(sysctl -n net.ipv4.tcp_congestion_control)
+peer_cc=$system_cc
+if [ "$CONGESTION" = system ]; then
+  sinew_cc=$system_cc
+else
+  sinew_cc=$CONGESTION
+  if [ "$system_cc" != "$CONGESTION" ] && sysctl -qw "net.ipv4.tcp_congestion_control=$CONGESTION" 2>/dev/null; then
+    peer_cc=$CONGESTION
+    trap 'sysctl -qw "net.ipv4.tcp_congestion_control=$system_cc"; cleanup' EXIT
+  fi
+fi
+LINK_CONGESTION=$CONGESTION
+[ "$peer_cc" = "$sinew_cc" ] || echo "warning: peers run $peer_cc, sinew $sinew_cc (not root?)" >&2
 
 need_packages mpicc:libopenmpi-dev mpirun:openmpi-bin taskset:util-linux python3:python3
 python3 -c 'import mlx.core' 2>/dev/null || python3 -m pip install -q "mlx[cpu]"
@@ -46,27 +64,34 @@ for line in sys.stdin:
 
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
-  "$SINEW" bench all-reduce --ranks 2 --transport tcp --wait spin --sizes "$sizes_human" --iters "$ITERS" \
-    --warmup 3 --json --cluster-key-file "$KEYFILE" | tag sinew
-  mpirun "${mpi_flags[@]}" -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_collective" all-reduce "$SIZES" "$ITERS" : \
-         -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" all-reduce "$SIZES" "$ITERS" 2>/dev/null | tag mpi
+  # Every measurement runs to completion before its output is parsed ($(...), then `tag`): a
+  # parser started beside it (a pipe) would take the pinned ranks' cores while it starts up.
+  out=$("$SINEW" bench all-reduce --ranks 2 --transport tcp --wait spin --congestion "$CONGESTION" \
+    --sizes "$sizes_human" --iters "$ITERS" --warmup 3 --json --cluster-key-file "$KEYFILE")
+  tag sinew <<< "$out"
+  out=$(mpirun "${mpi_flags[@]}" -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_collective" all-reduce "$SIZES" "$ITERS" : \
+         -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" all-reduce "$SIZES" "$ITERS" 2>/dev/null)
+  tag mpi <<< "$out"
   hosts=$(mktemp)
   echo "[[\"127.0.0.1:$((PORT + 1))\"],[\"127.0.0.1:$((PORT + 2))\"]]" > "$hosts"
   MLX_HOSTFILE=$hosts MLX_RANK=1 taskset -c "$CLIENT_CPU" python3 "$ROOT/bench/peers/mlx_collective.py" all-reduce "$SIZES" "$ITERS" >/dev/null 2>&1 &
-  MLX_HOSTFILE=$hosts MLX_RANK=0 taskset -c "$SERVER_CPU" python3 "$ROOT/bench/peers/mlx_collective.py" all-reduce "$SIZES" "$ITERS" 2>/dev/null | tag mlx
+  out=$(MLX_HOSTFILE=$hosts MLX_RANK=0 taskset -c "$SERVER_CPU" python3 "$ROOT/bench/peers/mlx_collective.py" all-reduce "$SIZES" "$ITERS" 2>/dev/null)
   wait
+  tag mlx <<< "$out"
   rm -f "$hosts"
-  "$SINEW" bench sendrecv --ranks 2 --transport tcp --wait spin --sizes 16M --iters "$ITERS" --warmup 3 --json \
-    --cluster-key-file "$KEYFILE" | tag sendrecv
-  mpirun "${mpi_flags[@]}" -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" : \
-         -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" 2>/dev/null | tag mpi_sendrecv
-  sinew_link spin tcp --sizes 16M --no-latency --duration "$DURATION" |
-    python3 -c 'import json,sys; print(json.dumps({"what": "link_bw_16777216", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' >> "$results"
+  out=$("$SINEW" bench sendrecv --ranks 2 --transport tcp --wait spin --congestion "$CONGESTION" --sizes 16M \
+    --iters "$ITERS" --warmup 3 --json --cluster-key-file "$KEYFILE")
+  tag sendrecv <<< "$out"
+  out=$(mpirun "${mpi_flags[@]}" -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" : \
+         -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_collective" sendrecv 16777216 "$ITERS" 2>/dev/null)
+  tag mpi_sendrecv <<< "$out"
+  out=$(sinew_link spin tcp --sizes 16M --no-latency --duration "$DURATION")
+  python3 -c 'import json,sys; print(json.dumps({"what": "link_bw_16777216", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' <<< "$out" >> "$results"
   # both directions at once over one link (sendrecv's traffic), blocking: the client and the
   # server each run a sending and a receiving thread on their one core, and spinning threads
   # would take turns with the scheduler's time slices
-  sinew_link block tcp --sizes 16M --no-latency --duration "$DURATION" --bidir |
-    python3 -c 'import json,sys; r=json.load(sys.stdin)["bidirectional"][0]; print(json.dumps({"what": "link_bidir_bw_16777216", "value": (r["forward_gbytes_per_s"] + r["reverse_gbytes_per_s"]) / 2}))' >> "$results"
+  out=$(sinew_link block tcp --sizes 16M --no-latency --duration "$DURATION" --bidir)
+  python3 -c 'import json,sys; r=json.load(sys.stdin)["bidirectional"][0]; print(json.dumps({"what": "link_bidir_bw_16777216", "value": (r["forward_gbytes_per_s"] + r["reverse_gbytes_per_s"]) / 2}))' <<< "$out" >> "$results"
   # A 16 MiB stream leaves this VM's loopback 2-4x slower for a few seconds (README): let it
   # settle, so the next round's first measurement starts from the same quiet machine as the rest.
   sleep "$SETTLE"
@@ -79,7 +104,7 @@ for trial in $(seq "$TRIALS"); do
   pids=()
   for rank in 0 1 2; do
     "$SINEW" bench all-reduce --rendezvous "$root" --rank "$rank" --world 3 --sizes 4M --iters 1000000 \
-      --warmup 0 --timeout 5 --transport tcp --cluster-key-file "$KEYFILE" >/dev/null 2>&1 &
+      --warmup 0 --timeout 5 --transport tcp --congestion "$CONGESTION" --cluster-key-file "$KEYFILE" >/dev/null 2>&1 &
     pids+=($!)
   done
   sleep 1.5
@@ -108,5 +133,5 @@ specs+=("all-reduce 8 B p50 µs vs OpenMPI TCP|sinew_p50_8|mpi_p50_8|<= 1.2|lowe
 specs+=("sendrecv 16 MiB vs sinew link TCP GB/s|sendrecv_bw_16777216|link_bw_16777216|>= 0.9|higher")
 specs+=("sendrecv 16 MiB vs sinew link TCP --bidir GB/s, per direction|sendrecv_bw_16777216|link_bidir_bw_16777216|(same traffic)|higher")
 specs+=("sendrecv 16 MiB vs OpenMPI MPI_Sendrecv GB/s|sendrecv_bw_16777216|mpi_sendrecv_bw_16777216|(context)|higher")
-python3 "$ROOT/bench/ratios.py" "$results" "sinew collectives vs OpenMPI (TCP) and MLX ring, 2 ranks, loopback, pinned, $ROUNDS rounds, medians" "${specs[@]}"
+python3 "$ROOT/bench/ratios.py" "$results" "sinew collectives vs OpenMPI (TCP) and MLX ring, 2 ranks, loopback, pinned, congestion sinew $sinew_cc / peers $peer_cc, $ROUNDS rounds, medians" "${specs[@]}"
 echo "kill trials: $passed of $TRIALS saw every survivor fail within 5 s"

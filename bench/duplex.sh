@@ -53,9 +53,10 @@ for round in $(seq "$ROUNDS"); do
     --cluster-key-file "$KEYFILE" >/dev/null 2>&1 &
   PIDS+=($!)
   sleep 0.5
-  in_b "$SINEW" link client "$ADDR_A:$PORT" --wait spin --transport tcp --streams 1 --sizes 16M \
-    --no-latency --duration "$DURATION" --json --cluster-key-file "$KEYFILE" |
-    python3 -c 'import json,sys; print(json.dumps({"what": "link_bw", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' >> "$results"
+  # parsed once it has finished: a parser started beside it would take a pinned core
+  out=$(in_b "$SINEW" link client "$ADDR_A:$PORT" --wait spin --transport tcp --streams 1 --sizes 16M \
+    --no-latency --duration "$DURATION" --json --cluster-key-file "$KEYFILE")
+  python3 -c 'import json,sys; print(json.dumps({"what": "link_bw", "value": json.load(sys.stdin)["bandwidth"][0]["gbytes_per_s"]}))' <<< "$out" >> "$results"
   stop_server
   in_a "$SINEW" bench sendrecv --rendezvous "$ADDR_A:$((PORT + 1))" --rank 0 --world 2 --transport tcp \
     --wait spin --sizes 16M --iters "$ITERS" --warmup 3 --json --cluster-key-file "$KEYFILE" \

@@ -58,12 +58,14 @@ stop_server() {
 client() { taskset -c "$CLIENT_CPU" "$@"; }
 
 # sinew_link WAIT TRANSPORT CLIENT-ARGS...: one sinew link measurement against a fresh server;
-# prints the client's JSON.
+# prints the client's JSON. Both ends take LINK_CONGESTION when it is set.
 sinew_link() {
   local wait=$1 transport=$2
   shift 2
-  start_server "$SINEW" link server --bind "127.0.0.1:$PORT" --wait "$wait" --cluster-key-file "$KEYFILE"
+  local cc=()
+  [ -n "${LINK_CONGESTION:-}" ] && cc=(--congestion "$LINK_CONGESTION")
+  start_server "$SINEW" link server --bind "127.0.0.1:$PORT" --wait "$wait" --cluster-key-file "$KEYFILE" "${cc[@]}"
   client "$SINEW" link client "127.0.0.1:$PORT" --wait "$wait" --transport "$transport" --streams 1 --json \
-    --cluster-key-file "$KEYFILE" "$@"
+    --cluster-key-file "$KEYFILE" "${cc[@]}" "$@"
   stop_server
 }

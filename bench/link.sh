@@ -20,21 +20,23 @@ results="$OUT/link-results.jsonl"
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
   start_server "$OUT/tcp_pingpong" server "$PORT"
-  client "$OUT/tcp_pingpong" client 127.0.0.1 "$PORT" 8 "$DURATION" |
-    python3 -c 'import json,sys; print(json.dumps({"what": "raw_latency", "value": json.load(sys.stdin)["p50_us"]}))' >> "$results"
+  # each run finishes before its output is parsed: a parser started beside it (a pipe) would
+  # take the pinned cores while it starts up
+  out=$(client "$OUT/tcp_pingpong" client 127.0.0.1 "$PORT" 8 "$DURATION")
+  python3 -c 'import json,sys; print(json.dumps({"what": "raw_latency", "value": json.load(sys.stdin)["p50_us"]}))' <<< "$out" >> "$results"
   stop_server
 
-  sinew_link spin tcp --sizes 8 --no-bandwidth --duration "$DURATION" |
-    python3 -c 'import json,sys; print(json.dumps({"what": "sinew_latency", "value": json.load(sys.stdin)["latency"][0]["p50_us"]}))' >> "$results"
+  out=$(sinew_link spin tcp --sizes 8 --no-bandwidth --duration "$DURATION")
+  python3 -c 'import json,sys; print(json.dumps({"what": "sinew_latency", "value": json.load(sys.stdin)["latency"][0]["p50_us"]}))' <<< "$out" >> "$results"
 
   start_server iperf3 -s -p "$PORT"
-  client iperf3 -c 127.0.0.1 -p "$PORT" -l 1M -t "$DURATION" -J |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"what": "iperf3_bw", "value": d["end"]["sum_received"]["bits_per_second"]/8e9}))' >> "$results"
+  out=$(client iperf3 -c 127.0.0.1 -p "$PORT" -l 1M -t "$DURATION" -J)
+  python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"what": "iperf3_bw", "value": d["end"]["sum_received"]["bits_per_second"]/8e9}))' <<< "$out" >> "$results"
   stop_server
 
   for wait in block spin; do
-    sinew_link "$wait" tcp --sizes 1M --no-latency --duration "$DURATION" |
-      python3 -c "import json,sys; print(json.dumps({'what': 'sinew_bw_$wait', 'value': json.load(sys.stdin)['bandwidth'][0]['gbytes_per_s']}))" >> "$results"
+    out=$(sinew_link "$wait" tcp --sizes 1M --no-latency --duration "$DURATION")
+    python3 -c "import json,sys; print(json.dumps({'what': 'sinew_bw_$wait', 'value': json.load(sys.stdin)['bandwidth'][0]['gbytes_per_s']}))" <<< "$out" >> "$results"
   done
 done
 

@@ -36,9 +36,10 @@ for r in d["bandwidth"]:
 # mpi SIZES: one OpenMPI run. Rank 0 sends, rank 1 receives (and, with CMA, copies), so rank 0
 # goes where sinew's client runs and rank 1 where its server does: the same core copies in both.
 mpi() {
-  mpirun "${mpi_flags[@]}" -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" : \
-         -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" 2>/dev/null |
-    python3 -c '
+  local out
+  out=$(mpirun "${mpi_flags[@]}" -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" : \
+         -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" 2>/dev/null)
+  python3 -c '
 import json, sys
 for line in sys.stdin:
     d = json.loads(line)
@@ -46,23 +47,32 @@ for line in sys.stdin:
         print(json.dumps({"what": "mpi_latency", "value": d["p50_us"]}))
     else:
         print(json.dumps({"what": "mpi_bw_" + str(d["size_bytes"]), "value": d["gbytes_per_s"]}))
-' >> "$results"
+' <<< "$out" >> "$results"
+}
+
+# link_record NAME WAIT TRANSPORT ARGS...: one sinew link run, parsed once it has finished (a
+# parser started beside it, in a pipe, would take the pinned cores while it starts up).
+link_record() {
+  local name=$1 out
+  shift
+  out=$(sinew_link "$@")
+  record "$name" <<< "$out"
 }
 
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
   # Latencies first: a large-memory bandwidth run disturbs the next few seconds on a VM.
   mpi none
-  sinew_link spin shm --sizes 8 --no-bandwidth --duration "$DURATION" | record shm
-  sinew_link spin tcp --sizes 8 --no-bandwidth --duration "$DURATION" | record tcp
-  sinew_link spin uring --sizes 8 --no-bandwidth --duration "$DURATION" | record uring
+  link_record shm spin shm --sizes 8 --no-bandwidth --duration "$DURATION"
+  link_record tcp spin tcp --sizes 8 --no-bandwidth --duration "$DURATION"
+  link_record uring spin uring --sizes 8 --no-bandwidth --duration "$DURATION"
   mpi 1048576,4194304,16777216
-  sinew_link spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" | record shm
+  link_record shm spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION"
   # the opt-in single-copy path (process_vm_readv, OpenMPI's CMA method) beside the default ring
-  sinew_link spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" --shm-single-copy 256K | record shm_single_copy
+  link_record shm_single_copy spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" --shm-single-copy 256K
   for wait in spin block; do
-    sinew_link "$wait" tcp --sizes 64K,1M,16M --no-latency --duration "$DURATION" | record "tcp_$wait"
-    sinew_link "$wait" uring --sizes 64K,1M,16M --no-latency --duration "$DURATION" | record "uring_$wait"
+    link_record "tcp_$wait" "$wait" tcp --sizes 64K,1M,16M --no-latency --duration "$DURATION"
+    link_record "uring_$wait" "$wait" uring --sizes 64K,1M,16M --no-latency --duration "$DURATION"
   done
 done
 
