@@ -144,7 +144,7 @@ pub struct BenchArgs {
     /// Print a JSON array instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Draw busbw against size into this SVG file.
+    /// Draw busbw against size into this SVG file (the name must end in `.svg`).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Pin this process to a core (used by --ranks for its children).
@@ -180,6 +180,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "{} needs a numeric --dtype",
         args.op.name()
     );
+    // before any measuring: a bad name found at the end would throw the run away
+    if let Some(path) = &args.plot {
+        check_plot_path(path)?;
+    }
     match (args.ranks, &args.rendezvous) {
         (Some(n), _) => spawn_local(n, message_timeout(&args)?),
         (None, Some(root)) => {
@@ -602,6 +606,20 @@ fn measure_moves<T: Exact>(
         rows.push(row(args, world, bytes, count, T::NAME, &hist, ok));
     }
     Ok(rows)
+}
+
+/// Only SVG is drawn: a name with another extension (`.png`, say) would get SVG bytes under a
+/// name that promises something else.
+fn check_plot_path(path: &std::path::Path) -> anyhow::Result<()> {
+    let svg = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    ensure!(
+        svg,
+        "--plot {}: only SVG is supported; give a file name ending in .svg",
+        path.display()
+    );
+    Ok(())
 }
 
 fn plot(path: &std::path::Path, op: BenchOp, world: usize, rows: &[Row]) -> anyhow::Result<()> {

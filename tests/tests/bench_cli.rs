@@ -186,6 +186,24 @@ fn plot_draws_busbw_against_size_as_svg() {
 }
 
 #[test]
+fn a_plot_name_that_is_not_svg_is_refused_before_measuring() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 10);
+    let plot = tmp.path().join("busbw.png");
+    let mut cmd = sinew();
+    cmd.args(["bench", "all-reduce", "--ranks", "2", "--sizes", "8"])
+        .arg("--plot")
+        .arg(&plot)
+        .arg("--cluster-key-file")
+        .arg(&key);
+    let out = run_with_timeout(cmd, LIMIT).expect("bench hung");
+    assert!(!out.status.success(), "a .png name must be refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only SVG"), "{stderr}");
+    assert!(!plot.exists(), "nothing written under the wrong name");
+}
+
+#[test]
 fn collectives_run_over_rdma_between_processes_on_the_software_device() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let key = key_file(tmp.path(), "key", 10);
