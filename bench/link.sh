@@ -3,11 +3,15 @@
 # client to another (taskset):
 #   latency   sinew (8 B, --wait spin)   vs  a raw busy-poll TCP ping-pong (bench/peers/tcp_pingpong.c)
 #   bandwidth sinew (1 MiB, 1 stream)    vs  iperf3 -l 1M
-# Rounds alternate between sinew and the peer; the table gives medians and ratios.
-# Usage: bench/link.sh            (ROUNDS=5 DURATION=2 SERVER_CPU=0 CLIENT_CPU=1 by default)
+# Rounds alternate between sinew and the peer; the table gives medians and ratios. Both senders
+# run the same TCP congestion control, CONGESTION (default cubic, what sinew's links pick;
+# iperf3 gets it with -C).
+# Usage: bench/link.sh            (ROUNDS=5 DURATION=2 CONGESTION=cubic SERVER_CPU=0 CLIENT_CPU=1)
 set -euo pipefail
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-2}
+CONGESTION=${CONGESTION:-cubic}
+LINK_CONGESTION=$CONGESTION
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
 
@@ -30,7 +34,7 @@ for round in $(seq "$ROUNDS"); do
   python3 -c 'import json,sys; print(json.dumps({"what": "sinew_latency", "value": json.load(sys.stdin)["latency"][0]["p50_us"]}))' <<< "$out" >> "$results"
 
   start_server iperf3 -s -p "$PORT"
-  out=$(client iperf3 -c 127.0.0.1 -p "$PORT" -l 1M -t "$DURATION" -J)
+  out=$(client iperf3 -c 127.0.0.1 -p "$PORT" -l 1M -t "$DURATION" -C "$CONGESTION" -J)
   python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"what": "iperf3_bw", "value": d["end"]["sum_received"]["bits_per_second"]/8e9}))' <<< "$out" >> "$results"
   stop_server
 
@@ -40,7 +44,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-python3 "$ROOT/bench/ratios.py" "$results" "sinew link (TCP) vs peers, loopback, pinned cores, $ROUNDS rounds x $DURATION s, medians" \
+python3 "$ROOT/bench/ratios.py" "$results" "sinew link (TCP) vs peers, loopback, pinned cores, congestion $CONGESTION, $ROUNDS rounds x $DURATION s, medians" \
   "8 B one-way p50 µs, spin (vs raw busy-poll)|sinew_latency|raw_latency|<= 1.2|lower" \
   "1 MiB 1-stream GB/s, block (vs iperf3 -l 1M)|sinew_bw_block|iperf3_bw|>= 1.0|higher" \
   "1 MiB 1-stream GB/s, spin (vs iperf3 -l 1M)|sinew_bw_spin|iperf3_bw|>= 1.0|higher"
