@@ -3,7 +3,7 @@
 //! within the deadline, and the communicator stays poisoned.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -84,24 +84,39 @@ impl World {
         World { jobs, results }
     }
 
-    /// Runs `job(rank)` on every rank and returns each rank's result.
-    fn run(&self, job: impl Fn(usize) -> Job) -> Vec<Result<Vec<u8>, String>> {
+    /// Runs `job(rank)` on every rank and returns each rank's result. After a failed operation
+    /// (its communicators are poisoned) the world is rebuilt, so one failing test case does not
+    /// fail every later one that shares the world.
+    fn run(&mut self, job: impl Fn(usize) -> Job) -> Vec<Result<Vec<u8>, String>> {
         for (r, tx) in self.jobs.iter().enumerate() {
             tx.send(job(r)).unwrap();
         }
-        self.results
+        let results: Vec<_> = self
+            .results
             .iter()
             .map(|rx| {
                 rx.recv_timeout(Duration::from_secs(60))
                     .expect("a rank hung")
             })
-            .collect()
+            .collect();
+        if results.iter().any(|r| r.is_err()) {
+            *self = World::new(self.jobs.len());
+        }
+        results
     }
 }
 
-fn world(n: usize) -> &'static Mutex<World> {
+/// The shared world of `n` ranks, locked; rebuilt when a test panicked while holding it (its
+/// ranks may be mid-operation).
+fn world(n: usize) -> MutexGuard<'static, World> {
     static WORLDS: OnceLock<Vec<Mutex<World>>> = OnceLock::new();
-    &WORLDS.get_or_init(|| (1..=8).map(|n| Mutex::new(World::new(n))).collect())[n - 1]
+    let m = &WORLDS.get_or_init(|| (1..=8).map(|n| Mutex::new(World::new(n))).collect())[n - 1];
+    m.lock().unwrap_or_else(|poisoned| {
+        m.clear_poison();
+        let mut w = poisoned.into_inner();
+        *w = World::new(n);
+        w
+    })
 }
 
 fn bytes<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
@@ -182,7 +197,7 @@ fn check_all_reduce<T: Reduce>(
 ) -> Result<(), TestCaseError> {
     let algorithm = algorithm_for(n, std::mem::size_of::<T>() * data[0].len());
     let expected = bytes(&reference_all_reduce(&data, op, algorithm));
-    let w = world(n).lock().unwrap();
+    let mut w = world(n);
     let got = ok(w.run(|r| {
         let mut buf = data[r].clone();
         Box::new(move |c| {
@@ -260,7 +275,7 @@ proptest! {
     fn reduce_scatter_gives_each_rank_its_chunk_of_the_reference(n in 1usize..=8, len in lengths(), seed: u64, op in reduce_ops()) {
         let data = inputs(n, len, seed, float);
         let full = reference_all_reduce(&data, op, AllReduceAlgorithm::Ring);
-        let w = world(n).lock().unwrap();
+        let mut w = world(n);
         let got = ok(w.run(|r| {
             let input = data[r].clone();
             Box::new(move |c| {
@@ -279,7 +294,7 @@ proptest! {
         let data = inputs(n, len, seed, |x| (x >> 7) as u8);
         let expected: Vec<u8> = data.concat();
         let root = root_pick % n;
-        let w = world(n).lock().unwrap();
+        let mut w = world(n);
         let got = ok(w.run(|r| {
             let input = data[r].clone();
             Box::new(move |c| {
@@ -310,7 +325,7 @@ proptest! {
             .map(|s| (0..n).map(|d| ((seed >> ((s * 8 + d) % 60)) as usize + s * 3 + d) % 9).collect())
             .collect();
         let block = |s: usize, d: usize| -> Vec<f32> { (0..counts[s][d]).map(|i| (s * 1000 + d * 100 + i) as f32).collect() };
-        let w = world(n).lock().unwrap();
+        let mut w = world(n);
         let counts2 = counts.clone();
         let got = ok(w.run(|r| {
             let send: Vec<f32> = (0..n).flat_map(|d| block(r, d)).collect();
@@ -331,7 +346,7 @@ proptest! {
     #[test]
     fn send_and_recv_move_any_length_in_pieces(n in 2usize..=8, len in lengths(), seed: u64) {
         let data = inputs(1, len, seed, |x| x as u8).remove(0);
-        let w = world(n).lock().unwrap();
+        let mut w = world(n);
         let got = ok(w.run(|r| {
             let data = data.clone();
             Box::new(move |c| {
@@ -352,7 +367,7 @@ proptest! {
 
 #[test]
 fn barrier_and_stats_record_every_operation() {
-    let w = world(3).lock().unwrap();
+    let mut w = world(3);
     let got = ok(w.run(|_| {
         Box::new(|c| {
             c.stats_mut().clear();
