@@ -31,10 +31,11 @@ pub struct CommConfig {
     /// How long any single message may take before the operation fails (a stalled or dead peer).
     pub timeout: Duration,
     /// The largest piece, in bytes: a message is cut into pieces that stream through a link
-    /// one after another, so that the receiver works on one while the next arrives. A message
-    /// goes in two halves when that keeps them between [`CommConfig::min_piece_bytes`] and this
-    /// ([`schedule::piece_bytes`]); whole when it is no larger than the minimum; in pieces of
-    /// this size when it is larger than twice this. Must be the same on every rank.
+    /// one after another, so that the receiver works on one while the next arrives
+    /// ([`schedule::piece_bytes`]): a message no larger than [`CommConfig::min_piece_bytes`]
+    /// goes whole; one up to twice this goes in two pieces (halves, or the minimum and the rest
+    /// when half would be shorter); a longer one in pieces of this size. Must be the same on
+    /// every rank.
     pub piece_bytes: usize,
     /// The smallest piece a message is cut into, in bytes (a shorter message goes whole); equal
     /// to [`CommConfig::piece_bytes`] (or above it), every piece has that fixed size. Must be the

@@ -53,7 +53,7 @@ fn build(n: usize, config: CommConfig) -> Vec<Communicator> {
 }
 
 /// Small pieces and a small direct threshold, so tiny inputs exercise pipelining and the ring:
-/// messages up to 24 bytes go whole, up to 192 bytes in two halves (each direction of a ring
+/// messages up to 24 bytes go whole, up to 192 bytes in two pieces (each direction of a ring
 /// step cut by its own length, which may differ by an element), longer ones in 96-byte pieces.
 fn test_config() -> CommConfig {
     CommConfig {
