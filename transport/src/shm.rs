@@ -412,7 +412,8 @@ impl Liveness {
         Ok(())
     }
 
-    /// [`Liveness::check_at`] now, with nothing left to read.
+    /// [`Liveness::check_at`] now, with nothing left to read: for a sender, which a gone peer
+    /// will never read for.
     fn check(&mut self, bootstrap: &TcpStream, side: &Side) -> Result<()> {
         self.check_at(Instant::now(), bootstrap, side, || false)
     }
@@ -1079,7 +1080,16 @@ impl RecvHalf for ShmReceiver {
                             format!("slot sequence {s}, expected {want}"),
                         ));
                     }
-                    self.liveness.check(&self.stream.bootstrap, &self.side)?;
+                    // The slot may have been published between the load above and the peer's
+                    // exit: a gone peer is an error only if it left nothing to read.
+                    let seq = self.dir.slot_seq(self.next);
+                    let ready = || seq.load(Ordering::Acquire) == want;
+                    self.liveness.check_at(
+                        Instant::now(),
+                        &self.stream.bootstrap,
+                        &self.side,
+                        ready,
+                    )?;
                     return Ok(None);
                 }
                 let slot = self.read_slot(buf.len())?;
@@ -1101,7 +1111,14 @@ impl RecvHalf for ShmReceiver {
                 Ok(Some(k)) => done += k,
                 Ok(None) => {
                     self.incoming = Some((tag, len, done));
-                    if let Err(e) = self.liveness.check(&self.stream.bootstrap, &self.side) {
+                    // as above: bytes written just before the peer exited are still to be read
+                    let (dir, head) = (&self.stream.dir, self.stream.head);
+                    let ready = || dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != head;
+                    let now = Instant::now();
+                    if let Err(e) =
+                        self.liveness
+                            .check_at(now, &self.stream.bootstrap, &self.side, ready)
+                    {
                         return Err(self.fail(e));
                     }
                     return Ok(None);
@@ -1607,6 +1624,35 @@ mod tests {
             matches!(&err, Error::PeerGone { detail, .. } if detail.contains("gave up")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_gone_peer_is_an_error_only_once_nothing_it_left_is_ready() {
+        // the peer's end of the bootstrap socket is closed: it exited
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        drop(l.accept().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !peer_gone(&ours) {
+            assert!(
+                Instant::now() < deadline,
+                "the closed socket was never seen"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let side = Side {
+            peer: "peer".into(),
+            op: "recv",
+        };
+        let mut liveness = Liveness::new();
+        let later = Instant::now() + LIVENESS_EVERY;
+        // what it published just before exiting is still delivered (a receiver that looked
+        // before the publication and checks liveness after it)
+        liveness.check_at(later, &ours, &side, || true).unwrap();
+        let err = liveness
+            .check_at(later + LIVENESS_EVERY, &ours, &side, || false)
+            .unwrap_err();
+        assert!(matches!(err, Error::PeerGone { .. }), "{err}");
     }
 
     #[test]
