@@ -463,6 +463,12 @@ fn a_key_generated_on_first_use_is_private_and_its_sharing_is_explained() {
     let stderr = server.kill();
     assert!(stderr.contains("generated a new cluster key"), "{stderr}");
     assert!(stderr.contains("SINEW_CLUSTER_KEY"), "{stderr}");
+    // The log went to a pipe: plain text, no terminal colour codes.
+    assert!(stderr.contains("client connected"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a piped log: {stderr:?}"
+    );
 }
 
 #[test]
