@@ -2,9 +2,14 @@
 //! and logits reproduced through the CLI, sampling determinism, GGUF models, and bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use sinew_tests::sinew;
+use sinew_tests::{run_with_timeout, sinew};
+
+/// The longest a `sinew` run may take before the test fails (a hang is a failure, not a stuck
+/// CI job).
+const LIMIT: Duration = Duration::from_secs(300);
 
 fn fixtures_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/fixtures")
@@ -38,7 +43,14 @@ fn csv(ids: &[u64]) -> String {
 }
 
 fn run(args: &[&str]) -> Output {
-    sinew().args(args).output().expect("sinew runs")
+    let mut cmd = sinew();
+    cmd.args(args);
+    run_cmd(cmd)
+}
+
+/// Runs `cmd` to completion within [`LIMIT`].
+fn run_cmd(cmd: Command) -> Output {
+    run_with_timeout(cmd, LIMIT).expect("sinew did not finish in time")
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -110,22 +122,20 @@ fn every_kernel_choice_reproduces_every_fixture() {
         for dir in fixtures() {
             let r = reference(&dir);
             let greedy = ids(&r["greedy_ids"]);
-            let out = sinew()
-                .env("SINEW_KERNELS", kernels)
-                .args([
-                    "generate",
-                    "--model",
-                    dir.to_str().unwrap(),
-                    "--prompt-ids",
-                    &csv(&ids(&r["prompt_ids"])),
-                    "--max-tokens",
-                    &greedy.len().to_string(),
-                    "--temperature",
-                    "0",
-                    "--json",
-                ])
-                .output()
-                .expect("sinew runs");
+            let mut cmd = sinew();
+            cmd.env("SINEW_KERNELS", kernels).args([
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt-ids",
+                &csv(&ids(&r["prompt_ids"])),
+                "--max-tokens",
+                &greedy.len().to_string(),
+                "--temperature",
+                "0",
+                "--json",
+            ]);
+            let out = run_cmd(cmd);
             let v = json(&out);
             assert_eq!(ids(&v["tokens"]), greedy, "{kernels}: {}", dir.display());
             let formats: Vec<&str> = v["weights"]

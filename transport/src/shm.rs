@@ -184,6 +184,12 @@ impl Direction {
         unsafe { &*self.slot(index).add(SLOT_SEQ).cast::<AtomicU64>() }
     }
 
+    /// Whether slot `index` holds message `index` (the writer publishes it by storing
+    /// `index + 1` in its sequence word).
+    fn published(&self, index: u64) -> bool {
+        self.slot_seq(index).load(Ordering::Acquire) == index + 1
+    }
+
     fn init(&self) {
         for off in [OFF_DATA_TAIL, OFF_DATA_HEAD, OFF_SLOTS_DONE, OFF_RDV] {
             self.word(off).store(0, Ordering::Relaxed);
@@ -521,6 +527,12 @@ impl ByteRingReader {
 }
 
 impl ByteRingReader {
+    /// Whether the writer has published bytes this reader has not taken (no bounds check: a
+    /// readiness hint for waits; [`ByteRingReader::available`] checks the tail).
+    fn has_unread(&self) -> bool {
+        self.dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != self.head
+    }
+
     /// Copies up to `avail` bytes out into `buf` and releases them.
     fn take(&mut self, buf: &mut [u8], avail: usize) -> usize {
         let n = avail.min(buf.len());
@@ -547,9 +559,13 @@ impl ByteSource for ByteRingReader {
                 break avail;
             }
             let wait = wait.get_or_insert_with(|| Wait::new(self.wait, &self.bootstrap));
-            let (dir, head) = (&self.dir, self.head);
-            let ready = || dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != head;
-            wait.pause(dir.flag(OFF_READER_SLEEPS), ready, deadline, &self.side)?;
+            let ready = || self.has_unread();
+            wait.pause(
+                self.dir.flag(OFF_READER_SLEEPS),
+                ready,
+                deadline,
+                &self.side,
+            )?;
         };
         Ok(self.take(buf, avail))
     }
@@ -863,33 +879,38 @@ impl ShmReceiver {
         e
     }
 
+    /// Whether the next slot is published; `Err` when its sequence number is one no sender
+    /// could have written there (a corrupted ring).
+    fn next_published(&self) -> Result<bool> {
+        if self.dir.published(self.next) {
+            return Ok(true);
+        }
+        let want = self.next + 1;
+        let s = self.dir.slot_seq(self.next).load(Ordering::Acquire);
+        if s > want || (s != 0 && s + (SLOTS as u64) < want) {
+            return Err(corrupted(
+                &self.side.peer,
+                format!("slot sequence {s}, expected {want}"),
+            ));
+        }
+        Ok(false)
+    }
+
     /// Waits for the next slot to be published.
     fn await_slot(&self, deadline: Deadline) -> Result<()> {
-        let seq = self.dir.slot_seq(self.next);
-        let want = self.next + 1;
-        if seq.load(Ordering::Acquire) == want {
+        if self.next_published()? {
             return Ok(());
         }
         let mut wait = Wait::new(self.stream.wait, &self.stream.bootstrap);
-        loop {
-            let s = seq.load(Ordering::Acquire);
-            if s == want {
-                return Ok(());
-            }
-            if s > want || (s != 0 && s + (SLOTS as u64) < want) {
-                return Err(corrupted(
-                    &self.side.peer,
-                    format!("slot sequence {s}, expected {want}"),
-                ));
-            }
-            let ready = || seq.load(Ordering::Acquire) == want;
+        while !self.next_published()? {
             wait.pause(
                 self.dir.flag(OFF_READER_SLEEPS),
-                ready,
+                || self.dir.published(self.next),
                 deadline,
                 &self.side,
             )?;
         }
+        Ok(())
     }
 
     /// Copies a rendezvous payload straight from the sender's memory.
@@ -1071,19 +1092,11 @@ impl RecvHalf for ShmReceiver {
         let (tag, len, mut done) = match self.incoming.take() {
             Some(state) => state,
             None => {
-                let want = self.next + 1;
-                let s = self.dir.slot_seq(self.next).load(Ordering::Acquire);
-                if s != want {
-                    if s > want || (s != 0 && s + (SLOTS as u64) < want) {
-                        return Err(corrupted(
-                            &self.side.peer,
-                            format!("slot sequence {s}, expected {want}"),
-                        ));
-                    }
+                if !self.next_published()? {
                     // The slot may have been published between the load above and the peer's
                     // exit: a gone peer is an error only if it left nothing to read.
-                    let seq = self.dir.slot_seq(self.next);
-                    let ready = || seq.load(Ordering::Acquire) == want;
+                    let (dir, next) = (&self.dir, self.next);
+                    let ready = || dir.published(next);
                     self.liveness.check_at(
                         Instant::now(),
                         &self.stream.bootstrap,
@@ -1112,12 +1125,11 @@ impl RecvHalf for ShmReceiver {
                 Ok(None) => {
                     self.incoming = Some((tag, len, done));
                     // as above: bytes written just before the peer exited are still to be read
-                    let (dir, head) = (&self.stream.dir, self.stream.head);
-                    let ready = || dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != head;
+                    let stream = &self.stream;
                     let now = Instant::now();
                     if let Err(e) =
                         self.liveness
-                            .check_at(now, &self.stream.bootstrap, &self.side, ready)
+                            .check_at(now, &stream.bootstrap, &self.side, || stream.has_unread())
                     {
                         return Err(self.fail(e));
                     }
