@@ -313,6 +313,49 @@ pub(crate) fn nonblocking_full_duplex(kind: TransportKind) {
     tb.join().unwrap();
 }
 
+pub(crate) fn halves_move_between_threads(kind: TransportKind) {
+    // A link used on one thread, then on others, then back: whatever a backend ties to the thread
+    // that used it first (io_uring's single-issuer rings and per-thread ring tables) must follow
+    // the link, small messages and large ones, and dropping it on yet another thread is clean.
+    for wait in [WaitStrategy::Spin, WaitStrategy::Block] {
+        let Some((a, mut b)) = pair(kind, wait) else {
+            return;
+        };
+        const ROUNDS: usize = 4;
+        const SIZES: [usize; 3] = [8, 20_000, 3 << 20];
+        let echo = thread::spawn(move || {
+            let mut buf = vec![0u8; 4 << 20];
+            for _ in 0..ROUNDS * SIZES.len() {
+                let m = b.recv(&mut buf).unwrap();
+                b.send(m.tag + 1, &buf[..m.len]).unwrap();
+            }
+            b
+        });
+        let exchange = move |mut link: Link, round: usize| {
+            let mut buf = vec![0u8; 4 << 20];
+            for (i, &n) in SIZES.iter().enumerate() {
+                let data: Vec<u8> = (0..n).map(|j| (j * 31 + round * 7 + i) as u8).collect();
+                let tag = (round * 10 + i) as u32;
+                link.send(tag, &data).unwrap();
+                let m = link.recv(&mut buf).unwrap();
+                assert_eq!((m.tag, m.len), (tag + 1, n), "{kind}/{wait} round {round}");
+                assert!(
+                    buf[..n] == data[..],
+                    "{kind}/{wait} round {round}: payload differs"
+                );
+            }
+            link
+        };
+        // This thread, another, this one again, a third.
+        let a = exchange(a, 0);
+        let a = thread::spawn(move || exchange(a, 1)).join().unwrap();
+        let a = exchange(a, 2);
+        let a = thread::spawn(move || exchange(a, 3)).join().unwrap();
+        thread::spawn(move || drop(a)).join().unwrap();
+        drop(echo.join().unwrap());
+    }
+}
+
 /// Serialises the tests of backends whose resources are per device (RDMA: a device has room for
 /// ~10 queue pairs, and all of this process's links share the software device).
 pub(crate) fn serial(kind: TransportKind) -> Option<std::sync::MutexGuard<'static, ()>> {
@@ -360,6 +403,11 @@ macro_rules! link_suite {
                 garbage_from_the_peer($kind)
             }
             #[test]
+            fn a_link_moves_between_threads() {
+                let _serial = serial($kind);
+                halves_move_between_threads($kind)
+            }
+            #[test]
             fn non_blocking_sends_and_receives_move_both_directions_at_once() {
                 let _serial = serial($kind);
                 nonblocking_full_duplex($kind)
@@ -392,6 +440,7 @@ fn the_suite_on_the_rdma_device_named_by_sinew_rdma_device() {
     peer_death(TransportKind::RDMA);
     garbage_from_the_peer(TransportKind::RDMA);
     nonblocking_full_duplex(TransportKind::RDMA);
+    halves_move_between_threads(TransportKind::RDMA);
 }
 
 link_suite! {

@@ -10,10 +10,20 @@
 //! timer is armed on the fast path (timers cost VM exits); completions are awaited by the link's
 //! wait strategy: spinning on the completion ring in user space (entering the kernel only when it
 //! flags pending work), or sleeping in `io_uring_enter`.
+//!
+//! Each ring belongs to the thread that first submits to it. Where the kernel allows (Linux 6.1+)
+//! it is set up single-issuer with deferred task work — completions are run in that thread's own
+//! `io_uring_enter` calls, never by an interrupt — and its file descriptor is registered in that
+//! thread's ring table, so `io_uring_enter` skips the file lookup every plain system call pays.
+//! When a half moves to another thread, its next call builds a fresh ring there (the socket and
+//! buffer registered again); the old ring is released when the thread that registered it exits
+//! (at most 16 per thread: the kernel's table size, past which rings are entered by plain file
+//! descriptor).
 
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
@@ -46,7 +56,7 @@ pub fn probe() -> std::result::Result<(), String> {
     static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     PROBE
         .get_or_init(|| {
-            let ring = new_ring().map_err(|e| describe("io_uring_setup", &e))?;
+            let (ring, _) = new_ring().map_err(|e| describe("io_uring_setup", &e))?;
             let mut probe = Probe::new();
             ring.submitter()
                 .register_probe(&mut probe)
@@ -84,18 +94,124 @@ pub fn probe() -> std::result::Result<(), String> {
         .clone()
 }
 
-/// A ring whose completions are announced by a flag in shared memory rather than by an
-/// inter-processor interrupt (COOP_TASKRUN + TASKRUN_FLAG, Linux 5.19+), so a spinning waiter
-/// sees them without a VM exit; older kernels get a plain ring.
-fn new_ring() -> io::Result<IoUring> {
-    match IoUring::builder()
-        .setup_coop_taskrun()
+/// How a ring was set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flavor {
+    /// SINGLE_ISSUER + DEFER_TASKRUN + TASKRUN_FLAG, created disabled (Linux 6.1+): completions
+    /// run only in the owning thread's `io_uring_enter`, announced by a flag in shared memory.
+    /// Enabled by the thread that first submits, which becomes its only submitter.
+    Deferred,
+    /// COOP_TASKRUN + TASKRUN_FLAG (Linux 5.19+): completions are announced by the flag rather
+    /// than by an inter-processor interrupt, so a spinning waiter sees them without a VM exit.
+    Cooperative,
+    /// Neither: older kernels.
+    Plain,
+}
+
+/// The best ring this kernel sets up (see [`Flavor`]), falling back on `EINVAL`.
+fn new_ring() -> io::Result<(IoUring, Flavor)> {
+    let deferred = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
         .setup_taskrun_flag()
-        .build(RING_ENTRIES)
-    {
-        Ok(ring) => Ok(ring),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(RING_ENTRIES),
+        .setup_r_disabled()
+        .build(RING_ENTRIES);
+    let cooperative = || {
+        IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(RING_ENTRIES)
+    };
+    let older = |e: &io::Error| e.raw_os_error() == Some(libc::EINVAL);
+    match deferred {
+        Ok(ring) => Ok((ring, Flavor::Deferred)),
+        Err(e) if older(&e) => match cooperative() {
+            Ok(ring) => Ok((ring, Flavor::Cooperative)),
+            Err(e) if older(&e) => Ok((IoUring::new(RING_ENTRIES)?, Flavor::Plain)),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
+    }
+}
+
+/// This thread's identity, never reused within the process (unlike thread-local addresses or
+/// kernel thread ids).
+fn thread_tag() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TAG.with(|t| *t)
+}
+
+const ENTER_GETEVENTS: u32 = 1 << 0;
+const ENTER_EXT_ARG: u32 = 1 << 3;
+const ENTER_REGISTERED_RING: u32 = 1 << 4;
+const REGISTER_RING_FDS: libc::c_long = 20;
+const UNREGISTER_RING_FDS: libc::c_long = 21;
+
+/// `struct io_uring_rsrc_update`, the argument of (UN)REGISTER_RING_FDS.
+#[repr(C)]
+struct RsrcUpdate {
+    offset: u32,
+    resv: u32,
+    data: u64,
+}
+
+/// `struct __kernel_timespec`.
+#[repr(C)]
+struct KernelTimespec {
+    sec: i64,
+    nsec: i64,
+}
+
+/// `struct io_uring_getevents_arg`: the timeout of a waiting `io_uring_enter` (EXT_ARG).
+#[repr(C)]
+struct GeteventsArg {
+    sigmask: u64,
+    sigmask_sz: u32,
+    min_wait_usec: u32,
+    ts: u64,
+}
+
+/// Registers `ring`'s file descriptor in this thread's ring table: its index, or `None` when the
+/// kernel refuses (older than 5.18, or the table is full).
+fn register_ring_fd(ring: &IoUring) -> Option<u32> {
+    let mut update = RsrcUpdate {
+        offset: u32::MAX,
+        resv: 0,
+        data: ring.as_raw_fd() as u64,
+    };
+    // SAFETY: `update` is a valid io_uring_rsrc_update for the duration of the call, and the
+    // count (1) matches it; the kernel writes the chosen index into `offset`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            REGISTER_RING_FDS,
+            &mut update as *mut RsrcUpdate,
+            1,
+        )
+    };
+    (r == 1).then_some(update.offset)
+}
+
+/// Removes the entry `index` from this thread's ring table.
+fn unregister_ring_fd(ring: &IoUring, index: u32) {
+    let update = RsrcUpdate {
+        offset: index,
+        resv: 0,
+        data: 0,
+    };
+    // SAFETY: as for `register_ring_fd`; the kernel only reads `update`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            UNREGISTER_RING_FDS,
+            &update as *const RsrcUpdate,
+            1,
+        );
     }
 }
 
@@ -122,12 +238,15 @@ fn describe(call: &str, e: &io::Error) -> String {
 /// One ring driving the link's socket in one direction.
 struct Ring {
     ring: IoUring,
+    flavor: Flavor,
+    /// The thread that submits to this ring, once one has ([`thread_tag`]).
+    owner: Option<u64>,
+    /// The ring's index in its owner's ring table, when it is registered there.
+    ring_index: Option<u32>,
     peer: String,
     wait: WaitStrategy,
     /// Keeps the socket open while it is registered.
     stream: Arc<TcpStream>,
-    /// The timeout of a blocking wait.
-    timespec: Box<types::Timespec>,
     /// A registered buffer: (address, length).
     registered: Option<(*mut u8, usize)>,
     /// Set when an enter failed with an entry possibly still queued.
@@ -145,19 +264,116 @@ impl Ring {
             transport: "uring".into(),
             reason,
         };
-        let ring = new_ring().map_err(|e| unavailable(describe("io_uring_setup", &e)))?;
+        let (ring, flavor) = new_ring().map_err(|e| unavailable(describe("io_uring_setup", &e)))?;
         ring.submitter()
             .register_files(&[stream.as_raw_fd()])
             .map_err(|e| unavailable(describe("io_uring_register(FILES)", &e)))?;
         Ok(Ring {
             ring,
+            flavor,
+            owner: None,
+            ring_index: None,
             peer,
             wait,
             stream,
-            timespec: Box::new(types::Timespec::new()),
             registered: None,
             poisoned: None,
         })
+    }
+
+    /// Makes the calling thread this ring's owner: on first use it enables the ring and registers
+    /// its descriptor in the thread's ring table; on a thread other than the owner it first
+    /// replaces the ring with a fresh one holding the same registrations (a single-issuer ring
+    /// refuses other threads, and ring table entries are per thread).
+    fn claim(&mut self) -> Result<()> {
+        let me = thread_tag();
+        match self.owner {
+            Some(owner) if owner == me => return Ok(()),
+            Some(_) => self.rebuild()?,
+            None => {}
+        }
+        if self.flavor == Flavor::Deferred {
+            self.ring
+                .submitter()
+                .register_enable_rings()
+                .map_err(|e| self.unavailable("io_uring_register(ENABLE_RINGS)", &e))?;
+        }
+        self.ring_index = register_ring_fd(&self.ring);
+        self.owner = Some(me);
+        Ok(())
+    }
+
+    /// Replaces the ring with a fresh one: the socket and the registered buffer registered again.
+    /// The old ring goes away now, or — when its descriptor is in another thread's ring table,
+    /// which only that thread can change — when that thread exits.
+    fn rebuild(&mut self) -> Result<()> {
+        let (ring, flavor) = new_ring().map_err(|e| self.unavailable("io_uring_setup", &e))?;
+        ring.submitter()
+            .register_files(&[self.stream.as_raw_fd()])
+            .map_err(|e| self.unavailable("io_uring_register(FILES)", &e))?;
+        if let Some((ptr, len)) = self.registered {
+            let iov = [libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            }];
+            // SAFETY: the buffer is the one `register` was given, which its caller guaranteed
+            // outlives this ring (the struct, whichever io_uring instance it holds).
+            unsafe { ring.submitter().register_buffers(&iov) }
+                .map_err(|e| self.unavailable("io_uring_register(BUFFERS)", &e))?;
+        }
+        self.ring = ring;
+        self.flavor = flavor;
+        self.owner = None;
+        self.ring_index = None;
+        Ok(())
+    }
+
+    fn unavailable(&self, call: &str, e: &io::Error) -> Error {
+        Error::Unavailable {
+            transport: "uring".into(),
+            reason: describe(call, e),
+        }
+    }
+
+    /// `io_uring_enter(to_submit = what is queued, min_complete, flags, arg)`, through the ring
+    /// table entry when there is one.
+    fn enter_raw(
+        &mut self,
+        min_complete: u32,
+        flags: u32,
+        arg: Option<&GeteventsArg>,
+    ) -> io::Result<usize> {
+        let to_submit = self.ring.submission().len() as u32;
+        let (fd, flags) = match self.ring_index {
+            Some(index) => (index as libc::c_int, flags | ENTER_REGISTERED_RING),
+            None => (self.ring.as_raw_fd(), flags),
+        };
+        let (arg, argsz) = match arg {
+            Some(a) => (
+                a as *const GeteventsArg,
+                std::mem::size_of::<GeteventsArg>(),
+            ),
+            None => (std::ptr::null(), 0),
+        };
+        // SAFETY: `fd` designates this ring (its descriptor, or its entry in this thread's ring
+        // table: `claim` ran on this thread); `arg`, when given, is a valid getevents argument
+        // whose timespec outlives the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                fd,
+                to_submit,
+                min_complete,
+                flags,
+                arg,
+                argsz,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
     }
 
     /// Registers `buf` as fixed buffer 0.
@@ -243,6 +459,7 @@ impl Ring {
         if deadline.expired() {
             return Err(self.timeout(what, waiter));
         }
+        self.claim()?;
         let op = op.user_data(OP);
         // SAFETY: the buffers `op` references stay valid until its completion is reaped below
         // (the caller's contract); every path out of this function reaps it first.
@@ -267,17 +484,23 @@ impl Ring {
                 if remaining.is_zero() {
                     break;
                 }
-                *self.timespec = types::Timespec::from(remaining);
-                let ts: &types::Timespec = &self.timespec;
+                let ts = KernelTimespec {
+                    sec: remaining.as_secs() as i64,
+                    nsec: i64::from(remaining.subsec_nanos()),
+                };
+                let arg = GeteventsArg {
+                    sigmask: 0,
+                    sigmask_sz: 0,
+                    min_wait_usec: 0,
+                    ts: &ts as *const KernelTimespec as u64,
+                };
                 // ETIME (the wait timed out) and EINTR just mean "look again".
-                let _ = self
-                    .ring
-                    .submitter()
-                    .submit_with_args(1, &types::SubmitArgs::new().timespec(ts));
+                let _ = self.enter_raw(1, ENTER_GETEVENTS | ENTER_EXT_ARG, Some(&arg));
             } else {
                 if self.ring.submission().taskrun() {
-                    // The completion is pending as task work: any enter runs it.
-                    let _ = self.enter(0);
+                    // The completion is pending as task work, which an enter that gets events
+                    // runs (deferred task work runs in no other).
+                    let _ = self.enter_raw(0, ENTER_GETEVENTS, None);
                 }
                 spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(64) && deadline.expired() {
@@ -339,10 +562,12 @@ impl Ring {
         }
     }
 
-    /// `io_uring_enter`, retrying when interrupted.
-    fn enter(&mut self, want: usize) -> io::Result<usize> {
+    /// `io_uring_enter` submitting what is queued and waiting for `want` completions, retrying
+    /// when interrupted.
+    fn enter(&mut self, want: u32) -> io::Result<usize> {
+        let flags = if want > 0 { ENTER_GETEVENTS } else { 0 };
         loop {
-            match self.ring.submit_and_wait(want) {
+            match self.enter_raw(want, flags, None) {
                 Err(e)
                     if matches!(
                         e.raw_os_error(),
@@ -371,6 +596,18 @@ impl Ring {
 
     fn io_error(&self, op: &'static str, error: io::Error) -> Error {
         Error::from_socket(op, &self.peer, error)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Only the owner can take the ring out of its own ring table; elsewhere the entry (and
+        // with it the ring) lasts until the owner exits.
+        if let (Some(owner), Some(index)) = (self.owner, self.ring_index)
+            && owner == thread_tag()
+        {
+            unregister_ring_fd(&self.ring, index);
+        }
     }
 }
 
@@ -559,5 +796,67 @@ impl ByteSource for UringSource {
 
     fn try_read_some(&mut self, buf: &mut [u8], mid_frame: bool) -> Result<Option<usize>> {
         self.read(buf, None, mid_frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// The running kernel's (major, minor) version.
+    fn kernel() -> (u32, u32) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut parts = release.trim().split(['.', '-']);
+        let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (next(), next())
+    }
+
+    fn ring() -> Ring {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        Ring::new(Arc::new(stream), "test".into(), WaitStrategy::Spin).unwrap()
+    }
+
+    #[test]
+    fn a_new_enough_kernel_gets_deferred_single_issuer_rings_entered_through_the_ring_table() {
+        if let Err(reason) = probe() {
+            eprintln!("skipping: io_uring is unavailable here: {reason}");
+            return;
+        }
+        let mut r = ring();
+        r.claim().unwrap();
+        if kernel() >= (6, 1) {
+            assert_eq!(r.flavor, Flavor::Deferred);
+        }
+        if kernel() >= (5, 18) {
+            assert!(r.ring_index.is_some(), "the ring fd was not registered");
+        }
+        assert_eq!(r.owner, Some(thread_tag()));
+    }
+
+    #[test]
+    fn a_dropped_ring_leaves_its_threads_ring_table() {
+        if probe().is_err() || kernel() < (5, 18) {
+            eprintln!("skipping: no io_uring ring table here");
+            return;
+        }
+        // The table has 16 entries: without the removal on drop the 17th ring finds it full.
+        for i in 0..40 {
+            let mut r = ring();
+            r.claim().unwrap();
+            assert!(
+                r.ring_index.is_some(),
+                "ring {i} found this thread's table full"
+            );
+        }
+    }
+
+    #[test]
+    fn thread_tags_differ_between_threads_and_stay_put_within_one() {
+        let here = thread_tag();
+        assert_eq!(here, thread_tag());
+        let there = std::thread::spawn(thread_tag).join().unwrap();
+        assert_ne!(here, there);
     }
 }
