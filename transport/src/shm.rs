@@ -71,6 +71,14 @@ const SLOT_KIND: usize = 12;
 const SLOT_LEN: usize = 16;
 const SLOT_BODY: usize = 24;
 /// Slot kinds.
+/// The most bytes the byte ring's writer copies before publishing them, and its reader before
+/// releasing them: a large message flows through in pieces the two sides copy at the same time,
+/// instead of the writer filling the whole ring while the reader waits and the reader draining
+/// it while the writer waits. When the two cores share no cache (two sockets, two Zen CCDs, or a
+/// VM's vCPUs placed so) each copy is bound by cache-line transfers between them, and the overlap
+/// is the difference between 2.5 and 12 GB/s at 4 MiB (README, "shm streaming").
+const STREAM_CHUNK: usize = 256 << 10;
+
 const KIND_INLINE: u32 = 1;
 const KIND_STREAM: u32 = 2;
 const KIND_RENDEZVOUS: u32 = 3;
@@ -450,21 +458,26 @@ impl ByteRingWriter {
 
 impl ByteRingWriter {
     /// Copies up to `free` bytes of `parts` in and publishes them.
+    /// Copies up to `free` bytes of `parts` in and publishes them, [`STREAM_CHUNK`] at a time.
     fn put(&mut self, parts: &[&[u8]], free: usize) -> usize {
         let mut written = 0;
         for p in parts {
-            let n = p.len().min(free - written);
-            self.dir.copy_in(self.tail + written as u64, &p[..n]);
-            written += n;
+            let mut from = 0;
+            while from < p.len() && written < free {
+                let n = (p.len() - from).min(free - written).min(STREAM_CHUNK);
+                self.dir.copy_in(self.tail, &p[from..from + n]);
+                from += n;
+                written += n;
+                self.tail += n as u64;
+                self.dir
+                    .word(OFF_DATA_TAIL)
+                    .store(self.tail, Ordering::Release);
+                wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
+            }
             if written == free {
                 break;
             }
         }
-        self.tail += written as u64;
-        self.dir
-            .word(OFF_DATA_TAIL)
-            .store(self.tail, Ordering::Release);
-        wake_if_sleeping(self.dir.flag(OFF_READER_SLEEPS));
         written
     }
 }
@@ -533,15 +546,20 @@ impl ByteRingReader {
         self.dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != self.head
     }
 
-    /// Copies up to `avail` bytes out into `buf` and releases them.
+    /// Copies up to `avail` bytes out into `buf` and releases them, [`STREAM_CHUNK`] at a time.
     fn take(&mut self, buf: &mut [u8], avail: usize) -> usize {
         let n = avail.min(buf.len());
-        self.dir.copy_out(self.head, &mut buf[..n]);
-        self.head += n as u64;
-        self.dir
-            .word(OFF_DATA_HEAD)
-            .store(self.head, Ordering::Release);
-        wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(STREAM_CHUNK);
+            self.dir.copy_out(self.head, &mut buf[done..done + k]);
+            done += k;
+            self.head += k as u64;
+            self.dir
+                .word(OFF_DATA_HEAD)
+                .store(self.head, Ordering::Release);
+            wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
+        }
         n
     }
 }
@@ -1536,6 +1554,41 @@ mod tests {
             3 << 20,
         ];
         round_trip(&mut tx, &mut rx, &sizes);
+    }
+
+    #[test]
+    fn a_ring_larger_than_a_chunk_streams_in_pieces_across_its_wrap() {
+        // Sizes around the chunk, and several rings' worth, through a ring of four chunks: the
+        // writer publishes and the reader releases piece by piece, across the wrap.
+        let ((mut tx, _), (_, mut rx)) = ends(4 * STREAM_CHUNK);
+        tx.rendezvous = None;
+        round_trip(
+            &mut tx,
+            &mut rx,
+            &[
+                STREAM_CHUNK - 1,
+                STREAM_CHUNK,
+                STREAM_CHUNK + 1,
+                3 * STREAM_CHUNK + 5,
+                (3 << 20) + 7,
+                100,
+                4 * STREAM_CHUNK - 3,
+            ],
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        /// Any ring size and any sequence of message sizes stream through intact and in order.
+        #[test]
+        fn any_ring_and_message_sizes_stream_intact(
+            ring_log2 in 12u32..21,
+            sizes in proptest::collection::vec(0usize..(3 << 20), 1..6),
+        ) {
+            let ((mut tx, _), (_, mut rx)) = ends(1 << ring_log2);
+            tx.rendezvous = None;
+            round_trip(&mut tx, &mut rx, &sizes);
+        }
     }
 
     #[test]
