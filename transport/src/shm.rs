@@ -70,7 +70,7 @@ const SLOT_TAG: usize = 8;
 const SLOT_KIND: usize = 12;
 const SLOT_LEN: usize = 16;
 const SLOT_BODY: usize = 24;
-/// Slot kinds.
+
 /// The most bytes the byte ring's writer copies before publishing them, and its reader before
 /// releasing them: a large message flows through in pieces the two sides copy at the same time,
 /// instead of the writer filling the whole ring while the reader waits and the reader draining
@@ -79,6 +79,7 @@ const SLOT_BODY: usize = 24;
 /// took 4 MiB messages from 2.2–2.9 to 6.8–7.2 GB/s on a VM so placed (README, "shm streaming").
 const STREAM_CHUNK: usize = 256 << 10;
 
+/// Slot kinds.
 const KIND_INLINE: u32 = 1;
 const KIND_STREAM: u32 = 2;
 const KIND_RENDEZVOUS: u32 = 3;
