@@ -16,6 +16,7 @@ source "$ROOT/bench/lib.sh"
 need_packages mpicc:libopenmpi-dev mpirun:openmpi-bin taskset:util-linux python3:python3
 build_sinew
 mpicc -O2 -Wall -o "$OUT/mpi_pingpong" "$ROOT/bench/peers/mpi_pingpong.c"
+cc -O2 -Wall -pthread -o "$OUT/cacheline_pingpong" "$ROOT/bench/peers/cacheline_pingpong.c"
 results="$OUT/transports-results.jsonl"
 : > "$results"
 mpi_flags=(--bind-to none --mca btl vader,self)
@@ -59,8 +60,14 @@ link_record() {
   record "$name" <<< "$out"
 }
 
+# The cores' cache-line round trip, before and after each round: on a VM the host may move the
+# vCPUs between cores that share a cache (tens of ns) and cores that do not (hundreds), which
+# moves every bandwidth here; the table's "paired" ranges show it, these numbers say why.
+placement() { "$OUT/cacheline_pingpong" "$SERVER_CPU" "$CLIENT_CPU" >> "$results"; }
+
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
+  placement
   # Latencies first: a large-memory bandwidth run disturbs the next few seconds on a VM.
   mpi none
   link_record shm spin shm --sizes 8 --no-bandwidth --duration "$DURATION"
@@ -74,6 +81,7 @@ for round in $(seq "$ROUNDS"); do
     link_record "tcp_$wait" "$wait" tcp --sizes 64K,1M,16M --no-latency --duration "$DURATION"
     link_record "uring_$wait" "$wait" uring --sizes 64K,1M,16M --no-latency --duration "$DURATION"
   done
+  placement
 done
 
 python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs peers, one host, pinned cores, spin, $ROUNDS rounds x $DURATION s, medians" \
@@ -91,3 +99,9 @@ python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs p
   "uring 64 KiB GB/s, block (vs sinew tcp, block)|uring_block_bw_65536|tcp_block_bw_65536|>= 1.0|higher" \
   "uring 1 MiB GB/s, block (vs sinew tcp, block)|uring_block_bw_1048576|tcp_block_bw_1048576|>= 1.0|higher" \
   "uring 16 MiB GB/s, block (vs sinew tcp, block)|uring_block_bw_16777216|tcp_block_bw_16777216|>= 1.0|higher"
+python3 -c '
+import json, sys
+ns = [json.loads(l)["value"] for l in open(sys.argv[1]) if "cacheline_round_trip_ns" in l]
+print("cache-line round trip between the two cores, ns, before and after each round:",
+      " ".join("%.0f/%.0f" % (ns[i], ns[i + 1]) for i in range(0, len(ns) - 1, 2)))
+' "$results"
