@@ -71,13 +71,81 @@ const SLOT_KIND: usize = 12;
 const SLOT_LEN: usize = 16;
 const SLOT_BODY: usize = 24;
 
-/// The most bytes the byte ring's writer copies before publishing them, and its reader before
-/// releasing them: a large message flows through in pieces the two sides copy at the same time,
-/// instead of the writer filling the whole ring while the reader waits and the reader draining
-/// it while the writer waits. When the two cores share no cache (two sockets, two Zen CCDs, or a
-/// VM's vCPUs placed so) each copy is bound by cache-line transfers between them, and the overlap
-/// took 4 MiB messages from 2.2–2.9 to 6.8–7.2 GB/s on a VM so placed (README, "shm streaming").
-const STREAM_CHUNK: usize = 256 << 10;
+/// The sizes the byte ring's writer may copy before publishing what it copied, so that a large
+/// message flows through in pieces the reader copies out while the writer copies the next one in,
+/// instead of the writer filling the whole ring while the reader waits and the reader draining it
+/// while the writer waits. Which size streams faster depends on where the two cores sit: with
+/// no shared cache (two sockets, two Zen CCDs, or a VM's vCPUs placed so) 256 KiB pieces (≈ 7
+/// GB/s at 4 MiB where unpieced streaming made 2.2–2.9 and 1 MiB pieces 2.5–3.9); with one, 1 MiB
+/// pieces (≈ 40 GB/s where 256 KiB ones sometimes made 12). The writer measures both and keeps
+/// the faster ([`ChunkChooser`]; README, "shm streaming").
+const STREAM_CHUNKS: [usize; 2] = [256 << 10, 1 << 20];
+
+/// Bytes streamed per measurement of one chunk size.
+const CHUNK_EPOCH: u64 = 32 << 20;
+
+/// One epoch in this many goes to the chunk size not in use, so a change of placement is noticed.
+const CHUNK_EXPLORE_EVERY: u32 = 64;
+
+/// Picks the byte ring writer's chunk among [`STREAM_CHUNKS`] by measured throughput: each epoch
+/// of [`CHUNK_EPOCH`] streamed bytes is timed (waits for ring space included, so a slow reader
+/// counts) and credited to the size in use; the faster size is used, the other retried every
+/// [`CHUNK_EXPLORE_EVERY`]th epoch. Only large writes are timed, so small messages pay no clock
+/// reads.
+#[derive(Debug)]
+struct ChunkChooser {
+    /// Index into [`STREAM_CHUNKS`] of the size in use.
+    current: usize,
+    /// Bytes per second each size last measured (an average of its last two epochs).
+    rate: [Option<f64>; 2],
+    epoch_bytes: u64,
+    epoch_time: Duration,
+    epochs: u32,
+}
+
+impl ChunkChooser {
+    fn new() -> Self {
+        ChunkChooser {
+            current: 0,
+            rate: [None, None],
+            epoch_bytes: 0,
+            epoch_time: Duration::ZERO,
+            epochs: 0,
+        }
+    }
+
+    fn chunk(&self) -> usize {
+        STREAM_CHUNKS[self.current]
+    }
+
+    /// Whether a write of `len` bytes is worth timing: one that spans more than a small chunk.
+    fn times(len: usize) -> bool {
+        len > STREAM_CHUNKS[0]
+    }
+
+    /// Credits `bytes` streamed in `took` to the size in use; at the end of an epoch, picks the
+    /// size for the next one.
+    fn record(&mut self, bytes: usize, took: Duration) {
+        self.epoch_bytes += bytes as u64;
+        self.epoch_time += took;
+        if self.epoch_bytes < CHUNK_EPOCH {
+            return;
+        }
+        let measured = self.epoch_bytes as f64 / self.epoch_time.as_secs_f64().max(1e-9);
+        let slot = &mut self.rate[self.current];
+        *slot = Some(slot.map_or(measured, |old| (old + measured) / 2.0));
+        self.epoch_bytes = 0;
+        self.epoch_time = Duration::ZERO;
+        self.epochs = self.epochs.wrapping_add(1);
+        let other = 1 - self.current;
+        self.current = match (self.rate[self.current], self.rate[other]) {
+            (_, None) => other,
+            _ if self.epochs.is_multiple_of(CHUNK_EXPLORE_EVERY) => other,
+            (Some(here), Some(there)) if there > here => other,
+            _ => self.current,
+        };
+    }
+}
 
 /// Slot kinds.
 const KIND_INLINE: u32 = 1;
@@ -438,6 +506,7 @@ impl Liveness {
 struct ByteRingWriter {
     dir: Arc<Direction>,
     tail: u64,
+    chunks: ChunkChooser,
     bootstrap: Arc<TcpStream>,
     wait: WaitStrategy,
     side: Side,
@@ -459,13 +528,14 @@ impl ByteRingWriter {
 
 impl ByteRingWriter {
     /// Copies up to `free` bytes of `parts` in and publishes them.
-    /// Copies up to `free` bytes of `parts` in and publishes them, [`STREAM_CHUNK`] at a time.
+    /// Copies up to `free` bytes of `parts` in and publishes them, a chunk at a time.
     fn put(&mut self, parts: &[&[u8]], free: usize) -> usize {
+        let chunk = self.chunks.chunk();
         let mut written = 0;
         for p in parts {
             let mut from = 0;
             while from < p.len() && written < free {
-                let n = (p.len() - from).min(free - written).min(STREAM_CHUNK);
+                let n = (p.len() - from).min(free - written).min(chunk);
                 self.dir.copy_in(self.tail, &p[from..from + n]);
                 from += n;
                 written += n;
@@ -489,6 +559,8 @@ impl ByteSink for ByteRingWriter {
     }
 
     fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let start = ChunkChooser::times(len).then(Instant::now);
         let mut wait = None;
         let free = loop {
             let free = self.free()?;
@@ -504,7 +576,11 @@ impl ByteSink for ByteRingWriter {
             };
             wait.pause(dir.flag(OFF_WRITER_SLEEPS), ready, deadline, &self.side)?;
         };
-        Ok(self.put(parts, free))
+        let written = self.put(parts, free);
+        if let Some(start) = start {
+            self.chunks.record(written, start.elapsed());
+        }
+        Ok(written)
     }
 
     fn try_write_some(&mut self, parts: &[&[u8]]) -> Result<usize> {
@@ -547,20 +623,17 @@ impl ByteRingReader {
         self.dir.word(OFF_DATA_TAIL).load(Ordering::Acquire) != self.head
     }
 
-    /// Copies up to `avail` bytes out into `buf` and releases them, [`STREAM_CHUNK`] at a time.
+    /// Copies up to `avail` bytes out into `buf` and releases them. (The writer publishes a
+    /// chunk at a time, so a reader that keeps up takes a chunk at a time; releasing in smaller
+    /// pieces measured slower.)
     fn take(&mut self, buf: &mut [u8], avail: usize) -> usize {
         let n = avail.min(buf.len());
-        let mut done = 0;
-        while done < n {
-            let k = (n - done).min(STREAM_CHUNK);
-            self.dir.copy_out(self.head, &mut buf[done..done + k]);
-            done += k;
-            self.head += k as u64;
-            self.dir
-                .word(OFF_DATA_HEAD)
-                .store(self.head, Ordering::Release);
-            wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
-        }
+        self.dir.copy_out(self.head, &mut buf[..n]);
+        self.head += n as u64;
+        self.dir
+            .word(OFF_DATA_HEAD)
+            .store(self.head, Ordering::Release);
+        wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
         n
     }
 }
@@ -1420,6 +1493,7 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
         stream: ByteRingWriter {
             dir: out,
             tail: 0,
+            chunks: ChunkChooser::new(),
             bootstrap: bootstrap.clone(),
             wait,
             side: send_side.clone(),
@@ -1559,23 +1633,84 @@ mod tests {
 
     #[test]
     fn a_ring_larger_than_a_chunk_streams_in_pieces_across_its_wrap() {
-        // Sizes around the chunk, and several rings' worth, through a ring of four chunks: the
-        // writer publishes and the reader releases piece by piece, across the wrap.
-        let ((mut tx, _), (_, mut rx)) = ends(4 * STREAM_CHUNK);
-        tx.rendezvous = None;
-        round_trip(
-            &mut tx,
-            &mut rx,
-            &[
-                STREAM_CHUNK - 1,
-                STREAM_CHUNK,
-                STREAM_CHUNK + 1,
-                3 * STREAM_CHUNK + 5,
-                (3 << 20) + 7,
-                100,
-                4 * STREAM_CHUNK - 3,
-            ],
+        // Sizes around each chunk, and several rings' worth, through a ring of four large chunks,
+        // with each chunk size in turn: the writer publishes piece by piece, across the wrap.
+        for (choice, &chunk) in STREAM_CHUNKS.iter().enumerate() {
+            let ((mut tx, _), (_, mut rx)) = ends(4 * STREAM_CHUNKS[1]);
+            tx.rendezvous = None;
+            tx.stream.chunks.current = choice;
+            round_trip(
+                &mut tx,
+                &mut rx,
+                &[
+                    chunk - 1,
+                    chunk,
+                    chunk + 1,
+                    3 * chunk + 5,
+                    (3 << 20) + 7,
+                    100,
+                    4 * STREAM_CHUNKS[1] - 3,
+                ],
+            );
+        }
+    }
+
+    /// Feeds `chooser` one epoch streamed at `rate` bytes per second, in 1 MiB writes.
+    fn epoch_at(chooser: &mut ChunkChooser, rate: [f64; 2]) -> usize {
+        let used = chooser.current;
+        let write = 1usize << 20;
+        for _ in 0..CHUNK_EPOCH / write as u64 {
+            chooser.record(write, Duration::from_secs_f64(write as f64 / rate[used]));
+        }
+        used
+    }
+
+    #[test]
+    fn the_chunk_chooser_measures_both_sizes_then_keeps_the_faster_and_retries_the_other() {
+        let period = CHUNK_EXPLORE_EVERY as usize;
+        for faster in 0..2 {
+            let mut rate = [1e9, 1e9];
+            rate[faster] = 4e9;
+            let mut chooser = ChunkChooser::new();
+            let used: Vec<usize> = (0..3 * period)
+                .map(|_| epoch_at(&mut chooser, rate))
+                .collect();
+            // The first two epochs measure both sizes.
+            assert_eq!(&used[..2], &[0, 1]);
+            // After that the slower size gets one epoch per period: retried, never kept.
+            let on_slower = used.iter().filter(|&&u| u != faster).count();
+            assert!((3..=5).contains(&on_slower), "{used:?}");
+        }
+    }
+
+    #[test]
+    fn the_chunk_chooser_follows_a_change_of_placement() {
+        // No shared cache (small chunks faster), then a shared one (large chunks faster): within
+        // one retry period of the change the chooser is on the large chunks for good.
+        let period = CHUNK_EXPLORE_EVERY as usize;
+        let mut chooser = ChunkChooser::new();
+        let before: Vec<usize> = (0..period)
+            .map(|_| epoch_at(&mut chooser, [7e9, 3e9]))
+            .collect();
+        assert!(
+            before.iter().filter(|&&u| u == 1).count() <= 3,
+            "{before:?}"
         );
+        let after: Vec<usize> = (0..3 * period)
+            .map(|_| epoch_at(&mut chooser, [12e9, 40e9]))
+            .collect();
+        let settled = &after[period + 1..];
+        assert!(
+            settled.iter().filter(|&&u| u == 0).count() <= 2,
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn only_writes_larger_than_a_small_chunk_are_timed() {
+        assert!(!ChunkChooser::times(40));
+        assert!(!ChunkChooser::times(STREAM_CHUNKS[0]));
+        assert!(ChunkChooser::times(STREAM_CHUNKS[0] + 1));
     }
 
     proptest::proptest! {
@@ -1589,6 +1724,19 @@ mod tests {
             let ((mut tx, _), (_, mut rx)) = ends(1 << ring_log2);
             tx.rendezvous = None;
             round_trip(&mut tx, &mut rx, &sizes);
+        }
+
+        /// Whatever it is told, the chooser only ever picks one of the sizes, and never panics
+        /// (zero durations, huge writes).
+        #[test]
+        fn the_chunk_chooser_picks_only_known_sizes(
+            writes in proptest::collection::vec((0usize..(64 << 20), 0u64..10_000_000), 0..200),
+        ) {
+            let mut chooser = ChunkChooser::new();
+            for (bytes, nanos) in writes {
+                chooser.record(bytes, Duration::from_nanos(nanos));
+                proptest::prop_assert!(STREAM_CHUNKS.contains(&chooser.chunk()));
+            }
         }
     }
 
