@@ -527,7 +527,6 @@ impl ByteRingWriter {
 }
 
 impl ByteRingWriter {
-    /// Copies up to `free` bytes of `parts` in and publishes them.
     /// Copies up to `free` bytes of `parts` in and publishes them, a chunk at a time.
     fn put(&mut self, parts: &[&[u8]], free: usize) -> usize {
         let chunk = self.chunks.chunk();

@@ -235,6 +235,37 @@ fn describe(call: &str, e: &io::Error) -> String {
     }
 }
 
+fn unavailable(call: &str, e: &io::Error) -> Error {
+    Error::Unavailable {
+        transport: "uring".into(),
+        reason: describe(call, e),
+    }
+}
+
+/// A new ring (see [`new_ring`]) with `stream` as its fixed file 0.
+fn ring_for(stream: &TcpStream) -> Result<(IoUring, Flavor)> {
+    let (ring, flavor) = new_ring().map_err(|e| unavailable("io_uring_setup", &e))?;
+    ring.submitter()
+        .register_files(&[stream.as_raw_fd()])
+        .map_err(|e| unavailable("io_uring_register(FILES)", &e))?;
+    Ok((ring, flavor))
+}
+
+/// Registers the `len` bytes at `ptr` as `ring`'s fixed buffer 0.
+///
+/// # Safety
+/// The memory must stay allocated, at the same address, for as long as `ring` exists.
+unsafe fn register_buffer(ring: &IoUring, ptr: *mut u8, len: usize) -> Result<()> {
+    let iov = [libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    }];
+    // SAFETY: forwarded from the caller.
+    unsafe { ring.submitter().register_buffers(&iov) }
+        .map_err(|e| unavailable("io_uring_register(BUFFERS)", &e))?;
+    Ok(())
+}
+
 /// One ring driving the link's socket in one direction.
 struct Ring {
     ring: IoUring,
@@ -260,14 +291,7 @@ unsafe impl Send for Ring {}
 
 impl Ring {
     fn new(stream: Arc<TcpStream>, peer: String, wait: WaitStrategy) -> Result<Ring> {
-        let unavailable = |reason: String| Error::Unavailable {
-            transport: "uring".into(),
-            reason,
-        };
-        let (ring, flavor) = new_ring().map_err(|e| unavailable(describe("io_uring_setup", &e)))?;
-        ring.submitter()
-            .register_files(&[stream.as_raw_fd()])
-            .map_err(|e| unavailable(describe("io_uring_register(FILES)", &e)))?;
+        let (ring, flavor) = ring_for(&stream)?;
         Ok(Ring {
             ring,
             flavor,
@@ -296,7 +320,7 @@ impl Ring {
             self.ring
                 .submitter()
                 .register_enable_rings()
-                .map_err(|e| self.unavailable("io_uring_register(ENABLE_RINGS)", &e))?;
+                .map_err(|e| unavailable("io_uring_register(ENABLE_RINGS)", &e))?;
         }
         self.ring_index = register_ring_fd(&self.ring);
         self.owner = Some(me);
@@ -307,32 +331,17 @@ impl Ring {
     /// The old ring goes away now, or — when its descriptor is in another thread's ring table,
     /// which only that thread can change — when that thread exits.
     fn rebuild(&mut self) -> Result<()> {
-        let (ring, flavor) = new_ring().map_err(|e| self.unavailable("io_uring_setup", &e))?;
-        ring.submitter()
-            .register_files(&[self.stream.as_raw_fd()])
-            .map_err(|e| self.unavailable("io_uring_register(FILES)", &e))?;
+        let (ring, flavor) = ring_for(&self.stream)?;
         if let Some((ptr, len)) = self.registered {
-            let iov = [libc::iovec {
-                iov_base: ptr.cast(),
-                iov_len: len,
-            }];
             // SAFETY: the buffer is the one `register` was given, which its caller guaranteed
             // outlives this ring (the struct, whichever io_uring instance it holds).
-            unsafe { ring.submitter().register_buffers(&iov) }
-                .map_err(|e| self.unavailable("io_uring_register(BUFFERS)", &e))?;
+            unsafe { register_buffer(&ring, ptr, len)? };
         }
         self.ring = ring;
         self.flavor = flavor;
         self.owner = None;
         self.ring_index = None;
         Ok(())
-    }
-
-    fn unavailable(&self, call: &str, e: &io::Error) -> Error {
-        Error::Unavailable {
-            transport: "uring".into(),
-            reason: describe(call, e),
-        }
     }
 
     /// `io_uring_enter(to_submit = what is queued, min_complete, flags, arg)`, through the ring
@@ -381,17 +390,8 @@ impl Ring {
     /// # Safety
     /// `buf` must stay allocated, at the same address, for as long as this ring exists.
     unsafe fn register(&mut self, buf: &mut [u8]) -> Result<()> {
-        let iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
         // SAFETY: the caller guarantees the buffer outlives the ring, hence the registration.
-        unsafe { self.ring.submitter().register_buffers(&iov) }.map_err(|e| {
-            Error::Unavailable {
-                transport: "uring".into(),
-                reason: describe("io_uring_register(BUFFERS)", &e),
-            }
-        })?;
+        unsafe { register_buffer(&self.ring, buf.as_mut_ptr(), buf.len())? };
         self.registered = Some((buf.as_mut_ptr(), buf.len()));
         Ok(())
     }
