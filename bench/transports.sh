@@ -2,8 +2,9 @@
 # sinew's shared-memory and io_uring backends against their peers, on one host, pinned cores,
 # --wait spin on both sides (OpenMPI busy-polls too), rounds alternating, medians and ratios:
 #   shm   vs  OpenMPI's shared memory (vader BTL), via bench/peers/mpi_pingpong.c (osu_latency /
-#             osu_bw method: 8 B ping-pong; windows of 64 messages of 1, 4, 16 MiB); the
-#             bandwidth also with the opt-in single copy (--shm-single-copy), for reference
+#             osu_bw method: 8 B ping-pong; windows of 64 messages of 1, 4, 16 MiB from one
+#             buffer); the default (--shm-single-copy auto: ring or single copy, measured), and
+#             for reference each way forced: ring only (off) and single copy (256K)
 #   uring vs  sinew's TCP backend (8 B latency; 64 KiB, 1 MiB, 16 MiB bandwidth)
 # Installs OpenMPI from Debian when missing.
 # Usage: bench/transports.sh      (ROUNDS=5 DURATION=2 SERVER_CPU=0 CLIENT_CPU=1 by default)
@@ -75,7 +76,9 @@ for round in $(seq "$ROUNDS"); do
   link_record uring spin uring --sizes 8 --no-bandwidth --duration "$DURATION"
   mpi 1048576,4194304,16777216
   link_record shm spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION"
-  # the opt-in single-copy path (process_vm_readv, OpenMPI's CMA method) beside the default ring
+  # each way the default chooses between, forced: the ring alone, and the single copy
+  # (process_vm_readv, OpenMPI's CMA method)
+  link_record shm_ring spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" --shm-single-copy off
   link_record shm_single_copy spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" --shm-single-copy 256K
   for wait in spin block; do
     link_record "tcp_$wait" "$wait" tcp --sizes 64K,1M,16M --no-latency --duration "$DURATION"
@@ -89,9 +92,12 @@ python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs p
   "shm 1 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_1048576|mpi_bw_1048576|>= 0.8|higher" \
   "shm 4 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_4194304|mpi_bw_4194304|>= 0.8|higher" \
   "shm 16 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_16777216|mpi_bw_16777216|>= 0.8|higher" \
-  "shm single copy 1 MiB GB/s (opt-in, vs vader)|shm_single_copy_bw_1048576|mpi_bw_1048576||higher" \
-  "shm single copy 4 MiB GB/s (opt-in, vs vader)|shm_single_copy_bw_4194304|mpi_bw_4194304||higher" \
-  "shm single copy 16 MiB GB/s (opt-in, vs vader)|shm_single_copy_bw_16777216|mpi_bw_16777216||higher" \
+  "shm ring only 1 MiB GB/s (forced, vs vader)|shm_ring_bw_1048576|mpi_bw_1048576||higher" \
+  "shm ring only 4 MiB GB/s (forced, vs vader)|shm_ring_bw_4194304|mpi_bw_4194304||higher" \
+  "shm ring only 16 MiB GB/s (forced, vs vader)|shm_ring_bw_16777216|mpi_bw_16777216||higher" \
+  "shm single copy 1 MiB GB/s (forced, vs vader)|shm_single_copy_bw_1048576|mpi_bw_1048576||higher" \
+  "shm single copy 4 MiB GB/s (forced, vs vader)|shm_single_copy_bw_4194304|mpi_bw_4194304||higher" \
+  "shm single copy 16 MiB GB/s (forced, vs vader)|shm_single_copy_bw_16777216|mpi_bw_16777216||higher" \
   "uring 8 B one-way p50 µs (vs sinew tcp)|uring_latency|tcp_latency|<= 1.2|lower" \
   "uring 64 KiB GB/s, spin (vs sinew tcp, spin)|uring_spin_bw_65536|tcp_spin_bw_65536|>= 1.0|higher" \
   "uring 1 MiB GB/s, spin (vs sinew tcp, spin)|uring_spin_bw_1048576|tcp_spin_bw_1048576|>= 1.0|higher" \

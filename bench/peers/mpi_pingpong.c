@@ -1,7 +1,8 @@
 /* A small MPI ping-pong and streaming-bandwidth test, the OSU micro-benchmarks' method without
  * their tarball (they are not packaged in Debian):
  *   latency    8 B ping-pong, one-way = RTT/2, median of per-iteration times (µs)
- *   bandwidth  osu_bw: a window of 64 non-blocking sends of SIZE, then a 4-byte ack (GB/s = 1e9 B/s)
+ *   bandwidth  osu_bw: a window of 64 non-blocking sends of SIZE, then a 4-byte ack (GB/s = 1e9 B/s);
+ *              as in osu_bw every message of the window uses the same buffer (one per side)
  * Usage: mpirun -np 2 ... mpi_pingpong SECONDS SIZE[,SIZE...]|none   (one JSON object per line;
  *        `none` measures latency only) */
 #include <mpi.h>
@@ -60,8 +61,8 @@ int main(int argc, char **argv) {
     const int window = 64;
     for (char *tok = strtok(sizes, ","); tok && strcmp(tok, "none") != 0; tok = strtok(NULL, ",")) {
         size_t size = (size_t)atol(tok);
-        char *buf = malloc(size * window);
-        memset(buf, 1, size * window);
+        char *buf = malloc(size);
+        memset(buf, 1, size);
         MPI_Request req[64];
         int ack = 0;
         double total = 0, t0 = 0;
@@ -74,13 +75,13 @@ int main(int argc, char **argv) {
             more = 1;
             while (more) {
                 if (rank == 0) {
-                    for (int w = 0; w < window; w++) MPI_Isend(buf + w * size, (int)size, MPI_BYTE, 1, 2, MPI_COMM_WORLD, &req[w]);
+                    for (int w = 0; w < window; w++) MPI_Isend(buf, (int)size, MPI_BYTE, 1, 2, MPI_COMM_WORLD, &req[w]);
                     MPI_Waitall(window, req, MPI_STATUSES_IGNORE);
                     MPI_Recv(&ack, 1, MPI_INT, 1, 3, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
                     rounds++;
                     more = MPI_Wtime() - t0 < (warm ? seconds / 4 : seconds);
                 } else {
-                    for (int w = 0; w < window; w++) MPI_Irecv(buf + w * size, (int)size, MPI_BYTE, 0, 2, MPI_COMM_WORLD, &req[w]);
+                    for (int w = 0; w < window; w++) MPI_Irecv(buf, (int)size, MPI_BYTE, 0, 2, MPI_COMM_WORLD, &req[w]);
                     MPI_Waitall(window, req, MPI_STATUSES_IGNORE);
                     MPI_Send(&ack, 1, MPI_INT, 0, 3, MPI_COMM_WORLD);
                     rounds++;

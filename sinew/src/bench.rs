@@ -130,10 +130,11 @@ pub struct BenchArgs {
     /// TCP congestion control of the links (Linux); `system` keeps the system's.
     #[arg(long, default_value = "cubic")]
     pub congestion: String,
-    /// Send shared-memory messages from this size up by single copy (the receiver reads them
-    /// straight from this process with process_vm_readv) instead of through the ring.
-    #[arg(long, value_parser = crate::units::parse_size)]
-    pub shm_single_copy: Option<usize>,
+    /// When shared-memory messages go by single copy (the receiver reads them straight from
+    /// this process with process_vm_readv) instead of through the ring: `auto` (payloads over
+    /// 256 KiB go whichever way measures faster), `off`, or a SIZE from which they always do.
+    #[arg(long, value_parser = crate::link::parse_single_copy, default_value = "auto")]
+    pub shm_single_copy: transport::shm::SingleCopy,
     /// RDMA device for links (softrdma0: the built-in software device); default:
     /// $SINEW_RDMA_DEVICE, else the first device.
     #[arg(long)]
@@ -318,7 +319,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     link.transport = args.transport;
     link.socket_buffer = args.socket_buffer;
     link.congestion = crate::link::congestion(&args.congestion);
-    link.shm_single_copy_min = args.shm_single_copy;
+    link.shm_single_copy = args.shm_single_copy;
     if let Some(dev) = &args.rdma_device {
         link.rdma_device = Some(dev.clone());
     }

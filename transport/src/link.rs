@@ -348,12 +348,12 @@ pub struct LinkConfig {
     pub transport: crate::select::TransportChoice,
     /// Bytes of each direction's shared-memory ring (rounded up to a power of two).
     pub shm_ring_bytes: usize,
-    /// Shared-memory messages from this size up are copied once, by the receiver straight from
-    /// the sender's buffer (`process_vm_readv`), where the kernel lets the peer read this
-    /// process; the sender's call returns when the copy is done. `None` (the default) streams
-    /// every message through the ring: with a core for each side its two copies overlap while
-    /// the ring stays in the shared cache, which measured faster on the hosts tried (README).
-    pub shm_single_copy_min: Option<usize>,
+    /// When shared-memory messages are copied once, by the receiver straight from the sender's
+    /// buffer (`process_vm_readv`), instead of streamed through the ring. The default,
+    /// [`SingleCopy::Auto`](crate::shm::SingleCopy::Auto), measures both on each link (with a
+    /// shared cache the ring's two overlapping copies are faster; without one the single copy
+    /// is — README, "shm streaming").
+    pub shm_single_copy: crate::shm::SingleCopy,
     /// The RDMA device links use (`softrdma0`: the built-in software device); `None`: the
     /// first device the verbs library lists. Defaults to `SINEW_RDMA_DEVICE`.
     pub rdma_device: Option<String>,
@@ -363,7 +363,8 @@ impl LinkConfig {
     /// Defaults: a random node id, adaptive waiting, 30 s call timeout, 5 s handshake, 30 s of
     /// connect retries, 256 MiB maximum message, kernel-tuned socket buffers, cubic congestion
     /// control, the best backend both
-    /// sides offer, 4 MiB shared-memory rings without single copy, the RDMA device named by `SINEW_RDMA_DEVICE`.
+    /// sides offer, 4 MiB shared-memory rings with single copy where measured faster, the RDMA
+    /// device named by `SINEW_RDMA_DEVICE`.
     pub fn new(key: crate::key::ClusterKey) -> Self {
         let mut id = [0u8; 8];
         // A node id only needs to be unlikely to collide; fall back to the pid if the random
@@ -384,7 +385,7 @@ impl LinkConfig {
             congestion: Some("cubic".into()),
             transport: crate::select::TransportChoice::Auto,
             shm_ring_bytes: 4 << 20,
-            shm_single_copy_min: None,
+            shm_single_copy: crate::shm::SingleCopy::Auto,
             rdma_device: std::env::var(crate::rdma::DEVICE_ENV)
                 .ok()
                 .filter(|s| !s.is_empty()),

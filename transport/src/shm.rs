@@ -77,54 +77,96 @@ const SLOT_BODY: usize = 24;
 /// while the writer waits. Which size streams faster depends on where the two cores sit: with
 /// no shared cache (two sockets, two Zen CCDs, or a VM's vCPUs placed so) 256 KiB pieces (≈ 7
 /// GB/s at 4 MiB where unpieced streaming made 2.2–2.9 and 1 MiB pieces 2.5–3.9); with one, 1 MiB
-/// pieces (≈ 40 GB/s where 256 KiB ones sometimes made 12). The writer measures both and keeps
-/// the faster ([`ChunkChooser`]; README, "shm streaming").
+/// pieces (≈ 40 GB/s where 256 KiB ones sometimes made 12). The sender measures both and keeps
+/// the faster ([`CarryChooser`]; README, "shm streaming").
 const STREAM_CHUNKS: [usize; 2] = [256 << 10, 1 << 20];
 
-/// Bytes streamed per measurement of one chunk size.
+/// How a payload larger than the small chunk crosses to the receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carry {
+    /// Streamed through the byte ring, published in pieces of this many bytes.
+    Ring(usize),
+    /// Copied once, by the receiver straight from the sender's buffer.
+    SingleCopy,
+}
+
+/// The ways a sender may carry a large payload, in the order a new link measures them: the two
+/// ring piece sizes, then (where the peer may read this process) the single copy.
+const CARRIES: [Carry; 3] = [
+    Carry::Ring(STREAM_CHUNKS[0]),
+    Carry::Ring(STREAM_CHUNKS[1]),
+    Carry::SingleCopy,
+];
+
+/// Bytes carried per measurement of one way.
 const CHUNK_EPOCH: u64 = 32 << 20;
 
-/// One epoch in this many goes to the chunk size not in use, so a change of placement is noticed.
+/// One epoch in this many goes to a way not in use (in turn), so a change of placement is
+/// noticed.
 const CHUNK_EXPLORE_EVERY: u32 = 64;
 
-/// Picks the byte ring writer's chunk among [`STREAM_CHUNKS`] by measured throughput: each epoch
-/// of [`CHUNK_EPOCH`] streamed bytes is timed (waits for ring space included, so a slow reader
-/// counts) and credited to the size in use; the faster size is used, the other retried every
-/// [`CHUNK_EXPLORE_EVERY`]th epoch. Only large writes are timed, so small messages pay no clock
-/// reads.
+/// Picks how the sender carries large payloads, among the first `usable` of [`CARRIES`], by
+/// measured throughput: each epoch of [`CHUNK_EPOCH`] carried bytes is timed (waits for ring
+/// space or for the receiver's copy included, so a slow reader counts) and credited to the way in
+/// use; the fastest is used, each other one retried in turn every [`CHUNK_EXPLORE_EVERY`]th epoch.
+/// Only payloads larger than the small chunk are timed, so small messages pay no clock reads.
+///
+/// Which wins depends on the placement of the two cores: with a shared cache the ring's two
+/// copies overlap on two cores while the ring stays in that cache (35–40 GB/s at 1–4 MiB here);
+/// without one, every ring line crosses between the caches twice per pass (2.5–5 GB/s) while the
+/// single copy moves each byte across once (10–12 GB/s).
 #[derive(Debug)]
-struct ChunkChooser {
-    /// Index into [`STREAM_CHUNKS`] of the size in use.
+struct CarryChooser {
+    /// How many of [`CARRIES`] this link may use: the two ring sizes, or all three.
+    usable: usize,
+    /// Index into [`CARRIES`] of the way in use.
     current: usize,
-    /// Bytes per second each size last measured (an average of its last two epochs).
-    rate: [Option<f64>; 2],
+    /// Bytes per second each way last measured (an average of its last two epochs).
+    rate: [Option<f64>; 3],
     epoch_bytes: u64,
     epoch_time: Duration,
     epochs: u32,
+    /// Exploration epochs so far: which of the other ways the next one goes to.
+    explored: u32,
 }
 
-impl ChunkChooser {
-    fn new() -> Self {
-        ChunkChooser {
+impl CarryChooser {
+    /// A chooser among the ring sizes, and the single copy when `single_copy` is set.
+    fn new(single_copy: bool) -> Self {
+        CarryChooser {
+            usable: if single_copy { 3 } else { 2 },
             current: 0,
-            rate: [None, None],
+            rate: [None; 3],
             epoch_bytes: 0,
             epoch_time: Duration::ZERO,
             epochs: 0,
+            explored: 0,
         }
     }
 
-    fn chunk(&self) -> usize {
-        STREAM_CHUNKS[self.current]
+    /// The way in use.
+    fn carry(&self) -> Carry {
+        CARRIES[self.current]
     }
 
-    /// Whether a write of `len` bytes is worth timing: one that spans more than a small chunk.
+    /// The ring's piece size: the one in use, or (while the single copy is) the faster measured.
+    fn chunk(&self) -> usize {
+        match self.carry() {
+            Carry::Ring(chunk) => chunk,
+            Carry::SingleCopy => {
+                let slower = self.rate[0].unwrap_or(0.0) < self.rate[1].unwrap_or(0.0);
+                STREAM_CHUNKS[usize::from(slower)]
+            }
+        }
+    }
+
+    /// Whether a payload of `len` bytes is worth timing: one that spans more than a small chunk.
     fn times(len: usize) -> bool {
         len > STREAM_CHUNKS[0]
     }
 
-    /// Credits `bytes` streamed in `took` to the size in use; at the end of an epoch, picks the
-    /// size for the next one.
+    /// Credits `bytes` carried in `took` to the way in use; at the end of an epoch, picks the
+    /// way for the next one.
     fn record(&mut self, bytes: usize, took: Duration) {
         self.epoch_bytes += bytes as u64;
         self.epoch_time += took;
@@ -137,13 +179,34 @@ impl ChunkChooser {
         self.epoch_bytes = 0;
         self.epoch_time = Duration::ZERO;
         self.epochs = self.epochs.wrapping_add(1);
-        let other = 1 - self.current;
-        self.current = match (self.rate[self.current], self.rate[other]) {
-            (_, None) => other,
-            _ if self.epochs.is_multiple_of(CHUNK_EXPLORE_EVERY) => other,
-            (Some(here), Some(there)) if there > here => other,
-            _ => self.current,
-        };
+        let next = self.next_choice();
+        if next != self.current {
+            tracing::trace!(
+                from = ?CARRIES[self.current],
+                to = ?CARRIES[next],
+                measured_gbps = measured / 1e9,
+                rates_gbps = ?self.rate.map(|r| r.map(|r| (r / 1e8).round() / 10.0)),
+                "shm carry"
+            );
+        }
+        self.current = next;
+    }
+
+    fn next_choice(&mut self) -> usize {
+        if let Some(unmeasured) = (0..self.usable).find(|&i| self.rate[i].is_none()) {
+            return unmeasured;
+        }
+        let rate = |i: usize| self.rate[i].unwrap_or(0.0);
+        let best = (0..self.usable)
+            .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
+            .unwrap_or(0);
+        if !self.epochs.is_multiple_of(CHUNK_EXPLORE_EVERY) {
+            return best;
+        }
+        let others: Vec<usize> = (0..self.usable).filter(|&i| i != best).collect();
+        let pick = others[self.explored as usize % others.len()];
+        self.explored = self.explored.wrapping_add(1);
+        pick
     }
 }
 
@@ -506,7 +569,8 @@ impl Liveness {
 struct ByteRingWriter {
     dir: Arc<Direction>,
     tail: u64,
-    chunks: ChunkChooser,
+    /// Bytes copied in before each publication ([`STREAM_CHUNKS`]; the sender's choice).
+    chunk: usize,
     bootstrap: Arc<TcpStream>,
     wait: WaitStrategy,
     side: Side,
@@ -529,7 +593,7 @@ impl ByteRingWriter {
 impl ByteRingWriter {
     /// Copies up to `free` bytes of `parts` in and publishes them, a chunk at a time.
     fn put(&mut self, parts: &[&[u8]], free: usize) -> usize {
-        let chunk = self.chunks.chunk();
+        let chunk = self.chunk;
         let mut written = 0;
         for p in parts {
             let mut from = 0;
@@ -558,8 +622,6 @@ impl ByteSink for ByteRingWriter {
     }
 
     fn write_some(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        let start = ChunkChooser::times(len).then(Instant::now);
         let mut wait = None;
         let free = loop {
             let free = self.free()?;
@@ -575,11 +637,7 @@ impl ByteSink for ByteRingWriter {
             };
             wait.pause(dir.flag(OFF_WRITER_SLEEPS), ready, deadline, &self.side)?;
         };
-        let written = self.put(parts, free);
-        if let Some(start) = start {
-            self.chunks.record(written, start.elapsed());
-        }
-        Ok(written)
+        Ok(self.put(parts, free))
     }
 
     fn try_write_some(&mut self, parts: &[&[u8]]) -> Result<usize> {
@@ -678,9 +736,11 @@ pub(crate) struct ShmSender {
     /// The consumer's progress as last read; refreshed only when the slots look full.
     slots_done: u64,
     max_payload: u32,
-    /// Payloads from this size up go by single-copy rendezvous; `None` when this side does not
-    /// ask for it or the receiver cannot copy from this process's memory.
-    rendezvous: Option<usize>,
+    /// When payloads go by single-copy rendezvous: as configured, or [`SingleCopy::Off`] where
+    /// the receiver cannot copy from this process's memory.
+    single_copy: SingleCopy,
+    /// How large payloads are carried, by measurement.
+    carries: CarryChooser,
     broken: Option<String>,
     side: Side,
     /// A message `try_send` has started.
@@ -692,9 +752,17 @@ pub(crate) struct ShmSender {
 #[derive(Clone, Copy, Debug)]
 enum Outgoing {
     /// Payload bytes streamed through the byte ring so far.
-    Stream { written: usize },
+    Stream {
+        written: usize,
+        /// When the message was announced, if its carrying is timed for the chooser.
+        started: Option<Instant>,
+    },
     /// Waiting for the receiver to copy rendezvous message `index`.
-    Rendezvous { index: u64 },
+    Rendezvous {
+        index: u64,
+        /// As for `Stream`.
+        started: Option<Instant>,
+    },
 }
 
 impl ShmSender {
@@ -764,7 +832,9 @@ impl ShmSender {
             self.publish(tag, KIND_INLINE, len, payload);
             return None;
         }
-        if self.rendezvous.is_some_and(|min| len >= min) {
+        let (carry, timed) = self.carry_for(len);
+        let started = timed.then(Instant::now);
+        if carry == Carry::SingleCopy {
             let index = self.next;
             self.dir
                 .word(OFF_RDV)
@@ -775,10 +845,33 @@ impl ShmSender {
                 len,
                 &(payload.as_ptr() as u64).to_le_bytes(),
             );
-            return Some(Outgoing::Rendezvous { index });
+            return Some(Outgoing::Rendezvous { index, started });
+        }
+        if let Carry::Ring(chunk) = carry {
+            self.stream.chunk = chunk;
         }
         self.publish(tag, KIND_STREAM, len, &[]);
-        Some(Outgoing::Stream { written: 0 })
+        Some(Outgoing::Stream {
+            written: 0,
+            started,
+        })
+    }
+
+    /// How a payload of `len` (> [`INLINE`]) bytes goes, and whether its time goes to the
+    /// chooser.
+    fn carry_for(&self, len: usize) -> (Carry, bool) {
+        match self.single_copy {
+            SingleCopy::From(min) if len >= min => (Carry::SingleCopy, false),
+            _ if CarryChooser::times(len) => (self.carries.carry(), true),
+            _ => (Carry::Ring(self.carries.chunk()), false),
+        }
+    }
+
+    /// A message of `len` bytes announced at `started` (when timed) has been carried.
+    fn carried(&mut self, len: usize, started: Option<Instant>) {
+        if let Some(started) = started {
+            self.carries.record(len, started.elapsed());
+        }
     }
 
     /// Waits until the receiver has copied rendezvous message `index`; at the deadline, takes the
@@ -840,7 +933,7 @@ impl SendHalf for ShmSender {
             }
         };
         match state {
-            Outgoing::Stream { written } => {
+            Outgoing::Stream { written, started } => {
                 let written = match self.stream.try_write_some(&[&payload[written..]]) {
                     Ok(n) => written + n,
                     Err(e) => {
@@ -848,7 +941,10 @@ impl SendHalf for ShmSender {
                         return Err(e);
                     }
                 };
-                self.outgoing = (written < len).then_some(Outgoing::Stream { written });
+                self.outgoing = (written < len).then_some(Outgoing::Stream { written, started });
+                if written == len {
+                    self.carried(len, started);
+                }
                 if written < len
                     && let Err(e) = self.liveness.check(&self.stream.bootstrap, &self.side)
                 {
@@ -857,10 +953,11 @@ impl SendHalf for ShmSender {
                 }
                 Ok(written == len)
             }
-            Outgoing::Rendezvous { index } => {
+            Outgoing::Rendezvous { index, started } => {
                 let now = self.dir.word(OFF_RDV).load(Ordering::Acquire);
                 if now == index << 2 | RDV_DONE {
                     self.outgoing = None;
+                    self.carried(len, started);
                     Ok(true)
                 } else if now == index << 2 | RDV_POSTED {
                     self.outgoing = Some(state);
@@ -889,15 +986,21 @@ impl SendHalf for ShmSender {
         self.reserve(deadline)?;
         match self.announce(tag, payload) {
             None => Ok(()),
-            Some(Outgoing::Rendezvous { index }) => self
-                .await_rendezvous(index, deadline)
-                .inspect_err(|e| self.broken = Some(e.to_string())),
+            Some(Outgoing::Rendezvous { index, started }) => {
+                self.await_rendezvous(index, deadline)
+                    .inspect_err(|e| self.broken = Some(e.to_string()))?;
+                self.carried(payload.len(), started);
+                Ok(())
+            }
             // The message is announced: a failure while streaming its payload breaks the link.
-            Some(Outgoing::Stream { .. }) => write_all(&mut self.stream, &[payload], deadline)
-                .map_err(|p| {
+            Some(Outgoing::Stream { started, .. }) => {
+                write_all(&mut self.stream, &[payload], deadline).map_err(|p| {
                     self.broken = Some(p.error.to_string());
                     p.error
-                }),
+                })?;
+                self.carried(payload.len(), started);
+                Ok(())
+            }
         }
     }
 
@@ -924,7 +1027,7 @@ impl SendHalf for ShmSender {
 
 impl Drop for ShmSender {
     fn drop(&mut self) {
-        if let Some(Outgoing::Rendezvous { index }) = self.outgoing {
+        if let Some(Outgoing::Rendezvous { index, .. }) = self.outgoing {
             // The buffer the receiver would copy from is about to go away: take it back, so the
             // receiver discards the copy instead of delivering it.
             let _ = self.dir.word(OFF_RDV).compare_exchange(
@@ -1354,13 +1457,41 @@ fn read_probe(
     ))
 }
 
+/// When a shared-memory sender copies a payload once — the receiver reading it straight from the
+/// sender's buffer with `process_vm_readv`, the sender's call returning once that copy is done —
+/// instead of streaming it through the byte ring. Single copy needs the kernel to let the peer
+/// read this process (same user, no ptrace restriction); where it does not, every payload
+/// streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SingleCopy {
+    /// Never: every payload streams through the ring.
+    Off,
+    /// Payloads over 256 KiB go whichever way the sender measures faster on this link — the ring
+    /// in 256 KiB or 1 MiB pieces, or the single copy — each way re-measured now and then, so a
+    /// change of core placement is followed.
+    #[default]
+    Auto,
+    /// Payloads from this many bytes up always go by single copy.
+    From(usize),
+}
+
+impl std::fmt::Display for SingleCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SingleCopy::Off => f.write_str("off"),
+            SingleCopy::Auto => f.write_str("auto"),
+            SingleCopy::From(min) => write!(f, "from {min} bytes"),
+        }
+    }
+}
+
 /// What one side asks of a shared-memory link.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Params {
     /// Bytes of each direction's byte ring (the creator's value is used).
     pub ring_bytes: usize,
-    /// This side sends messages from this size up by single-copy rendezvous.
-    pub single_copy_min: Option<usize>,
+    /// When this side sends by single-copy rendezvous.
+    pub single_copy: SingleCopy,
     /// The negotiated largest message.
     pub max_payload: u32,
     /// How this side waits.
@@ -1377,7 +1508,7 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
 ) -> Result<(ShmSender, ShmReceiver)> {
     let Params {
         ring_bytes,
-        single_copy_min,
+        single_copy,
         max_payload,
         wait,
     } = params;
@@ -1492,7 +1623,7 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
         stream: ByteRingWriter {
             dir: out,
             tail: 0,
-            chunks: ChunkChooser::new(),
+            chunk: STREAM_CHUNKS[0],
             bootstrap: bootstrap.clone(),
             wait,
             side: send_side.clone(),
@@ -1500,10 +1631,13 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
         next: 0,
         slots_done: 0,
         max_payload,
-        // Inline messages never take the rendezvous: their slot is the whole message.
-        rendezvous: single_copy_min
-            .filter(|_| peer_reads_us)
-            .map(|min| min.max(INLINE + 1)),
+        single_copy: match single_copy {
+            _ if !peer_reads_us => SingleCopy::Off,
+            // Inline messages never take the rendezvous: their slot is the whole message.
+            SingleCopy::From(min) => SingleCopy::From(min.max(INLINE + 1)),
+            other => other,
+        },
+        carries: CarryChooser::new(single_copy == SingleCopy::Auto && peer_reads_us),
         broken: None,
         side: send_side,
         outgoing: None,
@@ -1527,7 +1661,7 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
         liveness: Liveness::new(),
     };
     tracing::debug!(
-        single_copy_send = ?sender.rendezvous,
+        single_copy_send = ?sender.single_copy,
         single_copy_recv = we_read_peer.is_some(),
         capacity,
         "shm link set up"
@@ -1545,13 +1679,13 @@ mod tests {
 
     /// Both sides' halves, single copy asked for from [`RENDEZVOUS_MIN`].
     fn ends(capacity: usize) -> ((ShmSender, ShmReceiver), (ShmSender, ShmReceiver)) {
-        ends_with(capacity, Some(RENDEZVOUS_MIN))
+        ends_with(capacity, SingleCopy::From(RENDEZVOUS_MIN))
     }
 
-    fn params(ring_bytes: usize, single_copy_min: Option<usize>) -> Params {
+    fn params(ring_bytes: usize, single_copy: SingleCopy) -> Params {
         Params {
             ring_bytes,
-            single_copy_min,
+            single_copy,
             max_payload: 1 << 30,
             wait: WaitStrategy::default(),
         }
@@ -1561,7 +1695,7 @@ mod tests {
     /// threshold on both sides.
     fn ends_with(
         capacity: usize,
-        single_copy: Option<usize>,
+        single_copy: SingleCopy,
     ) -> ((ShmSender, ShmReceiver), (ShmSender, ShmReceiver)) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -1636,8 +1770,8 @@ mod tests {
         // with each chunk size in turn: the writer publishes piece by piece, across the wrap.
         for (choice, &chunk) in STREAM_CHUNKS.iter().enumerate() {
             let ((mut tx, _), (_, mut rx)) = ends(4 * STREAM_CHUNKS[1]);
-            tx.rendezvous = None;
-            tx.stream.chunks.current = choice;
+            tx.single_copy = SingleCopy::Off;
+            tx.carries.current = choice;
             round_trip(
                 &mut tx,
                 &mut rx,
@@ -1654,8 +1788,9 @@ mod tests {
         }
     }
 
-    /// Feeds `chooser` one epoch streamed at `rate` bytes per second, in 1 MiB writes.
-    fn epoch_at(chooser: &mut ChunkChooser, rate: [f64; 2]) -> usize {
+    /// Feeds `chooser` one epoch carried at `rate` bytes per second (per way), in 1 MiB
+    /// messages; which way it used.
+    fn epoch_at(chooser: &mut CarryChooser, rate: [f64; 3]) -> usize {
         let used = chooser.current;
         let write = 1usize << 20;
         for _ in 0..CHUNK_EPOCH / write as u64 {
@@ -1665,51 +1800,132 @@ mod tests {
     }
 
     #[test]
-    fn the_chunk_chooser_measures_both_sizes_then_keeps_the_faster_and_retries_the_other() {
+    fn the_chooser_measures_every_way_then_keeps_the_fastest_and_retries_the_others() {
         let period = CHUNK_EXPLORE_EVERY as usize;
-        for faster in 0..2 {
-            let mut rate = [1e9, 1e9];
-            rate[faster] = 4e9;
-            let mut chooser = ChunkChooser::new();
-            let used: Vec<usize> = (0..3 * period)
-                .map(|_| epoch_at(&mut chooser, rate))
-                .collect();
-            // The first two epochs measure both sizes.
-            assert_eq!(&used[..2], &[0, 1]);
-            // After that the slower size gets one epoch per period: retried, never kept.
-            let on_slower = used.iter().filter(|&&u| u != faster).count();
-            assert!((3..=5).contains(&on_slower), "{used:?}");
+        for usable in [2, 3] {
+            for faster in 0..usable {
+                let mut rate = [1e9, 2e9, 1.5e9];
+                rate[faster] = 4e9;
+                let mut chooser = CarryChooser::new(usable == 3);
+                let used: Vec<usize> = (0..4 * period)
+                    .map(|_| epoch_at(&mut chooser, rate))
+                    .collect();
+                // The first epochs measure each way, in order.
+                assert_eq!(&used[..usable], &(0..usable).collect::<Vec<_>>()[..]);
+                // After that the slower ways get one epoch per period between them, in turn:
+                // each retried, none kept.
+                let retried: Vec<usize> = used[usable..]
+                    .iter()
+                    .copied()
+                    .filter(|&u| u != faster)
+                    .collect();
+                assert!((3..=5).contains(&retried.len()), "{used:?}");
+                for other in (0..usable).filter(|&u| u != faster) {
+                    assert!(retried.contains(&other), "{other} never retried: {used:?}");
+                }
+            }
         }
     }
 
     #[test]
-    fn the_chunk_chooser_follows_a_change_of_placement() {
-        // No shared cache (small chunks faster), then a shared one (large chunks faster): within
-        // one retry period of the change the chooser is on the large chunks for good.
+    fn without_single_copy_the_chooser_never_picks_it() {
+        let mut chooser = CarryChooser::new(false);
+        for _ in 0..4 * CHUNK_EXPLORE_EVERY {
+            assert_ne!(epoch_at(&mut chooser, [1e9, 1e9, 100e9]), 2);
+        }
+    }
+
+    #[test]
+    fn the_chooser_follows_a_change_of_placement() {
+        // No shared cache (single copy fastest, small pieces next), then a shared one (large
+        // pieces fastest): within two retry periods the chooser is on the large pieces for good;
+        // and back: within a few epochs it is on the single copy again.
         let period = CHUNK_EXPLORE_EVERY as usize;
-        let mut chooser = ChunkChooser::new();
-        let before: Vec<usize> = (0..period)
-            .map(|_| epoch_at(&mut chooser, [7e9, 3e9]))
-            .collect();
+        let apart = [7e9, 3e9, 10e9];
+        let shared = [12e9, 40e9, 11e9];
+        let mut chooser = CarryChooser::new(true);
+        let before: Vec<usize> = (0..period).map(|_| epoch_at(&mut chooser, apart)).collect();
         assert!(
-            before.iter().filter(|&&u| u == 1).count() <= 3,
+            before.iter().filter(|&&u| u != 2).count() <= 3,
             "{before:?}"
         );
-        let after: Vec<usize> = (0..3 * period)
-            .map(|_| epoch_at(&mut chooser, [12e9, 40e9]))
+        let after: Vec<usize> = (0..4 * period)
+            .map(|_| epoch_at(&mut chooser, shared))
             .collect();
-        let settled = &after[period + 1..];
+        let settled = &after[2 * period + 1..];
         assert!(
-            settled.iter().filter(|&&u| u == 0).count() <= 2,
+            settled.iter().filter(|&&u| u != 1).count() <= 2,
             "{after:?}"
+        );
+        let back: Vec<usize> = (0..period).map(|_| epoch_at(&mut chooser, apart)).collect();
+        assert!(
+            back[8..].iter().filter(|&&u| u != 2).count() <= 2,
+            "{back:?}"
         );
     }
 
     #[test]
-    fn only_writes_larger_than_a_small_chunk_are_timed() {
-        assert!(!ChunkChooser::times(40));
-        assert!(!ChunkChooser::times(STREAM_CHUNKS[0]));
-        assert!(ChunkChooser::times(STREAM_CHUNKS[0] + 1));
+    fn while_the_single_copy_is_in_use_the_ring_keeps_its_faster_piece_size() {
+        let mut chooser = CarryChooser::new(true);
+        for _ in 0..3 {
+            epoch_at(&mut chooser, [2e9, 3e9, 9e9]);
+        }
+        assert_eq!(chooser.carry(), Carry::SingleCopy);
+        assert_eq!(chooser.chunk(), STREAM_CHUNKS[1]);
+        let mut chooser = CarryChooser::new(true);
+        for _ in 0..3 {
+            epoch_at(&mut chooser, [3e9, 2e9, 9e9]);
+        }
+        assert_eq!(chooser.chunk(), STREAM_CHUNKS[0]);
+    }
+
+    #[test]
+    fn only_payloads_larger_than_a_small_chunk_are_timed() {
+        assert!(!CarryChooser::times(40));
+        assert!(!CarryChooser::times(STREAM_CHUNKS[0]));
+        assert!(CarryChooser::times(STREAM_CHUNKS[0] + 1));
+    }
+
+    #[test]
+    fn an_auto_link_measures_every_way_on_real_messages_and_delivers_them_intact() {
+        // Enough 1 MiB messages for every way's first epoch and then some, through send and
+        // through try_send: each way gets a measured rate, and every message arrives intact.
+        let ((mut tx, _), (_, mut rx)) = ends_with(4 << 20, SingleCopy::Auto);
+        assert_eq!((tx.single_copy, tx.carries.usable), (SingleCopy::Auto, 3));
+        let n = 4 * (CHUNK_EPOCH >> 20) as usize;
+        let size = 1 << 20;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = vec![0u8; size];
+                for i in 0..n {
+                    let m = rx
+                        .recv(&mut buf, Deadline::after(Duration::from_secs(10)))
+                        .unwrap();
+                    assert_eq!((m.tag, m.len), (i as u32, size));
+                    assert!(buf.iter().all(|&b| b == i as u8), "message {i}");
+                }
+            });
+            let mut used = std::collections::BTreeSet::new();
+            for i in 0..n {
+                used.insert(tx.carries.current);
+                let data = vec![i as u8; size];
+                if i % 2 == 0 {
+                    tx.send(i as u32, &data, Deadline::after(Duration::from_secs(10)))
+                        .unwrap();
+                } else {
+                    let give_up = Instant::now() + Duration::from_secs(10);
+                    while !tx.try_send(i as u32, &data).unwrap() {
+                        assert!(Instant::now() < give_up, "try_send never finished");
+                    }
+                }
+            }
+            assert_eq!(used.len(), 3, "ways used: {used:?}");
+        });
+        assert!(
+            tx.carries.rate.iter().all(Option::is_some),
+            "{:?}",
+            tx.carries
+        );
     }
 
     proptest::proptest! {
@@ -1721,19 +1937,21 @@ mod tests {
             sizes in proptest::collection::vec(0usize..(3 << 20), 1..6),
         ) {
             let ((mut tx, _), (_, mut rx)) = ends(1 << ring_log2);
-            tx.rendezvous = None;
+            tx.single_copy = SingleCopy::Off;
             round_trip(&mut tx, &mut rx, &sizes);
         }
 
-        /// Whatever it is told, the chooser only ever picks one of the sizes, and never panics
-        /// (zero durations, huge writes).
+        /// Whatever it is told (zero durations, huge payloads), the chooser never panics, only
+        /// ever picks a way the link may use, and its ring piece is one of the sizes.
         #[test]
-        fn the_chunk_chooser_picks_only_known_sizes(
+        fn the_chooser_picks_only_usable_ways(
+            single_copy: bool,
             writes in proptest::collection::vec((0usize..(64 << 20), 0u64..10_000_000), 0..200),
         ) {
-            let mut chooser = ChunkChooser::new();
+            let mut chooser = CarryChooser::new(single_copy);
             for (bytes, nanos) in writes {
                 chooser.record(bytes, Duration::from_nanos(nanos));
+                proptest::prop_assert!(single_copy || chooser.carry() != Carry::SingleCopy);
                 proptest::prop_assert!(STREAM_CHUNKS.contains(&chooser.chunk()));
             }
         }
@@ -1741,20 +1959,36 @@ mod tests {
 
     #[test]
     fn without_single_copy_large_messages_stream_through_the_ring() {
-        let ((mut tx, _), (_, mut rx)) = ends(4096);
-        tx.rendezvous = None;
+        let ((mut tx, _), (_, mut rx)) = ends_with(4096, SingleCopy::Off);
+        assert_eq!((tx.single_copy, tx.carries.usable), (SingleCopy::Off, 2));
         round_trip(&mut tx, &mut rx, &[RENDEZVOUS_MIN, 3 << 20, 5]);
     }
 
     #[test]
     fn single_copy_is_used_only_when_asked_for_and_never_for_inline_messages() {
-        let ((tx, _), (back_tx, _)) = ends_with(4096, None);
-        assert_eq!((tx.rendezvous, back_tx.rendezvous), (None, None));
-        let ((tx, _), _) = ends_with(4096, Some(1));
-        assert_eq!(tx.rendezvous, Some(INLINE + 1));
+        let ((tx, _), (back_tx, _)) = ends_with(4096, SingleCopy::Off);
+        assert_eq!(
+            (tx.single_copy, back_tx.single_copy),
+            (SingleCopy::Off, SingleCopy::Off)
+        );
+        let ((tx, _), _) = ends_with(4096, SingleCopy::From(1));
+        assert_eq!(tx.single_copy, SingleCopy::From(INLINE + 1));
+        assert_eq!(tx.carry_for(INLINE + 1), (Carry::SingleCopy, false));
+        // Auto: only payloads over a small chunk follow the chooser, even while it is on the
+        // single copy.
+        let ((mut tx, _), _) = ends_with(4096, SingleCopy::Auto);
+        tx.carries.current = 2;
+        assert_eq!(
+            tx.carry_for(STREAM_CHUNKS[0] + 1),
+            (Carry::SingleCopy, true)
+        );
+        assert!(matches!(
+            tx.carry_for(STREAM_CHUNKS[0]),
+            (Carry::Ring(_), false)
+        ));
         // One direction by rendezvous, the other through the ring, on one link.
         let ((mut tx, mut back_rx), (mut back_tx, mut rx)) = ends(4096);
-        back_tx.rendezvous = None;
+        back_tx.single_copy = SingleCopy::Off;
         round_trip(&mut tx, &mut rx, &[RENDEZVOUS_MIN + 1, 7]);
         round_trip(&mut back_tx, &mut back_rx, &[RENDEZVOUS_MIN + 1, 7]);
     }
@@ -1820,7 +2054,7 @@ mod tests {
     fn a_rendezvous_the_sender_abandoned_is_not_delivered() {
         let ((mut tx, _), (_, mut rx)) = ends(4096);
         assert!(
-            tx.rendezvous.is_some(),
+            matches!(tx.single_copy, SingleCopy::From(_)),
             "single copy works between threads of one process"
         );
         let data = vec![5u8; RENDEZVOUS_MIN];

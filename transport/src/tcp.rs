@@ -476,7 +476,7 @@ fn establish(
                 shm_role,
                 shm::Params {
                     ring_bytes: cfg.shm_ring_bytes,
-                    single_copy_min: cfg.shm_single_copy_min,
+                    single_copy: cfg.shm_single_copy,
                     max_payload: max,
                     wait: cfg.wait,
                 },

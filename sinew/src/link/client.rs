@@ -99,7 +99,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     cfg.wait = args.wait;
     cfg.socket_buffer = args.socket_buffer;
     cfg.congestion = super::congestion(&args.congestion);
-    cfg.shm_single_copy_min = args.shm_single_copy;
+    cfg.shm_single_copy = args.shm_single_copy;
     if let Some(dev) = &args.rdma_device {
         cfg.rdma_device = Some(dev.clone());
     }

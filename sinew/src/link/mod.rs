@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
+use transport::shm::SingleCopy;
 use transport::{TransportChoice, WaitStrategy};
 
 use crate::keys::KeyArgs;
@@ -53,10 +54,11 @@ pub struct ServerArgs {
     /// Bytes of each direction's shared-memory ring.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub shm_ring: usize,
-    /// Send shared-memory messages from this size up by single copy (the receiver reads them
-    /// straight from this process with process_vm_readv) instead of through the ring.
-    #[arg(long, value_parser = parse_size)]
-    pub shm_single_copy: Option<usize>,
+    /// When shared-memory messages go by single copy (the receiver reads them straight from
+    /// this process with process_vm_readv) instead of through the ring: `auto` (payloads over
+    /// 256 KiB go whichever way measures faster), `off`, or a SIZE from which they always do.
+    #[arg(long, value_parser = parse_single_copy, default_value = "auto")]
+    pub shm_single_copy: SingleCopy,
     /// RDMA device for links (e.g. rdma_en2, mlx5_0, rxe0; softrdma0 is the built-in software
     /// device); default: $SINEW_RDMA_DEVICE, else the first device.
     #[arg(long)]
@@ -127,6 +129,17 @@ fn parse_sizes(s: &str) -> Result<SizeList, String> {
     parse_size_list(s).map(SizeList)
 }
 
+/// Parses `--shm-single-copy`: `auto`, `off`, or a size.
+pub fn parse_single_copy(s: &str) -> Result<SingleCopy, String> {
+    match s.trim() {
+        "auto" => Ok(SingleCopy::Auto),
+        "off" => Ok(SingleCopy::Off),
+        size => parse_size(size)
+            .map(SingleCopy::From)
+            .map_err(|e| format!("{e} (or auto, off)")),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
@@ -179,10 +192,11 @@ pub struct ClientArgs {
     /// streams to the other; GB/s per direction, each counted by its receiver.
     #[arg(long)]
     pub bidir: bool,
-    /// Send shared-memory messages from this size up by single copy (the receiver reads them
-    /// straight from this process with process_vm_readv) instead of through the ring.
-    #[arg(long, value_parser = parse_size)]
-    pub shm_single_copy: Option<usize>,
+    /// When shared-memory messages go by single copy (the receiver reads them straight from
+    /// this process with process_vm_readv) instead of through the ring: `auto` (payloads over
+    /// 256 KiB go whichever way measures faster), `off`, or a SIZE from which they always do.
+    #[arg(long, value_parser = parse_single_copy, default_value = "auto")]
+    pub shm_single_copy: SingleCopy,
     /// RDMA device for links (e.g. rdma_en2, mlx5_0, rxe0; softrdma0 is the built-in software
     /// device); default: $SINEW_RDMA_DEVICE, else the first device.
     #[arg(long)]
@@ -208,4 +222,18 @@ pub fn run(cmd: LinkCommand) -> anyhow::Result<ExitCode> {
 /// The congestion control a `--congestion` value asks for: `None` for `system`.
 pub fn congestion(name: &str) -> Option<String> {
     (name != "system").then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_copy_takes_auto_off_or_a_size() {
+        assert_eq!(parse_single_copy("auto"), Ok(SingleCopy::Auto));
+        assert_eq!(parse_single_copy("off"), Ok(SingleCopy::Off));
+        assert_eq!(parse_single_copy("256K"), Ok(SingleCopy::From(256 << 10)));
+        let err = parse_single_copy("sometimes").unwrap_err();
+        assert!(err.contains("auto, off"), "{err}");
+    }
 }

@@ -26,7 +26,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     cfg.wait = args.wait;
     cfg.socket_buffer = args.socket_buffer;
     cfg.congestion = super::congestion(&args.congestion);
-    cfg.shm_single_copy_min = args.shm_single_copy;
+    cfg.shm_single_copy = args.shm_single_copy;
     cfg.transport = args.transport;
     cfg.shm_ring_bytes = args.shm_ring;
     if let Some(dev) = &args.rdma_device {
