@@ -6,15 +6,16 @@
 //!   cores as a single cache line (the way OpenMPI's fast boxes do);
 //! - a **byte ring** through which larger payloads stream, so a message larger than the ring
 //!   flows through it;
-//! - optionally (`LinkConfig::shm_single_copy_min`), for large payloads when the kernel allows it
-//!   (same user, no ptrace restriction), a **single-copy rendezvous**: the receiver copies
-//!   straight from the sender's buffer with `process_vm_readv`, and the sender returns once the
-//!   copy is done (or abandoned at its deadline, which the receiver then reports as an error
-//!   rather than use the data). It is off by default: with a core for each side the ring's two
-//!   copies run at once on two cores while the ring stays in the shared cache, and measured
-//!   faster than one `process_vm_readv` copy at every size from 1 to 64 MiB, one- and
-//!   two-directional, spinning or blocking, and level or faster with both processes on one core
-//!   (README, "shm single copy").
+//! - where the kernel lets the peer read this process (same user, no ptrace restriction), a
+//!   **single-copy rendezvous**: the receiver copies straight from the sender's buffer with
+//!   `process_vm_readv`, and the sender returns once the copy is done (or abandoned at its
+//!   deadline, which the receiver then reports as an error rather than use the data).
+//!
+//! Payloads over 256 KiB go whichever way the sender measures faster (`CarryChooser`,
+//! [`SingleCopy::Auto`], the default; `LinkConfig::shm_single_copy`): with a shared cache the
+//! ring's two copies overlap on two cores while the ring stays in that cache; without one each
+//! ring line crosses between the caches twice per pass, and the single copy wins (README, "shm:
+//! ring or single copy").
 //!
 //! The accepting side creates the segment in `/dev/shm` (mode 0600, a random name), tells the
 //! peer its name over the already authenticated TCP link, and unlinks it once the peer has mapped
