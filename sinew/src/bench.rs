@@ -219,11 +219,30 @@ fn exit_grace(timeout: Duration) -> Duration {
 /// Spawns `n` ranks of this binary on loopback and relays rank 0's output. Once a rank has
 /// failed, the others get [`exit_grace`] to exit before they are killed, so a rank stopped or
 /// wedged (rather than dead) cannot hold the run forever.
+/// A free port for rank 0, below the kernel's ephemeral range (32768 and up by default): a port
+/// probed free inside that range can be taken as some connection's source port before rank 0
+/// binds it (a CI run failed so: "Address already in use").
+fn rendezvous_port() -> anyhow::Result<u16> {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..256 {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let port = 20_000 + (x >> 16) as u16 % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 fn spawn_local(n: usize, timeout: Duration) -> anyhow::Result<ExitCode> {
     ensure!(n >= 1, "--ranks must be at least 1");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = rendezvous_port()?;
     let root = format!("127.0.0.1:{port}");
     let exe = std::env::current_exe().context("locating the sinew binary")?;
     let cpus = std::thread::available_parallelism()
