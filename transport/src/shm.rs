@@ -176,6 +176,11 @@ impl CarryChooser {
         len > STREAM_CHUNKS[0]
     }
 
+    /// The time now, if a payload of `len` bytes is timed.
+    fn clock(len: usize) -> Option<Instant> {
+        Self::times(len).then(Instant::now)
+    }
+
     /// Credits `bytes` carried in `took` to the way in use; at the end of an epoch, picks the
     /// way for the next one.
     fn record(&mut self, bytes: usize, took: Duration) {
@@ -214,10 +219,13 @@ impl CarryChooser {
         if !self.epochs.is_multiple_of(CHUNK_EXPLORE_EVERY) {
             return best;
         }
-        let others: Vec<usize> = (0..self.usable).filter(|&i| i != best).collect();
-        let pick = others[self.explored as usize % others.len()];
+        // The others in turn (there is at least one: `usable` is 2 or 3).
+        let turn = self.explored as usize % (self.usable - 1);
         self.explored = self.explored.wrapping_add(1);
-        pick
+        (0..self.usable)
+            .filter(|&i| i != best)
+            .nth(turn)
+            .unwrap_or(best)
     }
 }
 
@@ -329,6 +337,14 @@ impl Direction {
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.word(OFF_READER_NANOS)
             .fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// [`Direction::reader_took`] the time since `start`, if the payload was timed
+    /// ([`CarryChooser::clock`]).
+    fn reader_took_since(&self, start: Option<Instant>) {
+        if let Some(start) = start {
+            self.reader_took(start.elapsed());
+        }
     }
 
     fn slot(&self, index: u64) -> *mut u8 {
@@ -1264,13 +1280,11 @@ impl ShmReceiver {
                 );
                 return Err(self.fail(e));
             };
-            let start = CarryChooser::times(len).then(Instant::now);
+            let start = CarryChooser::clock(len);
             if let Err(e) = self.pull(pid, addr, &mut buf[..len]) {
                 return Err(self.fail(e));
             }
-            if let Some(start) = start {
-                self.dir.reader_took(start.elapsed());
-            }
+            self.dir.reader_took_since(start);
             let word = self.dir.word(OFF_RDV);
             let claimed = word.compare_exchange(
                 index << 2 | RDV_POSTED,
@@ -1307,13 +1321,11 @@ impl RecvHalf for ShmReceiver {
         if slot.kind != KIND_STREAM {
             return self.deliver_now(&slot, buf);
         }
-        let start = CarryChooser::times(slot.len).then(Instant::now);
+        let start = CarryChooser::clock(slot.len);
         if let Err(p) = read_full(&mut self.stream, &mut buf[..slot.len], deadline) {
             return Err(self.fail(p.error));
         }
-        if let Some(start) = start {
-            self.dir.reader_took(start.elapsed());
-        }
+        self.dir.reader_took_since(start);
         self.consume_slot();
         Ok(Message {
             tag: slot.tag,
@@ -1354,17 +1366,12 @@ impl RecvHalf for ShmReceiver {
             });
         }
         // The receiver's share of a large payload's carrying: the time this call spent copying.
-        let start = CarryChooser::times(len).then(Instant::now);
-        let credit = |dir: &Direction| {
-            if let Some(start) = start {
-                dir.reader_took(start.elapsed());
-            }
-        };
+        let start = CarryChooser::clock(len);
         while done < len {
             match self.stream.try_read_some(&mut buf[done..len], true) {
                 Ok(Some(k)) => done += k,
                 Ok(None) => {
-                    credit(&self.dir);
+                    self.dir.reader_took_since(start);
                     self.incoming = Some((tag, len, done));
                     // as above: bytes written just before the peer exited are still to be read
                     let stream = &self.stream;
@@ -1380,7 +1387,7 @@ impl RecvHalf for ShmReceiver {
                 Err(e) => return Err(self.fail(e)),
             }
         }
-        credit(&self.dir);
+        self.dir.reader_took_since(start);
         self.consume_slot();
         Ok(Some(Message { tag, len }))
     }
@@ -1952,16 +1959,21 @@ mod tests {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     if polled {
-                        while !tx.try_send(1, &data).unwrap() {}
+                        let give_up = Instant::now() + Duration::from_secs(10);
+                        while !tx.try_send(1, &data).unwrap() {
+                            assert!(Instant::now() < give_up, "try_send never finished");
+                        }
                     } else {
                         tx.send(1, &data, d()).unwrap();
                     }
                 });
                 let m = if polled {
+                    let give_up = Instant::now() + Duration::from_secs(10);
                     loop {
                         if let Some(m) = rx.try_recv(&mut buf).unwrap() {
                             break m;
                         }
+                        assert!(Instant::now() < give_up, "try_recv never finished");
                     }
                 } else {
                     rx.recv(&mut buf, d()).unwrap()
