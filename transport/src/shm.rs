@@ -49,7 +49,9 @@ use crate::link::{Message, RecvHalf, SendHalf, check_len};
 use crate::stream::{ByteSink, ByteSource, read_full, write_all};
 use crate::wait::{WaitStrategy, Waiter};
 
-const RING_MAGIC: u64 = 0x5349_4e45_5752_4e47; // "SINEWRNG"
+/// Marks an initialised segment, and its layout: a peer whose build lays the segment out
+/// differently (rendezvous states in three bits since "SINEWRN2") is refused at setup.
+const RING_MAGIC: u64 = 0x5349_4e45_5752_4e32; // "SINEWRN2"
 /// Messages in flight per direction.
 const SLOTS: usize = 256;
 const SLOT: usize = 64;
@@ -234,10 +236,27 @@ const KIND_INLINE: u32 = 1;
 const KIND_STREAM: u32 = 2;
 const KIND_RENDEZVOUS: u32 = 3;
 const KIND_CLOSE: u32 = 4;
-/// Rendezvous states, in the low two bits of the rendezvous word (the message index above them).
+/// Rendezvous states, in the low [`RDV_BITS`] bits of the rendezvous word (the message index
+/// above them; see [`rdv`]). The sender posts; the receiver claims, copies and marks it done. A
+/// posted message the receiver has not claimed within [`RDV_GRACE`] the sender may withdraw, and
+/// then streams its payload through the byte ring; at its deadline, or when dropped, it
+/// abandons a posted or claimed one (the receiver discards whatever it copied).
+const RDV_BITS: u32 = 3;
 const RDV_POSTED: u64 = 1;
 const RDV_DONE: u64 = 2;
 const RDV_ABANDONED: u64 = 3;
+const RDV_CLAIMED: u64 = 4;
+const RDV_WITHDRAWN: u64 = 5;
+/// How long a posted single copy waits for the receiver to claim it before the sender, when the
+/// byte ring has room for the whole payload, withdraws it and streams it through the ring: a
+/// receiver busy elsewhere (computing, or blocked in its own send) then holds the sender up no
+/// longer than this, as a ring with room never would.
+const RDV_GRACE: Duration = Duration::from_millis(1);
+
+/// The rendezvous word for message `index` in `state`.
+fn rdv(index: u64, state: u64) -> u64 {
+    index << RDV_BITS | state
+}
 /// Smallest and largest byte ring accepted from a peer.
 const MIN_RING: usize = 4096;
 const MAX_RING: usize = 1 << 30;
@@ -804,6 +823,8 @@ enum Outgoing {
         index: u64,
         /// As for `Stream`.
         started: Option<Instant>,
+        /// When it was posted: [`RDV_GRACE`] later it may be withdrawn.
+        posted: Instant,
     },
 }
 
@@ -880,14 +901,18 @@ impl ShmSender {
             let index = self.next;
             self.dir
                 .word(OFF_RDV)
-                .store(index << 2 | RDV_POSTED, Ordering::Release);
+                .store(rdv(index, RDV_POSTED), Ordering::Release);
             self.publish(
                 tag,
                 KIND_RENDEZVOUS,
                 len,
                 &(payload.as_ptr() as u64).to_le_bytes(),
             );
-            return Some(Outgoing::Rendezvous { index, started });
+            return Some(Outgoing::Rendezvous {
+                index,
+                started,
+                posted: Instant::now(),
+            });
         }
         if let Carry::Ring(chunk) = carry {
             self.stream.chunk = chunk;
@@ -897,6 +922,54 @@ impl ShmSender {
             written: 0,
             started,
         })
+    }
+
+    /// Takes rendezvous message `index` back, to stream its `len` bytes through the byte ring
+    /// instead: only when it is still unclaimed and the ring has room for all of it now. `false`
+    /// when it stays posted (no room) or the receiver has claimed it.
+    fn withdraw(&mut self, index: u64, len: usize) -> Result<bool> {
+        if self.stream.free()? < len {
+            return Ok(false);
+        }
+        if self
+            .dir
+            .word(OFF_RDV)
+            .compare_exchange(
+                rdv(index, RDV_POSTED),
+                rdv(index, RDV_WITHDRAWN),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return Ok(false);
+        }
+        self.stream.chunk = self.carries.chunk();
+        Ok(true)
+    }
+
+    /// Takes rendezvous message `index` back for good, posted or claimed, unless the receiver
+    /// has finished copying it: whether it had.
+    fn abandon_rendezvous(&self, index: u64) -> bool {
+        let word = self.dir.word(OFF_RDV);
+        let mut now = word.load(Ordering::Acquire);
+        loop {
+            if now == rdv(index, RDV_DONE) {
+                return true;
+            }
+            if now != rdv(index, RDV_POSTED) && now != rdv(index, RDV_CLAIMED) {
+                return false;
+            }
+            match word.compare_exchange(
+                now,
+                rdv(index, RDV_ABANDONED),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return false,
+                Err(changed) => now = changed,
+            }
+        }
     }
 
     /// How a payload of `len` (> [`INLINE`]) bytes goes, and whether its time goes to the
@@ -922,41 +995,55 @@ impl ShmSender {
         }
     }
 
-    /// Waits until the receiver has copied rendezvous message `index`; at the deadline, takes the
-    /// buffer back (the receiver then discards whatever it copied).
-    fn await_rendezvous(&mut self, index: u64, deadline: Deadline) -> Result<()> {
-        let word = self.dir.word(OFF_RDV);
-        let posted = index << 2 | RDV_POSTED;
-        let done = index << 2 | RDV_DONE;
-        let mut wait = Wait::new(self.stream.wait, &self.stream.bootstrap);
+    /// Waits until the receiver has copied rendezvous message `index` (posted at `posted`):
+    /// `Ok(true)`. `Ok(false)` when, unclaimed after [`RDV_GRACE`], it was withdrawn for the
+    /// ring ([`ShmSender::withdraw`]). At the deadline, takes the buffer back (the receiver then
+    /// discards whatever it copied).
+    fn await_rendezvous(
+        &mut self,
+        index: u64,
+        len: usize,
+        posted: Instant,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let dir = Arc::clone(&self.dir);
+        let word = dir.word(OFF_RDV);
+        let bootstrap = Arc::clone(&self.stream.bootstrap);
+        let mut wait = Wait::new(self.stream.wait, &bootstrap);
+        let grace = Deadline::at(posted + RDV_GRACE);
         loop {
             let state = word.load(Ordering::Acquire);
-            if state == done {
-                return Ok(());
+            if state == rdv(index, RDV_DONE) {
+                return Ok(true);
             }
-            if state != posted {
+            let unclaimed = state == rdv(index, RDV_POSTED);
+            if !unclaimed && state != rdv(index, RDV_CLAIMED) {
                 return Err(corrupted(
                     &self.side.peer,
-                    format!("rendezvous word {state:#x}, expected {posted:#x}"),
+                    format!("rendezvous word {state:#x} for message {index}"),
                 ));
             }
-            let ready = || word.load(Ordering::Acquire) != posted;
-            if let Err(e) = wait.pause(
-                self.dir.flag(OFF_WRITER_SLEEPS),
-                ready,
-                deadline,
-                &self.side,
-            ) {
-                // Take the buffer back unless the copy finished in the meantime.
-                return match word.compare_exchange(
-                    posted,
-                    index << 2 | RDV_ABANDONED,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Err(now) if now == done => Ok(()),
-                    _ => Err(e),
-                };
+            if unclaimed && grace.expired() && self.withdraw(index, len)? {
+                return Ok(false);
+            }
+            // Until the grace is over, wake for it; after, only for the receiver.
+            let until = if unclaimed && !grace.expired() {
+                deadline.min(grace)
+            } else {
+                deadline
+            };
+            let ready = || word.load(Ordering::Acquire) != state;
+            match wait.pause(dir.flag(OFF_WRITER_SLEEPS), ready, until, &self.side) {
+                Ok(()) => {}
+                Err(Error::Timeout { .. }) if !deadline.expired() => {}
+                Err(e) => {
+                    // Take the buffer back unless the copy finished in the meantime.
+                    return if self.abandon_rendezvous(index) {
+                        Ok(true)
+                    } else {
+                        Err(e)
+                    };
+                }
             }
         }
     }
@@ -980,46 +1067,59 @@ impl SendHalf for ShmSender {
                 }
             }
         };
-        match state {
-            Outgoing::Stream { written, started } => {
-                let written = match self.stream.try_write_some(&[&payload[written..]]) {
-                    Ok(n) => written + n,
-                    Err(e) => {
-                        self.broken = Some(e.to_string());
-                        return Err(e);
-                    }
-                };
-                self.outgoing = (written < len).then_some(Outgoing::Stream { written, started });
-                if written == len {
+        let (written, started) = match state {
+            Outgoing::Stream { written, started } => (written, started),
+            Outgoing::Rendezvous {
+                index,
+                started,
+                posted,
+            } => {
+                let now = self.dir.word(OFF_RDV).load(Ordering::Acquire);
+                if now == rdv(index, RDV_DONE) {
+                    self.outgoing = None;
                     self.carried(len, started);
+                    return Ok(true);
                 }
-                if written < len
-                    && let Err(e) = self.liveness.check(&self.stream.bootstrap, &self.side)
-                {
+                let unclaimed = now == rdv(index, RDV_POSTED);
+                if !unclaimed && now != rdv(index, RDV_CLAIMED) {
+                    let e = corrupted(&self.side.peer, format!("rendezvous word {now:#x}"));
                     self.broken = Some(e.to_string());
                     return Err(e);
                 }
-                Ok(written == len)
-            }
-            Outgoing::Rendezvous { index, started } => {
-                let now = self.dir.word(OFF_RDV).load(Ordering::Acquire);
-                if now == index << 2 | RDV_DONE {
-                    self.outgoing = None;
-                    self.carried(len, started);
-                    Ok(true)
-                } else if now == index << 2 | RDV_POSTED {
+                let withdrawn = unclaimed
+                    && posted.elapsed() >= RDV_GRACE
+                    && self
+                        .withdraw(index, len)
+                        .inspect_err(|e| self.broken = Some(e.to_string()))?;
+                if !withdrawn {
                     self.outgoing = Some(state);
                     // A dead receiver never copies: keep the buffer posted (the drop takes it
                     // back) and report the peer gone.
                     self.liveness.check(&self.stream.bootstrap, &self.side)?;
-                    Ok(false)
-                } else {
-                    let e = corrupted(&self.side.peer, format!("rendezvous word {now:#x}"));
-                    self.broken = Some(e.to_string());
-                    Err(e)
+                    return Ok(false);
                 }
+                // Taken back: the payload streams through the ring from here.
+                (0, started)
             }
+        };
+        let written = match self.stream.try_write_some(&[&payload[written..]]) {
+            Ok(n) => written + n,
+            Err(e) => {
+                self.broken = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        self.outgoing = (written < len).then_some(Outgoing::Stream { written, started });
+        if written == len {
+            self.carried(len, started);
         }
+        if written < len
+            && let Err(e) = self.liveness.check(&self.stream.bootstrap, &self.side)
+        {
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        Ok(written == len)
     }
 
     fn send(&mut self, tag: u32, payload: &[u8], deadline: Deadline) -> Result<()> {
@@ -1030,26 +1130,32 @@ impl SendHalf for ShmSender {
                 detail: "a non-blocking send is in progress on this half: finish it first".into(),
             });
         }
-        check_len(payload.len(), self.max_payload)?;
+        let len = payload.len();
+        check_len(len, self.max_payload)?;
         self.reserve(deadline)?;
-        match self.announce(tag, payload) {
-            None => Ok(()),
-            Some(Outgoing::Rendezvous { index, started }) => {
-                self.await_rendezvous(index, deadline)
+        let (streams, started) = match self.announce(tag, payload) {
+            None => return Ok(()),
+            Some(Outgoing::Rendezvous {
+                index,
+                started,
+                posted,
+            }) => {
+                let copied = self
+                    .await_rendezvous(index, len, posted, deadline)
                     .inspect_err(|e| self.broken = Some(e.to_string()))?;
-                self.carried(payload.len(), started);
-                Ok(())
+                (!copied, started)
             }
+            Some(Outgoing::Stream { started, .. }) => (true, started),
+        };
+        if streams {
             // The message is announced: a failure while streaming its payload breaks the link.
-            Some(Outgoing::Stream { started, .. }) => {
-                write_all(&mut self.stream, &[payload], deadline).map_err(|p| {
-                    self.broken = Some(p.error.to_string());
-                    p.error
-                })?;
-                self.carried(payload.len(), started);
-                Ok(())
-            }
+            write_all(&mut self.stream, &[payload], deadline).map_err(|p| {
+                self.broken = Some(p.error.to_string());
+                p.error
+            })?;
         }
+        self.carried(len, started);
+        Ok(())
     }
 
     #[cfg(test)]
@@ -1078,12 +1184,7 @@ impl Drop for ShmSender {
         if let Some(Outgoing::Rendezvous { index, .. }) = self.outgoing {
             // The buffer the receiver would copy from is about to go away: take it back, so the
             // receiver discards the copy instead of delivering it.
-            let _ = self.dir.word(OFF_RDV).compare_exchange(
-                index << 2 | RDV_POSTED,
-                index << 2 | RDV_ABANDONED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            self.abandon_rendezvous(index);
             return;
         }
         if self.outgoing.is_some() {
@@ -1265,7 +1366,54 @@ impl ShmReceiver {
         })
     }
 
-    /// Delivers an inline or rendezvous message into `buf` and consumes its slot.
+    /// Claims rendezvous message `next` for its single copy: `true`. `false` when the sender has
+    /// withdrawn it, so its payload comes through the byte ring: the word says so, or it already
+    /// belongs to a later message (a sender moves on from a rendezvous only once it is done,
+    /// which needs this claim, withdrawn, or abandoned, after which it sends nothing more).
+    fn claim(&mut self) -> Result<bool> {
+        let index = self.next;
+        let word = self.dir.word(OFF_RDV);
+        let now = match word.compare_exchange(
+            rdv(index, RDV_POSTED),
+            rdv(index, RDV_CLAIMED),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Ok(true),
+            Err(now) => now,
+        };
+        let (at, state) = (now >> RDV_BITS, now & ((1 << RDV_BITS) - 1));
+        let later = at > index && at - index < SLOTS as u64;
+        if now == rdv(index, RDV_WITHDRAWN)
+            || (later && (RDV_POSTED..=RDV_WITHDRAWN).contains(&state))
+        {
+            return Ok(false);
+        }
+        let e = if now == rdv(index, RDV_ABANDONED) {
+            Error::PeerGone {
+                peer: self.side.peer.clone(),
+                detail: "recv: the sender gave up on this message at its deadline".into(),
+            }
+        } else {
+            corrupted(
+                &self.side.peer,
+                format!("rendezvous word {now:#x} for message {index}"),
+            )
+        };
+        Err(self.fail(e))
+    }
+
+    /// Whether the message in `slot` comes through the byte ring: a streamed one, or a
+    /// rendezvous the sender withdrew. A rendezvous it did not is claimed here.
+    fn streams(&mut self, slot: &Slot) -> Result<bool> {
+        match slot.kind {
+            KIND_STREAM => Ok(true),
+            KIND_RENDEZVOUS => Ok(!self.claim()?),
+            _ => Ok(false),
+        }
+    }
+
+    /// Delivers an inline or claimed rendezvous message into `buf` and consumes its slot.
     fn deliver_now(&mut self, slot: &Slot, buf: &mut [u8]) -> Result<Message> {
         let len = slot.len;
         if slot.kind == KIND_INLINE {
@@ -1286,14 +1434,14 @@ impl ShmReceiver {
             }
             self.dir.reader_took_since(start);
             let word = self.dir.word(OFF_RDV);
-            let claimed = word.compare_exchange(
-                index << 2 | RDV_POSTED,
-                index << 2 | RDV_DONE,
+            let finished = word.compare_exchange(
+                rdv(index, RDV_CLAIMED),
+                rdv(index, RDV_DONE),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
             wake_if_sleeping(self.dir.flag(OFF_WRITER_SLEEPS));
-            if claimed.is_err() {
+            if finished.is_err() {
                 let e = Error::PeerGone {
                     peer: self.side.peer.clone(),
                     detail: "recv: the sender gave up on this message at its deadline".into(),
@@ -1318,7 +1466,7 @@ impl RecvHalf for ShmReceiver {
         }
         self.await_slot(deadline)?;
         let slot = self.read_slot(buf.len())?;
-        if slot.kind != KIND_STREAM {
+        if !self.streams(&slot)? {
             return self.deliver_now(&slot, buf);
         }
         let start = CarryChooser::clock(slot.len);
@@ -1352,7 +1500,7 @@ impl RecvHalf for ShmReceiver {
                     return Ok(None);
                 }
                 let slot = self.read_slot(buf.len())?;
-                if slot.kind != KIND_STREAM {
+                if !self.streams(&slot)? {
                     return self.deliver_now(&slot, buf).map(Some);
                 }
                 (slot.tag, slot.len, 0)
@@ -1517,7 +1665,9 @@ fn read_probe(
 /// sender's buffer with `process_vm_readv`, the sender's call returning once that copy is done —
 /// instead of streaming it through the byte ring. Single copy needs the kernel to let the peer
 /// read this process (same user, no ptrace restriction); where it does not, every payload
-/// streams.
+/// streams. A receiver that does not start the copy within a millisecond (busy elsewhere, or
+/// blocked in a send of its own) does not hold the sender: when the ring has room for the whole
+/// payload, the sender takes the message back and streams it, as the ring alone would have.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SingleCopy {
     /// Never: every payload streams through the ring.
@@ -2178,6 +2328,158 @@ mod tests {
             matches!(&err, Error::PeerGone { detail, .. } if detail.contains("gave up")),
             "{err}"
         );
+    }
+
+    /// `n` bytes of message `i`'s pattern.
+    fn pattern(i: usize, n: usize) -> Vec<u8> {
+        (0..n).map(|j| (j * 7 + i) as u8).collect()
+    }
+
+    /// Receives the next message and checks it is message `i` of `n` bytes, intact.
+    fn expect(rx: &mut ShmReceiver, i: usize, n: usize) {
+        let mut buf = vec![0u8; n];
+        let m = rx
+            .recv(&mut buf, Deadline::after(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!((m.tag, m.len), (i as u32, n));
+        assert!(buf == pattern(i, n), "message {i} arrived damaged");
+    }
+
+    #[test]
+    fn a_blocking_single_copy_the_ring_can_hold_does_not_wait_for_the_receiver() {
+        let ((mut tx, _), (_, mut rx)) = ends_with(4 << 20, SingleCopy::From(RENDEZVOUS_MIN));
+        assert!(matches!(tx.single_copy, SingleCopy::From(_)));
+        // Nobody receives yet: each send is taken back after the grace and streamed, where it
+        // would otherwise wait out its deadline.
+        for (i, n) in [1 << 20, RENDEZVOUS_MIN, 2 << 20].into_iter().enumerate() {
+            tx.send(
+                i as u32,
+                &pattern(i, n),
+                Deadline::after(Duration::from_secs(2)),
+            )
+            .unwrap();
+        }
+        for (i, n) in [1 << 20, RENDEZVOUS_MIN, 2 << 20].into_iter().enumerate() {
+            expect(&mut rx, i, n);
+        }
+    }
+
+    #[test]
+    fn both_ends_may_send_a_single_copy_before_receiving() {
+        let ((mut a_tx, mut a_rx), (mut b_tx, mut b_rx)) =
+            ends_with(4 << 20, SingleCopy::From(RENDEZVOUS_MIN));
+        let n = 1 << 20;
+        std::thread::scope(|s| {
+            for (tx, rx, i) in [(&mut a_tx, &mut a_rx, 0), (&mut b_tx, &mut b_rx, 1)] {
+                s.spawn(move || {
+                    tx.send(
+                        i as u32,
+                        &pattern(i, n),
+                        Deadline::after(Duration::from_secs(5)),
+                    )
+                    .unwrap();
+                    // `rx` receives what the other end sent
+                    expect(rx, 1 - i, n);
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_non_blocking_single_copy_is_streamed_once_the_grace_is_over() {
+        let ((mut tx, _), (_, mut rx)) = ends_with(4 << 20, SingleCopy::From(RENDEZVOUS_MIN));
+        let data = pattern(0, 1 << 20);
+        assert!(!tx.try_send(0, &data).unwrap(), "posted, not yet copied");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !tx.try_send(0, &data).unwrap() {
+            assert!(Instant::now() < deadline, "never taken back");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        expect(&mut rx, 0, 1 << 20);
+    }
+
+    #[test]
+    fn a_withdrawn_rendezvous_is_streamed_even_once_a_later_one_is_posted() {
+        let ((mut tx, _), (_, mut rx)) = ends_with(4 << 20, SingleCopy::From(RENDEZVOUS_MIN));
+        tx.send(
+            0,
+            &pattern(0, 1 << 20),
+            Deadline::after(Duration::from_secs(2)),
+        )
+        .unwrap();
+        // The next rendezvous is posted before the receiver looked at the first: the word now
+        // names message 1.
+        let second = pattern(1, 512 << 10);
+        assert!(!tx.try_send(1, &second).unwrap());
+        assert_eq!(
+            tx.dir.word(OFF_RDV).load(Ordering::Acquire),
+            rdv(1, RDV_POSTED)
+        );
+        expect(&mut rx, 0, 1 << 20);
+        // The second is still posted: the receiver copies it from the sender's buffer.
+        expect(&mut rx, 1, 512 << 10);
+        assert!(tx.try_send(1, &second).unwrap());
+    }
+
+    #[test]
+    fn a_single_copy_larger_than_the_ring_has_room_for_stays_posted() {
+        let ((mut tx, _), (_, mut rx)) = ends_with(256 << 10, SingleCopy::From(RENDEZVOUS_MIN));
+        let data = pattern(0, 1 << 20);
+        assert!(!tx.try_send(0, &data).unwrap());
+        std::thread::sleep(RDV_GRACE * 3);
+        assert!(
+            !tx.try_send(0, &data).unwrap(),
+            "no room in the ring: still posted"
+        );
+        assert_eq!(
+            tx.dir.word(OFF_RDV).load(Ordering::Acquire),
+            rdv(0, RDV_POSTED)
+        );
+        expect(&mut rx, 0, 1 << 20);
+        assert!(tx.try_send(0, &data).unwrap());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        /// Receivers arriving before, around and after the grace: every message arrives once,
+        /// intact and in order, whether it was copied or taken back and streamed.
+        #[test]
+        fn late_receivers_get_every_single_copy_intact(
+            messages in proptest::collection::vec(
+                (RENDEZVOUS_MIN..(3 << 20), 0u64..2_500, proptest::bool::ANY),
+                1..12,
+            ),
+        ) {
+            let ((mut tx, _), (_, mut rx)) =
+                ends_with(2 << 20, SingleCopy::From(RENDEZVOUS_MIN));
+            std::thread::scope(|s| {
+                let plan = messages.clone();
+                s.spawn(move || {
+                    for (i, &(n, delay_us, polled)) in plan.iter().enumerate() {
+                        std::thread::sleep(Duration::from_micros(delay_us));
+                        if !polled {
+                            expect(&mut rx, i, n);
+                            continue;
+                        }
+                        let mut buf = vec![0u8; n];
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        let m = loop {
+                            if let Some(m) = rx.try_recv(&mut buf).unwrap() {
+                                break m;
+                            }
+                            assert!(Instant::now() < deadline, "message {i} never arrived");
+                            std::hint::spin_loop();
+                        };
+                        assert_eq!((m.tag, m.len), (i as u32, n));
+                        assert!(buf == pattern(i, n), "message {i} arrived damaged");
+                    }
+                });
+                for (i, &(n, _, _)) in messages.iter().enumerate() {
+                    tx.send(i as u32, &pattern(i, n), Deadline::after(Duration::from_secs(5)))
+                        .unwrap();
+                }
+            });
+        }
     }
 
     #[test]
