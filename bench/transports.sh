@@ -37,6 +37,8 @@ for r in d["bandwidth"]:
 
 # mpi SIZES: one OpenMPI run. Rank 0 sends, rank 1 receives (and, with CMA, copies), so rank 0
 # goes where sinew's client runs and rank 1 where its server does: the same core copies in both.
+# The peer measures latency in every run; only the latency-only run's (SIZES = none) is the
+# table's, once a round, so its "paired" column lines up with sinew's.
 mpi() {
   local out
   out=$(mpirun "${mpi_flags[@]}" -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" : \
@@ -46,10 +48,11 @@ import json, sys
 for line in sys.stdin:
     d = json.loads(line)
     if d["what"] == "latency":
-        print(json.dumps({"what": "mpi_latency", "value": d["p50_us"]}))
+        key = "mpi_latency" if sys.argv[1] == "none" else "mpi_latency_in_bandwidth_run"
+        print(json.dumps({"what": key, "value": d["p50_us"]}))
     else:
         print(json.dumps({"what": "mpi_bw_" + str(d["size_bytes"]), "value": d["gbytes_per_s"]}))
-' <<< "$out" >> "$results"
+' "$1" <<< "$out" >> "$results"
 }
 
 # link_record NAME WAIT TRANSPORT ARGS...: one sinew link run, parsed once it has finished (a

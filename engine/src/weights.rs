@@ -25,7 +25,7 @@ use crate::linear::Mat;
 pub enum W {
     /// Token embedding [vocab, hidden].
     Embed,
-    /// Final RMSNorm [hidden].
+    /// Final RMSNorm \[hidden\].
     FinalNorm,
     /// Output head [vocab, hidden].
     Head,

@@ -10,7 +10,7 @@
 //! acknowledgement exists). Queue depth counts 4 KiB frames, as on Apple's provider.
 //!
 //! Each opened context is a node of its own, with a random IPv4-mapped link-local GID
-//! (`::ffff:169.254.a.b`); queue pairs reach each other through the [`fabric`] — between threads
+//! (`::ffff:169.254.a.b`); queue pairs reach each other through the `fabric` module — between threads
 //! of one process and between processes of one host (network namespace) alike.
 
 mod fabric;

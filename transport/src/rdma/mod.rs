@@ -148,7 +148,8 @@ fn device(name: Option<&str>) -> std::result::Result<Arc<Device>, String> {
     Ok(dev)
 }
 
-/// Whether this process can run RDMA links on `name` (see [`device`]), or why not.
+/// Whether this process can run RDMA links on `name` (the check a link makes when it opens the
+/// device), or why not.
 ///
 /// # Errors
 /// The reason, one line: no verbs library, no RDMA in the kernel, no such device, port down, no
