@@ -4,7 +4,8 @@
 //! The socket is a registered (fixed) file in each ring. The receiver's read-ahead buffer and the
 //! sender's staging buffer for small messages are registered buffers (`READ_FIXED`,
 //! `WRITE_FIXED`); large payloads move straight between the socket and the caller's buffer
-//! (`SENDMSG` / `RECV` with `MSG_WAITALL`, so one submission moves the whole payload). When a
+//! (`SENDMSG` / `RECV` with `MSG_WAITALL`, so one submission moves up to 1 MiB; a receiver that
+//! spins instead retries non-blocking `RECV`s, leaving no poll armed for the sender to wake). When a
 //! call's deadline passes with its operation in flight, the operation is cancelled and its
 //! completion reaped before the call returns: the caller's buffer is never left in flight. No
 //! timer is armed on the fast path (timers cost VM exits); completions are awaited by the link's
@@ -44,6 +45,8 @@ const STAGE: usize = 16 << 10;
 /// size, each completed as the socket drains or fills. The slack keeps a 1 MiB message and its
 /// frame header in one operation.
 const MAX_OP: usize = (1 << 20) + 4096;
+/// The most parts one send operation gathers (a frame is a header and a payload).
+const IOV: usize = 4;
 /// The receiver's registered read-ahead buffer.
 pub(crate) const READ_AHEAD: usize = 16 << 10;
 
@@ -650,24 +653,30 @@ impl UringSink {
             // SAFETY: `stage` is registered buffer 0 and lives as long as the ring.
             return unsafe { self.ring.dispatch(op, deadline, "send") }.map(|n| n.unwrap_or(0));
         }
-        // At most MAX_OP bytes per operation: the caller loops.
+        // At most MAX_OP bytes, from at most IOV parts, per operation: the caller loops.
         let mut budget = MAX_OP;
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
-        for p in parts {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iov = [empty; IOV];
+        let mut count = 0;
+        for p in parts.iter().take(IOV) {
             let n = p.len().min(budget);
             if n == 0 {
                 break;
             }
-            iov.push(libc::iovec {
+            iov[count] = libc::iovec {
                 iov_base: p.as_ptr() as *mut libc::c_void,
                 iov_len: n,
-            });
+            };
+            count += 1;
             budget -= n;
         }
         // SAFETY: an all-zero msghdr is a valid empty message header.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len() as _;
+        msg.msg_iovlen = count as _;
         let msg_ptr: *const libc::msghdr = &msg;
         // A large payload is one submission that the kernel completes as the socket drains,
         // whatever the strategy: waiting on its completion beats re-submitting partial sends.
@@ -740,9 +749,13 @@ impl UringSource {
                     .rw_flags(if nowait { libc::RWF_NOWAIT } else { 0 })
                     .build()
             } else {
-                // The rest of a large payload: one submission the kernel completes as data
-                // arrives (see the send side); a single attempt takes what is there.
-                let flags = if attempt {
+                // The rest of a large payload. While the strategy spins, a non-blocking attempt
+                // retried at once, as a spinning socket call would be: a waiting receive keeps a
+                // poll armed on the socket, and on loopback the sending core pays for its wakeup
+                // on every segment (16 MiB messages ran 1.09x faster without, 19 of 20 paired
+                // rounds). Blocking, one submission the kernel completes as data arrives (see the
+                // send side); a single attempt takes what is there.
+                let flags = if attempt || nowait {
                     libc::MSG_DONTWAIT
                 } else {
                     libc::MSG_WAITALL
