@@ -1382,11 +1382,13 @@ impl ShmReceiver {
             Ok(_) => return Ok(true),
             Err(now) => now,
         };
+        // A later message the receiver has not reached yet can only be posted, withdrawn too, or
+        // abandoned by a sender that went away.
         let (at, state) = (now >> RDV_BITS, now & ((1 << RDV_BITS) - 1));
-        let later = at > index && at - index < SLOTS as u64;
-        if now == rdv(index, RDV_WITHDRAWN)
-            || (later && (RDV_POSTED..=RDV_WITHDRAWN).contains(&state))
-        {
+        let later = at > index
+            && at - index < SLOTS as u64
+            && matches!(state, RDV_POSTED | RDV_WITHDRAWN | RDV_ABANDONED);
+        if now == rdv(index, RDV_WITHDRAWN) || later {
             return Ok(false);
         }
         let e = if now == rdv(index, RDV_ABANDONED) {
@@ -2182,6 +2184,30 @@ mod tests {
             tx.carries.rate.iter().all(Option::is_some),
             "{:?}",
             tx.carries
+        );
+    }
+
+    #[test]
+    fn a_rendezvous_word_no_sender_writes_is_an_error_on_both_sides() {
+        let ((mut tx, _), (_, mut rx)) = ends_with(4 << 20, SingleCopy::From(RENDEZVOUS_MIN));
+        let data = pattern(0, 512 << 10);
+        assert!(!tx.try_send(0, &data).unwrap());
+        // The word says a later message was already copied, which needs this one done first.
+        tx.dir
+            .word(OFF_RDV)
+            .store(rdv(1, RDV_DONE), Ordering::Release);
+        let mut buf = vec![0u8; 512 << 10];
+        let err = rx
+            .recv(&mut buf, Deadline::after(Duration::from_secs(1)))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
+            "{err}"
+        );
+        let err = tx.try_send(0, &data).unwrap_err();
+        assert!(
+            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
+            "{err}"
         );
     }
 
