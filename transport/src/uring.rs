@@ -4,8 +4,11 @@
 //! The socket is a registered (fixed) file in each ring. The receiver's read-ahead buffer and the
 //! sender's staging buffer for small messages are registered buffers (`READ_FIXED`,
 //! `WRITE_FIXED`); large payloads move straight between the socket and the caller's buffer
-//! (`SENDMSG` / `RECV` with `MSG_WAITALL`, so one submission moves up to 1 MiB; a receiver that
-//! spins instead retries non-blocking `RECV`s, leaving no poll armed for the sender to wake). When a
+//! (`SENDMSG` / `RECV` with `MSG_WAITALL`, one operation moving up to 1 MiB; a receiver that
+//! spins instead retries non-blocking `RECV`s, leaving no poll armed for the sender to wake).
+//! Submission is batched where the work is known ahead: a payload larger than one operation goes
+//! as a chain of up to seven linked operations in one `io_uring_enter` (sends always; receives
+//! while the strategy blocks), the kernel starting each as the one before it completes. When a
 //! call's deadline passes with its operation in flight, the operation is cancelled and its
 //! completion reaped before the call returns: the caller's buffer is never left in flight. No
 //! timer is armed on the fast path (timers cost VM exits); completions are awaited by the link's
@@ -36,8 +39,15 @@ use crate::stream::{ByteSink, ByteSource};
 use crate::wait::{WaitStrategy, Waiter};
 
 const RING_ENTRIES: u32 = 8;
+/// User data of a submission's first operation; a chain's next ones count up from it.
 const OP: u64 = 1;
-const CANCEL: u64 = 2;
+/// User data of a cancel request.
+const CANCEL: u64 = u64::MAX;
+/// The most operations one submission chains (a ring entry stays free for a cancel): a large
+/// payload's pieces go in one `io_uring_enter`.
+const CHAIN: usize = RING_ENTRIES as usize - 1;
+/// A result slot no completion has filled yet (no kernel result is this negative).
+const PENDING: i32 = i32::MIN;
 /// Messages up to this size (header included) are copied into a registered buffer and sent with
 /// `WRITE_FIXED`; larger ones are sent from the caller's memory.
 const STAGE: usize = 16 << 10;
@@ -453,6 +463,42 @@ impl Ring {
         waiter: &Waiter,
         what: &'static str,
     ) -> Result<i32> {
+        let mut result = [0i32];
+        // SAFETY: forwarded from the caller.
+        let timed_out = unsafe {
+            self.execute_all(
+                std::slice::from_ref(&op),
+                &mut result,
+                deadline,
+                waiter,
+                what,
+            )?
+        };
+        match result[0] {
+            // Completed (fully or in part) just before the cancel took effect.
+            n if timed_out && n <= 0 => Err(self.timeout(what, waiter)),
+            n => Ok(n),
+        }
+    }
+
+    /// Submits `ops` in one `io_uring_enter` — a single operation, or a chain the kernel runs in
+    /// order, each linked to the next so that a short or failed one cancels the rest — and waits
+    /// for every completion: `results[i]` gets operation `i`'s result as the kernel gives it. At
+    /// the deadline the operation in flight is cancelled (a chain's later ones with it) and every
+    /// completion reaped before returning `Ok(true)`.
+    ///
+    /// # Safety
+    /// As for [`Ring::run`], for every operation.
+    unsafe fn execute_all(
+        &mut self,
+        ops: &[squeue::Entry],
+        results: &mut [i32],
+        deadline: Deadline,
+        waiter: &Waiter,
+        what: &'static str,
+    ) -> Result<bool> {
+        let n = ops.len();
+        debug_assert!((1..=CHAIN).contains(&n) && results.len() == n);
         if let Some(cause) = &self.poisoned {
             return Err(Error::Broken {
                 peer: self.peer.clone(),
@@ -463,24 +509,32 @@ impl Ring {
             return Err(self.timeout(what, waiter));
         }
         self.claim()?;
-        let op = op.user_data(OP);
-        // SAFETY: the buffers `op` references stay valid until its completion is reaped below
-        // (the caller's contract); every path out of this function reaps it first.
-        if unsafe { self.ring.submission().push(&op) }.is_err() {
-            // Cannot happen: every call reaps all it submitted, so the queue is empty here.
-            return Err(self.io_error(what, io::Error::other("submission queue full")));
+        for (i, op) in ops.iter().enumerate() {
+            let mut op = op.clone().user_data(OP + i as u64);
+            if i + 1 < n {
+                op = op.flags(squeue::Flags::IO_LINK);
+            }
+            // SAFETY: the buffers `op` references stay valid until its completion is reaped
+            // below (the caller's contract); every path out of this function reaps it first.
+            if unsafe { self.ring.submission().push(&op) }.is_err() {
+                // Cannot happen: every call reaps all it submitted, and a chain leaves a free
+                // entry, so the queue has room for it.
+                return Err(self.io_error(what, io::Error::other("submission queue full")));
+            }
         }
         if let Err(e) = self.enter(0) {
-            // The entry may still sit in the submission queue: never enter this ring again, so it
-            // can never be submitted after the caller's buffer is gone.
+            // The entries may still sit in the submission queue: never enter this ring again, so
+            // they can never be submitted after the caller's buffers are gone.
             self.poisoned = Some(e.to_string());
             return Err(self.io_error(what, e));
         }
+        results.fill(PENDING);
+        let mut reaped = 0;
         let mut spins = 0u32;
         loop {
-            let done = self.ring.completion().next().map(|cqe| cqe.result());
-            if let Some(result) = done {
-                return Ok(result);
+            reaped += self.reap(results).0;
+            if reaped == n {
+                return Ok(false);
             }
             if waiter.should_block() {
                 let remaining = deadline.remaining();
@@ -498,7 +552,8 @@ impl Ring {
                     ts: &ts as *const KernelTimespec as u64,
                 };
                 // ETIME (the wait timed out) and EINTR just mean "look again".
-                let _ = self.enter_raw(1, ENTER_GETEVENTS | ENTER_EXT_ARG, Some(&arg));
+                let want = (n - reaped) as u32;
+                let _ = self.enter_raw(want, ENTER_GETEVENTS | ENTER_EXT_ARG, Some(&arg));
             } else {
                 if self.ring.submission().taskrun() {
                     // The completion is pending as task work, which an enter that gets events
@@ -512,29 +567,45 @@ impl Ring {
                 std::hint::spin_loop();
             }
         }
-        // The deadline passed with the operation in flight: cancel it, and reap its completion
-        // before the caller's buffer can go away.
-        let cancel = opcode::AsyncCancel::new(OP).build().user_data(CANCEL);
-        // SAFETY: a cancel request references no memory.
-        let _ = unsafe { self.ring.submission().push(&cancel) };
-        let mut result = None;
-        let mut cancel_reaped = false;
-        while result.is_none() || !cancel_reaped {
-            if self.enter(1).is_err() {
-                std::hint::spin_loop();
-            }
-            for cqe in self.ring.completion() {
-                match cqe.user_data() {
-                    OP => result = Some(cqe.result()),
-                    _ => cancel_reaped = true,
+        // The deadline passed with operations in flight: cancel the first one not completed (a
+        // chain's later ones then fail with it), and reap every completion before the caller's
+        // buffers can go away. A cancel that found its operation already done (the next one of
+        // the chain started meanwhile) is followed by another.
+        while reaped < n {
+            let first = results.iter().position(|&r| r == PENDING).unwrap_or(0);
+            let cancel = opcode::AsyncCancel::new(OP + first as u64)
+                .build()
+                .user_data(CANCEL);
+            // SAFETY: a cancel request references no memory.
+            let _ = unsafe { self.ring.submission().push(&cancel) };
+            let mut cancel_reaped = false;
+            while !cancel_reaped {
+                if self.enter(1).is_err() {
+                    std::hint::spin_loop();
                 }
+                let (got, cancel) = self.reap(results);
+                reaped += got;
+                cancel_reaped = cancel;
             }
         }
-        match result {
-            // Completed (fully or in part) just before the cancel took effect.
-            Some(n) if n > 0 => Ok(n),
-            _ => Err(self.timeout(what, waiter)),
+        Ok(true)
+    }
+
+    /// Takes every queued completion: an operation's result into `results` (by user data), a
+    /// cancel's as seen. How many operations completed, and whether a cancel did.
+    fn reap(&mut self, results: &mut [i32]) -> (usize, bool) {
+        let (mut got, mut cancel) = (0, false);
+        for cqe in self.ring.completion() {
+            let ud = cqe.user_data();
+            if ud == CANCEL {
+                cancel = true;
+            } else if let Some(slot) = ud.checked_sub(OP).and_then(|i| results.get_mut(i as usize))
+            {
+                *slot = cqe.result();
+                got += 1;
+            }
         }
+        (got, cancel)
     }
 
     /// [`Ring::run`] until `deadline`, or with `None` one non-blocking attempt: `Ok(None)` when
@@ -579,6 +650,44 @@ impl Ring {
                 other => return other,
             }
         }
+    }
+
+    /// Runs the chain `ops` (operation `i` to move `sizes[i]` bytes) until it completes or the
+    /// deadline passes: the bytes the chain moved, counted up to its first short or failed
+    /// operation. A failure after some bytes moved comes back on the caller's next call.
+    ///
+    /// # Safety
+    /// As for [`Ring::run`], for every operation.
+    unsafe fn run_chain(
+        &mut self,
+        ops: &[squeue::Entry],
+        sizes: &[usize],
+        deadline: Deadline,
+        what: &'static str,
+    ) -> Result<usize> {
+        let waiter = Waiter::new(self.wait);
+        let mut results = [0i32; CHAIN];
+        let results = &mut results[..ops.len()];
+        // SAFETY: forwarded from the caller.
+        let timed_out = unsafe { self.execute_all(ops, results, deadline, &waiter, what)? };
+        let mut total = 0;
+        for (&r, &want) in results.iter().zip(sizes) {
+            if r < 0 {
+                return match (total, timed_out) {
+                    (0, true) => Err(self.timeout(what, &waiter)),
+                    (0, false) => self.interpret(r, what, &waiter),
+                    _ => Ok(total),
+                };
+            }
+            total += r as usize;
+            if (r as usize) < want {
+                break;
+            }
+        }
+        if total == 0 && timed_out {
+            return Err(self.timeout(what, &waiter));
+        }
+        Ok(total)
     }
 
     fn interpret(&self, result: i32, what: &'static str, waiter: &Waiter) -> Result<usize> {
@@ -653,6 +762,11 @@ impl UringSink {
             // SAFETY: `stage` is registered buffer 0 and lives as long as the ring.
             return unsafe { self.ring.dispatch(op, deadline, "send") }.map(|n| n.unwrap_or(0));
         }
+        if let Some(deadline) = deadline
+            && total > MAX_OP
+        {
+            return self.write_chain(parts, deadline);
+        }
         // At most MAX_OP bytes, from at most IOV parts, per operation: the caller loops.
         let mut budget = MAX_OP;
         let empty = libc::iovec {
@@ -698,6 +812,64 @@ impl UringSink {
     }
 }
 
+impl UringSink {
+    /// A payload larger than one operation: up to [`CHAIN`] linked `SENDMSG`s of up to
+    /// [`MAX_OP`] bytes each, submitted in one `io_uring_enter`; the bytes they moved (the
+    /// caller loops).
+    fn write_chain(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iov = [[empty; IOV]; CHAIN];
+        // SAFETY: an all-zero msghdr is a valid empty message header.
+        let mut msgs: [libc::msghdr; CHAIN] = unsafe { std::mem::zeroed() };
+        let mut sizes = [0usize; CHAIN];
+        let (mut ops, mut part, mut at) = (0, 0, 0);
+        while ops < CHAIN && part < parts.len() {
+            let (mut budget, mut k) = (MAX_OP, 0);
+            while budget > 0 && k < IOV && part < parts.len() {
+                let p = parts[part];
+                let n = (p.len() - at).min(budget);
+                if n > 0 {
+                    iov[ops][k] = libc::iovec {
+                        iov_base: p[at..].as_ptr() as *mut libc::c_void,
+                        iov_len: n,
+                    };
+                    k += 1;
+                    budget -= n;
+                    sizes[ops] += n;
+                }
+                at += n;
+                if at == p.len() {
+                    (part, at) = (part + 1, 0);
+                }
+            }
+            if k == 0 {
+                break;
+            }
+            msgs[ops].msg_iov = iov[ops].as_mut_ptr();
+            msgs[ops].msg_iovlen = k as _;
+            ops += 1;
+        }
+        let flags = (libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32;
+        let entries: Vec<squeue::Entry> = msgs[..ops]
+            .iter()
+            .map(|m| {
+                opcode::SendMsg::new(types::Fixed(0), m as *const libc::msghdr)
+                    .flags(flags)
+                    .build()
+            })
+            .collect();
+        // SAFETY: `msgs`, `iov` and the caller's `parts` live until `run_chain` returns, which is
+        // after every operation completed or was cancelled.
+        unsafe {
+            self.ring
+                .run_chain(&entries, &sizes[..ops], deadline, "send")
+        }
+    }
+}
+
 impl ByteSink for UringSink {
     fn peer(&self) -> &str {
         &self.ring.peer
@@ -739,6 +911,13 @@ impl UringSource {
         mid_frame: bool,
     ) -> Result<Option<usize>> {
         let registered = self.ring.is_registered(buf);
+        if let Some(deadline) = deadline
+            && !registered
+            && self.ring.wait == WaitStrategy::Block
+            && buf.len() > MAX_OP
+        {
+            return self.read_chain(buf, deadline, mid_frame).map(Some);
+        }
         let len = buf.len().min(MAX_OP) as u32;
         let ptr = buf.as_mut_ptr();
         let attempt = deadline.is_none();
@@ -768,15 +947,47 @@ impl UringSource {
         // SAFETY: `buf` is borrowed mutably for this whole call and `dispatch` returns only
         // after the operation completed.
         match unsafe { self.ring.dispatch(op, deadline, "recv")? } {
-            Some(0) if len > 0 => Err(Error::PeerGone {
-                peer: self.ring.peer.clone(),
-                detail: if mid_frame {
-                    "connection closed mid-frame".into()
-                } else {
-                    "connection closed without a close frame (peer died?)".into()
-                },
-            }),
+            Some(0) if len > 0 => Err(self.closed(mid_frame)),
             other => Ok(other),
+        }
+    }
+
+    /// The rest of a large payload while the strategy blocks: up to [`CHAIN`] linked `RECV`s
+    /// with `MSG_WAITALL` of up to [`MAX_OP`] bytes each, submitted in one `io_uring_enter`; the
+    /// bytes they moved (the caller loops).
+    fn read_chain(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
+        let mut sizes = [0usize; CHAIN];
+        let entries: Vec<squeue::Entry> = buf
+            .chunks_mut(MAX_OP)
+            .take(CHAIN)
+            .zip(sizes.iter_mut())
+            .map(|(piece, size)| {
+                *size = piece.len();
+                opcode::Recv::new(types::Fixed(0), piece.as_mut_ptr(), piece.len() as u32)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+            })
+            .collect();
+        let ops = entries.len();
+        // SAFETY: `buf` is borrowed mutably for this whole call and `run_chain` returns only
+        // after every operation completed or was cancelled.
+        match unsafe {
+            self.ring
+                .run_chain(&entries, &sizes[..ops], deadline, "recv")?
+        } {
+            0 => Err(self.closed(mid_frame)),
+            n => Ok(n),
+        }
+    }
+
+    fn closed(&self, mid_frame: bool) -> Error {
+        Error::PeerGone {
+            peer: self.ring.peer.clone(),
+            detail: if mid_frame {
+                "connection closed mid-frame".into()
+            } else {
+                "connection closed without a close frame (peer died?)".into()
+            },
         }
     }
 
@@ -829,6 +1040,92 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         Ring::new(Arc::new(stream), "test".into(), WaitStrategy::Spin).unwrap()
+    }
+
+    /// A connected pair: the sending end as a `UringSink` with `wait`, the plain receiving end.
+    fn sink(wait: WaitStrategy) -> (UringSink, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        (
+            UringSink::new(Arc::new(stream), "test".into(), wait).unwrap(),
+            peer,
+        )
+    }
+
+    /// Reads from `peer` until it has been quiet for 200 ms.
+    fn drain(peer: &mut TcpStream, into: &mut Vec<u8>) {
+        use std::io::Read;
+        peer.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match peer.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => into.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_chain_cut_by_its_deadline_reports_exactly_the_bytes_it_sent() {
+        if let Err(reason) = probe() {
+            eprintln!("skipping: io_uring is unavailable here: {reason}");
+            return;
+        }
+        for wait in [WaitStrategy::Spin, WaitStrategy::Block] {
+            let (mut tx, mut peer) = sink(wait);
+            // Larger than a chain, and than the socket buffers of a peer that does not read.
+            let data: Vec<u8> = (0..(CHAIN * MAX_OP + 12345))
+                .map(|i| (i % 251) as u8)
+                .collect();
+            let deadline = Deadline::after(std::time::Duration::from_millis(300));
+            let sent = match tx.write_some(&[&data[..100], &data[100..]], deadline) {
+                Ok(n) => n,
+                Err(Error::Timeout { .. }) => 0,
+                Err(e) => panic!("{e}"),
+            };
+            assert!(
+                sent < CHAIN * MAX_OP,
+                "{sent} bytes went to a peer that reads nothing"
+            );
+            // What reached the peer is exactly what the call reported: nothing from the
+            // cancelled operations beyond it.
+            let mut got = Vec::new();
+            drain(&mut peer, &mut got);
+            assert_eq!(got.len(), sent);
+            assert!(got == data[..sent], "the bytes sent arrived damaged");
+            // The ring took nothing in flight with it: the rest goes through it, in chains,
+            // while the peer reads.
+            std::thread::scope(|s| {
+                let reader = s.spawn(|| {
+                    use std::io::Read;
+                    let mut rest = vec![0u8; data.len() - sent];
+                    peer.set_read_timeout(None).unwrap();
+                    peer.read_exact(&mut rest).unwrap();
+                    rest
+                });
+                let mut at = sent;
+                while at < data.len() {
+                    at += tx
+                        .write_some(
+                            &[&data[at..]],
+                            Deadline::after(std::time::Duration::from_secs(10)),
+                        )
+                        .unwrap();
+                }
+                assert!(reader.join().unwrap() == data[sent..]);
+            });
+        }
     }
 
     #[test]
