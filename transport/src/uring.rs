@@ -723,6 +723,40 @@ impl Drop for Ring {
     }
 }
 
+const EMPTY_IOV: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
+/// Fills `iov` with the next operation's share of `parts` — up to [`MAX_OP`] bytes in up to
+/// [`IOV`] pieces — from position `from` (part, offset), which it advances past them; how many
+/// pieces and bytes. Empty parts are skipped.
+fn gather(
+    parts: &[&[u8]],
+    from: &mut (usize, usize),
+    iov: &mut [libc::iovec; IOV],
+) -> (usize, usize) {
+    let (mut k, mut size) = (0, 0);
+    let (part, at) = from;
+    while size < MAX_OP && k < IOV && *part < parts.len() {
+        let p = parts[*part];
+        let n = (p.len() - *at).min(MAX_OP - size);
+        if n > 0 {
+            iov[k] = libc::iovec {
+                iov_base: p[*at..].as_ptr() as *mut libc::c_void,
+                iov_len: n,
+            };
+            k += 1;
+            size += n;
+        }
+        *at += n;
+        if *at == p.len() {
+            (*part, *at) = (*part + 1, 0);
+        }
+    }
+    (k, size)
+}
+
 /// The sending end: a ring and a registered staging buffer for small messages.
 pub(crate) struct UringSink {
     // Dropped before `stage`, which it has registered.
@@ -767,26 +801,9 @@ impl UringSink {
         {
             return self.write_chain(parts, deadline);
         }
-        // At most MAX_OP bytes, from at most IOV parts, per operation: the caller loops.
-        let mut budget = MAX_OP;
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        let mut iov = [empty; IOV];
-        let mut count = 0;
-        for p in parts.iter().take(IOV) {
-            let n = p.len().min(budget);
-            if n == 0 {
-                break;
-            }
-            iov[count] = libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: n,
-            };
-            count += 1;
-            budget -= n;
-        }
+        // One operation's worth (the caller loops).
+        let mut iov = [EMPTY_IOV; IOV];
+        let (count, _) = gather(parts, &mut (0, 0), &mut iov);
         // SAFETY: an all-zero msghdr is a valid empty message header.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
@@ -817,39 +834,19 @@ impl UringSink {
     /// [`MAX_OP`] bytes each, submitted in one `io_uring_enter`; the bytes they moved (the
     /// caller loops).
     fn write_chain(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        let mut iov = [[empty; IOV]; CHAIN];
+        let mut iov = [[EMPTY_IOV; IOV]; CHAIN];
         // SAFETY: an all-zero msghdr is a valid empty message header.
         let mut msgs: [libc::msghdr; CHAIN] = unsafe { std::mem::zeroed() };
         let mut sizes = [0usize; CHAIN];
-        let (mut ops, mut part, mut at) = (0, 0, 0);
-        while ops < CHAIN && part < parts.len() {
-            let (mut budget, mut k) = (MAX_OP, 0);
-            while budget > 0 && k < IOV && part < parts.len() {
-                let p = parts[part];
-                let n = (p.len() - at).min(budget);
-                if n > 0 {
-                    iov[ops][k] = libc::iovec {
-                        iov_base: p[at..].as_ptr() as *mut libc::c_void,
-                        iov_len: n,
-                    };
-                    k += 1;
-                    budget -= n;
-                    sizes[ops] += n;
-                }
-                at += n;
-                if at == p.len() {
-                    (part, at) = (part + 1, 0);
-                }
-            }
+        let (mut ops, mut from) = (0, (0, 0));
+        while ops < CHAIN {
+            let (k, size) = gather(parts, &mut from, &mut iov[ops]);
             if k == 0 {
                 break;
             }
             msgs[ops].msg_iov = iov[ops].as_mut_ptr();
             msgs[ops].msg_iovlen = k as _;
+            sizes[ops] = size;
             ops += 1;
         }
         let flags = (libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32;
@@ -1073,6 +1070,45 @@ mod tests {
                 }
                 Err(e) => panic!("{e}"),
             }
+        }
+    }
+
+    proptest::proptest! {
+        /// Gathering operation after operation walks every byte of the parts once, in order,
+        /// each operation within [`MAX_OP`] bytes and [`IOV`] non-empty pieces.
+        #[test]
+        fn gathering_covers_the_parts_in_order_within_an_operations_bounds(
+            lens in proptest::collection::vec(
+                proptest::prop_oneof![0usize..64, 0usize..(3 * MAX_OP)],
+                0..9,
+            ),
+        ) {
+            let data: Vec<Vec<u8>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+                .collect();
+            let parts: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+            let (mut from, mut out) = ((0, 0), Vec::new());
+            loop {
+                let mut iov = [EMPTY_IOV; IOV];
+                let (k, size) = gather(&parts, &mut from, &mut iov);
+                if k == 0 {
+                    break;
+                }
+                proptest::prop_assert!(size <= MAX_OP);
+                let mut sum = 0;
+                for v in &iov[..k] {
+                    proptest::prop_assert!(v.iov_len > 0);
+                    sum += v.iov_len;
+                    // SAFETY: the piece lies inside one of `parts`, alive here.
+                    out.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                    });
+                }
+                proptest::prop_assert_eq!(sum, size);
+            }
+            proptest::prop_assert!(out == parts.concat());
         }
     }
 
