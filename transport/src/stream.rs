@@ -290,6 +290,10 @@ pub(crate) struct FramedReceiver<S: ByteSource> {
     end: usize,
     /// A message `try_recv` has started: its header and the payload bytes received so far.
     incoming: Option<(FrameHeader, usize)>,
+    /// Whether the last payload `recv` took was larger than the read-ahead buffer: while large
+    /// messages stream, a header is read with at most [`READ_AHEAD`] bytes after it, the rest of
+    /// the payload going straight to the caller's buffer rather than through this one.
+    large: bool,
 }
 
 impl<S: ByteSource> FramedReceiver<S> {
@@ -306,6 +310,7 @@ impl<S: ByteSource> FramedReceiver<S> {
             start: 0,
             end: 0,
             incoming: None,
+            large: false,
         })
     }
 
@@ -323,11 +328,16 @@ impl<S: ByteSource> FramedReceiver<S> {
             self.end -= self.start;
             self.start = 0;
         }
+        let cap = if self.large {
+            (self.start + need.max(READ_AHEAD)).min(self.ahead.len())
+        } else {
+            self.ahead.len()
+        };
         while self.buffered() < need {
             let mid_frame = self.buffered() > 0;
             let k = self
                 .source
-                .read_some(&mut self.ahead[self.end..], deadline, mid_frame)?;
+                .read_some(&mut self.ahead[self.end..cap], deadline, mid_frame)?;
             self.end += k;
         }
         Ok(())
@@ -457,6 +467,7 @@ impl<S: ByteSource> FramedReceiver<S> {
 
     /// Moves a payload into `payload`: first what was read ahead, then straight from the source.
     fn read_payload(&mut self, payload: &mut [u8], deadline: Deadline) -> Result<()> {
+        self.large = payload.len() > self.ahead.len();
         let from_ahead = self.take_ahead(payload);
         if from_ahead < payload.len() {
             read_full(&mut self.source, &mut payload[from_ahead..], deadline)
@@ -523,5 +534,91 @@ impl<S: ByteSource> RecvHalf for FramedReceiver<S> {
             }
             return self.verified(&header, &buf[..len]).map(Some);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A sink that keeps every byte written.
+    struct Bytes(Vec<u8>);
+
+    impl ByteSink for Bytes {
+        fn peer(&self) -> &str {
+            "test"
+        }
+
+        fn write_some(&mut self, parts: &[&[u8]], _deadline: Deadline) -> Result<usize> {
+            self.try_write_some(parts)
+        }
+
+        fn try_write_some(&mut self, parts: &[&[u8]]) -> Result<usize> {
+            parts.iter().for_each(|p| self.0.extend_from_slice(p));
+            Ok(parts.iter().map(|p| p.len()).sum())
+        }
+
+        fn close(&mut self, _farewell: &[u8]) {}
+    }
+
+    /// A source that hands out as much as each read asks for, noting how much that was.
+    struct Recorded {
+        data: Vec<u8>,
+        at: usize,
+        asked: Vec<usize>,
+    }
+
+    impl ByteSource for Recorded {
+        fn peer(&self) -> &str {
+            "test"
+        }
+
+        fn read_some(&mut self, buf: &mut [u8], _deadline: Deadline, _mid: bool) -> Result<usize> {
+            self.asked.push(buf.len());
+            let n = buf.len().min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+
+        fn try_read_some(&mut self, buf: &mut [u8], mid: bool) -> Result<Option<usize>> {
+            self.read_some(buf, Deadline::after(Duration::ZERO), mid)
+                .map(Some)
+        }
+    }
+
+    #[test]
+    fn after_a_large_payload_a_header_is_read_with_a_small_read_ahead() {
+        let sizes = [100, 200 << 10, 100, 100, 50 << 10];
+        let payloads: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 13 + j) as u8).collect())
+            .collect();
+        let mut tx = FramedSender::new(Bytes(Vec::new()), 1 << 20, false);
+        let deadline = Deadline::after(Duration::from_secs(5));
+        for (i, p) in payloads.iter().enumerate() {
+            tx.send(i as u32, p, deadline).unwrap();
+        }
+        let source = Recorded {
+            data: std::mem::take(&mut tx.sink.0),
+            at: 0,
+            asked: Vec::new(),
+        };
+        let mut rx = FramedReceiver::new(source, 1 << 20, 16 << 10).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for (i, p) in payloads.iter().enumerate() {
+            let m = rx.recv(&mut buf, deadline).unwrap();
+            assert_eq!((m.tag, m.len), (i as u32, p.len()));
+            assert!(buf[..m.len] == p[..], "message {i} arrived damaged");
+        }
+        // The whole read-ahead first (two small messages and the start of the large one), the
+        // rest of the large payload straight into the caller's buffer, then after it a small
+        // read-ahead (the two small messages and the start of the next), then the rest of that.
+        let asked = &rx.source.asked;
+        assert_eq!(asked[0], 16 << 10, "{asked:?}");
+        assert_eq!(asked[2], READ_AHEAD, "{asked:?}");
+        assert_eq!(asked.len(), 4, "{asked:?}");
     }
 }
