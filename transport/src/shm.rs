@@ -802,6 +802,9 @@ pub(crate) struct ShmSender {
     carries: CarryChooser,
     /// [`OFF_READER_NANOS`] as last credited to the chooser.
     reader_seen: u64,
+    /// How long a posted single copy waits to be claimed before it may be withdrawn
+    /// ([`RDV_GRACE`]; tests that need a message to stay posted lengthen it).
+    grace: Duration,
     broken: Option<String>,
     side: Side,
     /// A message `try_send` has started.
@@ -1010,7 +1013,7 @@ impl ShmSender {
         let word = dir.word(OFF_RDV);
         let bootstrap = Arc::clone(&self.stream.bootstrap);
         let mut wait = Wait::new(self.stream.wait, &bootstrap);
-        let grace = Deadline::at(posted + RDV_GRACE);
+        let grace = Deadline::at(posted + self.grace);
         loop {
             let state = word.load(Ordering::Acquire);
             if state == rdv(index, RDV_DONE) {
@@ -1087,7 +1090,7 @@ impl SendHalf for ShmSender {
                     return Err(e);
                 }
                 let withdrawn = unclaimed
-                    && posted.elapsed() >= RDV_GRACE
+                    && posted.elapsed() >= self.grace
                     && self
                         .withdraw(index, len)
                         .inspect_err(|e| self.broken = Some(e.to_string()))?;
@@ -1847,6 +1850,7 @@ pub(crate) fn establish<S: ByteSink + ByteSource>(
         },
         carries: CarryChooser::new(single_copy == SingleCopy::Auto && peer_reads_us),
         reader_seen: 0,
+        grace: RDV_GRACE,
         broken: None,
         side: send_side,
         outgoing: None,
@@ -2190,6 +2194,7 @@ mod tests {
     #[test]
     fn a_rendezvous_word_no_sender_writes_is_an_error_on_both_sides() {
         let ((mut tx, _), (_, mut rx)) = ends_with(4 << 20, SingleCopy::From(RENDEZVOUS_MIN));
+        tx.grace = Duration::from_secs(60);
         let data = pattern(0, 512 << 10);
         assert!(!tx.try_send(0, &data).unwrap());
         // The word says a later message was already copied, which needs this one done first.
@@ -2415,12 +2420,16 @@ mod tests {
     fn a_non_blocking_single_copy_is_streamed_once_the_grace_is_over() {
         let ((mut tx, _), (_, mut rx)) = ends_with(4 << 20, SingleCopy::From(RENDEZVOUS_MIN));
         let data = pattern(0, 1 << 20);
-        assert!(!tx.try_send(0, &data).unwrap(), "posted, not yet copied");
         let deadline = Instant::now() + Duration::from_secs(5);
         while !tx.try_send(0, &data).unwrap() {
             assert!(Instant::now() < deadline, "never taken back");
             std::thread::sleep(Duration::from_micros(200));
         }
+        assert_eq!(
+            tx.dir.word(OFF_RDV).load(Ordering::Acquire),
+            rdv(0, RDV_WITHDRAWN),
+            "streamed, not copied"
+        );
         expect(&mut rx, 0, 1 << 20);
     }
 
@@ -2433,8 +2442,9 @@ mod tests {
             Deadline::after(Duration::from_secs(2)),
         )
         .unwrap();
-        // The next rendezvous is posted before the receiver looked at the first: the word now
-        // names message 1.
+        // The next rendezvous is posted before the receiver looked at the first (and stays
+        // posted however long this thread is held up): the word now names message 1.
+        tx.grace = Duration::from_secs(60);
         let second = pattern(1, 512 << 10);
         assert!(!tx.try_send(1, &second).unwrap());
         assert_eq!(
