@@ -216,9 +216,6 @@ fn exit_grace(timeout: Duration) -> Duration {
         .saturating_add(Duration::from_secs(5))
 }
 
-/// Spawns `n` ranks of this binary on loopback and relays rank 0's output. Once a rank has
-/// failed, the others get [`exit_grace`] to exit before they are killed, so a rank stopped or
-/// wedged (rather than dead) cannot hold the run forever.
 /// A free port for rank 0, below the kernel's ephemeral range (32768 and up by default): a port
 /// probed free inside that range can be taken as some connection's source port before rank 0
 /// binds it (a CI run failed so: "Address already in use").
@@ -240,6 +237,9 @@ fn rendezvous_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Spawns `n` ranks of this binary on loopback and relays rank 0's output. Once a rank has
+/// failed, the others get [`exit_grace`] to exit before they are killed, so a rank stopped or
+/// wedged (rather than dead) cannot hold the run forever.
 fn spawn_local(n: usize, timeout: Duration) -> anyhow::Result<ExitCode> {
     ensure!(n >= 1, "--ranks must be at least 1");
     let port = rendezvous_port()?;

@@ -1943,18 +1943,16 @@ mod tests {
                         .recv(&mut buf, Deadline::after(Duration::from_secs(10)))
                         .unwrap();
                     assert_eq!((m.tag, m.len), (i as u32, n));
-                    assert!(
-                        buf[..n]
-                            .iter()
-                            .enumerate()
-                            .all(|(j, &b)| b == (j * 7 + i) as u8)
-                    );
+                    assert!(buf[..n] == pattern(i, n));
                 }
             });
             for (i, &n) in sizes.iter().enumerate() {
-                let data: Vec<u8> = (0..n).map(|j| (j * 7 + i) as u8).collect();
-                tx.send(i as u32, &data, Deadline::after(Duration::from_secs(10)))
-                    .unwrap();
+                tx.send(
+                    i as u32,
+                    &pattern(i, n),
+                    Deadline::after(Duration::from_secs(10)),
+                )
+                .unwrap();
             }
             reader.join().unwrap();
         });
@@ -2115,22 +2113,13 @@ mod tests {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     if polled {
-                        let give_up = Instant::now() + Duration::from_secs(10);
-                        while !tx.try_send(1, &data).unwrap() {
-                            assert!(Instant::now() < give_up, "try_send never finished");
-                        }
+                        poll_send(&mut tx, 1, &data);
                     } else {
                         tx.send(1, &data, d()).unwrap();
                     }
                 });
                 let m = if polled {
-                    let give_up = Instant::now() + Duration::from_secs(10);
-                    loop {
-                        if let Some(m) = rx.try_recv(&mut buf).unwrap() {
-                            break m;
-                        }
-                        assert!(Instant::now() < give_up, "try_recv never finished");
-                    }
+                    poll_recv(&mut rx, &mut buf)
                 } else {
                     rx.recv(&mut buf, d()).unwrap()
                 };
@@ -2176,10 +2165,7 @@ mod tests {
                     tx.send(i as u32, &data, Deadline::after(Duration::from_secs(10)))
                         .unwrap();
                 } else {
-                    let give_up = Instant::now() + Duration::from_secs(10);
-                    while !tx.try_send(i as u32, &data).unwrap() {
-                        assert!(Instant::now() < give_up, "try_send never finished");
-                    }
+                    poll_send(&mut tx, i as u32, &data);
                 }
             }
             assert_eq!(used.len(), 3, "ways used: {used:?}");
@@ -2205,15 +2191,9 @@ mod tests {
         let err = rx
             .recv(&mut buf, Deadline::after(Duration::from_secs(1)))
             .unwrap_err();
-        assert!(
-            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
-            "{err}"
-        );
+        assert_corrupted(&err);
         let err = tx.try_send(0, &data).unwrap_err();
-        assert!(
-            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
-            "{err}"
-        );
+        assert_corrupted(&err);
     }
 
     proptest::proptest! {
@@ -2321,10 +2301,7 @@ mod tests {
         let err = rx
             .recv(&mut buf, Deadline::after(Duration::from_secs(1)))
             .unwrap_err();
-        assert!(
-            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
-            "{err}"
-        );
+        assert_corrupted(&err);
 
         let ((_, _), (_, mut rx)) = ends(4096);
         rx.dir.word(OFF_DATA_TAIL).store(1 << 40, Ordering::Release);
@@ -2332,10 +2309,7 @@ mod tests {
             .stream
             .read_some(&mut buf, Deadline::after(Duration::from_secs(1)), false)
             .unwrap_err();
-        assert!(
-            matches!(&err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
-            "{err}"
-        );
+        assert_corrupted(&err);
     }
 
     #[test]
@@ -2357,6 +2331,34 @@ mod tests {
             .unwrap_err();
         assert!(
             matches!(&err, Error::PeerGone { detail, .. } if detail.contains("gave up")),
+            "{err}"
+        );
+    }
+
+    /// `try_send` until it has sent the whole message (at most 10 s).
+    fn poll_send(tx: &mut ShmSender, tag: u32, data: &[u8]) {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !tx.try_send(tag, data).unwrap() {
+            assert!(Instant::now() < give_up, "try_send never finished");
+            std::hint::spin_loop();
+        }
+    }
+
+    /// `try_recv` until a message has arrived (at most 10 s).
+    fn poll_recv(rx: &mut ShmReceiver, buf: &mut [u8]) -> Message {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(m) = rx.try_recv(buf).unwrap() {
+                return m;
+            }
+            assert!(Instant::now() < give_up, "try_recv never finished");
+            std::hint::spin_loop();
+        }
+    }
+
+    fn assert_corrupted(err: &Error) {
+        assert!(
+            matches!(err, Error::ProtocolViolation { detail, .. } if detail.contains("corrupted")),
             "{err}"
         );
     }
@@ -2498,14 +2500,7 @@ mod tests {
                             continue;
                         }
                         let mut buf = vec![0u8; n];
-                        let deadline = Instant::now() + Duration::from_secs(5);
-                        let m = loop {
-                            if let Some(m) = rx.try_recv(&mut buf).unwrap() {
-                                break m;
-                            }
-                            assert!(Instant::now() < deadline, "message {i} never arrived");
-                            std::hint::spin_loop();
-                        };
+                        let m = poll_recv(&mut rx, &mut buf);
                         assert_eq!((m.tag, m.len), (i as u32, n));
                         assert!(buf == pattern(i, n), "message {i} arrived damaged");
                     }

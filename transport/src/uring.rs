@@ -796,12 +796,10 @@ impl UringSink {
             // SAFETY: `stage` is registered buffer 0 and lives as long as the ring.
             return unsafe { self.ring.dispatch(op, deadline, "send") }.map(|n| n.unwrap_or(0));
         }
-        if let Some(deadline) = deadline
-            && total > MAX_OP
-        {
+        if let Some(deadline) = deadline {
             return self.write_chain(parts, deadline);
         }
-        // One operation's worth (the caller loops).
+        // A single attempt takes only what fits now: one operation's worth.
         let mut iov = [EMPTY_IOV; IOV];
         let (count, _) = gather(parts, &mut (0, 0), &mut iov);
         // SAFETY: an all-zero msghdr is a valid empty message header.
@@ -809,30 +807,22 @@ impl UringSink {
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = count as _;
         let msg_ptr: *const libc::msghdr = &msg;
-        // A large payload is one submission that the kernel completes as the socket drains,
-        // whatever the strategy: waiting on its completion beats re-submitting partial sends.
-        // A single attempt (no deadline) takes only what fits now.
-        let attempt = deadline.is_none();
         let op = |_nowait: bool| {
-            let flags = if attempt {
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL
-            } else {
-                libc::MSG_WAITALL | libc::MSG_NOSIGNAL
-            };
             opcode::SendMsg::new(types::Fixed(0), msg_ptr)
-                .flags(flags as u32)
+                .flags((libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) as u32)
                 .build()
         };
         // SAFETY: `msg`, `iov` and the caller's `parts` live until `dispatch` returns, which is
         // after the operation completed.
-        unsafe { self.ring.dispatch(op, deadline, "send") }.map(|n| n.unwrap_or(0))
+        unsafe { self.ring.dispatch(op, None, "send") }.map(|n| n.unwrap_or(0))
     }
 }
 
 impl UringSink {
-    /// A payload larger than one operation: up to [`CHAIN`] linked `SENDMSG`s of up to
-    /// [`MAX_OP`] bytes each, submitted in one `io_uring_enter`; the bytes they moved (the
-    /// caller loops).
+    /// A send too large for the staging buffer: one `SENDMSG` with `MSG_WAITALL` per [`MAX_OP`]
+    /// bytes, up to [`CHAIN`] of them linked in one `io_uring_enter`, each completed by the
+    /// kernel as the socket drains, whatever the strategy (waiting on a completion beats
+    /// re-submitting partial sends); the bytes they moved (the caller loops).
     fn write_chain(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
         let mut iov = [[EMPTY_IOV; IOV]; CHAIN];
         // SAFETY: an all-zero msghdr is a valid empty message header.
@@ -850,19 +840,16 @@ impl UringSink {
             ops += 1;
         }
         let flags = (libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32;
-        let entries: Vec<squeue::Entry> = msgs[..ops]
-            .iter()
-            .map(|m| {
-                opcode::SendMsg::new(types::Fixed(0), m as *const libc::msghdr)
-                    .flags(flags)
-                    .build()
-            })
-            .collect();
+        let entries: [squeue::Entry; CHAIN] = std::array::from_fn(|i| {
+            opcode::SendMsg::new(types::Fixed(0), &msgs[i] as *const libc::msghdr)
+                .flags(flags)
+                .build()
+        });
         // SAFETY: `msgs`, `iov` and the caller's `parts` live until `run_chain` returns, which is
-        // after every operation completed or was cancelled.
+        // after every operation completed or was cancelled; only the first `ops` are submitted.
         unsafe {
             self.ring
-                .run_chain(&entries, &sizes[..ops], deadline, "send")
+                .run_chain(&entries[..ops], &sizes[..ops], deadline, "send")
         }
     }
 }
