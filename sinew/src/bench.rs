@@ -124,21 +124,8 @@ pub struct BenchArgs {
     /// ring. Default: 64 KiB.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub direct_max: Option<usize>,
-    /// Socket send and receive buffer size of TCP-based links; default: kernel autotuning.
-    #[arg(long, value_parser = crate::units::parse_size)]
-    pub socket_buffer: Option<usize>,
-    /// TCP congestion control of the links (Linux); `system` keeps the system's.
-    #[arg(long, default_value = "cubic")]
-    pub congestion: String,
-    /// When shared-memory messages go by single copy (the receiver reads them straight from
-    /// this process with process_vm_readv) instead of through the ring: `auto` (payloads over
-    /// 256 KiB go whichever way measures faster), `off`, or a SIZE from which they always do.
-    #[arg(long, value_parser = crate::link::parse_single_copy, default_value = "auto")]
-    pub shm_single_copy: transport::shm::SingleCopy,
-    /// RDMA device for links (softrdma0: the built-in software device); default:
-    /// $SINEW_RDMA_DEVICE, else the first device.
-    #[arg(long)]
-    pub rdma_device: Option<String>,
+    #[command(flatten)]
+    pub tuning: crate::link::LinkTuning,
     /// Seconds a message may take before the operation fails.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
@@ -336,12 +323,7 @@ fn run_rank(args: &BenchArgs, root: &str, rank: usize, world: usize) -> anyhow::
     let mut link = LinkConfig::new(key);
     link.wait = args.wait;
     link.transport = args.transport;
-    link.socket_buffer = args.socket_buffer;
-    link.congestion = crate::link::congestion(&args.congestion);
-    link.shm_single_copy = args.shm_single_copy;
-    if let Some(dev) = &args.rdma_device {
-        link.rdma_device = Some(dev.clone());
-    }
+    args.tuning.apply(&mut link);
     let defaults = CommConfig::default();
     let config = CommConfig {
         timeout,

@@ -97,12 +97,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let key = args.key.resolve()?;
     let mut cfg = LinkConfig::new(key);
     cfg.wait = args.wait;
-    cfg.socket_buffer = args.socket_buffer;
-    cfg.congestion = super::congestion(&args.congestion);
-    cfg.shm_single_copy = args.shm_single_copy;
-    if let Some(dev) = &args.rdma_device {
-        cfg.rdma_device = Some(dev.clone());
-    }
+    args.tuning.apply(&mut cfg);
     cfg.connect_timeout = Duration::from_secs(10);
     // A single call may legitimately take a while on a slow link (a 16 MiB message over Wi-Fi).
     cfg.timeout = Duration::from_secs(30).max(args.duration * 4);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use transport::shm::SingleCopy;
-use transport::{TransportChoice, WaitStrategy};
+use transport::{LinkConfig, TransportChoice, WaitStrategy};
 
 use crate::keys::KeyArgs;
 use crate::units::{parse_size, parse_size_list};
@@ -51,11 +51,21 @@ pub struct ServerArgs {
     /// shm, rdma.
     #[arg(long, default_value = "auto")]
     pub transport: TransportChoice,
-    /// Bytes of each direction's shared-memory ring.
+    /// Bytes of each direction's shared-memory ring (the accepting side creates both rings).
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub shm_ring: usize,
+    #[command(flatten)]
+    pub tuning: LinkTuning,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// Per-backend tuning of links, shared by every command that makes them (`sinew link server`,
+/// `sinew link client`, `sinew bench`).
+#[derive(Debug, Clone, Args)]
+pub struct LinkTuning {
     /// When shared-memory messages go by single copy (the receiver reads them straight from
-    /// this process with process_vm_readv) instead of through the ring: `auto` (payloads over
+    /// the sender with process_vm_readv) instead of through the ring: `auto` (payloads over
     /// 256 KiB go whichever way measures faster), `off`, or a SIZE from which they always do.
     #[arg(long, value_parser = parse_single_copy, default_value = "auto")]
     pub shm_single_copy: SingleCopy,
@@ -63,14 +73,26 @@ pub struct ServerArgs {
     /// device); default: $SINEW_RDMA_DEVICE, else the first device.
     #[arg(long)]
     pub rdma_device: Option<String>,
-    /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
+    /// Socket send and receive buffer size of TCP-based links (like iperf3 -w); default: kernel
+    /// autotuning.
     #[arg(long, value_parser = parse_size)]
     pub socket_buffer: Option<usize>,
     /// TCP congestion control of the links (Linux); `system` keeps the system's.
     #[arg(long, default_value = "cubic")]
     pub congestion: String,
-    #[command(flatten)]
-    pub key: KeyArgs,
+}
+
+impl LinkTuning {
+    /// Sets these options on `cfg`; an RDMA device left unnamed keeps `cfg`'s (from
+    /// `SINEW_RDMA_DEVICE`).
+    pub fn apply(&self, cfg: &mut LinkConfig) {
+        cfg.socket_buffer = self.socket_buffer;
+        cfg.congestion = (self.congestion != "system").then(|| self.congestion.clone());
+        cfg.shm_single_copy = self.shm_single_copy;
+        if let Some(dev) = &self.rdma_device {
+            cfg.rdma_device = Some(dev.clone());
+        }
+    }
 }
 
 /// Link classes a verdict can be given against.
@@ -192,21 +214,8 @@ pub struct ClientArgs {
     /// streams to the other; GB/s per direction, each counted by its receiver.
     #[arg(long)]
     pub bidir: bool,
-    /// When shared-memory messages go by single copy (the receiver reads them straight from
-    /// this process with process_vm_readv) instead of through the ring: `auto` (payloads over
-    /// 256 KiB go whichever way measures faster), `off`, or a SIZE from which they always do.
-    #[arg(long, value_parser = parse_single_copy, default_value = "auto")]
-    pub shm_single_copy: SingleCopy,
-    /// RDMA device for links (e.g. rdma_en2, mlx5_0, rxe0; softrdma0 is the built-in software
-    /// device); default: $SINEW_RDMA_DEVICE, else the first device.
-    #[arg(long)]
-    pub rdma_device: Option<String>,
-    /// Socket send and receive buffer size (like iperf3 -w); default: kernel autotuning.
-    #[arg(long, value_parser = parse_size)]
-    pub socket_buffer: Option<usize>,
-    /// TCP congestion control of the links (Linux); `system` keeps the system's.
-    #[arg(long, default_value = "cubic")]
-    pub congestion: String,
+    #[command(flatten)]
+    pub tuning: LinkTuning,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -217,11 +226,6 @@ pub fn run(cmd: LinkCommand) -> anyhow::Result<ExitCode> {
         LinkCommand::Server(args) => server::run(args).map(|()| ExitCode::SUCCESS),
         LinkCommand::Client(args) => client::run(args),
     }
-}
-
-/// The congestion control a `--congestion` value asks for: `None` for `system`.
-pub fn congestion(name: &str) -> Option<String> {
-    (name != "system").then(|| name.to_string())
 }
 
 #[cfg(test)]
@@ -235,5 +239,50 @@ mod tests {
         assert_eq!(parse_single_copy("256K"), Ok(SingleCopy::From(256 << 10)));
         let err = parse_single_copy("sometimes").unwrap_err();
         assert!(err.contains("auto, off"), "{err}");
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        tuning: LinkTuning,
+    }
+
+    fn tuned(args: &[&str]) -> LinkConfig {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .expect("valid flags");
+        let mut cfg =
+            LinkConfig::new(transport::ClusterKey::from_bytes(&[7; 32]).expect("a 32-byte key"));
+        cfg.rdma_device = Some("from-env".into());
+        cli.tuning.apply(&mut cfg);
+        cfg
+    }
+
+    #[test]
+    fn link_tuning_flags_reach_the_link_config() {
+        let cfg = tuned(&[
+            "--socket-buffer",
+            "2M",
+            "--congestion",
+            "reno",
+            "--shm-single-copy",
+            "off",
+            "--rdma-device",
+            "rxe0",
+        ]);
+        assert_eq!(cfg.socket_buffer, Some(2 << 20));
+        assert_eq!(cfg.congestion.as_deref(), Some("reno"));
+        assert_eq!(cfg.shm_single_copy, SingleCopy::Off);
+        assert_eq!(cfg.rdma_device.as_deref(), Some("rxe0"));
+    }
+
+    #[test]
+    fn link_tuning_defaults_keep_autotuning_cubic_and_the_environments_device() {
+        let cfg = tuned(&[]);
+        assert_eq!(cfg.socket_buffer, None);
+        assert_eq!(cfg.congestion.as_deref(), Some("cubic"));
+        assert_eq!(cfg.shm_single_copy, SingleCopy::Auto);
+        assert_eq!(cfg.rdma_device.as_deref(), Some("from-env"));
+        assert_eq!(tuned(&["--congestion", "system"]).congestion, None);
     }
 }

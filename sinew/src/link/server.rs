@@ -24,14 +24,9 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     let key = args.key.resolve()?;
     let mut cfg = LinkConfig::new(key);
     cfg.wait = args.wait;
-    cfg.socket_buffer = args.socket_buffer;
-    cfg.congestion = super::congestion(&args.congestion);
-    cfg.shm_single_copy = args.shm_single_copy;
+    args.tuning.apply(&mut cfg);
     cfg.transport = args.transport;
     cfg.shm_ring_bytes = args.shm_ring;
-    if let Some(dev) = &args.rdma_device {
-        cfg.rdma_device = Some(dev.clone());
-    }
     cfg.timeout = IDLE_TIMEOUT;
     let listener = Listener::bind(args.bind, &cfg)
         .with_context(|| format!("cannot listen on {}", args.bind))?;
