@@ -49,6 +49,13 @@ pub(crate) trait ByteSource: Send {
     /// of the stream is [`Error::PeerGone`].
     fn try_read_some(&mut self, buf: &mut [u8], mid_frame: bool) -> Result<Option<usize>>;
 
+    /// As [`ByteSource::read_some`], for bytes the peer owes: every byte of `buf` belongs to a
+    /// message whose length was announced (a frame's payload, a handshake message), so a backend
+    /// may sleep until many of them have arrived instead of waking for every segment.
+    fn read_owed(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
+        self.read_some(buf, deadline, mid_frame)
+    }
+
     /// Called once with the receiver's read-ahead buffer, which stays at the same address for the
     /// source's whole life: a backend may register it (io_uring fixed buffers).
     fn register_read_ahead(&mut self, _buf: &mut [u8]) -> Result<()> {
@@ -104,7 +111,7 @@ pub(crate) fn write_all<S: ByteSink + ?Sized>(
     Ok(())
 }
 
-/// Fills `buf` completely.
+/// Fills `buf` completely with bytes the peer owes (see [`ByteSource::read_owed`]).
 pub(crate) fn read_full<S: ByteSource + ?Sized>(
     source: &mut S,
     buf: &mut [u8],
@@ -112,7 +119,7 @@ pub(crate) fn read_full<S: ByteSource + ?Sized>(
 ) -> std::result::Result<(), Partial> {
     let mut filled = 0usize;
     while filled < buf.len() {
-        match source.read_some(&mut buf[filled..], deadline, filled > 0) {
+        match source.read_owed(&mut buf[filled..], deadline, filled > 0) {
             Ok(k) => filled += k,
             Err(error) => {
                 return Err(Partial {

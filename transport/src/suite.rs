@@ -210,12 +210,7 @@ pub(crate) fn peer_death(kind: TransportKind) {
             .recv_until(&mut buf, Deadline::after(Duration::from_secs(30)))
             .unwrap_err();
         killer.join().unwrap();
-        assert!(err.is_peer_failure(), "{kind}/{wait}: {err:?}");
-        assert!(
-            t.elapsed() < Duration::from_secs(2) + Duration::from_millis(200),
-            "{kind}/{wait}: {:?}",
-            t.elapsed()
-        );
+        assert_peer_failure_within_two_seconds(&err, t, 200, &format!("{kind}/{wait}"));
 
         // A sender streaming into a peer that dies mid-transfer.
         let Some((mut a, mut b)) = pair(kind, wait) else {
@@ -240,6 +235,19 @@ pub(crate) fn peer_death(kind: TransportKind) {
         killer.join().unwrap();
         assert!(err.is_peer_failure(), "{kind}/{wait}: {err:?}");
     }
+}
+
+/// Asserts that `err`, from a call started at `started` on a peer killed `killed_after_ms`
+/// later, reports the peer's failure within 2 s of its death.
+pub(crate) fn assert_peer_failure_within_two_seconds(
+    err: &Error,
+    started: Instant,
+    killed_after_ms: u64,
+    what: &str,
+) {
+    assert!(err.is_peer_failure(), "{what}: {err:?}");
+    let bound = Duration::from_secs(2) + Duration::from_millis(killed_after_ms);
+    assert!(started.elapsed() < bound, "{what}: {:?}", started.elapsed());
 }
 
 pub(crate) fn garbage_from_the_peer(kind: TransportKind) {

@@ -560,10 +560,76 @@ fn run_handshake(
 }
 
 /// Which socket timeout option a blocking call relies on.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
     Send,
     Recv,
+}
+
+/// Owed bytes from which a blocking receive raises the socket's low-water mark.
+const LOWAT_MIN: usize = 256 << 10;
+/// The highest low-water mark a blocking receive sets.
+const LOWAT_MAX: usize = 1 << 20;
+
+/// A socket's receive low-water mark (`SO_RCVLOWAT`) as this side last set it.
+///
+/// A receiver asleep in a blocking receive is woken by every segment that arrives, and on
+/// loopback the waking (a cross-core wakeup, a VM exit under virtualisation) is paid by the
+/// sending core, the one that limits throughput. The kernel wakes a receiver only once the
+/// bytes queued and not yet copied reach the mark (or its buffer is under pressure, or the
+/// stream ends) — counting none it already copied during the call — so a mark is only safe
+/// when that much is certain to arrive after the receiver empties the queue.
+///
+/// [`LowWater::plan`] makes it so: a blocking receive of `R` ≥ [`LOWAT_MIN`] bytes the peer
+/// owes sets the mark `m = min(R / 2, LOWAT_MAX)` and reads at most `R - m` bytes. Whenever it
+/// sleeps it has emptied the queue having taken fewer than `R - m`, so more than `m` owed
+/// bytes are still to come and will wake it. The caller's next call plans again for what is
+/// left. Any other blocking receive puts the mark back to 1 first, so a message shorter than a
+/// stale mark is never slept through; non-blocking receives ignore the mark.
+#[derive(Clone, Debug)]
+pub(crate) struct LowWater {
+    current: usize,
+}
+
+impl LowWater {
+    pub(crate) fn new() -> Self {
+        LowWater { current: 1 }
+    }
+
+    /// For a blocking receive into `len` bytes, of which the peer owes all (`owed`) or not: how
+    /// many bytes it may take, and the mark it runs with.
+    pub(crate) fn plan(owed: bool, len: usize) -> (usize, usize) {
+        if owed && len >= LOWAT_MIN {
+            let mark = (len / 2).min(LOWAT_MAX);
+            (len - mark, mark)
+        } else {
+            (len, 1)
+        }
+    }
+
+    /// Sets the mark of `fd` to `mark` unless it already is.
+    pub(crate) fn set(&mut self, fd: RawFd, mark: usize) -> io::Result<()> {
+        if mark == self.current {
+            return Ok(());
+        }
+        let value = libc::c_int::try_from(mark).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `value` is a live c_int and the length passed is its size; the kernel only
+        // reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.current = mark;
+        Ok(())
+    }
 }
 
 /// A socket shared by the two halves, with the helpers that wait by the link's strategy.
@@ -580,6 +646,8 @@ pub(crate) struct Conn {
     /// The socket timeout currently set for each direction (zero: never set).
     send_timeout: Duration,
     recv_timeout: Duration,
+    /// The receive low-water mark (only the receiving half changes it).
+    low_water: LowWater,
 }
 
 impl Conn {
@@ -590,6 +658,7 @@ impl Conn {
             wait,
             send_timeout: Duration::ZERO,
             recv_timeout: Duration::ZERO,
+            low_water: LowWater::new(),
         }
     }
 
@@ -619,12 +688,13 @@ impl Conn {
     }
 
     /// Runs `attempt` (given whether it may block) until it moves bytes, fails, or the deadline
-    /// passes.
+    /// passes; a blocking receive runs with the low-water mark `mark` (see [`LowWater::plan`]).
     fn retry(
         &mut self,
         dir: Direction,
         deadline: Deadline,
         op: &'static str,
+        mark: usize,
         mut attempt: impl FnMut(RawFd, MsgFlags) -> nix::Result<usize>,
     ) -> Result<usize> {
         let waiter = Waiter::new(self.wait);
@@ -643,6 +713,11 @@ impl Conn {
             if block {
                 self.bound_blocking(dir, remaining)
                     .map_err(|e| self.map_io(op, e))?;
+                if dir == Direction::Recv {
+                    self.low_water
+                        .set(fd, mark)
+                        .map_err(|e| self.map_io(op, e))?;
+                }
             } else {
                 flags |= MsgFlags::MSG_DONTWAIT;
             }
@@ -671,7 +746,7 @@ impl ByteSink for Conn {
             IoSlice::new(parts.get(1).copied().unwrap_or(&[])),
         ];
         let n = parts.len().min(2);
-        self.retry(Direction::Send, deadline, "send", |fd, flags| {
+        self.retry(Direction::Send, deadline, "send", 1, |fd, flags| {
             sendmsg::<()>(fd, &slices[..n], &[], flags, None)
         })
     }
@@ -732,8 +807,30 @@ impl ByteSource for Conn {
     }
 
     fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
-        match self.retry(Direction::Recv, deadline, "recv", |fd, flags| {
-            recv(fd, buf, flags)
+        self.read(buf, deadline, mid_frame, false)
+    }
+
+    fn read_owed(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
+        self.read(buf, deadline, mid_frame, true)
+    }
+}
+
+impl Conn {
+    /// A receive of at least one byte into `buf`, of which the peer owes all (`owed`) or not.
+    fn read(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Deadline,
+        mid_frame: bool,
+        owed: bool,
+    ) -> Result<usize> {
+        let (limit, mark) = LowWater::plan(owed, buf.len());
+        match self.retry(Direction::Recv, deadline, "recv", mark, |fd, flags| {
+            if flags.contains(MsgFlags::MSG_DONTWAIT) {
+                recv(fd, buf, flags)
+            } else {
+                recv(fd, &mut buf[..limit], flags)
+            }
         })? {
             0 => {
                 let detail = if mid_frame {

@@ -444,3 +444,130 @@ fn both_ends_run_the_configured_congestion_control_from_the_first_packet() {
     };
     assert_eq!(cc(&server), "reno", "inherited from the listener");
 }
+
+/// Links of `kind` waiting by `wait`, or `None` when this machine cannot run `kind`.
+fn kind_pair(kind: TransportKind, wait: WaitStrategy) -> Option<(Link, Link)> {
+    if let Err(reason) = select::availability_on(kind, None) {
+        eprintln!("skipping {kind}: {reason}");
+        return None;
+    }
+    let mut c = cfg(1);
+    c.transport = TransportChoice::Only(kind);
+    c.wait = wait;
+    Some(pair(&c))
+}
+
+const SOCKET_KINDS: [TransportKind; 2] = [TransportKind::TCP, TransportKind::URING];
+/// The strategies that sleep in the kernel.
+fn sleeping() -> [WaitStrategy; 2] {
+    [WaitStrategy::Block, WaitStrategy::default()]
+}
+
+#[test]
+fn low_water_marks_are_raised_only_for_large_owed_reads_and_capped() {
+    assert_eq!(LowWater::plan(false, 16 << 20), (16 << 20, 1));
+    assert_eq!(LowWater::plan(true, LOWAT_MIN - 1), (LOWAT_MIN - 1, 1));
+    assert_eq!(
+        LowWater::plan(true, LOWAT_MIN),
+        (LOWAT_MIN / 2, LOWAT_MIN / 2)
+    );
+    assert_eq!(
+        LowWater::plan(true, 16 << 20),
+        ((16 << 20) - LOWAT_MAX, LOWAT_MAX)
+    );
+}
+
+proptest::proptest! {
+    /// A planned read never takes more than asked, and always leaves at least its mark owed
+    /// after it, so a sleeper is woken by bytes that are certain to come.
+    #[test]
+    fn a_planned_read_leaves_its_mark_still_owed(len in 0usize..64 << 20, owed: bool) {
+        let (limit, mark) = LowWater::plan(owed, len);
+        proptest::prop_assert!(mark >= 1 && limit <= len);
+        if mark > 1 {
+            proptest::prop_assert!(owed && limit >= 1 && len - limit >= mark && mark <= LOWAT_MAX);
+        } else {
+            proptest::prop_assert_eq!(limit, len);
+        }
+    }
+}
+
+/// After a large payload received with a raised low-water mark, a short message that arrives
+/// while the receiver sleeps wakes it: the mark is back to 1 before the header is waited for.
+#[test]
+fn a_short_message_after_a_large_one_wakes_a_sleeping_receiver() {
+    for kind in SOCKET_KINDS {
+        for wait in sleeping() {
+            let Some((mut a, mut b)) = kind_pair(kind, wait) else {
+                continue;
+            };
+            let large: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+            let (go, went) = std::sync::mpsc::channel();
+            let sender = {
+                let large = large.clone();
+                thread::spawn(move || {
+                    b.send(1, &large).unwrap();
+                    went.recv().unwrap();
+                    thread::sleep(Duration::from_millis(100));
+                    b.send(2, b"short").unwrap();
+                    b
+                })
+            };
+            let mut buf = vec![0u8; 4 << 20];
+            let m = a.recv(&mut buf).unwrap();
+            assert_eq!((m.tag, &buf[..m.len]), (1, &large[..]), "{kind}/{wait}");
+            go.send(()).unwrap();
+            let t = Instant::now();
+            let m = a
+                .recv_until(&mut buf, Deadline::after(Duration::from_secs(5)))
+                .unwrap_or_else(|e| panic!("{kind}/{wait}: {e}"));
+            assert_eq!((m.tag, &buf[..m.len]), (2, &b"short"[..]), "{kind}/{wait}");
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "{kind}/{wait}: {:?}",
+                t.elapsed()
+            );
+            drop(sender.join().unwrap());
+        }
+    }
+}
+
+/// A peer that dies partway through a large payload, while the receiver sleeps with a raised
+/// low-water mark that the bytes still owed would never reach: an error within 2 s.
+#[test]
+fn a_peer_dying_mid_payload_wakes_a_receiver_with_a_raised_mark() {
+    for kind in SOCKET_KINDS {
+        for wait in sleeping() {
+            let Some((mut a, mut b)) = kind_pair(kind, wait) else {
+                continue;
+            };
+            let header = FrameHeader {
+                kind: FrameKind::DATA,
+                flags: crate::frame::FrameFlags::NONE,
+                tag: 0,
+                seq: 0,
+                len: 4 << 20,
+                payload_crc: 0,
+            };
+            let killer = thread::spawn(move || {
+                let mut bytes = header.encode().to_vec();
+                bytes.extend(std::iter::repeat_n(7u8, 300 << 10));
+                b.inject_raw(&bytes).unwrap();
+                thread::sleep(Duration::from_millis(200));
+                b.abandon();
+            });
+            let t = Instant::now();
+            let mut buf = vec![0u8; 4 << 20];
+            let err = a
+                .recv_until(&mut buf, Deadline::after(Duration::from_secs(30)))
+                .unwrap_err();
+            killer.join().unwrap();
+            crate::suite::assert_peer_failure_within_two_seconds(
+                &err,
+                t,
+                200,
+                &format!("{kind}/{wait}"),
+            );
+        }
+    }
+}
