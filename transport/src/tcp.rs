@@ -607,8 +607,23 @@ impl LowWater {
         }
     }
 
-    /// Sets the mark of `fd` to `mark` unless it already is.
+    /// Sets the mark of `fd` to `mark` unless it already is. A raised mark the socket refuses
+    /// is only an optimisation lost: the mark goes back to 1 instead, and only a failure to do
+    /// that is an error (a stale raised mark would be unsafe).
     pub(crate) fn set(&mut self, fd: RawFd, mark: usize) -> io::Result<()> {
+        if mark == self.current {
+            return Ok(());
+        }
+        match self.apply(fd, mark) {
+            Err(e) if mark > 1 => {
+                tracing::debug!(error = %e, mark, "SO_RCVLOWAT refused; receiving without it");
+                self.apply(fd, 1)
+            }
+            other => other,
+        }
+    }
+
+    fn apply(&mut self, fd: RawFd, mark: usize) -> io::Result<()> {
         if mark == self.current {
             return Ok(());
         }

@@ -571,3 +571,36 @@ fn a_peer_dying_mid_payload_wakes_a_receiver_with_a_raised_mark() {
         }
     }
 }
+
+fn rcvlowat(fd: RawFd) -> libc::c_int {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live and sized for the option, which the kernel writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    v
+}
+
+#[test]
+fn the_low_water_mark_reaches_the_socket_and_a_refused_one_is_an_error_only_if_not_undone() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let mut w = LowWater::new();
+    w.set(s.as_raw_fd(), 300 << 10).unwrap();
+    assert_eq!(rcvlowat(s.as_raw_fd()), 300 << 10);
+    w.set(s.as_raw_fd(), 1).unwrap();
+    assert_eq!(rcvlowat(s.as_raw_fd()), 1);
+    // Not a socket: neither the raised mark nor the reset can be set.
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    let mut w = LowWater::new();
+    w.current = 5;
+    assert!(w.set(r.as_raw_fd(), 300 << 10).is_err());
+}
