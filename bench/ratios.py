@@ -2,9 +2,10 @@
 
 usage: ratios.py RESULTS TITLE "LABEL|SINEW-KEY|PEER-KEY|BAR|lower-or-higher"...
 Each line of RESULTS is {"what": KEY, "value": NUMBER}. The ratio is the medians' ratio; where
-both keys have one value per round (the scripts record each key once a round, in order), the
-"paired" column adds the median of the per-round ratios and their range: on a VM whose speed
-shifts between runs, a round's two measurements share its conditions, the two medians may not.
+both keys have as many values, recorded in step (once a round, or once per back-to-back pair),
+the "paired" column adds the median of the per-round (per-pair) ratios and their range: on a VM
+whose speed shifts between runs, a round's two measurements share its conditions, the two
+medians may not.
 """
 import json
 import statistics

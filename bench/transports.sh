@@ -7,10 +7,13 @@
 #             for reference each way forced: ring only (off) and single copy (256K)
 #   uring vs  sinew's TCP backend (8 B latency; 64 KiB, 1 MiB, 16 MiB bandwidth)
 # Installs OpenMPI from Debian when missing.
-# Usage: bench/transports.sh      (ROUNDS=5 DURATION=2 SERVER_CPU=0 CLIENT_CPU=1 by default)
+# Usage: bench/transports.sh      (ROUNDS=5 DURATION=2 PAIRS=4 PAIR_DURATION=0.5 SERVER_CPU=0
+#                                  CLIENT_CPU=1 by default)
 set -euo pipefail
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-2}
+PAIRS=${PAIRS:-4}
+PAIR_DURATION=${PAIR_DURATION:-0.5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
 
@@ -83,14 +86,23 @@ for round in $(seq "$ROUNDS"); do
   # (process_vm_readv, OpenMPI's CMA method)
   link_record shm_ring spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" --shm-single-copy off
   link_record shm_single_copy spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION" --shm-single-copy 256K
+  # io_uring against TCP differs by a few percent, far less than the VM's placement moves a run:
+  # PAIRS short back-to-back pairs a round, in alternating order (tcp-uring, uring-tcp, ...), so
+  # each pair shares its conditions and drift favours neither; the "paired" column is the median
+  # of the per-pair ratios (bench/link_pairs.py does this at length for io_uring alone).
   for wait in spin block; do
-    link_record "tcp_$wait" "$wait" tcp --sizes 64K,1M,16M --no-latency --duration "$DURATION"
-    link_record "uring_$wait" "$wait" uring --sizes 64K,1M,16M --no-latency --duration "$DURATION"
+    for pair in $(seq "$PAIRS"); do
+      order=(tcp uring)
+      (( pair % 2 == 0 )) && order=(uring tcp)
+      for t in "${order[@]}"; do
+        link_record "${t}_$wait" "$wait" "$t" --sizes 64K,1M,16M --no-latency --duration "$PAIR_DURATION"
+      done
+    done
   done
   placement
 done
 
-python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs peers, one host, pinned cores, spin, $ROUNDS rounds x $DURATION s, medians" \
+python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs peers, one host, pinned cores, spin, $ROUNDS rounds x $DURATION s (io_uring bandwidth: $PAIRS alternating pairs a round x $PAIR_DURATION s), medians" \
   "shm 8 B one-way p50 µs (vs OpenMPI vader)|shm_latency|mpi_latency|<= 1.5|lower" \
   "shm 1 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_1048576|mpi_bw_1048576|>= 0.8|higher" \
   "shm 4 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_4194304|mpi_bw_4194304|>= 0.8|higher" \
