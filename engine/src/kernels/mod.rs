@@ -1032,10 +1032,13 @@ mod tests {
                 );
             }
         }
-        // the quantized activations stay within half a step of x (f32: exactly x)
+        // the quantized activations stay within half a step of x (f32: exactly x), up to the f32
+        // rounding of x · 127/amax: |x · inv| ≤ 127, so a value a few ulps from a half step may
+        // round to the far side (seen: 0.500003 steps); 1e-4 of a step covers it many times over
         let step = a.d.iter().fold(0f32, |m, &d| m.max(d)) as f64;
         for (i, &xi) in x.iter().enumerate() {
-            assert!((act(&a, i) - xi as f64).abs() <= 0.5 * step, "x[{i}]");
+            let err = (act(&a, i) - xi as f64).abs();
+            assert!(err <= (0.5 + 1e-4) * step, "x[{i}]: {err} off, step {step}");
         }
     }
 
