@@ -142,6 +142,19 @@ impl Error {
         }
     }
 
+    /// The byte stream ended without a close frame: `mid_frame` says whether a frame was cut
+    /// short.
+    pub(crate) fn stream_ended(peer: &str, mid_frame: bool) -> Error {
+        Error::PeerGone {
+            peer: peer.to_string(),
+            detail: if mid_frame {
+                "connection closed mid-frame".into()
+            } else {
+                "connection closed without a close frame (peer died?)".into()
+            },
+        }
+    }
+
     /// Whether this error says the peer is dead or gone (as opposed to a local or protocol fault).
     pub fn is_peer_failure(&self) -> bool {
         matches!(

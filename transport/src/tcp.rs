@@ -611,9 +611,6 @@ impl LowWater {
     /// is only an optimisation lost: the mark goes back to 1 instead, and only a failure to do
     /// that is an error (a stale raised mark would be unsafe).
     pub(crate) fn set(&mut self, fd: RawFd, mark: usize) -> io::Result<()> {
-        if mark == self.current {
-            return Ok(());
-        }
         match self.apply(fd, mark) {
             Err(e) if mark > 1 => {
                 tracing::debug!(error = %e, mark, "SO_RCVLOWAT refused; receiving without it");
@@ -623,6 +620,7 @@ impl LowWater {
         }
     }
 
+    /// Sets the mark of `fd` to `mark` unless it already is.
     fn apply(&mut self, fd: RawFd, mark: usize) -> io::Result<()> {
         if mark == self.current {
             return Ok(());
@@ -803,16 +801,7 @@ impl ByteSource for Conn {
     fn try_read_some(&mut self, buf: &mut [u8], mid_frame: bool) -> Result<Option<usize>> {
         loop {
             match recv(self.stream.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(0) if !buf.is_empty() => {
-                    return Err(Error::PeerGone {
-                        peer: self.peer.clone(),
-                        detail: if mid_frame {
-                            "connection closed mid-frame".into()
-                        } else {
-                            "connection closed without a close frame (peer died?)".into()
-                        },
-                    });
-                }
+                Ok(0) if !buf.is_empty() => return Err(Error::stream_ended(&self.peer, mid_frame)),
                 Ok(k) => return Ok(Some(k)),
                 Err(Errno::EAGAIN) => return Ok(None),
                 Err(Errno::EINTR) => {}
@@ -847,17 +836,7 @@ impl Conn {
                 recv(fd, &mut buf[..limit], flags)
             }
         })? {
-            0 => {
-                let detail = if mid_frame {
-                    "connection closed mid-frame".to_string()
-                } else {
-                    "connection closed without a close frame (peer died?)".to_string()
-                };
-                Err(Error::PeerGone {
-                    peer: self.peer.clone(),
-                    detail,
-                })
-            }
+            0 => Err(Error::stream_ended(&self.peer, mid_frame)),
             k => Ok(k),
         }
     }

@@ -968,24 +968,26 @@ impl UringSource {
     /// with `MSG_WAITALL` of up to [`MAX_OP`] bytes each, submitted in one `io_uring_enter`; the
     /// bytes they moved (the caller loops).
     fn read_chain(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
-        let mut sizes = [0usize; CHAIN];
-        let entries: Vec<squeue::Entry> = buf
-            .chunks_mut(MAX_OP)
-            .take(CHAIN)
-            .zip(sizes.iter_mut())
-            .map(|(piece, size)| {
-                *size = piece.len();
-                opcode::Recv::new(types::Fixed(0), piece.as_mut_ptr(), piece.len() as u32)
-                    .flags(libc::MSG_WAITALL)
-                    .build()
-            })
-            .collect();
-        let ops = entries.len();
+        let ops = buf.len().div_ceil(MAX_OP).min(CHAIN);
+        let sizes: [usize; CHAIN] =
+            std::array::from_fn(|i| buf.len().saturating_sub(i * MAX_OP).min(MAX_OP));
+        let base = buf.as_mut_ptr();
+        let entries: [squeue::Entry; CHAIN] = std::array::from_fn(|i| {
+            // `wrapping_add`: the entries past `ops` point past `buf` and are never submitted.
+            opcode::Recv::new(
+                types::Fixed(0),
+                base.wrapping_add(i * MAX_OP),
+                sizes[i] as u32,
+            )
+            .flags(libc::MSG_WAITALL)
+            .build()
+        });
         // SAFETY: `buf` is borrowed mutably for this whole call and `run_chain` returns only
-        // after every operation completed or was cancelled.
+        // after every operation completed or was cancelled; only the first `ops` entries, each
+        // inside `buf`, are submitted.
         match unsafe {
             self.ring
-                .run_chain(&entries, &sizes[..ops], deadline, "recv")?
+                .run_chain(&entries[..ops], &sizes[..ops], deadline, "recv")?
         } {
             0 => Err(self.closed(mid_frame)),
             n => Ok(n),
@@ -993,14 +995,7 @@ impl UringSource {
     }
 
     fn closed(&self, mid_frame: bool) -> Error {
-        Error::PeerGone {
-            peer: self.ring.peer.clone(),
-            detail: if mid_frame {
-                "connection closed mid-frame".into()
-            } else {
-                "connection closed without a close frame (peer died?)".into()
-            },
-        }
+        Error::stream_ended(&self.ring.peer, mid_frame)
     }
 
     pub(crate) fn new(stream: Arc<TcpStream>, peer: String, wait: WaitStrategy) -> Result<Self> {
@@ -1177,7 +1172,8 @@ mod tests {
                 let reader = s.spawn(|| {
                     use std::io::Read;
                     let mut rest = vec![0u8; data.len() - sent];
-                    peer.set_read_timeout(None).unwrap();
+                    peer.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                        .unwrap();
                     peer.read_exact(&mut rest).unwrap();
                     rest
                 });
