@@ -3,12 +3,13 @@
 //!
 //! The socket is a registered (fixed) file in each ring. The receiver's read-ahead buffer and the
 //! sender's staging buffer for small messages are registered buffers (`READ_FIXED`,
-//! `WRITE_FIXED`); large payloads move straight between the socket and the caller's buffer
-//! (`SENDMSG` / `RECV` with `MSG_WAITALL`, one operation moving up to 1 MiB; a receiver that
-//! spins instead retries non-blocking `RECV`s, leaving no poll armed for the sender to wake).
-//! Submission is batched where the work is known ahead: a payload larger than one operation goes
-//! as a chain of up to seven linked operations in one `io_uring_enter` (sends always; receives
-//! while the strategy blocks), the kernel starting each as the one before it completes. When a
+//! `WRITE_FIXED`); large payloads move straight between the socket and the caller's buffer: a
+//! frame goes out as one `SENDMSG` with `MSG_WAITALL` gathering its header and payload, and
+//! comes in by `RECV`s of up to 1 MiB (`MSG_WAITALL` while the strategy blocks; a receiver that
+//! spins retries non-blocking ones instead, leaving no poll armed for the sender to wake).
+//! Submission is batched where the work is known ahead: a write or a blocking receive larger than
+//! one operation goes as a chain of up to seven linked operations in one `io_uring_enter`, the
+//! kernel starting each as the one before it completes. When a
 //! call's deadline passes with its operation in flight, the operation is cancelled and its
 //! completion reaped before the call returns: the caller's buffer is never left in flight. No
 //! timer is armed on the fast path (timers cost VM exits); completions are awaited by the link's
@@ -35,6 +36,7 @@ use nix::sys::socket::{MsgFlags, sendmsg};
 
 use crate::deadline::Deadline;
 use crate::error::{Error, Result};
+use crate::frame::ABSOLUTE_MAX_PAYLOAD;
 use crate::stream::{ByteSink, ByteSource};
 use crate::tcp::LowWater;
 use crate::wait::{WaitStrategy, Waiter};
@@ -52,10 +54,18 @@ const PENDING: i32 = i32::MIN;
 /// Messages up to this size (header included) are copied into a registered buffer and sent with
 /// `WRITE_FIXED`; larger ones are sent from the caller's memory.
 const STAGE: usize = 16 << 10;
-/// The most bytes one operation moves: large payloads go as a sequence of operations of this
-/// size, each completed as the socket drains or fills. The slack keeps a 1 MiB message and its
-/// frame header in one operation.
+/// The most bytes one receive operation moves: a large payload comes in as a sequence of
+/// operations of this size, each completed as the socket fills. The slack keeps a 1 MiB message
+/// and its frame header in one operation.
 const MAX_OP: usize = (1 << 20) + 4096;
+/// The most bytes one send operation moves: a frame of the largest payload and its header, so
+/// that every frame goes out in one operation the kernel completes as the socket drains. Split
+/// into operations of [`MAX_OP`], 4–64 MiB messages ran 5–13% slower (each operation's
+/// completion and the start of the next, linked one, leave the sending core waiting on the
+/// ring). A write larger than this (never a frame) goes as a chain.
+const SEND_OP: usize = ABSOLUTE_MAX_PAYLOAD as usize + 4096;
+// A completion reports the bytes moved as an `i32`.
+const _: () = assert!(SEND_OP <= i32::MAX as usize && MAX_OP <= SEND_OP);
 /// The most parts one send operation gathers (a frame is a header and a payload).
 const IOV: usize = 4;
 /// The receiver's registered read-ahead buffer.
@@ -747,19 +757,20 @@ const EMPTY_IOV: libc::iovec = libc::iovec {
     iov_len: 0,
 };
 
-/// Fills `iov` with the next operation's share of `parts` — up to [`MAX_OP`] bytes in up to
-/// [`IOV`] pieces — from position `from` (part, offset), which it advances past them; how many
-/// pieces and bytes. Empty parts are skipped.
+/// Fills `iov` with the next operation's share of `parts` — up to `limit` bytes in up to [`IOV`]
+/// pieces — from position `from` (part, offset), which it advances past them; how many pieces
+/// and bytes. Empty parts are skipped.
 fn gather(
     parts: &[&[u8]],
     from: &mut (usize, usize),
     iov: &mut [libc::iovec; IOV],
+    limit: usize,
 ) -> (usize, usize) {
     let (mut k, mut size) = (0, 0);
     let (part, at) = from;
-    while size < MAX_OP && k < IOV && *part < parts.len() {
+    while size < limit && k < IOV && *part < parts.len() {
         let p = parts[*part];
-        let n = (p.len() - *at).min(MAX_OP - size);
+        let n = (p.len() - *at).min(limit - size);
         if n > 0 {
             iov[k] = libc::iovec {
                 iov_base: p[*at..].as_ptr() as *mut libc::c_void,
@@ -781,6 +792,8 @@ pub(crate) struct UringSink {
     // Dropped before `stage`, which it has registered.
     ring: Ring,
     stage: Box<[u8]>,
+    /// The most bytes one send operation moves: [`SEND_OP`] (tests lower it to make chains).
+    op_limit: usize,
 }
 
 impl UringSink {
@@ -790,7 +803,11 @@ impl UringSink {
         // SAFETY: `stage` is a heap allocation owned by the sink next to the ring and dropped
         // after it (field order), so it outlives the registration.
         unsafe { ring.register(&mut stage)? };
-        Ok(UringSink { ring, stage })
+        Ok(UringSink {
+            ring,
+            stage,
+            op_limit: SEND_OP,
+        })
     }
 }
 
@@ -820,7 +837,7 @@ impl UringSink {
         }
         // A single attempt takes only what fits now: one operation's worth.
         let mut iov = [EMPTY_IOV; IOV];
-        let (count, _) = gather(parts, &mut (0, 0), &mut iov);
+        let (count, _) = gather(parts, &mut (0, 0), &mut iov, self.op_limit);
         // SAFETY: an all-zero msghdr is a valid empty message header.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
@@ -838,10 +855,11 @@ impl UringSink {
 }
 
 impl UringSink {
-    /// A send too large for the staging buffer: one `SENDMSG` with `MSG_WAITALL` per [`MAX_OP`]
-    /// bytes, up to [`CHAIN`] of them linked in one `io_uring_enter`, each completed by the
-    /// kernel as the socket drains, whatever the strategy (waiting on a completion beats
-    /// re-submitting partial sends); the bytes they moved (the caller loops).
+    /// A send too large for the staging buffer: one `SENDMSG` with `MSG_WAITALL` (a whole frame;
+    /// a larger write takes one per [`SEND_OP`] bytes, up to [`CHAIN`] of them linked in one
+    /// `io_uring_enter`), completed by the kernel as the socket drains, whatever the strategy
+    /// (waiting on a completion beats re-submitting partial sends); the bytes moved (the caller
+    /// loops).
     fn write_chain(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<usize> {
         let mut iov = [[EMPTY_IOV; IOV]; CHAIN];
         // SAFETY: an all-zero msghdr is a valid empty message header.
@@ -849,7 +867,7 @@ impl UringSink {
         let mut sizes = [0usize; CHAIN];
         let (mut ops, mut from) = (0, (0, 0));
         while ops < CHAIN {
-            let (k, size) = gather(parts, &mut from, &mut iov[ops]);
+            let (k, size) = gather(parts, &mut from, &mut iov[ops], self.op_limit);
             if k == 0 {
                 break;
             }
@@ -1101,13 +1119,14 @@ mod tests {
 
     proptest::proptest! {
         /// Gathering operation after operation walks every byte of the parts once, in order,
-        /// each operation within [`MAX_OP`] bytes and [`IOV`] non-empty pieces.
+        /// each operation within its byte limit and [`IOV`] non-empty pieces.
         #[test]
         fn gathering_covers_the_parts_in_order_within_an_operations_bounds(
             lens in proptest::collection::vec(
                 proptest::prop_oneof![0usize..64, 0usize..(3 * MAX_OP)],
                 0..9,
             ),
+            limit in proptest::prop_oneof![1usize..4096, proptest::strategy::Just(MAX_OP)],
         ) {
             let data: Vec<Vec<u8>> = lens
                 .iter()
@@ -1118,11 +1137,11 @@ mod tests {
             let (mut from, mut out) = ((0, 0), Vec::new());
             loop {
                 let mut iov = [EMPTY_IOV; IOV];
-                let (k, size) = gather(&parts, &mut from, &mut iov);
+                let (k, size) = gather(&parts, &mut from, &mut iov, limit);
                 if k == 0 {
                     break;
                 }
-                proptest::prop_assert!(size <= MAX_OP);
+                proptest::prop_assert!(size <= limit);
                 let mut sum = 0;
                 for v in &iov[..k] {
                     proptest::prop_assert!(v.iov_len > 0);
@@ -1139,13 +1158,35 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_cut_by_its_deadline_reports_exactly_the_bytes_it_sent() {
+    fn a_frame_of_the_largest_payload_goes_in_one_send_operation() {
+        let header = [7u8; crate::frame::HEADER_LEN];
+        // Zeroed, so never touched: gathering reads only addresses and lengths.
+        let payload = vec![0u8; ABSOLUTE_MAX_PAYLOAD as usize];
+        let mut iov = [EMPTY_IOV; IOV];
+        let mut from = (0, 0);
+        let (k, size) = gather(&[&header, &payload], &mut from, &mut iov, SEND_OP);
+        assert_eq!((k, size), (2, header.len() + payload.len()));
+        assert_eq!(
+            gather(&[&header, &payload], &mut from, &mut iov, SEND_OP).0,
+            0
+        );
+    }
+
+    #[test]
+    fn a_send_cut_by_its_deadline_reports_exactly_the_bytes_it_sent() {
         if let Err(reason) = probe() {
             eprintln!("skipping: io_uring is unavailable here: {reason}");
             return;
         }
-        for wait in [WaitStrategy::Spin, WaitStrategy::Block] {
+        // A chain (operations lowered to 1 MiB) and the single operation a frame takes.
+        for (wait, op_limit) in [
+            (WaitStrategy::Spin, MAX_OP),
+            (WaitStrategy::Block, MAX_OP),
+            (WaitStrategy::Spin, SEND_OP),
+            (WaitStrategy::Block, SEND_OP),
+        ] {
             let (mut tx, mut peer) = sink(wait);
+            tx.op_limit = op_limit;
             // Larger than a chain, and than the socket buffers of a peer that does not read.
             let data: Vec<u8> = (0..(CHAIN * MAX_OP + 12345))
                 .map(|i| (i % 251) as u8)
@@ -1166,8 +1207,8 @@ mod tests {
             drain(&mut peer, &mut got);
             assert_eq!(got.len(), sent);
             assert!(got == data[..sent], "the bytes sent arrived damaged");
-            // The ring took nothing in flight with it: the rest goes through it, in chains,
-            // while the peer reads.
+            // The ring took nothing in flight with it: the rest goes through it (in chains or
+            // one operation) while the peer reads.
             std::thread::scope(|s| {
                 let reader = s.spawn(|| {
                     use std::io::Read;
