@@ -147,6 +147,22 @@ def report(rounds, title):
         summarize(shared, f"cores sharing a cache before and after (round trip < {SHARED_NS:.0f} ns)")
 
 
+def is_round(row):
+    """Whether `row` has what `summarize` reads: the fields, and a positive GB/s figure for every
+    label and size."""
+    if not isinstance(row, dict) or any(k not in row for k in FIELDS):
+        return False
+    labels, sizes, gbps = row["labels"], row["sizes"], row["gbps"]
+    if not (isinstance(labels, list) and isinstance(sizes, list) and isinstance(gbps, dict)
+            and isinstance(row["wait"], str) and isinstance(row["run"], str)
+            and all(isinstance(x, str) for x in labels + sizes)):
+        return False
+    return all(
+        isinstance(gbps.get(label), list) and len(gbps[label]) == len(sizes)
+        and all(isinstance(v, (int, float)) and v > 0 for v in gbps[label])
+        for label in labels)
+
+
 def pool(files):
     rounds = []
     for name in files:
@@ -162,8 +178,9 @@ def pool(files):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 sys.exit(f"{name}:{n}: not JSON: {e}")
-            if not isinstance(row, dict) or any(k not in row for k in FIELDS):
-                sys.exit(f"{name}:{n}: not a round recorded by --record (fields {', '.join(FIELDS)})")
+            if not is_round(row):
+                sys.exit(f"{name}:{n}: not a round recorded by --record (fields {', '.join(FIELDS)},"
+                         " a positive GB/s per label and size)")
             rounds.append(row)
     groups = {}
     for r in rounds:
