@@ -553,7 +553,18 @@ impl Ring {
                 return Err(self.io_error(what, io::Error::other("submission queue full")));
             }
         }
-        if let Err(e) = self.enter(0) {
+        // A blocking wait submits and sleeps in the same `io_uring_enter`. Once the entries are
+        // submitted, the kernel reports how many rather than why the wait ended, so the loop
+        // below looks at the completions either way.
+        let submitted = if waiter.should_block() {
+            self.wait_until(n as u32, deadline)
+        } else {
+            self.enter_raw(0, 0, None)
+        };
+        if submitted.is_err()
+            && !self.ring.submission().is_empty()
+            && let Err(e) = self.enter(0)
+        {
             // The entries may still sit in the submission queue: never enter this ring again, so
             // they can never be submitted after the caller's buffers are gone.
             self.poisoned = Some(e.to_string());
@@ -568,23 +579,11 @@ impl Ring {
                 return Ok(false);
             }
             if waiter.should_block() {
-                let remaining = deadline.remaining();
-                if remaining.is_zero() {
+                if deadline.expired() {
                     break;
                 }
-                let ts = KernelTimespec {
-                    sec: remaining.as_secs() as i64,
-                    nsec: i64::from(remaining.subsec_nanos()),
-                };
-                let arg = GeteventsArg {
-                    sigmask: 0,
-                    sigmask_sz: 0,
-                    min_wait_usec: 0,
-                    ts: &ts as *const KernelTimespec as u64,
-                };
                 // ETIME (the wait timed out) and EINTR just mean "look again".
-                let want = (n - reaped) as u32;
-                let _ = self.enter_raw(want, ENTER_GETEVENTS | ENTER_EXT_ARG, Some(&arg));
+                let _ = self.wait_until((n - reaped) as u32, deadline);
             } else {
                 if self.ring.submission().taskrun() {
                     // The completion is pending as task work, which an enter that gets events
@@ -620,6 +619,23 @@ impl Ring {
             }
         }
         Ok(true)
+    }
+
+    /// `io_uring_enter` submitting what is queued and sleeping until `want` completions are
+    /// there or the deadline passes.
+    fn wait_until(&mut self, want: u32, deadline: Deadline) -> io::Result<usize> {
+        let remaining = deadline.remaining();
+        let ts = KernelTimespec {
+            sec: remaining.as_secs() as i64,
+            nsec: i64::from(remaining.subsec_nanos()),
+        };
+        let arg = GeteventsArg {
+            sigmask: 0,
+            sigmask_sz: 0,
+            min_wait_usec: 0,
+            ts: &ts as *const KernelTimespec as u64,
+        };
+        self.enter_raw(want, ENTER_GETEVENTS | ENTER_EXT_ARG, Some(&arg))
     }
 
     /// Takes every queued completion: an operation's result into `results` (by user data), a
