@@ -14,7 +14,7 @@
 //! completion reaped before the call returns: the caller's buffer is never left in flight. No
 //! timer is armed on the fast path (timers cost VM exits); completions are awaited by the link's
 //! wait strategy: spinning on the completion ring in user space (entering the kernel only when it
-//! flags pending work), or sleeping in `io_uring_enter`.
+//! flags pending work), or sleeping in the `io_uring_enter` that submitted the operation.
 //!
 //! Each ring belongs to the thread that first submits to it. Where the kernel allows (Linux 6.1+)
 //! it is set up single-issuer with deferred task work — completions are run in that thread's own
