@@ -980,7 +980,7 @@ impl UringSource {
                 // arrived meanwhile. Not `MSG_WAITALL`: a partly done operation waits for the
                 // whole mark again each time the queue runs dry during its copy, where a
                 // blocking `recv(2)` would go on copying (16 MiB messages slept once per MiB
-                // instead of TCP's 0.6 times, and ran 0.93x TCP).
+                // instead of TCP's 0.6 times).
                 opcode::Recv::new(types::Fixed(0), ptr, blocking_len).build()
             }
         };
