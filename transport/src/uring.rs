@@ -1074,6 +1074,17 @@ mod tests {
         )
     }
 
+    /// A connected pair: the receiving end as a `UringSource` with `wait`, the plain sending end.
+    fn source(wait: WaitStrategy) -> (UringSource, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        (
+            UringSource::new(Arc::new(stream), "test".into(), wait).unwrap(),
+            peer,
+        )
+    }
+
     /// Reads from `peer` until it has been quiet for 200 ms.
     fn drain(peer: &mut TcpStream, into: &mut Vec<u8>) {
         use std::io::Read;
@@ -1227,10 +1238,7 @@ mod tests {
             },
             WaitStrategy::Spin,
         ] {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (mut peer, _) = listener.accept().unwrap();
-            let mut rx = UringSource::new(Arc::new(stream), "test".into(), wait).unwrap();
+            let (mut rx, mut peer) = source(wait);
             // The peer owes 4 MiB but sends 1.5 MiB and pauses: more than the mark (1 MiB),
             // less than the receive may take (3 MiB) and than two 1 MiB operations.
             let sent: Vec<u8> = (0..(3 << 19)).map(|i| (i % 253) as u8).collect();
