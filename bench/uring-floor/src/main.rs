@@ -28,9 +28,9 @@
 //!   message — the header with at most 4 KiB after it into a small buffer (io_uring: `READ_FIXED`
 //!   into a registered one), then the rest of the payload — by `recv(2)` or io_uring `RECV`.
 //!
-//! Prints one JSON object: the mode, the receiver, the sizes, the frames and bytes sent, the seconds, GB/s and
-//! nanoseconds per frame. Any failure (a refused ring, a short send, a lost byte, a receiver that
-//! stalls past its deadline) is an error on stderr and exit status 1.
+//! Prints one JSON object: the mode, the receiver, the sizes, the frames and bytes sent, the
+//! seconds, GB/s and nanoseconds per frame. Any failure (a refused ring, a short send, a lost
+//! byte, a receiver that stalls past its deadline) is an error on stderr and exit status 1.
 
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -269,7 +269,7 @@ struct RsrcUpdate {
     data: u64,
 }
 
-/// A ring set up as sinew's `uring` backend sets up its sending ring.
+/// A ring set up as sinew's `uring` backend sets up its rings (the sender's, or the receiver's).
 struct Ring {
     ring: IoUring,
     /// The ring's index in this thread's ring table.
