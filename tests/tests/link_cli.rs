@@ -206,6 +206,86 @@ fn a_bidir_request_out_of_range_is_refused_by_the_server_not_obeyed() {
     assert!(line.contains("bidirectional"), "{line}");
 }
 
+/// The locked-memory limit the io_uring backend's receive buffer must get past to be registered,
+/// and no `CAP_IPC_LOCK` (which lifts it), for a command's process.
+fn low_memlock(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    const CAP_IPC_LOCK: libc::c_ulong = 14;
+    // SAFETY: the closure runs in the child between fork and exec, and makes only
+    // async-signal-safe system calls on values it owns.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256 << 10,
+                rlim_max: 256 << 10,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0
+                || libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn a_uring_link_under_a_low_locked_memory_limit_leaves_its_receive_buffer_unregistered() {
+    if !backends().contains(&"uring") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Unprivileged, the limit is charged per user: other tests' links would share it.
+        eprintln!("not root: the locked-memory limit is not tested");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let key = key_file(tmp.path(), "key", 13);
+    let mut server = sinew();
+    server
+        .args([
+            "link",
+            "server",
+            "--bind",
+            "127.0.0.1:0",
+            "--cluster-key-file",
+        ])
+        .arg(&key);
+    low_memlock(&mut server);
+    let mut server = Node::spawn(server);
+    let addr = server.wait_for_line("listening on ", LIMIT);
+    let mut cmd = sinew();
+    cmd.args(["link", "client", &addr, "--transport", "uring"])
+        .args([
+            "--sizes",
+            "100,64K,1M",
+            "--duration",
+            "0.2",
+            "--streams",
+            "1",
+        ])
+        .args(["--no-latency", "--json", "--cluster-key-file"])
+        .arg(&key)
+        .env("SINEW_LOG", "info");
+    low_memlock(&mut cmd);
+    let out = run_with_timeout(cmd, LIMIT).expect("client hung");
+    let v = client_json(&out);
+    assert_eq!(v["transport"], "uring", "{v}");
+    let rows = v["bandwidth"].as_array().expect("bandwidth rows");
+    assert_eq!(rows.len(), 3, "{v}");
+    for row in rows {
+        assert!(row["bytes"].as_u64().unwrap() > 0, "{row}");
+    }
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("receive buffer left unregistered") && log.contains("ENOMEM"),
+        "{log}"
+    );
+    let line = server.wait_for(sinew_tests::Stream::Stderr, "left unregistered", LIMIT);
+    assert!(line.contains("ulimit -l"), "{line}");
+}
+
 fn backends() -> Vec<&'static str> {
     use transport::TransportKind;
     let mut out = vec!["tcp"];

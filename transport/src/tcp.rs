@@ -29,11 +29,14 @@ use crate::rdma;
 use crate::select::{self, Offer, TransportChoice};
 use crate::shm;
 use crate::stream::{
-    ByteSink, ByteSource, FramedReceiver, FramedSender, Partial, READ_AHEAD, read_full, write_all,
+    ByteSink, ByteSource, FramedReceiver, FramedSender, Partial, READ_BUFFER, read_full, write_all,
 };
 use crate::uring::{self, UringSink, UringSource};
 use crate::wait::{WaitStrategy, Waiter};
 
+/// The TCP receiver's read-ahead while messages are small (`stream::ReadPolicy`): a small message
+/// costs one `recv`.
+const WINDOW: usize = 4096;
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -462,7 +465,8 @@ fn establish(
             Box::new(FramedReceiver::new(
                 UringSource::new(stream, peer_s, cfg.wait)?,
                 max,
-                uring::READ_AHEAD,
+                uring::WINDOW,
+                READ_BUFFER,
             )?),
         ),
         TransportKind::SHM => {
@@ -491,7 +495,7 @@ fn establish(
             };
             (
                 Box::new(FramedSender::new(conn.clone(), max, false)),
-                Box::new(FramedReceiver::new(conn, max, READ_AHEAD)?),
+                Box::new(FramedReceiver::new(conn, max, WINDOW, READ_BUFFER)?),
             )
         }
     };

@@ -1,9 +1,11 @@
 //! The io_uring backend: the link's TCP socket driven through io_uring rings, one per half so the
 //! two halves never contend.
 //!
-//! The socket is a registered (fixed) file in each ring. The receiver's read-ahead buffer and the
-//! sender's staging buffer for small messages are registered buffers (`READ_FIXED`,
-//! `WRITE_FIXED`); large payloads move straight between the socket and the caller's buffer: a
+//! The socket is a registered (fixed) file in each ring. The receiver's buffer (1 MiB, into which
+//! one read takes every queued message that fits; left unregistered when the locked-memory limit
+//! refuses it) and the sender's staging buffer for small messages are registered buffers
+//! (`READ_FIXED`, `WRITE_FIXED`); large payloads move straight between the socket and the caller's
+//! buffer: a
 //! frame goes out as one `SENDMSG` with `MSG_WAITALL` gathering its header and payload. It comes
 //! in by `RECV`s: while the strategy blocks, one that sleeps until the receive low-water mark is
 //! queued and then takes all there is, as a blocking `recv(2)` does; a receiver that spins
@@ -70,8 +72,9 @@ const WAIT_OP: usize = ABSOLUTE_MAX_PAYLOAD as usize + 4096;
 const _: () = assert!(WAIT_OP <= i32::MAX as usize && MAX_OP <= WAIT_OP);
 /// The most parts one send operation gathers (a frame is a header and a payload).
 const IOV: usize = 4;
-/// The receiver's registered read-ahead buffer.
-pub(crate) const READ_AHEAD: usize = 16 << 10;
+/// The receiver's read-ahead while messages are small (`stream::ReadPolicy`): 4 KiB instead cost
+/// 5–10% streaming 1 KiB messages.
+pub(crate) const WINDOW: usize = 16 << 10;
 
 /// Whether io_uring can be used here, and if not, why — probed once per process.
 ///
@@ -281,15 +284,19 @@ fn ring_for(stream: &TcpStream) -> Result<(IoUring, Flavor)> {
 ///
 /// # Safety
 /// The memory must stay allocated, at the same address, for as long as `ring` exists.
-unsafe fn register_buffer(ring: &IoUring, ptr: *mut u8, len: usize) -> Result<()> {
+unsafe fn register_buffer(ring: &IoUring, ptr: *mut u8, len: usize) -> io::Result<()> {
     let iov = [libc::iovec {
         iov_base: ptr.cast(),
         iov_len: len,
     }];
     // SAFETY: forwarded from the caller.
     unsafe { ring.submitter().register_buffers(&iov) }
-        .map_err(|e| unavailable("io_uring_register(BUFFERS)", &e))?;
-    Ok(())
+}
+
+/// Whether a buffer registration failed for the locked-memory limit (`ulimit -l`), which the
+/// kernel charges registered buffers to unless the process has `CAP_IPC_LOCK`.
+fn over_memlock(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOMEM)
 }
 
 /// One ring driving the link's socket in one direction.
@@ -306,6 +313,8 @@ struct Ring {
     stream: Arc<TcpStream>,
     /// A registered buffer: (address, length).
     registered: Option<(*mut u8, usize)>,
+    /// Whether the buffer may go unregistered when the locked-memory limit refuses it.
+    optional: bool,
     /// Set when an enter failed with an entry possibly still queued.
     poisoned: Option<String>,
     /// The socket's receive low-water mark, and the mark the next blocking operation wants
@@ -332,6 +341,7 @@ impl Ring {
             wait,
             stream,
             registered: None,
+            optional: false,
             poisoned: None,
             low_water: LowWater::new(),
             mark: 1,
@@ -376,7 +386,21 @@ impl Ring {
         if let Some((ptr, len)) = self.registered {
             // SAFETY: the buffer is the one `register` was given, which its caller guaranteed
             // outlives this ring (the struct, whichever io_uring instance it holds).
-            unsafe { register_buffer(&ring, ptr, len)? };
+            match unsafe { register_buffer(&ring, ptr, len) } {
+                Ok(()) => {}
+                // The old ring may still hold its registration (until the thread whose ring
+                // table has it exits), charged to the same limit.
+                Err(e) if self.optional && over_memlock(&e) => {
+                    let why = describe("io_uring_register(BUFFERS)", &e);
+                    tracing::info!(
+                        peer = %self.peer,
+                        bytes = len,
+                        "io_uring receive buffer left unregistered on the new ring: {why}"
+                    );
+                    self.registered = None;
+                }
+                Err(e) => return Err(unavailable("io_uring_register(BUFFERS)", &e)),
+            }
         }
         self.ring = ring;
         self.flavor = flavor;
@@ -432,9 +456,37 @@ impl Ring {
     /// `buf` must stay allocated, at the same address, for as long as this ring exists.
     unsafe fn register(&mut self, buf: &mut [u8]) -> Result<()> {
         // SAFETY: the caller guarantees the buffer outlives the ring, hence the registration.
-        unsafe { register_buffer(&self.ring, buf.as_mut_ptr(), buf.len())? };
+        unsafe { register_buffer(&self.ring, buf.as_mut_ptr(), buf.len()) }
+            .map_err(|e| unavailable("io_uring_register(BUFFERS)", &e))?;
         self.registered = Some((buf.as_mut_ptr(), buf.len()));
         Ok(())
+    }
+
+    /// Registers `buf` as fixed buffer 0 where the locked-memory limit allows, and otherwise
+    /// leaves it unregistered (operations on it then pass its address, as a socket call would);
+    /// returns whether it is registered. The ring is marked so that a rebuild does the same.
+    ///
+    /// # Safety
+    /// As for [`Ring::register`].
+    unsafe fn register_if_allowed(&mut self, buf: &mut [u8]) -> Result<bool> {
+        self.optional = true;
+        // SAFETY: forwarded from the caller.
+        match unsafe { register_buffer(&self.ring, buf.as_mut_ptr(), buf.len()) } {
+            Ok(()) => {
+                self.registered = Some((buf.as_mut_ptr(), buf.len()));
+                Ok(true)
+            }
+            Err(e) if over_memlock(&e) => {
+                let why = describe("io_uring_register(BUFFERS)", &e);
+                tracing::info!(
+                    peer = %self.peer,
+                    bytes = buf.len(),
+                    "io_uring receive buffer left unregistered: {why}"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(unavailable("io_uring_register(BUFFERS)", &e)),
+        }
     }
 
     /// Whether `buf` lies inside the registered buffer.
@@ -1011,7 +1063,7 @@ impl ByteSource for UringSource {
     fn register_read_ahead(&mut self, buf: &mut [u8]) -> Result<()> {
         // SAFETY: the framed receiver owns `buf` (a boxed slice that never moves) and drops this
         // source before it (field order), so the buffer outlives the ring's registration.
-        unsafe { self.ring.register(buf) }
+        unsafe { self.ring.register_if_allowed(buf) }.map(drop)
     }
 
     fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
@@ -1072,6 +1124,25 @@ mod tests {
             UringSink::new(Arc::new(stream), "test".into(), wait).unwrap(),
             peer,
         )
+    }
+
+    #[test]
+    fn only_the_locked_memory_limit_lets_a_receive_buffer_go_unregistered() {
+        assert!(over_memlock(&io::Error::from_raw_os_error(libc::ENOMEM)));
+        for errno in [libc::EFAULT, libc::EINVAL, libc::EPERM, libc::EBUSY] {
+            assert!(
+                !over_memlock(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        // Where the limit allows (here), the buffer is registered, and reads use it as such.
+        let mut r = ring();
+        let mut buf = vec![0u8; 1 << 20].into_boxed_slice();
+        // SAFETY: `buf` outlives `r`, dropped first below.
+        assert!(unsafe { r.register_if_allowed(&mut buf) }.unwrap());
+        assert!(r.is_registered(&buf[4096..8192]));
+        assert!(r.optional);
+        drop(r);
     }
 
     /// A connected pair: the receiving end as a `UringSource` with `wait`, the plain sending end.
