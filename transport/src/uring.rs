@@ -1,11 +1,10 @@
 //! The io_uring backend: the link's TCP socket driven through io_uring rings, one per half so the
 //! two halves never contend.
 //!
-//! The socket is a registered (fixed) file in each ring. The receiver's buffer (1 MiB, into which
-//! one read takes every queued message that fits; left unregistered when the locked-memory limit
-//! refuses it) and the sender's staging buffer for small messages are registered buffers
-//! (`READ_FIXED`, `WRITE_FIXED`); large payloads move straight between the socket and the caller's
-//! buffer: a
+//! The socket is a registered (fixed) file in each ring. The receiver's buffer (1 MiB, read by
+//! `stream::ReadPolicy`; left unregistered when the locked-memory limit refuses it) and the
+//! sender's staging buffer for small messages are registered buffers (`READ_FIXED`,
+//! `WRITE_FIXED`); large payloads move straight between the socket and the caller's buffer: a
 //! frame goes out as one `SENDMSG` with `MSG_WAITALL` gathering its header and payload. It comes
 //! in by `RECV`s: while the strategy blocks, one that sleeps until the receive low-water mark is
 //! queued and then takes all there is, as a blocking `recv(2)` does; a receiver that spins
