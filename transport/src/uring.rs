@@ -279,17 +279,37 @@ fn ring_for(stream: &TcpStream) -> Result<(IoUring, Flavor)> {
     Ok((ring, flavor))
 }
 
-/// Registers the `len` bytes at `ptr` as `ring`'s fixed buffer 0.
+/// Registers the `len` bytes at `ptr` as `ring`'s fixed buffer 0; returns whether it did. When
+/// `optional` and the locked-memory limit refuses it, the buffer stays unregistered (operations on
+/// it then pass its address, as a socket call would) and the reason is logged.
 ///
 /// # Safety
 /// The memory must stay allocated, at the same address, for as long as `ring` exists.
-unsafe fn register_buffer(ring: &IoUring, ptr: *mut u8, len: usize) -> io::Result<()> {
+unsafe fn register_buffer(
+    ring: &IoUring,
+    ptr: *mut u8,
+    len: usize,
+    optional: bool,
+    peer: &str,
+) -> Result<bool> {
     let iov = [libc::iovec {
         iov_base: ptr.cast(),
         iov_len: len,
     }];
     // SAFETY: forwarded from the caller.
-    unsafe { ring.submitter().register_buffers(&iov) }
+    match unsafe { ring.submitter().register_buffers(&iov) } {
+        Ok(()) => Ok(true),
+        Err(e) if optional && over_memlock(&e) => {
+            let why = describe("io_uring_register(BUFFERS)", &e);
+            tracing::info!(
+                peer,
+                bytes = len,
+                "io_uring receive buffer left unregistered: {why}"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(unavailable("io_uring_register(BUFFERS)", &e)),
+    }
 }
 
 /// Whether a buffer registration failed for the locked-memory limit (`ulimit -l`), which the
@@ -384,21 +404,11 @@ impl Ring {
         let (ring, flavor) = ring_for(&self.stream)?;
         if let Some((ptr, len)) = self.registered {
             // SAFETY: the buffer is the one `register` was given, which its caller guaranteed
-            // outlives this ring (the struct, whichever io_uring instance it holds).
-            match unsafe { register_buffer(&ring, ptr, len) } {
-                Ok(()) => {}
-                // The old ring may still hold its registration (until the thread whose ring
-                // table has it exits), charged to the same limit.
-                Err(e) if self.optional && over_memlock(&e) => {
-                    let why = describe("io_uring_register(BUFFERS)", &e);
-                    tracing::info!(
-                        peer = %self.peer,
-                        bytes = len,
-                        "io_uring receive buffer left unregistered on the new ring: {why}"
-                    );
-                    self.registered = None;
-                }
-                Err(e) => return Err(unavailable("io_uring_register(BUFFERS)", &e)),
+            // outlives this ring (the struct, whichever io_uring instance it holds). An optional
+            // one may be refused here even so: the old ring may still hold its registration
+            // (until the thread whose ring table has it exits), charged to the same limit.
+            if !unsafe { register_buffer(&ring, ptr, len, self.optional, &self.peer)? } {
+                self.registered = None;
             }
         }
         self.ring = ring;
@@ -449,43 +459,21 @@ impl Ring {
         }
     }
 
-    /// Registers `buf` as fixed buffer 0.
+    /// Registers `buf` as fixed buffer 0; returns whether it is registered. An `optional` one
+    /// the locked-memory limit refuses stays unregistered ([`register_buffer`]), here and on a
+    /// rebuild.
     ///
     /// # Safety
     /// `buf` must stay allocated, at the same address, for as long as this ring exists.
-    unsafe fn register(&mut self, buf: &mut [u8]) -> Result<()> {
+    unsafe fn register(&mut self, buf: &mut [u8], optional: bool) -> Result<bool> {
+        self.optional = optional;
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
         // SAFETY: the caller guarantees the buffer outlives the ring, hence the registration.
-        unsafe { register_buffer(&self.ring, buf.as_mut_ptr(), buf.len()) }
-            .map_err(|e| unavailable("io_uring_register(BUFFERS)", &e))?;
-        self.registered = Some((buf.as_mut_ptr(), buf.len()));
-        Ok(())
-    }
-
-    /// Registers `buf` as fixed buffer 0 where the locked-memory limit allows, and otherwise
-    /// leaves it unregistered (operations on it then pass its address, as a socket call would);
-    /// returns whether it is registered. The ring is marked so that a rebuild does the same.
-    ///
-    /// # Safety
-    /// As for [`Ring::register`].
-    unsafe fn register_if_allowed(&mut self, buf: &mut [u8]) -> Result<bool> {
-        self.optional = true;
-        // SAFETY: forwarded from the caller.
-        match unsafe { register_buffer(&self.ring, buf.as_mut_ptr(), buf.len()) } {
-            Ok(()) => {
-                self.registered = Some((buf.as_mut_ptr(), buf.len()));
-                Ok(true)
-            }
-            Err(e) if over_memlock(&e) => {
-                let why = describe("io_uring_register(BUFFERS)", &e);
-                tracing::info!(
-                    peer = %self.peer,
-                    bytes = buf.len(),
-                    "io_uring receive buffer left unregistered: {why}"
-                );
-                Ok(false)
-            }
-            Err(e) => Err(unavailable("io_uring_register(BUFFERS)", &e)),
+        let registered = unsafe { register_buffer(&self.ring, ptr, len, optional, &self.peer)? };
+        if registered {
+            self.registered = Some((ptr, len));
         }
+        Ok(registered)
     }
 
     /// Whether `buf` lies inside the registered buffer.
@@ -871,7 +859,7 @@ impl UringSink {
         let mut stage = vec![0u8; STAGE].into_boxed_slice();
         // SAFETY: `stage` is a heap allocation owned by the sink next to the ring and dropped
         // after it (field order), so it outlives the registration.
-        unsafe { ring.register(&mut stage)? };
+        unsafe { ring.register(&mut stage, false)? };
         Ok(UringSink {
             ring,
             stage,
@@ -1062,7 +1050,7 @@ impl ByteSource for UringSource {
     fn register_read_ahead(&mut self, buf: &mut [u8]) -> Result<()> {
         // SAFETY: the framed receiver owns `buf` (a boxed slice that never moves) and drops this
         // source before it (field order), so the buffer outlives the ring's registration.
-        unsafe { self.ring.register_if_allowed(buf) }.map(drop)
+        unsafe { self.ring.register(buf, true) }.map(drop)
     }
 
     fn read_some(&mut self, buf: &mut [u8], deadline: Deadline, mid_frame: bool) -> Result<usize> {
@@ -1138,7 +1126,7 @@ mod tests {
         let mut r = ring();
         let mut buf = vec![0u8; 1 << 20].into_boxed_slice();
         // SAFETY: `buf` outlives `r`, dropped first below.
-        assert!(unsafe { r.register_if_allowed(&mut buf) }.unwrap());
+        assert!(unsafe { r.register(&mut buf, true) }.unwrap());
         assert!(r.is_registered(&buf[4096..8192]));
         assert!(r.optional);
         drop(r);
