@@ -12,7 +12,8 @@
 //! larger than one operation goes as a chain of up to seven linked operations in one
 //! `io_uring_enter`, the kernel starting each as the one before it completes. When a
 //! call's deadline passes with its operation in flight, the operation is cancelled and its
-//! completion reaped before the call returns: the caller's buffer is never left in flight. No
+//! completion reaped before the call returns: the caller's buffer is never left in flight (should
+//! the cancel not end it within a second, the socket is shut down under it). No
 //! timer is armed on the fast path (timers cost VM exits); completions are awaited by the link's
 //! wait strategy: spinning on the completion ring in user space (entering the kernel only when it
 //! flags pending work), or sleeping in the `io_uring_enter` that submitted the operation.
@@ -31,6 +32,7 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 use nix::sys::socket::{MsgFlags, sendmsg};
@@ -50,6 +52,9 @@ const CANCEL: u64 = u64::MAX;
 /// The most operations one submission chains (a ring entry stays free for a cancel): a large
 /// write's operations go in one `io_uring_enter`.
 const CHAIN: usize = RING_ENTRIES as usize - 1;
+/// How long an operation may stay in flight after its cancel before the socket is shut down
+/// under it. A cancel on a socket completes at once; this bounds a kernel that does not.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// A result slot no completion has filled yet (no kernel result is this negative).
 const PENDING: i32 = i32::MIN;
 /// Messages up to this size (header included) are copied into a registered buffer and sent with
@@ -336,6 +341,12 @@ struct Ring {
     optional: bool,
     /// Set when an enter failed with an entry possibly still queued.
     poisoned: Option<String>,
+    /// How long a cancelled operation may stay in flight before the socket is shut down under
+    /// it ([`CANCEL_GRACE`]; tests shorten it).
+    cancel_grace: Duration,
+    /// Tests: cancel requests cancel nothing, as from a kernel that ignores them.
+    #[cfg(test)]
+    cancel_ignored: bool,
     /// The socket's receive low-water mark, and the mark the next blocking operation wants
     /// (raised by the receiving end for a large owed payload; 1 otherwise, and always on the
     /// sending end).
@@ -362,6 +373,9 @@ impl Ring {
             registered: None,
             optional: false,
             poisoned: None,
+            cancel_grace: CANCEL_GRACE,
+            #[cfg(test)]
+            cancel_ignored: false,
             low_water: LowWater::new(),
             mark: 1,
         })
@@ -640,24 +654,81 @@ impl Ring {
         // chain's later ones then fail with it), and reap every completion before the caller's
         // buffers can go away. A cancel that found its operation already done (the next one of
         // the chain started meanwhile) is followed by another.
+        self.cancel_in_flight(results, reaped, what);
+        Ok(true)
+    }
+
+    /// Cancels the operations of `results` still [`PENDING`] (`reaped` have completed) and
+    /// reaps every completion. A cancel on a socket completes at once; should an operation
+    /// still be in flight [`Ring::cancel_grace`] later, the socket is shut down under it (which
+    /// ends any receive or send on it), and the wait goes on, logging each further grace
+    /// period. Returning earlier would leave the kernel free to use a buffer its caller may
+    /// free.
+    fn cancel_in_flight(&mut self, results: &mut [i32], mut reaped: usize, what: &'static str) {
+        let n = results.len();
+        let mut grace = Deadline::after(self.cancel_grace);
+        let mut shut_down = false;
+        // The operation the last cancel targeted, and whether that cancel is still in flight.
+        let (mut target, mut cancel_out) = (None, false);
         while reaped < n {
             let first = results.iter().position(|&r| r == PENDING).unwrap_or(0);
-            let cancel = opcode::AsyncCancel::new(OP + first as u64)
-                .build()
-                .user_data(CANCEL);
-            // SAFETY: a cancel request references no memory.
-            let _ = unsafe { self.ring.submission().push(&cancel) };
-            let mut cancel_reaped = false;
-            while !cancel_reaped {
-                if self.enter(1).is_err() {
-                    std::hint::spin_loop();
+            if !cancel_out && target != Some(first) {
+                let cancel = self.cancel_op(OP + first as u64);
+                // SAFETY: a cancel request references no memory.
+                if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
+                    (target, cancel_out) = (Some(first), true);
                 }
-                let (got, cancel) = self.reap(results);
-                reaped += got;
-                cancel_reaped = cancel;
+            }
+            // Submits the cancel and sleeps until a completion or the grace period's end (ETIME
+            // and EINTR just mean "look again").
+            let _ = self.wait_until(1, grace);
+            let (got, cancel) = self.reap(results);
+            reaped += got;
+            match cancel {
+                // The operation was not found: it completed meanwhile (its completion may still
+                // be on its way), or a chain's next one has started; look again.
+                Some(r) if r == -libc::ENOENT => (target, cancel_out) = (None, false),
+                // Cancelled, or too far along to stop: its completion follows.
+                Some(_) => cancel_out = false,
+                None => {}
+            }
+            if reaped < n && grace.expired() {
+                let pending = n - reaped;
+                if shut_down {
+                    tracing::error!(
+                        peer = %self.peer,
+                        op = what,
+                        pending,
+                        "io_uring operation still in flight after its cancel and a shutdown of \
+                         the socket; waiting on, as returning would free memory it uses"
+                    );
+                } else {
+                    tracing::warn!(
+                        peer = %self.peer,
+                        op = what,
+                        pending,
+                        "io_uring operation still in flight {:?} after its cancel; shutting the \
+                         link's socket down under it",
+                        self.cancel_grace
+                    );
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                    shut_down = true;
+                }
+                grace = Deadline::after(self.cancel_grace);
             }
         }
-        Ok(true)
+    }
+
+    /// The request that cancels the operation with user data `user_data`.
+    fn cancel_op(&self, user_data: u64) -> squeue::Entry {
+        #[cfg(test)]
+        if self.cancel_ignored {
+            // A request that cancels nothing: the kernel that ignores a cancel, for tests.
+            return opcode::Nop::new().build().user_data(CANCEL);
+        }
+        opcode::AsyncCancel::new(user_data)
+            .build()
+            .user_data(CANCEL)
     }
 
     /// `io_uring_enter` submitting what is queued and sleeping until `want` completions are
@@ -678,13 +749,13 @@ impl Ring {
     }
 
     /// Takes every queued completion: an operation's result into `results` (by user data), a
-    /// cancel's as seen. How many operations completed, and whether a cancel did.
-    fn reap(&mut self, results: &mut [i32]) -> (usize, bool) {
-        let (mut got, mut cancel) = (0, false);
+    /// cancel's as seen. How many operations completed, and a cancel's result if one completed.
+    fn reap(&mut self, results: &mut [i32]) -> (usize, Option<i32>) {
+        let (mut got, mut cancel) = (0, None);
         for cqe in self.ring.completion() {
             let ud = cqe.user_data();
             if ud == CANCEL {
-                cancel = true;
+                cancel = Some(cqe.result());
             } else if let Some(slot) = ud.checked_sub(OP).and_then(|i| results.get_mut(i as usize))
             {
                 *slot = cqe.result();
@@ -1278,6 +1349,68 @@ mod tests {
                 }
                 assert!(reader.join().unwrap() == data[sent..]);
             });
+        }
+    }
+
+    /// With cancels that cancel nothing, a call cut by its deadline still returns, about one
+    /// grace period late: the socket is shut down under its operation, which then completes.
+    #[test]
+    fn an_operation_its_cancel_cannot_stop_ends_by_a_shutdown_of_the_socket() {
+        use std::io::Read;
+        use std::time::{Duration, Instant};
+        if let Err(reason) = probe() {
+            eprintln!("skipping: io_uring is unavailable here: {reason}");
+            return;
+        }
+        let grace = Duration::from_millis(200);
+        let bound = Duration::from_secs(2);
+        for wait in [WaitStrategy::Block, WaitStrategy::default()] {
+            // A receive waiting on a peer that sends nothing.
+            let (mut rx, mut peer) = source(wait);
+            rx.ring.cancel_ignored = true;
+            rx.ring.cancel_grace = grace;
+            let mut buf = vec![0u8; 4096];
+            let started = Instant::now();
+            let r = rx.read_some(&mut buf, Deadline::after(Duration::from_millis(100)), false);
+            let took = started.elapsed();
+            assert!(
+                matches!(r, Err(Error::Timeout { op: "recv", .. })),
+                "{wait:?}: {r:?}"
+            );
+            assert!(
+                took >= grace && took < bound,
+                "{wait:?}: returned after {took:?}"
+            );
+            // The shutdown reached the peer.
+            peer.set_read_timeout(Some(bound)).unwrap();
+            assert_eq!(peer.read(&mut buf).unwrap(), 0, "{wait:?}");
+
+            // A send waiting on a peer that reads nothing: whatever it reports as sent is what
+            // the peer got.
+            let (mut tx, mut peer) = sink(wait);
+            tx.ring.cancel_ignored = true;
+            tx.ring.cancel_grace = grace;
+            let data: Vec<u8> = (0..(64 << 20)).map(|i| (i % 251) as u8).collect();
+            let started = Instant::now();
+            let r = tx.write_some(&[&data], Deadline::after(Duration::from_millis(100)));
+            let took = started.elapsed();
+            assert!(
+                took >= grace && took < bound,
+                "{wait:?}: returned after {took:?}"
+            );
+            let sent = match r {
+                Ok(n) => n,
+                Err(Error::Timeout { .. }) => 0,
+                Err(e) => panic!("{wait:?}: {e}"),
+            };
+            assert!(sent < data.len(), "{wait:?}");
+            let mut got = Vec::new();
+            drain(&mut peer, &mut got);
+            assert_eq!(got.len(), sent, "{wait:?}");
+            assert!(
+                got == data[..sent],
+                "{wait:?}: the bytes sent arrived damaged"
+            );
         }
     }
 
