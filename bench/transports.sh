@@ -7,13 +7,14 @@
 #             for reference each way forced: ring only (off) and single copy (256K)
 #   uring vs  sinew's TCP backend (8 B latency; 64 KiB, 1 MiB, 16 MiB bandwidth)
 # Installs OpenMPI from Debian when missing.
-# Usage: bench/transports.sh      (ROUNDS=5 DURATION=2 PAIRS=4 PAIR_DURATION=0.5 SERVER_CPU=0
-#                                  CLIENT_CPU=1 by default)
+# Usage: bench/transports.sh      (ROUNDS=5 DURATION=2 PAIRS=4 PAIR_DURATION=0.5 LAT_DURATION=0.5
+#                                  SERVER_CPU=0 CLIENT_CPU=1 by default)
 set -euo pipefail
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-2}
 PAIRS=${PAIRS:-4}
 PAIR_DURATION=${PAIR_DURATION:-0.5}
+LAT_DURATION=${LAT_DURATION:-0.5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/bench/lib.sh"
 
@@ -44,8 +45,10 @@ for r in d["bandwidth"]:
 # table's, once a round, so its "paired" column lines up with sinew's.
 mpi() {
   local out
-  out=$(mpirun "${mpi_flags[@]}" -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" : \
-         -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_pingpong" "$DURATION" "$1" 2>/dev/null)
+  local duration=$DURATION
+  [ "$1" = none ] && duration=$LAT_DURATION
+  out=$(mpirun "${mpi_flags[@]}" -np 1 taskset -c "$CLIENT_CPU" "$OUT/mpi_pingpong" "$duration" "$1" : \
+         -np 1 taskset -c "$SERVER_CPU" "$OUT/mpi_pingpong" "$duration" "$1" 2>/dev/null)
   python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -75,11 +78,25 @@ placement() { "$OUT/cacheline_pingpong" "$SERVER_CPU" "$CLIENT_CPU" >> "$results
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS" >&2
   placement
-  # Latencies first: a large-memory bandwidth run disturbs the next few seconds on a VM.
-  mpi none
-  link_record shm spin shm --sizes 8 --no-bandwidth --duration "$DURATION"
-  link_record tcp spin tcp --sizes 8 --no-bandwidth --duration "$DURATION"
-  link_record uring spin uring --sizes 8 --no-bandwidth --duration "$DURATION"
+  # Latencies first: a large-memory bandwidth run disturbs the next few seconds on a VM. As
+  # PAIRS short back-to-back pairs (LAT_DURATION each), in alternating order: the VM's
+  # placement can change between two runs a few seconds apart (a round once measured vader in
+  # the shared-cache placement and sinew's shm right after it in the other, 0.14 against
+  # 0.31 µs, with TCP's 8 B at 6.1 µs instead of 4.4 beside it), and a pair's ratio shares its
+  # conditions.
+  for pair in $(seq "$PAIRS"); do
+    if (( pair % 2 )); then
+      mpi none
+      link_record shm spin shm --sizes 8 --no-bandwidth --duration "$LAT_DURATION"
+      link_record tcp spin tcp --sizes 8 --no-bandwidth --duration "$LAT_DURATION"
+      link_record uring spin uring --sizes 8 --no-bandwidth --duration "$LAT_DURATION"
+    else
+      link_record shm spin shm --sizes 8 --no-bandwidth --duration "$LAT_DURATION"
+      mpi none
+      link_record uring spin uring --sizes 8 --no-bandwidth --duration "$LAT_DURATION"
+      link_record tcp spin tcp --sizes 8 --no-bandwidth --duration "$LAT_DURATION"
+    fi
+  done
   mpi 1048576,4194304,16777216
   link_record shm spin shm --sizes 1M,4M,16M --no-latency --duration "$DURATION"
   # each way the default chooses between, forced: the ring alone, and the single copy
@@ -102,7 +119,7 @@ for round in $(seq "$ROUNDS"); do
   placement
 done
 
-python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs peers, one host, pinned cores, spin, $ROUNDS rounds x $DURATION s (io_uring bandwidth: $PAIRS alternating pairs a round x $PAIR_DURATION s), medians" \
+python3 "$ROOT/bench/ratios.py" "$results" "sinew shm and io_uring backends vs peers, one host, pinned cores, spin, $ROUNDS rounds x $DURATION s (io_uring bandwidth: $PAIRS alternating pairs a round x $PAIR_DURATION s), medians; 8 B latency: $PAIRS alternating pairs a round x $LAT_DURATION s" \
   "shm 8 B one-way p50 µs (vs OpenMPI vader)|shm_latency|mpi_latency|<= 1.5|lower" \
   "shm 1 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_1048576|mpi_bw_1048576|>= 0.8|higher" \
   "shm 4 MiB GB/s (vs OpenMPI vader, osu_bw)|shm_bw_4194304|mpi_bw_4194304|>= 0.8|higher" \
