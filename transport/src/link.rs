@@ -352,7 +352,7 @@ pub struct LinkConfig {
     /// buffer (`process_vm_readv`), instead of streamed through the ring. The default,
     /// [`SingleCopy::Auto`](crate::shm::SingleCopy::Auto), measures both on each link (with a
     /// shared cache the ring's two overlapping copies are faster; without one the single copy
-    /// is — README, "shm: ring or single copy").
+    /// is — bench/TRANSPORTS.md, "shm: ring or single copy").
     pub shm_single_copy: crate::shm::SingleCopy,
     /// The RDMA device links use (`softrdma0`: the built-in software device); `None`: the
     /// first device the verbs library lists. Defaults to `SINEW_RDMA_DEVICE`.

@@ -14,8 +14,8 @@
 //! Payloads over 256 KiB go whichever way the sender measures faster (`CarryChooser`,
 //! [`SingleCopy::Auto`], the default; `LinkConfig::shm_single_copy`): with a shared cache the
 //! ring's two copies overlap on two cores while the ring stays in that cache; without one each
-//! ring line crosses between the caches twice per pass, and the single copy wins (README, "shm:
-//! ring or single copy").
+//! ring line crosses between the caches twice per pass, and the single copy wins
+//! (bench/TRANSPORTS.md, "shm: ring or single copy").
 //!
 //! The accepting side creates the segment in `/dev/shm` (mode 0600, a random name), tells the
 //! peer its name over the already authenticated TCP link, and unlinks it once the peer has mapped
@@ -85,7 +85,7 @@ const SLOT_BODY: usize = 24;
 /// no shared cache (two sockets, two Zen CCDs, or a VM's vCPUs placed so) 256 KiB pieces (≈ 7
 /// GB/s at 4 MiB where unpieced streaming made 2.2–2.9 and 1 MiB pieces 2.5–3.9); with one, 1 MiB
 /// pieces (≈ 40 GB/s where 256 KiB ones sometimes made 12). The sender measures both and keeps
-/// the faster ([`CarryChooser`]; README, "shm streaming").
+/// the faster ([`CarryChooser`]; bench/TRANSPORTS.md, "shm streaming").
 const STREAM_CHUNKS: [usize; 2] = [256 << 10, 1 << 20];
 
 /// How a payload larger than the small chunk crosses to the receiver.

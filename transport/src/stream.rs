@@ -308,8 +308,8 @@ pub(crate) const AFTER_LARGE: usize = 4096;
 /// segments and 248 ACKs per MiB against 70 and 35, 1.5–1.7× slower). From 64 KiB the
 /// segments are full either way, and one read for several messages saves operations: against
 /// the fixed window before, in pooled alternating rounds, TCP 1.02–1.20× at 256 KiB and
-/// 1.03–1.12× at 1 MiB, io_uring 1.01–1.07× at 64 KiB (README, "Reads sized by the payload
-/// before them").
+/// 1.03–1.12× at 1 MiB, io_uring 1.01–1.07× at 64 KiB (bench/TRANSPORTS.md, "Reads sized by the
+/// payload before them").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ReadPolicy {
     /// The backend's small read-ahead.
