@@ -41,8 +41,8 @@ for r in d["bandwidth"]:
 
 # mpi SIZES: one OpenMPI run. Rank 0 sends, rank 1 receives (and, with CMA, copies), so rank 0
 # goes where sinew's client runs and rank 1 where its server does: the same core copies in both.
-# The peer measures latency in every run; only the latency-only run's (SIZES = none) is the
-# table's, once a round, so its "paired" column lines up with sinew's.
+# The peer measures latency in every run; only the latency-only runs' (SIZES = none, LAT_DURATION
+# long) are the table's, once per latency pair, so its "paired" column lines up with sinew's.
 mpi() {
   local out
   local duration=$DURATION
