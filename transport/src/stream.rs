@@ -677,18 +677,8 @@ mod tests {
 
     #[test]
     fn after_a_large_payload_a_header_is_read_with_a_small_read_ahead() {
-        let sizes = [100, 200 << 10, 100, 100, 50 << 10];
-        let payloads: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (0..n).map(|j| (i * 13 + j) as u8).collect())
-            .collect();
-        let mut tx = FramedSender::new(Bytes(Vec::new()), 1 << 20, false);
-        let deadline = Deadline::after(Duration::from_secs(5));
-        for (i, p) in payloads.iter().enumerate() {
-            tx.send(i as u32, p, deadline).unwrap();
-        }
-        let source = Recorded::new(std::mem::take(&mut tx.sink.0));
+        let (payloads, data) = framed(&[100, 200 << 10, 100, 100, 50 << 10]);
+        let source = Recorded::new(data);
         let mut rx = FramedReceiver::new(source, 1 << 20, 16 << 10, 16 << 10).unwrap();
         let mut buf = vec![0u8; 1 << 20];
         for (i, p) in payloads.iter().enumerate() {

@@ -1357,7 +1357,7 @@ mod tests {
     #[test]
     fn an_operation_its_cancel_cannot_stop_ends_by_a_shutdown_of_the_socket() {
         use std::io::Read;
-        use std::time::{Duration, Instant};
+        use std::time::Instant;
         if let Err(reason) = probe() {
             eprintln!("skipping: io_uring is unavailable here: {reason}");
             return;
