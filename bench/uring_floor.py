@@ -13,14 +13,19 @@ by `recv(2)` or by io_uring `RECV`s, each either in 1 MiB receives or frame by f
 framed receiver takes a large message (the header with at most 4 KiB after it, io_uring with
 `READ_FIXED` into a registered buffer, then the rest of the payload).
 
+`--zerocopy` puts io_uring's zero-copy send (`SEND_ZC`, each frame waited for until the kernel
+lets go of its pages, as a synchronous send must) against `send(2)` and io_uring `SEND` of the
+same contiguous buffer. On one host the kernel copies zero-copy pages when it delivers them to
+the local receiver; `zc_copied` in each record counts the frames it copied.
+
 For each pair and size it prints the median of the per-round bandwidth ratios, a 95% bootstrap
 interval of that median, the rounds won, and the median extra time per frame in nanoseconds
 (positive: the io_uring call is dearer). A per-frame cost that stays put while the payload grows
 is a per-operation cost, and its share of a frame's time is the most a backend issuing that
 operation once per frame can lose or gain against the socket call.
 
-usage: bench/uring_floor.py [--rounds N] [--duration S] [--sizes 4K,64K,1M] [--receivers]
-                            [--cpus SENDER,RECEIVER] [--record FILE]
+usage: bench/uring_floor.py [--rounds N] [--duration S] [--sizes 4K,64K,1M]
+                            [--receivers | --zerocopy] [--cpus SENDER,RECEIVER] [--record FILE]
 """
 import argparse
 import json
@@ -57,6 +62,14 @@ RECEIVERS = {
         ("io_uring both ends / socket calls, framed", ("uring-sendmsg", "uring-framed"), ("sendmsg", "recv-framed")),
     ],
 }
+ZEROCOPY = {
+    "configs": [("send", "recv"), ("uring-send", "recv"), ("uring-send-zc", "recv")],
+    "pairs": [
+        ("io_uring SEND_ZC / send(2)  (contiguous)", ("uring-send-zc", "recv"), ("send", "recv")),
+        ("io_uring SEND_ZC / io_uring SEND", ("uring-send-zc", "recv"), ("uring-send", "recv")),
+        ("io_uring SEND / send(2)  (contiguous)", ("uring-send", "recv"), ("send", "recv")),
+    ],
+}
 
 
 def build():
@@ -81,14 +94,16 @@ def main():
     ap.add_argument("--duration", type=float, default=0.5, help="seconds per mode and size")
     ap.add_argument("--sizes", default="4K,64K,1M")
     ap.add_argument("--cpus", default="1,0", help="SENDER,RECEIVER")
-    ap.add_argument("--receivers", action="store_true", help="compare receiving sides instead of senders")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--receivers", action="store_true", help="compare receiving sides instead of senders")
+    which.add_argument("--zerocopy", action="store_true", help="compare io_uring's zero-copy send with copying sends")
     ap.add_argument("--record", help="append every run to this file (JSON lines)")
     opts = ap.parse_args()
     if opts.rounds < 1 or opts.duration <= 0:
         sys.exit("uring_floor: --rounds must be >= 1 and --duration > 0")
     if len(opts.cpus.split(",")) != 2:
         sys.exit("uring_floor: --cpus takes SENDER,RECEIVER")
-    plan = RECEIVERS if opts.receivers else SENDERS
+    plan = RECEIVERS if opts.receivers else ZEROCOPY if opts.zerocopy else SENDERS
     configs = plan["configs"]
     sizes = opts.sizes.split(",")
     build()
@@ -112,7 +127,7 @@ def main():
         )
         print(f"round {r + 1}/{opts.rounds} GB/s: {line}", flush=True)
 
-    side = "receiving" if opts.receivers else "sending"
+    side = "receiving" if opts.receivers else "zero-copy sending" if opts.zerocopy else "sending"
     print(f"\nio_uring vs socket calls, {side} side; one synchronous send per frame (32 B header + "
           f"payload), {opts.rounds} rounds x {opts.duration} s, cpus {opts.cpus}")
     print(f"{'pair':55} {'size':>5} {'ratio':>7} {'95% interval':>16} {'won':>7} {'extra ns/frame':>15}")

@@ -18,7 +18,12 @@
 //!   `io_uring_enter`);
 //! - `uring-sendv`: an io_uring `SEND` of the two with `IORING_SEND_VECTORIZED` (no `msghdr`;
 //!   newer kernels only);
-//! - `uring-send`: an io_uring `SEND` of the contiguous buffer.
+//! - `uring-send`: an io_uring `SEND` of the contiguous buffer;
+//! - `uring-send-zc`: an io_uring `SEND_ZC` (zero copy) of the contiguous buffer, waiting for
+//!   the operation's completion and then for its notification — the kernel letting go of the
+//!   buffer's pages — before the next, as a synchronous send must. The notification reports
+//!   whether the kernel copied the pages after all (`IORING_SEND_ZC_REPORT_USAGE`), as it does
+//!   for a local receiver; the count of frames it copied is printed as `zc_copied`.
 //!
 //! RECEIVER is how the stream is taken, every receive non-blocking and retried at once while
 //! nothing is queued (a spinning receive, as both backends' with `--wait spin`):
@@ -38,7 +43,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 /// The frame header's size, as sinew's.
 const HEADER: usize = 32;
@@ -47,6 +52,11 @@ const SEND_VECTORIZED: u16 = 1 << 5;
 const ENTER_GETEVENTS: u32 = 1 << 0;
 const ENTER_REGISTERED_RING: u32 = 1 << 4;
 const REGISTER_RING_FDS: libc::c_long = 20;
+/// `IORING_SEND_ZC_REPORT_USAGE` (sqe->ioprio of `SEND_ZC`): the notification says whether
+/// the kernel copied the pages after all.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`, in a `SEND_ZC` notification's result.
+const NOTIF_USAGE_ZC_COPIED: i32 = i32::MIN;
 /// How long the receiver may go past the sender's time before it is declared stalled.
 const RECEIVER_GRACE: Duration = Duration::from_secs(30);
 
@@ -57,15 +67,17 @@ enum Mode {
     UringSendMsg,
     UringSendV,
     UringSend,
+    UringSendZc,
 }
 
 impl Mode {
-    const ALL: [(&'static str, Mode); 5] = [
+    const ALL: [(&'static str, Mode); 6] = [
         ("sendmsg", Mode::SendMsg),
         ("send", Mode::Send),
         ("uring-sendmsg", Mode::UringSendMsg),
         ("uring-sendv", Mode::UringSendV),
         ("uring-send", Mode::UringSend),
+        ("uring-send-zc", Mode::UringSendZc),
     ];
 
     fn parse(s: &str) -> Result<Mode, String> {
@@ -78,7 +90,7 @@ impl Mode {
 
     /// Whether the frame goes as one contiguous buffer (else as header and payload).
     fn contiguous(self) -> bool {
-        matches!(self, Mode::Send | Mode::UringSend)
+        matches!(self, Mode::Send | Mode::UringSend | Mode::UringSendZc)
     }
 }
 
@@ -317,8 +329,22 @@ impl Ring {
     /// # Safety
     /// Every buffer `entry` points at must stay valid until this returns.
     unsafe fn run(&mut self, entry: &squeue::Entry) -> Result<i32, String> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.run_zc(entry) }.map(|(result, _)| result)
+    }
+
+    /// As [`Ring::run`], and for an operation that posts a notification after its completion
+    /// (`SEND_ZC`), waits for that too. Its result, and whether the notification said the
+    /// kernel copied the data (`None` without a notification).
+    ///
+    /// # Safety
+    /// Every buffer `entry` points at must stay valid until this returns.
+    unsafe fn run_zc(&mut self, entry: &squeue::Entry) -> Result<(i32, Option<bool>), String> {
         // SAFETY: the caller keeps the entry's buffers alive until the completion is reaped.
         unsafe { self.ring.submission().push(entry) }.map_err(|_| "submission queue full")?;
+        let mut result = None;
+        let mut notification_owed = false;
+        let mut copied = None;
         loop {
             // SAFETY: `index` is this ring's entry in this thread's ring table; no argument.
             let r = unsafe {
@@ -339,8 +365,19 @@ impl Ring {
                 }
                 return Err(format!("io_uring_enter: {e}"));
             }
-            if let Some(cqe) = self.ring.completion().next() {
-                return Ok(cqe.result());
+            for cqe in self.ring.completion() {
+                if cqueue::notif(cqe.flags()) {
+                    copied = Some(cqe.result() & NOTIF_USAGE_ZC_COPIED != 0);
+                    notification_owed = false;
+                } else {
+                    result = Some(cqe.result());
+                    notification_owed = cqueue::more(cqe.flags());
+                }
+            }
+            if let Some(result) = result
+                && !notification_owed
+            {
+                return Ok((result, copied));
             }
         }
     }
@@ -348,6 +385,8 @@ impl Ring {
 
 struct Report {
     frames: u64,
+    /// Frames whose zero-copy send the kernel copied after all (`uring-send-zc` only).
+    zc_copied: Option<u64>,
     bytes: u64,
     seconds: f64,
 }
@@ -396,11 +435,18 @@ fn stream(mode: Mode, fd: RawFd, size: usize, secs: f64) -> Result<Report, Strin
                 .flags(wait_all as i32)
                 .build(),
         ),
+        Mode::UringSendZc => Some(
+            opcode::SendZc::new(types::Fixed(0), whole.as_ptr(), total as u32)
+                .flags(wait_all as i32)
+                .zc_flags(SEND_ZC_REPORT_USAGE)
+                .build(),
+        ),
         Mode::SendMsg | Mode::Send => None,
     };
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let mut frames = 0u64;
+    let mut zc_copied = (mode == Mode::UringSendZc).then_some(0u64);
     while Instant::now() < end {
         let moved: isize = match (mode, ring.as_mut(), entry.as_ref()) {
             // SAFETY: `msg` and the buffers it names live for the whole loop.
@@ -411,7 +457,10 @@ fn stream(mode: Mode, fd: RawFd, size: usize, secs: f64) -> Result<Report, Strin
             },
             (_, Some(ring), Some(entry)) => {
                 // SAFETY: every buffer the entry names lives for the whole loop.
-                let r = unsafe { ring.run(entry)? };
+                let (r, copied) = unsafe { ring.run_zc(entry)? };
+                if let (Some(n), Some(true)) = (zc_copied.as_mut(), copied) {
+                    *n += 1;
+                }
                 if r < 0 {
                     let e = io::Error::from_raw_os_error(-r);
                     return Err(if mode == Mode::UringSendV && r == -libc::EINVAL {
@@ -442,6 +491,7 @@ fn stream(mode: Mode, fd: RawFd, size: usize, secs: f64) -> Result<Report, Strin
     drop(ring);
     Ok(Report {
         frames,
+        zc_copied,
         bytes: frames * total as u64,
         seconds,
     })
@@ -510,7 +560,7 @@ fn run(args: &[String]) -> Result<(), String> {
         return Err(format!("sent {} bytes, received {received}", report.bytes));
     }
     println!(
-        "{{\"mode\":\"{}\",\"receiver\":\"{}\",\"size\":{size},\"header\":{HEADER},\"contiguous\":{},\"frames\":{},\"bytes\":{},\"seconds\":{:.6},\"gbytes_per_s\":{:.6},\"ns_per_frame\":{:.3}}}",
+        "{{\"mode\":\"{}\",\"receiver\":\"{}\",\"size\":{size},\"header\":{HEADER},\"contiguous\":{},\"frames\":{},\"bytes\":{},\"seconds\":{:.6},\"gbytes_per_s\":{:.6},\"ns_per_frame\":{:.3},\"zc_copied\":{}}}",
         mode.name(),
         how.name(),
         mode.contiguous(),
@@ -519,6 +569,9 @@ fn run(args: &[String]) -> Result<(), String> {
         report.seconds,
         report.bytes as f64 / report.seconds / 1e9,
         report.seconds * 1e9 / report.frames.max(1) as f64,
+        report
+            .zc_copied
+            .map_or_else(|| "null".to_string(), |n| n.to_string()),
     );
     Ok(())
 }
