@@ -234,8 +234,7 @@ fn a_uring_link_under_a_low_locked_memory_limit_leaves_its_receive_buffer_unregi
     if !backends().contains(&"uring") {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         // Unprivileged, the limit is charged per user: other tests' links would share it.
         eprintln!("not root: the locked-memory limit is not tested");
         return;

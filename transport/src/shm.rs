@@ -278,8 +278,7 @@ pub fn host_identity() -> std::result::Result<Vec<u8>, String> {
         .map_err(|e| format!("cannot read the boot id ({e}), so this host cannot be identified"))?;
     let shm = std::fs::metadata("/dev/shm").map_err(|e| format!("no /dev/shm: {e}"))?;
     let mut id = boot.trim().as_bytes().to_vec();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    id.put_u32(unsafe { libc::geteuid() });
+    id.put_u32(nix::unistd::geteuid().as_raw());
     id.put_u64(shm.dev());
     id.put_u64(shm.ino());
     Ok(id)

@@ -1199,7 +1199,9 @@ mod tests {
         // SAFETY: `buf` outlives `r`, dropped first below.
         assert!(unsafe { r.register(&mut buf, true) }.unwrap());
         assert!(r.is_registered(&buf[4096..8192]));
-        assert!(r.optional);
+        assert!(!r.is_registered(&[0u8; 16]));
+        // (A ring rebuilt on another thread registers it again: the link suite's
+        // `a_link_moves_between_threads` reads into it by `READ_FIXED` after each move.)
         drop(r);
     }
 
