@@ -70,6 +70,25 @@ pub enum Error {
     /// parameters).
     #[error("{0}")]
     Request(String),
+    /// A sequence longer than the context (or the whole KV budget) allows: it can never run.
+    #[error("the request needs {requested} positions, the context holds {ctx}")]
+    ContextLength {
+        /// The most positions a sequence may have.
+        ctx: usize,
+        /// The positions the request needs.
+        requested: usize,
+    },
+    /// The KV budget has no room for the sequence now; it will once other sequences end.
+    #[error("no room in the KV cache yet: {needed} positions needed, {free} free")]
+    NoRoom {
+        /// Positions asked for.
+        needed: usize,
+        /// Positions free now.
+        free: usize,
+    },
+    /// The scheduler's queue is full: try again later.
+    #[error("the request queue is full")]
+    QueueFull,
     /// A tensor operation failed.
     #[error("tensor operation: {0}")]
     Candle(#[from] candle_core::Error),

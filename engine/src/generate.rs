@@ -1,14 +1,17 @@
-//! The generation loop: prefill the prompt in one batch, then decode one token at a time until
-//! an end-of-sequence token, a stop string, the token budget or the context length.
+//! One sequence, start to end: prefill the prompt in one batch, then decode one token at a time
+//! through the [`Decoder`] until an end-of-sequence token, a stop string, the token budget or the
+//! context length.
 
 use std::time::Instant;
 
 use candle_core::Tensor;
 
-use crate::error::{Error, Result};
+use crate::decode::{DecodeParams, Decoder};
+use crate::error::Result;
+use crate::kv::KvPool;
 use crate::model::{Logits, Model};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::text::{Detokenizer, Step, Text};
+use crate::sampling::SamplingParams;
+use crate::text::Text;
 
 /// What to generate.
 #[derive(Clone, Debug, Default)]
@@ -25,17 +28,7 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
 }
 
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Finish {
-    /// An end-of-sequence token was produced.
-    Eos,
-    /// A stop string appeared.
-    Stop,
-    /// `max_tokens` were produced, or the context is full.
-    Length,
-}
+pub use crate::decode::Finish;
 
 /// The result of a generation.
 #[derive(Debug)]
@@ -75,79 +68,69 @@ fn rate(n: usize, secs: f64) -> f64 {
     if secs > 0.0 { n as f64 / secs } else { 0.0 }
 }
 
-/// Generates from `prompt` (token ids) with a fresh KV cache, calling `on_text` with each piece of
-/// text as it becomes final.
+/// Generates from `prompt` (token ids) in a new sequence of `kv`, calling `on_text` with each
+/// piece of text as it becomes final. The sequence's positions go back to the pool at the end.
+///
+/// # Errors
+/// Bad parameters, an empty prompt, a prompt past the context ([`crate::Error::ContextLength`]),
+/// no room in the pool ([`crate::Error::NoRoom`]), model errors.
 pub fn generate(
-    model: &mut Model,
+    model: &Model,
+    kv: &KvPool,
     text: &Text,
     prompt: &[u32],
     options: &GenerateOptions,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::Request("the prompt is empty".into()));
-    }
-    let max_ctx = model.config().max_position_embeddings;
-    if prompt.len() > max_ctx {
-        return Err(Error::Request(format!(
-            "the prompt has {} tokens, the model's context is {max_ctx}",
-            prompt.len()
-        )));
-    }
-    let mut sampler = Sampler::new(options.sampling.clone())?;
-    model.reset();
-    let mut detok = Detokenizer::new(&options.stop);
-    let mut tokens = Vec::new();
+    let params = DecodeParams {
+        max_tokens: options.max_tokens,
+        sampling: options.sampling.clone(),
+        stop: options.stop.clone(),
+        ignore_eos: options.ignore_eos,
+        logprobs: None,
+    };
+    let mut decoder = Decoder::new(text, prompt, params, kv.ctx())?;
+    let mut cache = kv.sequence(decoder.positions_needed())?;
     let started = Instant::now();
     let which = if options.prompt_logits {
         Logits::All
     } else {
         Logits::Last
     };
-    let logits = model.logits(prompt, which)?;
-    let last = logits.get(logits.dim(0)? - 1)?.to_vec1::<f32>()?;
+    let logits = model.logits(&mut cache, prompt, which)?;
+    let mut last = logits.get(logits.dim(0)? - 1)?.to_vec1::<f32>()?;
     let prompt_logits = options.prompt_logits.then_some(logits);
-    let mut next = sampler.sample(&last)?;
-    let prefill_secs = started.elapsed().as_secs_f64();
-    let decode_start = Instant::now();
+    let mut prefill_secs = 0.0;
+    let mut decode_start = Instant::now();
     let mut decode_steps = 0;
     let finish = loop {
-        if options.max_tokens == 0 {
-            break Finish::Length;
+        if let Some(f) = decoder.finish() {
+            break f;
         }
-        tokens.push(next);
-        if !options.ignore_eos && text.eos_ids().contains(&next) {
-            break Finish::Eos;
+        let out = decoder.step(text, &last)?;
+        if decoder.tokens().len() == 1 {
+            // the prompt's pass and the first sample
+            prefill_secs = started.elapsed().as_secs_f64();
+            decode_start = Instant::now();
         }
-        match detok.push(text, next)? {
-            Step::Text(s) => {
-                if !s.is_empty() {
-                    on_text(&s)
-                }
-            }
-            Step::Stop(s) => {
-                if !s.is_empty() {
-                    on_text(&s)
-                }
-                break Finish::Stop;
-            }
+        if !out.text.is_empty() {
+            on_text(&out.text);
         }
-        if tokens.len() >= options.max_tokens || model.position() >= max_ctx {
-            let rest = detok.finish(text)?;
-            if !rest.is_empty() {
-                on_text(&rest);
-            }
-            break Finish::Length;
+        if let Some(f) = out.finish {
+            break f;
         }
-        let logits = model.logits(&[next], Logits::Last)?;
+        let logits = model.logits(&mut cache, &[out.token], Logits::Last)?;
         decode_steps += 1;
-        next = sampler.sample(&logits.get(0)?.to_vec1::<f32>()?)?;
+        last = logits.get(0)?.to_vec1::<f32>()?;
     };
+    if decoder.tokens().is_empty() {
+        prefill_secs = started.elapsed().as_secs_f64();
+    }
     let decode_secs = decode_start.elapsed().as_secs_f64();
     Ok(Generation {
         prompt_tokens: prompt.len(),
-        text: detok.text(text)?,
-        tokens,
+        text: decoder.text(text)?,
+        tokens: decoder.tokens().to_vec(),
         finish,
         prefill_secs,
         decode_secs,

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kv::{DEFAULT_KV_SHARE, KvPool, available_memory};
 use crate::model::Model;
 use crate::text::Text;
 use crate::weights::Store;
@@ -23,6 +24,12 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// Draw a progress bar on stderr while loading, if stderr is a terminal.
     pub progress: bool,
+    /// The KV cache budget in bytes; `None`: [`DEFAULT_KV_SHARE`] of the memory available once
+    /// the weights are loaded.
+    pub kv_memory: Option<usize>,
+    /// The longest sequence; `None` (or more than the model's `max_position_embeddings`): the
+    /// model's.
+    pub ctx: Option<usize>,
 }
 
 /// A loaded model with its configuration and text handling.
@@ -35,6 +42,8 @@ pub struct Loaded {
     pub text: Text,
     /// Names of the tensors read while loading.
     pub tensors_read: Vec<String>,
+    /// The KV budget of this model or stage.
+    pub kv: KvPool,
 }
 
 impl Loaded {
@@ -75,11 +84,24 @@ impl Loaded {
             bar.set_position(done as u64)
         })?;
         bar.finish_and_clear();
+        let tensors_read = store.tensors_read();
+        drop(store);
+        let budget = match options.kv_memory {
+            Some(b) => b,
+            None => default_kv_budget(),
+        };
+        let kv = model.kv_pool(budget, options.ctx)?;
         Ok(Loaded {
             config,
             model,
             text,
-            tensors_read: store.tensors_read(),
+            tensors_read,
+            kv,
         })
     }
+}
+
+/// [`DEFAULT_KV_SHARE`] of the memory available now (1 GiB where the system does not say).
+pub fn default_kv_budget() -> usize {
+    available_memory().map_or(1 << 30, |m| (m as f64 * DEFAULT_KV_SHARE) as usize)
 }

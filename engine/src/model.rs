@@ -1,16 +1,23 @@
-//! The decoder: embedding, attention with RoPE and a KV cache, dense or mixture-of-experts MLPs,
-//! final norm and output head, for any contiguous range of layers (a pipeline stage).
+//! The decoder: embedding, attention with RoPE over per-sequence KV caches, dense or
+//! mixture-of-experts MLPs, final norm and output head, for any contiguous range of layers (a
+//! pipeline stage).
+//!
+//! The weights are read-only: [`Model::step`] runs one batched step for any number of sequences,
+//! each bringing its own [`KvCache`] and its new positions (a prompt chunk or one decode token).
+//! Matrix products see every row of the step at once; attention runs per sequence; MoE layers group
+//! the rows by expert, so each chosen expert's weights are read once per step.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::kv_cache::KvCache;
 
-use crate::config::{ModelConfig, RopeStyle};
+use crate::attention::{Heads, Rope, SeqAttention, attend};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Job, PackedMatrix, QuantRow};
+use crate::kv::{KvCache, KvPool, KvShape};
 use crate::linear::{Acts, Mat};
 use crate::weights::{Proj, Store, W};
 
@@ -34,6 +41,8 @@ pub enum Output {
 /// Which positions' logits the last stage computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
+    /// None (a prompt chunk that is not the prompt's last).
+    Skip,
     /// Only the last position (generation).
     Last,
     /// Every position (scoring, `--logits-out`).
@@ -66,8 +75,6 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     eps: f32,
-    style: RopeStyle,
-    cache: KvCache,
 }
 
 struct Mlp {
@@ -113,7 +120,8 @@ struct Block {
 }
 
 /// A model, or the share of one pipeline stage: layers `layers`, plus the embedding when the range
-/// starts at 0 and the final norm and head when it ends at the last layer. Holds its KV cache.
+/// starts at 0 and the final norm and head when it ends at the last layer. Read-only once loaded:
+/// sequences keep their state in [`KvCache`]s.
 pub struct Model {
     config: ModelConfig,
     layers: Range<usize>,
@@ -122,7 +130,18 @@ pub struct Model {
     norm: Option<Tensor>,
     head: Option<Mat>,
     device: Device,
-    position: usize,
+}
+
+/// One sequence's part of a batched step ([`Model::step`]): its cache, how many new positions
+/// (rows of the step's input, in order) it brings, and which of their logits the last stage
+/// returns.
+pub struct Chunk<'a> {
+    /// The sequence's cache; the new positions follow the ones it holds.
+    pub cache: &'a mut KvCache,
+    /// New positions: a prompt chunk, or 1 for a decode token.
+    pub rows: usize,
+    /// Which of them get logits (at the last stage).
+    pub logits: Logits,
 }
 
 /// Where a first stage reads token embeddings.
@@ -212,8 +231,6 @@ impl Model {
                 kv_heads: c.num_kv_heads,
                 head_dim: hd,
                 eps,
-                style: c.rope_style,
-                cache: KvCache::new(1, 512),
             };
             let ffn = if c.is_sparse_layer(l) {
                 let moe = c.moe.as_ref().expect("sparse layers imply an MoE config");
@@ -273,7 +290,6 @@ impl Model {
             norm,
             head,
             device,
-            position: 0,
         })
     }
 
@@ -287,17 +303,28 @@ impl Model {
         self.layers.clone()
     }
 
-    /// Positions already in the KV cache.
-    pub fn position(&self) -> usize {
-        self.position
+    /// The shape of the KV cache this stage keeps per position.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.layers.clone(),
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        }
     }
 
-    /// Empties the KV cache.
-    pub fn reset(&mut self) {
-        for b in &mut self.blocks {
-            b.attn.cache.reset();
-        }
-        self.position = 0;
+    /// A KV pool of `budget_bytes` for this stage, sequences at most `ctx` positions long
+    /// (`None`: the model's `max_position_embeddings`; a larger value is lowered to it).
+    ///
+    /// # Errors
+    /// [`Error::Request`] when the budget holds no position.
+    pub fn kv_pool(&self, budget_bytes: usize, ctx: Option<usize>) -> Result<KvPool> {
+        let max = self.config.max_position_embeddings;
+        KvPool::new(self.kv_shape(), budget_bytes, ctx.unwrap_or(max).min(max))
+    }
+
+    /// Bytes of this stage's weight matrices.
+    pub fn weight_bytes(&self) -> usize {
+        self.matrix_formats().iter().map(|m| m.2).sum()
     }
 
     /// Whether token embeddings are read from the packed output head (a tied model whose head
@@ -336,9 +363,95 @@ impl Model {
         kinds.into_iter().map(|(k, (n, b))| (k, n, b)).collect()
     }
 
-    /// Runs the new positions through this stage, appending them to the KV cache.
-    pub fn forward(&mut self, input: Input<'_>, logits: Logits) -> Result<Output> {
-        let mut x = match input {
+    /// Runs one sequence's new positions through this stage, appending them to `cache`.
+    ///
+    /// # Errors
+    /// As [`Model::step`].
+    pub fn forward(&self, cache: &mut KvCache, input: Input<'_>, logits: Logits) -> Result<Output> {
+        let rows = match &input {
+            Input::Tokens(ids) => ids.len(),
+            Input::Hidden(h) => h.dim(0)?,
+        };
+        self.step(
+            &mut [Chunk {
+                cache,
+                rows,
+                logits,
+            }],
+            input,
+        )
+    }
+
+    /// Convenience for a whole model: the logits of `ids` appended to `cache`.
+    ///
+    /// # Errors
+    /// As [`Model::step`], and when this stage does not hold the output head.
+    pub fn logits(&self, cache: &mut KvCache, ids: &[u32], which: Logits) -> Result<Tensor> {
+        match self.forward(cache, Input::Tokens(ids), which)? {
+            Output::Logits(l) => Ok(l),
+            Output::Hidden(_) => Err(Error::Request(
+                "this stage does not hold the output head".into(),
+            )),
+        }
+    }
+
+    /// One batched step: every chunk's new positions, in chunk order, are the rows of `input`
+    /// (token ids at the first stage, hidden states `[rows, hidden]` after it). Each row runs at
+    /// its sequence's next position and is appended to that sequence's cache.
+    ///
+    /// The last stage returns the logits of the rows the chunks ask for, chunk by chunk
+    /// ([`Logits::Skip`]: none, `Last`: its last row, `All`: every row); other stages return every
+    /// row's hidden state. On an error no cache changes.
+    ///
+    /// # Errors
+    /// [`Error::Request`] for an input that does not match the chunks or the stage (tokens past
+    /// the vocabulary, hidden states of the wrong width, a cache of another stage, an empty
+    /// chunk); [`Error::ContextLength`] or [`Error::NoRoom`] when a cache cannot take its rows.
+    pub fn step(&self, chunks: &mut [Chunk<'_>], input: Input<'_>) -> Result<Output> {
+        let total: usize = chunks.iter().map(|c| c.rows).sum();
+        let shape = self.kv_shape();
+        for c in chunks.iter() {
+            if c.rows == 0 {
+                return Err(Error::Request(
+                    "a sequence in the step has no positions".into(),
+                ));
+            }
+            if *c.cache.shape() != shape {
+                return Err(Error::Request(format!(
+                    "a KV cache for layers {:?} given to the stage holding layers {:?}",
+                    c.cache.shape().layers,
+                    shape.layers
+                )));
+            }
+        }
+        if total == 0 {
+            return Err(Error::Request("no positions to run".into()));
+        }
+        let x = self.embed_input(input, total)?;
+        for c in chunks.iter_mut() {
+            c.cache.ensure(c.rows)?;
+        }
+        let result = self.run_blocks(chunks, x);
+        match result {
+            Ok(x) => {
+                for c in chunks.iter_mut() {
+                    c.cache.commit(c.rows);
+                }
+                self.finish(chunks, x)
+            }
+            Err(e) => {
+                for c in chunks.iter_mut() {
+                    let len = c.cache.len();
+                    c.cache.rollback(len);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The step's input as f32 rows `[total, hidden]`.
+    fn embed_input(&self, input: Input<'_>, total: usize) -> Result<Tensor> {
+        let x = match input {
             Input::Tokens(ids) => {
                 let embed = self.embed.as_ref().ok_or_else(|| {
                     Error::Request(format!(
@@ -352,6 +465,12 @@ impl Model {
                         self.config.vocab_size
                     )));
                 }
+                if ids.len() != total {
+                    return Err(Error::Request(format!(
+                        "{} token ids for a step of {total} positions",
+                        ids.len()
+                    )));
+                }
                 embed.lookup(ids, &self.device)?
             }
             Input::Hidden(h) => {
@@ -360,33 +479,37 @@ impl Model {
                         "the first stage takes tokens, not hidden states".into(),
                     ));
                 }
-                let (_, width) = h.dims2()?;
+                let (rows, width) = h.dims2()?;
                 if width != self.config.hidden_size {
                     return Err(Error::Request(format!(
                         "hidden states of width {width}, the model's is {}",
                         self.config.hidden_size
                     )));
                 }
+                if rows != total {
+                    return Err(Error::Request(format!(
+                        "{rows} hidden-state rows for a step of {total} positions"
+                    )));
+                }
                 h.to_dtype(DType::F32)?
             }
         };
-        let seq = x.dim(0)?;
-        if seq == 0 {
-            return Err(Error::Request("no positions to run".into()));
-        }
-        let offset = self.position;
-        let (cos, sin) = rope_tables(
-            offset,
-            seq,
-            self.config.head_dim,
-            self.config.rope_theta,
-            &self.device,
-        )?;
-        let mask = causal_mask(offset, seq, &self.device)?;
-        let eps = self.config.rms_norm_eps as f32;
-        for b in &mut self.blocks {
+        Ok(x)
+    }
+
+    /// Every layer of the stage over the step's rows; appends each layer's keys and values to the
+    /// caches (the caller commits or rolls back).
+    fn run_blocks(&self, chunks: &mut [Chunk<'_>], mut x: Tensor) -> Result<Tensor> {
+        let positions: Vec<usize> = chunks
+            .iter()
+            .flat_map(|c| c.cache.len()..c.cache.len() + c.rows)
+            .collect();
+        let c = &self.config;
+        let rope = Rope::new(&positions, c.head_dim, c.rope_theta, c.rope_style);
+        let eps = c.rms_norm_eps as f32;
+        for (l, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &b.attn_norm, eps)?;
-            let a = b.attn.forward(&h, &cos, &sin, mask.as_ref())?;
+            let a = b.attn.forward(&h, &rope, l, chunks)?;
             x = (x + a)?;
             let h = rms_norm(&x, &b.mlp_norm, eps)?;
             let f = match &b.ffn {
@@ -395,28 +518,40 @@ impl Model {
             };
             x = (x + f)?;
         }
-        self.position += seq;
-        match (&self.norm, &self.head) {
-            (Some(norm), Some(head)) => {
-                let x = match logits {
-                    Logits::All => x,
-                    Logits::Last => x.narrow(0, seq - 1, 1)?,
-                };
-                let x = rms_norm(&x, norm, eps)?;
-                Ok(Output::Logits(head.forward(&x)?))
-            }
-            _ => Ok(Output::Hidden(x)),
-        }
+        Ok(x)
     }
 
-    /// Convenience for a whole model: the logits of `ids` appended to the cache.
-    pub fn logits(&mut self, ids: &[u32], which: Logits) -> Result<Tensor> {
-        match self.forward(Input::Tokens(ids), which)? {
-            Output::Logits(l) => Ok(l),
-            Output::Hidden(_) => Err(Error::Request(
-                "this stage does not hold the output head".into(),
-            )),
+    /// The last stage's logits for the rows the chunks ask for; other stages' hidden states.
+    fn finish(&self, chunks: &[Chunk<'_>], x: Tensor) -> Result<Output> {
+        let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
+            return Ok(Output::Hidden(x));
+        };
+        let mut rows: Vec<u32> = Vec::new();
+        let mut at = 0u32;
+        for c in chunks {
+            let n = c.rows as u32;
+            match c.logits {
+                Logits::Skip => {}
+                Logits::Last => rows.push(at + n - 1),
+                Logits::All => rows.extend(at..at + n),
+            }
+            at += n;
         }
+        let vocab = self.config.vocab_size;
+        if rows.is_empty() {
+            return Ok(Output::Logits(Tensor::zeros(
+                (0, vocab),
+                DType::F32,
+                &self.device,
+            )?));
+        }
+        let x = if rows.len() == at as usize {
+            x
+        } else {
+            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
+        };
+        let x = rms_norm(&x, norm, self.config.rms_norm_eps as f32)?;
+        Ok(Output::Logits(head.forward(&x)?))
     }
 }
 
@@ -428,112 +563,71 @@ fn qmatmul_bytes(q: &QMatMul) -> usize {
     }
 }
 
-/// cos and sin of each (position, frequency) pair, [seq, head_dim / 2], computed in f32 the way
-/// transformers does.
-fn rope_tables(
-    offset: usize,
-    seq: usize,
-    head_dim: usize,
-    theta: f64,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(seq * half);
-    let mut sin = Vec::with_capacity(seq * half);
-    for p in offset..offset + seq {
-        for f in &inv {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (seq, half), device)?,
-        Tensor::from_vec(sin, (seq, half), device)?,
-    ))
-}
-
-/// Additive mask [seq, offset + seq]: position i of the new ones sees cache entries up to
-/// offset + i. `None` for a single position, which sees everything.
-fn causal_mask(offset: usize, seq: usize, device: &Device) -> Result<Option<Tensor>> {
-    if seq == 1 {
-        return Ok(None);
-    }
-    let total = offset + seq;
-    let m: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(m, (seq, total), device)?))
-}
-
 impl Attention {
+    /// Attention of the step's rows `x`, layer `layer` of the stage: their keys and values are
+    /// appended to each chunk's cache, then each sequence attends over its own.
     fn forward(
-        &mut self,
+        &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        rope: &Rope,
+        layer: usize,
+        chunks: &mut [Chunk<'_>],
     ) -> Result<Tensor> {
-        let seq = x.dim(0)?;
+        let rows = x.dim(0)?;
         let (hs, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let shape = |t: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            let t = t.reshape((seq, n, d))?;
+        let flat = |t: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Vec<f32>> {
             let t = match norm {
-                Some(w) => rms_norm(&t, w, self.eps)?,
+                Some(w) => rms_norm(&t.reshape((rows, n, d))?, w, self.eps)?,
                 None => t,
             };
-            Ok(t.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+            Ok(t.flatten_all()?.to_vec1()?)
         };
         let mut qkv = Mat::forward_shared(&[&self.q.w, &self.k.w, &self.v.w], x)?;
-        let v = self.v.bias(qkv.pop().expect("three outputs"))?;
-        let k = self.k.bias(qkv.pop().expect("three outputs"))?;
-        let q = self.q.bias(qkv.pop().expect("three outputs"))?;
-        let q = shape(q, hs, &self.q_norm)?;
-        let k = shape(k, kvh, &self.k_norm)?;
-        let v = v.reshape((seq, kvh, d))?.transpose(0, 1)?.contiguous()?;
-        let (q, k) = match self.style {
-            RopeStyle::Half => (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            ),
-            RopeStyle::Interleaved => (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            ),
+        let v = flat(self.v.bias(qkv.pop().expect("three outputs"))?, kvh, &None)?;
+        let mut k = flat(
+            self.k.bias(qkv.pop().expect("three outputs"))?,
+            kvh,
+            &self.k_norm,
+        )?;
+        let mut q = flat(
+            self.q.bias(qkv.pop().expect("three outputs"))?,
+            hs,
+            &self.q_norm,
+        )?;
+        rope.apply(&mut q, hs);
+        rope.apply(&mut k, kvh);
+        let row = kvh * d;
+        let mut at = 0;
+        for c in chunks.iter_mut() {
+            let kv = &mut c.cache.layers[layer];
+            kv.k.extend_from_slice(&k[at * row..(at + c.rows) * row]);
+            kv.v.extend_from_slice(&v[at * row..(at + c.rows) * row]);
+            at += c.rows;
+        }
+        let mut at = 0;
+        let seqs: Vec<SeqAttention<'_>> = chunks
+            .iter()
+            .map(|c| {
+                let kv = &c.cache.layers[layer];
+                let s = SeqAttention {
+                    row: at,
+                    rows: c.rows,
+                    start: c.cache.len(),
+                    k: &kv.k,
+                    v: &kv.v,
+                };
+                at += c.rows;
+                s
+            })
+            .collect();
+        let heads = Heads {
+            heads: hs,
+            kv_heads: kvh,
+            head_dim: d,
         };
-        let (k, v) = self.cache.append(&k.squeeze(0)?, &v)?;
-        let total = k.dim(1)?;
-        let group = hs / kvh;
-        // Grouped-query attention without copying k/v per query head: the `group` query heads of
-        // one kv head are stacked along the position axis.
-        let q = q.squeeze(0)?.reshape((kvh, group * seq, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((kvh, group, seq, total))?
-                .broadcast_add(m)?
-                .reshape((kvh, group * seq, total))?,
-            None => scores,
-        };
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = p.matmul(&v)?; // [kvh, group*seq, d]
-        let y = y
-            .reshape((hs, seq, d))?
-            .transpose(0, 1)?
-            .reshape((seq, hs * d))?;
-        self.o.forward(&y)
+        let y = attend(&q, &seqs, heads);
+        self.o
+            .forward(&Tensor::from_vec(y, (rows, hs * d), x.device())?)
     }
 }
 

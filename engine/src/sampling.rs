@@ -1,5 +1,8 @@
-//! Choosing the next token: greedy, or temperature with top-k and top-p, from a seeded generator
-//! (the same seed and logits give the same tokens).
+//! Choosing the next token: penalties (presence, frequency, repetition), then greedy or
+//! temperature with top-k, top-p and min-p, from a generator seeded per request (the same seed and
+//! logits give the same tokens, whatever else runs beside the request).
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,6 +18,17 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     /// Keep the smallest set of most likely tokens whose probability reaches p (None: all).
     pub top_p: Option<f32>,
+    /// Keep only tokens at least this fraction as likely as the most likely one (None: all).
+    pub min_p: Option<f32>,
+    /// Subtracted from the logit of every token generated so far (OpenAI's
+    /// `presence_penalty`, -2..=2).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`, -2..=2).
+    pub frequency_penalty: f32,
+    /// Divides positive (multiplies negative) logits of tokens in the prompt or generated so
+    /// far (transformers' `repetition_penalty`; 1 is off).
+    pub repetition_penalty: f32,
     /// Seed of the random generator.
     pub seed: u64,
 }
@@ -25,39 +39,105 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: None,
             top_p: None,
+            min_p: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
             seed: 0,
         }
     }
 }
 
-/// A sampler: parameters plus the random generator's state.
+impl SamplingParams {
+    /// Checks every value's range.
+    ///
+    /// # Errors
+    /// [`Error::Request`] naming the parameter and the value.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Request(m));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!(
+                "temperature must be a finite number ≥ 0, not {}",
+                self.temperature
+            ));
+        }
+        if self.top_k == Some(0) {
+            return bad("top-k must be at least 1".into());
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return bad(format!("top-p must be in (0, 1], not {p}"));
+        }
+        if let Some(p) = self.min_p
+            && !(0.0..=1.0).contains(&p)
+        {
+            return bad(format!("min-p must be in [0, 1], not {p}"));
+        }
+        for (name, v) in [
+            ("presence penalty", self.presence_penalty),
+            ("frequency penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], not {v}"));
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition penalty must be a finite number > 0, not {}",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+    }
+}
+
+/// A sampler: parameters, the random generator's state and the counts the penalties need.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Times each token was generated.
+    generated: HashMap<u32, u32>,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt: Vec<u32>,
 }
 
 impl Sampler {
     /// Checks the parameters and seeds the generator.
+    ///
+    /// # Errors
+    /// As [`SamplingParams::validate`].
     pub fn new(params: SamplingParams) -> Result<Self> {
-        if !params.temperature.is_finite() || params.temperature < 0.0 {
-            return Err(Error::Request(format!(
-                "temperature must be a finite number ≥ 0, not {}",
-                params.temperature
-            )));
-        }
-        if params.top_k == Some(0) {
-            return Err(Error::Request("top-k must be at least 1".into()));
-        }
-        if let Some(p) = params.top_p
-            && !(p > 0.0 && p <= 1.0)
-        {
-            return Err(Error::Request(format!("top-p must be in (0, 1], not {p}")));
-        }
+        params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng })
+        Ok(Sampler {
+            params,
+            rng,
+            generated: HashMap::new(),
+            prompt: Vec::new(),
+        })
     }
 
-    /// Picks a token id from one position's logits.
+    /// Records the prompt, which the repetition penalty counts as seen.
+    pub fn set_prompt(&mut self, prompt: &[u32]) {
+        if self.params.repetition_penalty != 1.0 {
+            let mut p = prompt.to_vec();
+            p.sort_unstable();
+            p.dedup();
+            self.prompt = p;
+        }
+    }
+
+    /// Picks a token id from one position's logits, and counts it as generated.
+    ///
+    /// # Errors
+    /// [`Error::Request`] for empty or NaN logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::Request("no logits to sample from".into()));
@@ -65,27 +145,76 @@ impl Sampler {
         if logits.iter().any(|x| x.is_nan()) {
             return Err(Error::Request("the model produced NaN logits".into()));
         }
-        if self.params.temperature == 0.0 {
-            return Ok(argmax(logits));
+        let penalized;
+        let logits = if self.params.has_penalties() {
+            penalized = self.penalize(logits);
+            &penalized[..]
+        } else {
+            logits
+        };
+        let t = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        *self.generated.entry(t).or_default() += 1;
+        Ok(t)
+    }
+
+    fn penalize(&self, logits: &[f32]) -> Vec<f32> {
+        let mut l = logits.to_vec();
+        let p = &self.params;
+        let rep = |x: &mut f32| {
+            *x = if *x > 0.0 {
+                *x / p.repetition_penalty
+            } else {
+                *x * p.repetition_penalty
+            }
+        };
+        if p.repetition_penalty != 1.0 {
+            for &t in &self.prompt {
+                if !self.generated.contains_key(&t)
+                    && let Some(x) = l.get_mut(t as usize)
+                {
+                    rep(x);
+                }
+            }
         }
+        for (&t, &n) in &self.generated {
+            if let Some(x) = l.get_mut(t as usize) {
+                if p.repetition_penalty != 1.0 {
+                    rep(x);
+                }
+                *x -= p.presence_penalty + p.frequency_penalty * n as f32;
+            }
+        }
+        l
+    }
+
+    /// A random draw among the candidates left by top-k, top-p and min-p.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         // Candidates sorted by logit, largest first (ties: lower id first).
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let mut c: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .map(|(i, &l)| (i as u32, l))
             .collect();
-        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if let Some(k) = self.params.top_k {
-            c.truncate(k.min(c.len()));
+        if let Some(k) = self.params.top_k
+            && k < c.len()
+        {
+            c.select_nth_unstable_by(k - 1, order);
+            c.truncate(k);
         }
+        c.sort_unstable_by(order);
         let t = self.params.temperature;
         let max = c[0].1 / t;
         let mut probs: Vec<f32> = c.iter().map(|&(_, l)| (l / t - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
+        let mut keep = probs.len();
         if let Some(top_p) = self.params.top_p {
             let mut acc = 0.0;
-            let mut keep = probs.len();
             for (i, p) in probs.iter().enumerate() {
                 acc += p;
                 if acc >= top_p {
@@ -93,19 +222,23 @@ impl Sampler {
                     break;
                 }
             }
-            probs.truncate(keep);
-            let sum: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= sum);
         }
-        let r: f32 = self.rng.random();
+        if let Some(min_p) = self.params.min_p {
+            // probs[0] is the largest
+            let floor = min_p * probs[0];
+            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+        }
+        probs.truncate(keep);
+        let sum: f32 = probs.iter().sum();
+        let r: f32 = self.rng.random::<f32>() * sum;
         let mut acc = 0.0;
         for (i, p) in probs.iter().enumerate() {
             acc += p;
             if r < acc {
-                return Ok(c[i].0);
+                return c[i].0;
             }
         }
-        Ok(c[probs.len() - 1].0)
+        c[probs.len() - 1].0
     }
 }
 
@@ -131,6 +264,7 @@ mod tests {
             top_k,
             top_p,
             seed,
+            ..Default::default()
         })
         .unwrap()
     }
@@ -164,6 +298,22 @@ mod tests {
                 top_p: Some(1.5),
                 ..Default::default()
             },
+            SamplingParams {
+                min_p: Some(-0.1),
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
         ] {
             assert!(Sampler::new(p).is_err());
         }
@@ -185,6 +335,60 @@ mod tests {
             .count();
         let frac = ones as f64 / 20_000.0;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let logits = [1.0f32, 0.9, 0.5];
+        // frequency: token 0 at 1.0 - 0.06 after one pick, 1.0 - 0.12 < 0.9 after two
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.06,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.sample(&logits).unwrap(), 0);
+        assert_eq!(s.sample(&logits).unwrap(), 0);
+        assert_eq!(s.sample(&logits).unwrap(), 1, "0 is at 0.88 now, 1 at 0.9");
+        // presence: once is enough
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.sample(&logits).unwrap(), 0);
+        assert_eq!(s.sample(&logits).unwrap(), 1);
+        // repetition counts the prompt: token 0 in the prompt is divided by 2
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        })
+        .unwrap();
+        s.set_prompt(&[0, 0]);
+        assert_eq!(s.sample(&logits).unwrap(), 1);
+        // a negative penalty draws a token back
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: -1.0,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.sample(&[0.5, 1.0]).unwrap(), 1);
+        assert_eq!(s.sample(&[1.2, 1.0]).unwrap(), 1, "1 is at 2.0 now");
+    }
+
+    #[test]
+    fn min_p_keeps_only_tokens_near_the_most_likely() {
+        // probabilities about 0.66, 0.24, 0.09: min-p 0.3 leaves tokens 0 and 1
+        let logits = [2.0f32, 1.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: Some(0.3),
+            seed: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        let picks: Vec<u32> = (0..2000).map(|_| s.sample(&logits).unwrap()).collect();
+        assert!(!picks.contains(&2));
+        assert!(picks.contains(&1));
     }
 
     proptest! {

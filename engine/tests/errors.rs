@@ -133,8 +133,8 @@ fn sharded_checkpoints_load_through_the_index() {
     )
     .unwrap();
     let r = common::reference(&dir);
-    let mut m = Loaded::open(&dir, &LoadOptions::default()).unwrap();
-    let logits = m.model.logits(&r.prompt_ids, engine::Logits::All).unwrap();
+    let m = Loaded::open(&dir, &LoadOptions::default()).unwrap();
+    let logits = common::logits(&m, &r.prompt_ids, engine::Logits::All).unwrap();
     let d = common::max_diff(&logits.to_vec2::<f32>().unwrap(), &r.logits);
     assert!(d <= 1e-4, "{d}");
 

@@ -22,8 +22,8 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 fn logits_match_transformers_at_every_position() {
     for dir in fixtures() {
         let r = reference(&dir);
-        let mut m = open(&dir);
-        let logits = m.model.logits(&r.prompt_ids, Logits::All).unwrap();
+        let m = open(&dir);
+        let logits = common::logits(&m, &r.prompt_ids, Logits::All).unwrap();
         let d = max_diff(&rows(&logits), &r.logits);
         assert!(d <= 1e-4, "{}: max |Δlogit| = {d}", dir.display());
     }
@@ -33,12 +33,20 @@ fn logits_match_transformers_at_every_position() {
 fn greedy_continuation_matches_transformers() {
     for dir in fixtures() {
         let r = reference(&dir);
-        let mut m = open(&dir);
+        let m = open(&dir);
         let options = GenerateOptions {
             max_tokens: r.greedy_ids.len(),
             ..Default::default()
         };
-        let g = generate(&mut m.model, &m.text, &r.prompt_ids, &options, &mut |_| {}).unwrap();
+        let g = generate(
+            &m.model,
+            &m.kv,
+            &m.text,
+            &r.prompt_ids,
+            &options,
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(g.tokens, r.greedy_ids, "{}", dir.display());
     }
 }
@@ -47,22 +55,23 @@ fn greedy_continuation_matches_transformers() {
 fn prefill_then_decode_equals_one_full_pass() {
     for dir in fixtures() {
         let r = reference(&dir);
-        let mut m = open(&dir);
+        let m = open(&dir);
         let mut all = r.prompt_ids.clone();
         all.extend(&r.greedy_ids);
-        let full = rows(&m.model.logits(&all, Logits::All).unwrap());
-        m.model.reset();
-        // a prefill of the prompt in two chunks, then one token at a time
+        let full = rows(&common::logits(&m, &all, Logits::All).unwrap());
+        // a prefill of the prompt in two chunks, then one token at a time, in a fresh sequence
+        let mut c = m.kv.sequence(all.len()).unwrap();
         let split = r.prompt_ids.len() / 2;
-        let mut got = rows(&m.model.logits(&all[..split], Logits::All).unwrap());
+        let mut got = rows(&m.model.logits(&mut c, &all[..split], Logits::All).unwrap());
         got.extend(rows(
             &m.model
-                .logits(&all[split..r.prompt_ids.len()], Logits::All)
+                .logits(&mut c, &all[split..r.prompt_ids.len()], Logits::All)
                 .unwrap(),
         ));
         for &t in &r.greedy_ids {
-            got.extend(rows(&m.model.logits(&[t], Logits::Last).unwrap()));
+            got.extend(rows(&m.model.logits(&mut c, &[t], Logits::Last).unwrap()));
         }
+        assert_eq!(c.len(), all.len());
         let d = max_diff(&got, &full);
         assert!(d <= 1e-4, "{}: max |Δlogit| = {d}", dir.display());
     }
@@ -84,8 +93,8 @@ fn two_pipeline_stages_equal_the_whole_model_and_read_only_their_share() {
             )
             .unwrap()
         };
-        let mut a = stage(0..cut);
-        let mut b = stage(cut..n);
+        let a = stage(0..cut);
+        let b = stage(cut..n);
         for (s, range) in [(&a, 0..cut), (&b, cut..n)] {
             for name in &s.tensors_read {
                 let layer = name
@@ -109,12 +118,24 @@ fn two_pipeline_stages_equal_the_whole_model_and_read_only_their_share() {
         }
         let Output::Hidden(h) = a
             .model
-            .forward(Input::Tokens(&r.prompt_ids), Logits::All)
+            .forward(
+                &mut a.kv.sequence(0).unwrap(),
+                Input::Tokens(&r.prompt_ids),
+                Logits::All,
+            )
             .unwrap()
         else {
             panic!("the first stage returned logits")
         };
-        let Output::Logits(l) = b.model.forward(Input::Hidden(h), Logits::All).unwrap() else {
+        let Output::Logits(l) = b
+            .model
+            .forward(
+                &mut b.kv.sequence(0).unwrap(),
+                Input::Hidden(h),
+                Logits::All,
+            )
+            .unwrap()
+        else {
             panic!("the last stage returned hidden states")
         };
         let d = max_diff(&rows(&l), &r.logits);
@@ -122,7 +143,11 @@ fn two_pipeline_stages_equal_the_whole_model_and_read_only_their_share() {
         // the first stage cannot produce logits, the last cannot take tokens
         assert!(
             b.model
-                .forward(Input::Tokens(&r.prompt_ids), Logits::All)
+                .forward(
+                    &mut b.kv.sequence(0).unwrap(),
+                    Input::Tokens(&r.prompt_ids),
+                    Logits::All
+                )
                 .is_err()
         );
     }
@@ -193,7 +218,7 @@ fn bf16_and_f16_checkpoints_give_the_f32_logits_of_the_same_values() {
             let half_dir = tmp.path().join(format!("{name}-{tag}"));
             let f32_dir = tmp.path().join(format!("{name}-{tag}-as-f32"));
             write_rounded(&dir, &half_dir, &f32_dir, dtype);
-            let (mut hm, mut fm) = (open(&half_dir), open(&f32_dir));
+            let (hm, fm) = (open(&half_dir), open(&f32_dir));
             // held in the file's precision where the CPU has the kernels: half the bytes
             // (matrices whose shape does not tile, such as a 4-expert router, stay on candle's
             // matmul in both; a tied head is packed from the f32 embedding in both)
@@ -211,8 +236,8 @@ fn bf16_and_f16_checkpoints_give_the_f32_logits_of_the_same_values() {
                 assert_eq!((hn + tied_n, 2 * hb + tied_b), (fn_, fb), "{name}");
                 assert_eq!(packed(&hk, "candle"), packed(&fk, "candle"), "{name}");
             }
-            let h = rows(&hm.model.logits(&r.prompt_ids, Logits::All).unwrap());
-            let f = rows(&fm.model.logits(&r.prompt_ids, Logits::All).unwrap());
+            let h = rows(&common::logits(&hm, &r.prompt_ids, Logits::All).unwrap());
+            let f = rows(&common::logits(&fm, &r.prompt_ids, Logits::All).unwrap());
             // widening is exact and the kernels add in the same order: the same bits (the f32
             // path is the one checked against transformers above)
             assert_eq!(h, f, "{name} {tag}");

@@ -1,12 +1,20 @@
 //! `sinew generate`: load a model (a Hugging Face directory or a GGUF file), run one prompt, stream
-//! the text, report prefill and decode speed.
+//! the text, report prefill and decode speed; with `--parallel N`, the prompt as N sequences at once
+//! through the engine's scheduler (how batching is measured from outside).
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use engine::{GenerateOptions, LoadOptions, Loaded, Message, SamplingParams, generate};
+use engine::{
+    DecodeParams, Event, GenerateOptions, LoadOptions, Loaded, Message, Request, SamplingParams,
+    Scheduler, SchedulerOptions, generate,
+};
+
+use crate::units::parse_size;
 
 /// Arguments of `sinew generate`.
 #[derive(Args, Debug)]
@@ -42,9 +50,35 @@ pub struct GenerateArgs {
     /// Sample among the most likely tokens reaching this probability.
     #[arg(long)]
     top_p: Option<f32>,
-    /// Seed of the sampler (the same seed gives the same tokens).
+    /// Sample among tokens at least this fraction as likely as the most likely one.
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Subtracted from the logit of every token generated so far (-2..2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated (-2..2).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// Divides the logits of tokens already in the prompt or output (1 is off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed of the sampler (the same seed gives the same tokens; sequence i of --parallel uses
+    /// seed + i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run the prompt as this many sequences at once through the scheduler.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// KV cache budget in bytes (K/M/G suffixes); default: half the memory available after the
+    /// weights are loaded.
+    #[arg(long, value_parser = parse_size)]
+    kv_memory: Option<usize>,
+    /// Longest sequence in positions (default and maximum: the model's max_position_embeddings).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Prompt positions a sequence brings to one step at most (--parallel).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
     /// Stop when this string appears (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -67,12 +101,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
+    if args.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    if args.parallel > 1 && args.logits_out.is_some() {
+        bail!("--logits-out takes one sequence, not --parallel");
+    }
     let options = LoadOptions {
         layers: None,
         dequantize: false,
         progress: !args.json,
+        kv_memory: args.kv_memory,
+        ctx: args.ctx,
     };
-    let mut m = Loaded::open(&args.model, &options)?;
+    let load_start = Instant::now();
+    let m = Loaded::open(&args.model, &options)?;
+    let load_secs = load_start.elapsed().as_secs_f64();
     let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) if args.raw => m.text.encode(text, true)?,
@@ -93,26 +137,41 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    if args.parallel > 1 {
+        return run_parallel(&args, m, prompt, sampling, load_secs);
+    }
     let gen_options = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        sampling,
         stop: args.stop.clone(),
         prompt_logits: args.logits_out.is_some(),
         ignore_eos: args.ignore_eos,
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
-    let g = generate(&mut m.model, &m.text, &prompt, &gen_options, &mut |piece| {
-        if stream {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-    })?;
+    let g = generate(
+        &m.model,
+        &m.kv,
+        &m.text,
+        &prompt,
+        &gen_options,
+        &mut |piece| {
+            if stream {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        },
+    )?;
     if let (Some(path), Some(logits)) = (&args.logits_out, &g.prompt_logits) {
         let t = logits.to_dtype(candle_core::DType::F32)?;
         candle_core::safetensors::save(
@@ -131,6 +190,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "decode_tokens_per_s": g.decode_tokens_per_s(),
             "prefill_s": g.prefill_secs,
             "decode_s": g.decode_secs,
+            "load_s": load_secs,
+            "kv_capacity_tokens": m.kv.capacity_tokens(),
             "weights": m.model.matrix_formats().into_iter().map(|(format, matrices, bytes)| {
                 serde_json::json!({"format": format, "matrices": matrices, "bytes": bytes})
             }).collect::<Vec<_>>(),
@@ -147,6 +208,152 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             g.tokens.len(),
             g.decode_tokens_per_s(),
             g.finish
+        );
+    }
+    Ok(())
+}
+
+/// One sequence of a `--parallel` run, as its stream delivered it.
+struct SeqRun {
+    tokens: Vec<u32>,
+    text: String,
+    finish: Option<engine::Finish>,
+    /// When each token arrived.
+    times: Vec<Instant>,
+}
+
+/// `--parallel N`: the prompt as N sequences through the scheduler (seeds seed..seed+N).
+fn run_parallel(
+    args: &GenerateArgs,
+    m: Loaded,
+    prompt: Vec<u32>,
+    sampling: SamplingParams,
+    load_secs: f64,
+) -> anyhow::Result<()> {
+    let n = args.parallel;
+    let formats = m.model.matrix_formats();
+    let kv = m.kv.clone();
+    let options = SchedulerOptions {
+        max_seqs: n,
+        prefill_chunk: args.prefill_chunk,
+        max_step_tokens: (n * prompt.len().min(args.prefill_chunk)).max(n),
+        ..Default::default()
+    };
+    let scheduler = Scheduler::new(Arc::new(m.model), Arc::new(m.text), kv.clone(), options)?;
+    let started = Instant::now();
+    let streams = (0..n)
+        .map(|i| {
+            let params = DecodeParams {
+                max_tokens: args.max_tokens,
+                sampling: SamplingParams {
+                    seed: sampling.seed.wrapping_add(i as u64),
+                    ..sampling.clone()
+                },
+                stop: args.stop.clone(),
+                ignore_eos: args.ignore_eos,
+                logprobs: None,
+            };
+            scheduler.submit(Request {
+                prompt: prompt.clone(),
+                params,
+                prompt_logprobs: None,
+            })
+        })
+        .collect::<engine::Result<Vec<_>>>()?;
+    // no token for this long means the engine is stuck, not slow
+    let stall = Duration::from_secs(600);
+    let runs: Vec<anyhow::Result<SeqRun>> = std::thread::scope(|s| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|stream| {
+                s.spawn(move || {
+                    let mut r = SeqRun {
+                        tokens: Vec::new(),
+                        text: String::new(),
+                        finish: None,
+                        times: Vec::new(),
+                    };
+                    loop {
+                        match stream.recv_timeout(stall) {
+                            Some(Event::Token(t)) => {
+                                r.times.push(Instant::now());
+                                r.tokens.push(t.token);
+                                r.text.push_str(&t.text);
+                            }
+                            Some(Event::Finished { finish, .. }) => {
+                                r.finish = Some(finish);
+                                return Ok(r);
+                            }
+                            Some(Event::Error(e)) => return Err(e.into()),
+                            Some(Event::PromptLogprobs(_)) => {}
+                            None => bail!("no token for {stall:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader thread panicked")))
+            })
+            .collect()
+    });
+    let runs = runs.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let end = Instant::now();
+    // the prefill phase ends when every sequence has its first token; tokens after it are decode
+    let prefilled = runs
+        .iter()
+        .filter_map(|r| r.times.first().copied())
+        .max()
+        .unwrap_or(end);
+    let decoded: usize = runs
+        .iter()
+        .map(|r| r.times.iter().filter(|&&t| t > prefilled).count())
+        .sum();
+    let decode_secs = end.duration_since(prefilled).as_secs_f64();
+    let aggregate = if decode_secs > 0.0 {
+        decoded as f64 / decode_secs
+    } else {
+        0.0
+    };
+    let prefill_secs = prefilled.duration_since(started).as_secs_f64();
+    let stats = scheduler.stats();
+    drop(scheduler);
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let v = serde_json::json!({
+            "tokens": runs[0].tokens,
+            "text": runs[0].text,
+            "finish_reason": runs[0].finish,
+            "prompt_tokens": prompt.len(),
+            "parallel": n,
+            "prefill_tokens_per_s": (n * prompt.len()) as f64 / prefill_secs.max(f64::MIN_POSITIVE),
+            "decode_tokens_per_s": aggregate / n as f64,
+            "aggregate_decode_tokens_per_s": aggregate,
+            "prefill_s": prefill_secs,
+            "decode_s": decode_secs,
+            "load_s": load_secs,
+            "steps": stats.steps,
+            "kv_capacity_tokens": kv.capacity_tokens(),
+            "sequences": runs.iter().map(|r| serde_json::json!({
+                "tokens": r.tokens, "text": r.text, "finish_reason": r.finish,
+            })).collect::<Vec<_>>(),
+            "weights": formats.into_iter().map(|(format, matrices, bytes)| {
+                serde_json::json!({"format": format, "matrices": matrices, "bytes": bytes})
+            }).collect::<Vec<_>>(),
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        for (i, r) in runs.iter().enumerate() {
+            writeln!(stdout, "[{i}] {}", r.text)?;
+        }
+        stdout.flush()?;
+        drop(stdout);
+        eprintln!(
+            "{n} sequences: prefill {:.1} tok/s; decode {decoded} tokens, {aggregate:.1} tok/s in all",
+            (n * prompt.len()) as f64 / prefill_secs.max(f64::MIN_POSITIVE),
         );
     }
     Ok(())

@@ -70,3 +70,13 @@ pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// The logits of `ids` in a new sequence of `m`.
+pub fn logits(
+    m: &engine::Loaded,
+    ids: &[u32],
+    which: engine::Logits,
+) -> engine::Result<candle_core::Tensor> {
+    let mut cache = m.kv.sequence(0)?;
+    m.model.logits(&mut cache, ids, which)
+}
