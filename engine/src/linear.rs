@@ -120,9 +120,32 @@ impl Mat {
                     *shape.last_mut().expect("a matrix input has a last dim") = p.rows();
                     Ok(Tensor::from_vec(out, shape, x.device())?)
                 }
-                Mat::Candle(q) => Ok(q.forward(x)?),
+                Mat::Candle(q) => candle_rows(q, x),
             })
             .collect()
+    }
+}
+
+/// Matrices on candle's path with at most this many values (routers, small heads) multiply one
+/// row at a time: candle's matmul blocks by the number of rows, which changes the summation order,
+/// and a router's near-tied logits would then pick other experts for a sequence depending on what
+/// else is in the batch. One row at a time, a row's result never depends on its neighbours.
+const ROW_BY_ROW_MAX: usize = 1 << 20;
+
+/// `x` [rows, in] times `q` transposed on candle's path, row-independent for small matrices.
+fn candle_rows(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    let small = match q {
+        QMatMul::QTensor(t) => t.shape().elem_count() <= ROW_BY_ROW_MAX,
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() <= ROW_BY_ROW_MAX,
+    };
+    match x.dims() {
+        [rows, _] if *rows > 1 && small => {
+            let parts = (0..*rows)
+                .map(|r| q.forward(&x.narrow(0, r, 1)?))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        }
+        _ => Ok(q.forward(x)?),
     }
 }
 

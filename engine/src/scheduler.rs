@@ -157,6 +157,7 @@ pub struct Scheduler {
     stats: Arc<Mutex<SchedulerStats>>,
     text: Arc<Text>,
     kv: KvPool,
+    vocab: usize,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -190,6 +191,7 @@ impl Scheduler {
                 model.layers()
             )));
         }
+        let vocab = model.config().vocab_size;
         let (tx, rx) = mpsc::sync_channel(options.max_queue.max(1));
         let stats = Arc::new(Mutex::new(SchedulerStats {
             kv_capacity_tokens: kv.capacity_tokens(),
@@ -215,6 +217,7 @@ impl Scheduler {
             stats,
             text,
             kv,
+            vocab,
             thread: Some(thread),
         })
     }
@@ -223,7 +226,8 @@ impl Scheduler {
     /// can never run is refused at once.
     ///
     /// # Errors
-    /// [`Error::Request`] for bad parameters or an empty prompt; [`Error::ContextLength`] for a
+    /// [`Error::Request`] for bad parameters, an empty prompt or a token id outside the
+    /// vocabulary; [`Error::ContextLength`] for a
     /// request longer than the context or the whole KV budget; [`Error::QueueFull`] when
     /// [`SchedulerOptions::max_queue`] requests already wait.
     pub fn submit(&self, request: Request) -> Result<Stream> {
@@ -238,6 +242,12 @@ impl Scheduler {
             return Err(Error::Request(format!(
                 "at most {} top prompt logprobs, not {n}",
                 crate::decode::MAX_TOP_LOGPROBS
+            )));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(Error::Request(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab
             )));
         }
         let decoder = Decoder::new(&self.text, &prompt, params, self.kv.ctx())?;
@@ -474,7 +484,7 @@ impl Core {
             }
         };
         let mut rows = logits.iter();
-        let mut done: Vec<usize> = Vec::new();
+        let mut done: Vec<(usize, Option<Finish>)> = Vec::new();
         for (&(i, n), &want) in plan.iter().zip(&wants) {
             let r = &mut self.running[i];
             let mine: Vec<&Vec<f32>> = match want {
@@ -483,29 +493,40 @@ impl Core {
                 Logits::All => rows.by_ref().take(n).collect(),
             };
             match Self::advance(&self.text, r, n, &mine) {
-                Ok(generated) => {
+                Ok((generated, finish)) => {
                     self.generated += generated as u64;
-                    if r.w.decoder.finish().is_some() && !r.prefilling() {
-                        done.push(i);
+                    if finish.is_some() {
+                        done.push((i, finish));
                     }
                 }
                 Err(e) => {
                     let _ = r.w.tx.send(Event::Error(e));
-                    done.push(i);
+                    done.push((i, None));
                 }
             }
         }
-        // finished and cancelled (a failed send: the receiver is gone) sequences leave now
-        done.sort_unstable();
-        for &i in done.iter().rev() {
-            self.running.remove(i);
+        // finished sequences leave now and give their positions back before the client hears
+        // that they finished; cancelled ones (a failed send: the receiver is gone) too
+        done.sort_unstable_by_key(|d| d.0);
+        for &(i, finish) in done.iter().rev() {
+            let Running { w, cache, .. } = self.running.remove(i);
+            drop(cache);
+            if let Some(f) = finish {
+                finished(&w, f);
+            }
         }
         self.drop_cancelled();
     }
 
     /// Applies a step's `rows` logits to a sequence that fed `n` positions: prompt logprobs,
-    /// then the next token. Returns the tokens generated (0 or 1).
-    fn advance(text: &Text, r: &mut Running, n: usize, rows: &[&Vec<f32>]) -> Result<usize> {
+    /// then the next token. Returns the tokens generated (0 or 1) and, when the request is done,
+    /// why.
+    fn advance(
+        text: &Text,
+        r: &mut Running,
+        n: usize,
+        rows: &[&Vec<f32>],
+    ) -> Result<(usize, Option<Finish>)> {
         let was_prefilling = r.prefilling();
         if was_prefilling {
             let from = r.fed;
@@ -523,25 +544,21 @@ impl Core {
                 }
             }
             if r.prefilling() {
-                return Ok(0);
+                return Ok((0, None));
             }
             if let Some(f) = r.w.decoder.finish() {
                 // max_tokens 0: the prompt was all there was to do
-                finished(&r.w, f);
-                return Ok(0);
+                return Ok((0, Some(f)));
             }
         }
         let Some(row) = rows.last() else {
-            return Ok(0);
+            return Ok((0, None));
         };
         let out = r.w.decoder.step(text, row)?;
         r.next = Some(out.token);
         let finish = out.finish;
         send(&r.w, Event::Token(out));
-        if let Some(f) = finish {
-            finished(&r.w, f);
-        }
-        Ok(1)
+        Ok((1, finish))
     }
 }
 
