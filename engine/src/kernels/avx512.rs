@@ -98,81 +98,105 @@ unsafe fn tile_rows_f32<const S: usize, const N: usize, const W: u8>(
     }
 }
 
-/// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
+/// One Q4_K tile row-slab (16 rows, every block of the input) times each of the `N` rows `a`,
+/// into `out[n]`. Each 64-byte load of weights is unpacked once and multiplied by every row (this
+/// is where several sequences in a step pay off); each row's sums run in the same order whatever
+/// `N` is, so a row's result does not depend on the rows beside it.
 ///
 /// # Safety
-/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q4_K tiles.
+/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a[i].len() / 256` Q4_K tiles for every
+/// `i`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-pub(super) unsafe fn tile_row_q4k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
-    let blocks = a.len() / QK_K;
+#[allow(clippy::needless_range_loop)] // `n` indexes the rows and their accumulators together
+pub(super) unsafe fn tile_rows_q4k<const N: usize>(
+    slab: &[u8],
+    a: [&QuantRow; N],
+    out: &mut [[f32; TILE_ROWS]; N],
+) {
+    let blocks = a[0].len() / QK_K;
     debug_assert_eq!(slab.len(), blocks * Q4K_TILE);
+    debug_assert!(a.iter().all(|r| r.len() == a[0].len()));
     let m4 = _mm512_set1_epi8(0x0F);
-    let mut acc = _mm512_setzero_ps();
-    let yp = a.qs.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..blocks {
-        // SAFETY: tile b is within the slab and block b within the activation row (the
+        // SAFETY: tile b is within the slab and block b within every activation row (the
         // caller's contract).
         unsafe {
             let t = slab.as_ptr().add(b * Q4K_TILE);
-            let dy = _mm512_set1_ps(*a.d.get_unchecked(b));
-            let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)), dy);
-            let dmin = _mm512_mul_ps(
-                _mm512_cvtph_ps(_mm256_loadu_si256(t.add(32) as *const _)),
-                dy,
-            );
+            let dt = _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _));
+            let dmt = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(32) as *const _));
+            let d: [__m512; N] = std::array::from_fn(|n| {
+                _mm512_mul_ps(dt, _mm512_set1_ps(*a[n].d.get_unchecked(b)))
+            });
+            let dmin: [__m512; N] = std::array::from_fn(|n| {
+                _mm512_mul_ps(dmt, _mm512_set1_ps(*a[n].d.get_unchecked(b)))
+            });
             for j in 0..8 {
-                let y = yp.add(b * QK_K + 32 * j);
                 let q = t.add(Q4K_QS + j * 256);
-                let mut lo_acc = _mm512_setzero_si512();
-                let mut hi_acc = _mm512_setzero_si512();
+                let mut lo_acc = [_mm512_setzero_si512(); N];
+                let mut hi_acc = [_mm512_setzero_si512(); N];
                 for g in 0..4 {
                     let v = _mm512_loadu_si512(q.add(64 * g) as *const _);
                     let lo = _mm512_and_si512(v, m4);
                     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                    let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
-                    let yhi = _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
-                    lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
-                    hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
+                    for n in 0..N {
+                        let y = a[n].qs.as_ptr().add(b * QK_K + 32 * j);
+                        let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                        let yhi =
+                            _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
+                        lo_acc[n] = _mm512_dpbusd_epi32(lo_acc[n], lo, ylo);
+                        hi_acc[n] = _mm512_dpbusd_epi32(hi_acc[n], hi, yhi);
+                    }
                 }
-                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc, hi_acc));
                 let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
                     t.add(Q4K_SC + 16 * j) as *const _,
                 )));
                 let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
                     t.add(Q4K_MN + 16 * j) as *const _,
                 )));
-                let bsum = _mm512_set1_ps(*a.bsum.get_unchecked(b * 8 + j) as f32);
-                acc = _mm512_fmadd_ps(_mm512_mul_ps(d, sc), dot, acc);
-                acc = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, mn), bsum, acc);
+                for n in 0..N {
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[n], hi_acc[n]));
+                    let bsum = _mm512_set1_ps(*a[n].bsum.get_unchecked(b * 8 + j) as f32);
+                    acc[n] = _mm512_fmadd_ps(_mm512_mul_ps(d[n], sc), dot, acc[n]);
+                    acc[n] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin[n], mn), bsum, acc[n]);
+                }
             }
         }
     }
-    // SAFETY: out holds 16 f32.
-    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    for n in 0..N {
+        // SAFETY: out[n] holds 16 f32.
+        unsafe { _mm512_storeu_ps(out[n].as_mut_ptr(), acc[n]) };
+    }
 }
 
-/// One Q6_K tile row-slab (16 rows, every block of the input) times `a`, into `out`. The
-/// 6-bit values go unsigned into `vpdpbusd` and the offset of 32 comes off per 16 values
-/// (`32 · Σ y`); a block's sum stays in i32 (|sum| < 2³⁰) until its one f32 step.
+/// One Q6_K tile row-slab (16 rows, every block of the input) times each of the `N` rows `a`,
+/// into `out[n]`, each weight load unpacked once for every row. The 6-bit values go unsigned
+/// into `vpdpbusd` and the offset of 32 comes off per 16 values (`32 · Σ y`); a block's sum
+/// stays in i32 (|sum| < 2³⁰) until its one f32 step.
 ///
 /// # Safety
-/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 256` Q6_K tiles.
+/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a[i].len() / 256` Q6_K tiles for every
+/// `i`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-pub(super) unsafe fn tile_row_q6k(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
-    let blocks = a.len() / QK_K;
+#[allow(clippy::needless_range_loop)] // `n` indexes the rows and their accumulators together
+pub(super) unsafe fn tile_rows_q6k<const N: usize>(
+    slab: &[u8],
+    a: [&QuantRow; N],
+    out: &mut [[f32; TILE_ROWS]; N],
+) {
+    let blocks = a[0].len() / QK_K;
     debug_assert_eq!(slab.len(), blocks * Q6K_TILE);
+    debug_assert!(a.iter().all(|r| r.len() == a[0].len()));
     let m4 = _mm512_set1_epi8(0x0F);
     let m30 = _mm512_set1_epi8(0x30);
-    let mut acc = _mm512_setzero_ps();
-    let yp = a.qs.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..blocks {
-        // SAFETY: tile b is within the slab and block b within the activation row (the
+        // SAFETY: tile b is within the slab and block b within every activation row (the
         // caller's contract).
         unsafe {
             let t = slab.as_ptr().add(b * Q6K_TILE);
-            let mut total = _mm512_setzero_si512();
+            let mut total = [_mm512_setzero_si512(); N];
             for j in 0..8 {
-                let y = yp.add(b * QK_K + 32 * j);
                 // bits 4 and 5 of each byte of high(h)[g]: the high 2 bits of value 4g + i,
                 // stored at bit 2g
                 let high = |h: __m512i| {
@@ -186,75 +210,96 @@ pub(super) unsafe fn tile_row_q6k(slab: &[u8], a: &QuantRow, out: &mut [f32; TIL
                 let q = t.add(Q6K_Q + Q6K_SUB * j);
                 let h0 = high(_mm512_loadu_si512(q as *const _));
                 let h1 = high(_mm512_loadu_si512(q.add(64) as *const _));
-                let mut lo_acc = _mm512_setzero_si512();
-                let mut hi_acc = _mm512_setzero_si512();
+                let mut lo_acc = [_mm512_setzero_si512(); N];
+                let mut hi_acc = [_mm512_setzero_si512(); N];
                 for g in 0..4 {
                     let v = _mm512_loadu_si512(q.add(128 + 64 * g) as *const _);
                     let lo = _mm512_or_si512(_mm512_and_si512(v, m4), h0[g]);
                     let hi =
                         _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v), m4), h1[g]);
-                    let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
-                    let yhi = _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
-                    lo_acc = _mm512_dpbusd_epi32(lo_acc, lo, ylo);
-                    hi_acc = _mm512_dpbusd_epi32(hi_acc, hi, yhi);
+                    for n in 0..N {
+                        let y = a[n].qs.as_ptr().add(b * QK_K + 32 * j);
+                        let ylo = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                        let yhi =
+                            _mm512_set1_epi32((y.add(16 + 4 * g) as *const i32).read_unaligned());
+                        lo_acc[n] = _mm512_dpbusd_epi32(lo_acc[n], lo, ylo);
+                        hi_acc[n] = _mm512_dpbusd_epi32(hi_acc[n], hi, yhi);
+                    }
                 }
-                let s = a.bsum.as_ptr().add(b * 16 + 2 * j);
-                lo_acc = _mm512_sub_epi32(lo_acc, _mm512_set1_epi32(32 * *s));
-                hi_acc = _mm512_sub_epi32(hi_acc, _mm512_set1_epi32(32 * *s.add(1)));
                 let sc_lo =
                     _mm512_cvtepi8_epi32(_mm_loadu_si128(t.add(Q6K_SC + 32 * j) as *const _));
                 let sc_hi =
                     _mm512_cvtepi8_epi32(_mm_loadu_si128(t.add(Q6K_SC + 32 * j + 16) as *const _));
-                total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_lo, lo_acc));
-                total = _mm512_add_epi32(total, _mm512_mullo_epi32(sc_hi, hi_acc));
+                for n in 0..N {
+                    let s = a[n].bsum.as_ptr().add(b * 16 + 2 * j);
+                    let lo = _mm512_sub_epi32(lo_acc[n], _mm512_set1_epi32(32 * *s));
+                    let hi = _mm512_sub_epi32(hi_acc[n], _mm512_set1_epi32(32 * *s.add(1)));
+                    total[n] = _mm512_add_epi32(total[n], _mm512_mullo_epi32(sc_lo, lo));
+                    total[n] = _mm512_add_epi32(total[n], _mm512_mullo_epi32(sc_hi, hi));
+                }
             }
-            let d = _mm512_mul_ps(
-                _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
-                _mm512_set1_ps(*a.d.get_unchecked(b)),
-            );
-            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(total), acc);
+            let dt = _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _));
+            for n in 0..N {
+                let d = _mm512_mul_ps(dt, _mm512_set1_ps(*a[n].d.get_unchecked(b)));
+                acc[n] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(total[n]), acc[n]);
+            }
         }
     }
-    // SAFETY: out holds 16 f32.
-    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    for n in 0..N {
+        // SAFETY: out[n] holds 16 f32.
+        unsafe { _mm512_storeu_ps(out[n].as_mut_ptr(), acc[n]) };
+    }
 }
 
-/// Adds one tile row-slab (16 rows, every block of the input) times `a` into `out`.
+/// One Q8_0 tile row-slab (16 rows, every block of the input) times each of the `N` rows `a`,
+/// into `out[n]`, each weight load shared by every row.
 ///
 /// # Safety
-/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a.len() / 32` Q8_0 tiles.
+/// AVX-512 F/BW/VNNI and F16C available; `slab` holds `a[i].len() / 32` Q8_0 tiles for every
+/// `i`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-pub(super) unsafe fn tile_row_q8_0(slab: &[u8], a: &QuantRow, out: &mut [f32; TILE_ROWS]) {
-    let blocks = a.len() / QK8_0;
+#[allow(clippy::needless_range_loop)] // `n` indexes the rows and their accumulators together
+pub(super) unsafe fn tile_rows_q8_0<const N: usize>(
+    slab: &[u8],
+    a: [&QuantRow; N],
+    out: &mut [[f32; TILE_ROWS]; N],
+) {
+    let blocks = a[0].len() / QK8_0;
     debug_assert_eq!(slab.len(), blocks * Q8_0_TILE);
-    let mut acc = _mm512_setzero_ps();
-    let yp = a.qs.as_ptr();
+    debug_assert!(a.iter().all(|r| r.len() == a[0].len()));
+    let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..blocks {
-        // SAFETY: as in `tile_row_q4k`.
+        // SAFETY: as in `tile_rows_q4k`.
         unsafe {
             let t = slab.as_ptr().add(b * Q8_0_TILE);
-            let y = yp.add(b * QK8_0);
-            let mut acc0 = _mm512_setzero_si512();
-            let mut acc1 = _mm512_setzero_si512();
+            let mut acc0 = [_mm512_setzero_si512(); N];
+            let mut acc1 = [_mm512_setzero_si512(); N];
             for g in (0..8).step_by(2) {
                 let q = t.add(32 + 64 * g);
-                let y0 = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
-                let y1 = _mm512_set1_epi32((y.add(4 * g + 4) as *const i32).read_unaligned());
-                acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(q as *const _), y0);
-                acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(q.add(64) as *const _), y1);
+                let w0 = _mm512_loadu_si512(q as *const _);
+                let w1 = _mm512_loadu_si512(q.add(64) as *const _);
+                for n in 0..N {
+                    let y = a[n].qs.as_ptr().add(b * QK8_0);
+                    let y0 = _mm512_set1_epi32((y.add(4 * g) as *const i32).read_unaligned());
+                    let y1 = _mm512_set1_epi32((y.add(4 * g + 4) as *const i32).read_unaligned());
+                    acc0[n] = _mm512_dpbusd_epi32(acc0[n], w0, y0);
+                    acc1[n] = _mm512_dpbusd_epi32(acc1[n], w1, y1);
+                }
             }
-            // the values are stored + 128: subtract 128 · Σ y
-            let dot = _mm512_sub_ps(
-                _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
-                _mm512_set1_ps(128.0 * *a.bsum.get_unchecked(b) as f32),
-            );
-            let d = _mm512_mul_ps(
-                _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _)),
-                _mm512_set1_ps(*a.d.get_unchecked(b)),
-            );
-            acc = _mm512_fmadd_ps(d, dot, acc);
+            let dt = _mm512_cvtph_ps(_mm256_loadu_si256(t as *const _));
+            for n in 0..N {
+                // the values are stored + 128: subtract 128 · Σ y
+                let dot = _mm512_sub_ps(
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(acc0[n], acc1[n])),
+                    _mm512_set1_ps(128.0 * *a[n].bsum.get_unchecked(b) as f32),
+                );
+                let d = _mm512_mul_ps(dt, _mm512_set1_ps(*a[n].d.get_unchecked(b)));
+                acc[n] = _mm512_fmadd_ps(d, dot, acc[n]);
+            }
         }
     }
-    // SAFETY: out holds 16 f32.
-    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    for n in 0..N {
+        // SAFETY: out[n] holds 16 f32.
+        unsafe { _mm512_storeu_ps(out[n].as_mut_ptr(), acc[n]) };
+    }
 }

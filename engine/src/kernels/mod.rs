@@ -15,7 +15,10 @@
 //! bits once per row ([`QuantRow`]). Each tile row-slab is read front to back, which the
 //! hardware prefetcher follows well: software prefetch ahead of it measured slower here (Zen 4).
 //! [`run`] spreads a batch of products (all experts of a layer, or q/k/v) over candle's
-//! persistent worker pool in one parallel region.
+//! persistent worker pool in one parallel region. Several activation rows (the sequences of a
+//! batched step, a prompt chunk) share each pass over a slab: on AVX-512 each 64-byte weight load
+//! is unpacked once and multiplied by up to four rows, each row summed in the same order as
+//! alone, so a row's result never depends on the rows beside it.
 //!
 //! f32 matrices take the same path ([`Format::F32`]): 16-row tiles stored column by column, so
 //! one 64-byte line holds the 16 rows' weights for one input value and the slab streams front to
@@ -64,7 +67,8 @@ const HALF_TILE: usize = 2 * TILE_ROWS;
 /// many contiguous runs and a unit takes one tile of each, so every unit streams from several
 /// places at once (more of the memory system busy than one sequential stream).
 const STREAMS: usize = 4;
-/// Activation rows that share one pass over a tile slab (f32; the 8-bit kernels take one).
+/// Activation rows that share one pass over a tile slab (the float kernels and the AVX-512
+/// 8-bit ones; AVX2's 8-bit kernels take them one at a time).
 const ROWS_PER_PASS: usize = 4;
 
 /// A weight block format with a kernel here.
@@ -790,25 +794,45 @@ impl PackedMatrix {
                 }
                 return;
             }
-            for (i, &s) in slabs.iter().enumerate() {
-                for (j, a) in acts.iter().enumerate() {
-                    let at = j * n + i * TILE_ROWS;
-                    let dst: &mut [f32; TILE_ROWS] = (&mut out[at..at + TILE_ROWS])
-                        .try_into()
-                        .expect("16 outputs per tile");
+            // AVX-512: one slab, every activation row in one pass over it
+            let slab = slabs[0];
+            let mut tmp = [[0f32; TILE_ROWS]; ROWS_PER_PASS];
+            macro_rules! rows {
+                ($kernel:ident) => {
                     // SAFETY: `run_on` checked that the CPU runs AVX-512; the slab holds kb
-                    // tiles and `a` kb blocks (lengths asserted above).
+                    // tiles and every row of `acts` kb blocks (lengths asserted above).
                     unsafe {
-                        match self.format {
-                            Format::Q4K => avx512::tile_row_q4k(s, a, dst),
-                            Format::Q6K => avx512::tile_row_q6k(s, a, dst),
-                            Format::Q8_0 => avx512::tile_row_q8_0(s, a, dst),
-                            Format::F32 | Format::BF16 | Format::F16 => {
-                                unreachable!("handled above")
-                            }
+                        match acts {
+                            [a] => avx512::$kernel::<1>(
+                                slab,
+                                [a],
+                                (&mut tmp[..1]).try_into().expect("1 row"),
+                            ),
+                            [a, b] => avx512::$kernel::<2>(
+                                slab,
+                                [a, b],
+                                (&mut tmp[..2]).try_into().expect("2 rows"),
+                            ),
+                            [a, b, c] => avx512::$kernel::<3>(
+                                slab,
+                                [a, b, c],
+                                (&mut tmp[..3]).try_into().expect("3 rows"),
+                            ),
+                            [a, b, c, d] => avx512::$kernel::<4>(slab, [a, b, c, d], &mut tmp),
+                            _ => unreachable!("1..=ROWS_PER_PASS rows, asserted above"),
                         }
                     }
-                }
+                };
+            }
+            debug_assert_eq!(tiles.len(), 1, "AVX-512 reads one slab at a time");
+            match self.format {
+                Format::Q4K => rows!(tile_rows_q4k),
+                Format::Q6K => rows!(tile_rows_q6k),
+                Format::Q8_0 => rows!(tile_rows_q8_0),
+                Format::F32 | Format::BF16 | Format::F16 => unreachable!("handled above"),
+            }
+            for (j, t) in tmp.iter().take(acts.len()).enumerate() {
+                out[j * n..j * n + TILE_ROWS].copy_from_slice(t);
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -905,11 +929,10 @@ pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
             }
             let tiles = &picked[..count];
             let n = tiles.len() * TILE_ROWS;
-            let pass = if job.mat.format.is_float() {
-                ROWS_PER_PASS
-            } else {
-                1
-            };
+            // several activation rows share each pass over the weights (the float kernels and the
+            // AVX-512 8-bit ones read each weight once for all of them; AVX2's 8-bit kernels
+            // take the rows one at a time)
+            let pass = ROWS_PER_PASS;
             for (c, acts) in job.acts.chunks(pass).enumerate() {
                 job.mat.gemv(isa, tiles, acts, &mut tmp[..acts.len() * n]);
                 for (a, row) in (c * pass..).take(acts.len()).enumerate() {
@@ -1042,9 +1065,10 @@ mod tests {
         }
     }
 
-    /// Several activation rows through `run` (f32 shares each pass over the weights among up to
-    /// four): every output equals that row's product on its own.
-    /// On every instruction set the CPU runs; the float formats give the same bits on each.
+    /// Several activation rows through `run` (up to four share each pass over the weights):
+    /// every output is within rounding of the exact product, and bitwise what that row gets
+    /// alone. On every instruction set the CPU runs; the float formats give the same bits on
+    /// each.
     fn check_rows(format: Format, w: &[f32], xs: &[Vec<f32>], rows: usize) {
         let cols = xs[0].len();
         let (blocks, deq) = quantize(dtype(format), w, rows, cols);
@@ -1053,6 +1077,22 @@ mod tests {
         let mut first: Option<Vec<f32>> = None;
         for (isa, out) in on_each_isa(&packed, &acts) {
             for (i, a) in acts.iter().enumerate() {
+                let mut alone = vec![0f32; rows];
+                run_on(
+                    isa,
+                    &mut [Job {
+                        mat: &packed,
+                        acts: std::slice::from_ref(a),
+                        out: &mut alone,
+                    }],
+                );
+                assert!(
+                    alone
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .eq(out[i * rows..(i + 1) * rows].iter().map(|v| v.to_bits())),
+                    "{isa:?} input {i}: not what it gets alone"
+                );
                 for r in 0..rows {
                     let (want, scale) = exact(&deq[r * cols..(r + 1) * cols], a);
                     let v = out[i * rows + r] as f64;
