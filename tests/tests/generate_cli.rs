@@ -115,6 +115,65 @@ fn greedy_json_reproduces_every_fixture_and_logits_out_matches() {
 }
 
 #[test]
+fn parallel_eight_reproduces_every_fixture_in_each_sequence() {
+    for dir in fixtures() {
+        let r = reference(&dir);
+        let greedy = ids(&r["greedy_ids"]);
+        let out = run(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &csv(&ids(&r["prompt_ids"])),
+            "--max-tokens",
+            &greedy.len().to_string(),
+            "--parallel",
+            "8",
+            "--prefill-chunk",
+            "5",
+            "--json",
+        ]);
+        let v = json(&out);
+        let seqs = v["sequences"].as_array().unwrap();
+        assert_eq!(seqs.len(), 8);
+        for s in seqs {
+            assert_eq!(ids(&s["tokens"]), greedy, "{}", dir.display());
+            assert!(s["text"].is_string());
+        }
+        assert!(v["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(ids(&v["tokens"]), greedy);
+    }
+    // sampling: sequence i uses seed + i, so sequence 0 is the single run with that seed
+    let dir = fixtures_root().join("qwen3_moe_gqa");
+    let d = dir.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        d,
+        "--prompt-ids",
+        "5,6,7",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "9",
+        "--ignore-eos",
+        "--json",
+    ];
+    let single = json(&run(&args));
+    let mut par = args.to_vec();
+    par.extend(["--parallel", "4"]);
+    let par = json(&run(&par));
+    let seqs = par["sequences"].as_array().unwrap();
+    assert_eq!(ids(&seqs[0]["tokens"]), ids(&single["tokens"]));
+    assert!(
+        seqs.iter().any(|s| s["tokens"] != seqs[0]["tokens"]),
+        "seeds differ"
+    );
+}
+
+#[test]
 fn every_kernel_choice_reproduces_every_fixture() {
     // SINEW_KERNELS=candle keeps every matrix on candle's matmul, `avx2` takes the AVX2 kernels
     // where the CPU has them: either way the same greedy continuation
@@ -277,6 +336,46 @@ fn bad_input_is_a_clear_error() {
         (
             &["generate", "--model", d, "--prompt", "x", "--threads", "0"],
             "threads",
+        ),
+        (
+            &["generate", "--model", d, "--prompt", "x", "--parallel", "0"],
+            "parallel",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                d,
+                "--prompt-ids",
+                "1,2,3",
+                "--ctx",
+                "2",
+            ],
+            "context holds 2",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                d,
+                "--prompt",
+                "x",
+                "--kv-memory",
+                "12",
+            ],
+            "KV budget",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                d,
+                "--prompt",
+                "x",
+                "--presence-penalty",
+                "5",
+            ],
+            "presence penalty",
         ),
         (
             &[
