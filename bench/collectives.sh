@@ -92,7 +92,7 @@ for round in $(seq "$ROUNDS"); do
   # would take turns with the scheduler's time slices
   out=$(sinew_link block tcp --sizes 16M --no-latency --duration "$DURATION" --bidir)
   python3 -c 'import json,sys; r=json.load(sys.stdin)["bidirectional"][0]; print(json.dumps({"what": "link_bidir_bw_16777216", "value": (r["forward_gbytes_per_s"] + r["reverse_gbytes_per_s"]) / 2}))' <<< "$out" >> "$results"
-  # A 16 MiB stream leaves this VM's loopback 2-4x slower for a few seconds (bench/COLLECTIVES.md): let it
+  # A 16 MiB stream leaves this VM's loopback 2-4x slower for a few seconds: let it
   # settle, so the next round's first measurement starts from the same quiet machine as the rest.
   sleep "$SETTLE"
 done
