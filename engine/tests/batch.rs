@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{fixture, fixtures, reference};
-use engine::gguf::{ExpertLayout, Quant, SynthShape, WriteOptions, write_synthetic};
+use engine::gguf::{ExpertLayout, Quant, WriteOptions, write_synthetic};
 use engine::scheduler::collect;
 use engine::{
     Architecture, Chunk, DecodeParams, Error, Event, Input, LoadOptions, Loaded, Logits, Output,
@@ -30,20 +30,7 @@ fn synthetic_moe() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sinew-batch-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("moe-q4k.gguf");
-        let shape = SynthShape {
-            architecture: Architecture::Qwen3Moe,
-            vocab_size: 512,
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 64,
-            num_experts: 8,
-            top_k: 2,
-            expert_intermediate_size: 256,
-            seed: 5,
-        };
+        let shape = common::synth(Architecture::Qwen3Moe, 8);
         let opts = WriteOptions {
             quant: Quant::Q4K,
             experts: ExpertLayout::Stacked,

@@ -144,23 +144,6 @@ fn rewrite(
     gguf_file::write(&mut out, &meta, &refs).unwrap();
 }
 
-fn synth(arch: Architecture, experts: usize) -> SynthShape {
-    SynthShape {
-        architecture: arch,
-        vocab_size: 512,
-        hidden_size: 256,
-        intermediate_size: 512,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 64,
-        num_experts: experts,
-        top_k: 2.min(experts),
-        expert_intermediate_size: 256,
-        seed: 11,
-    }
-}
-
 /// Top-1 agreement of a quantized model with its own dequantized f32 twin over 512 positions,
 /// and the RMS of the logit difference relative to the RMS of the logits.
 fn twin_agreement(path: &Path) -> (f64, f64) {
@@ -209,7 +192,7 @@ fn quantized_models_agree_with_their_dequantized_twins() {
         for quant in [Quant::Q4K, Quant::Q8_0, Quant::Q6K, Quant::Q4KM] {
             let path = tmp.path().join(format!("{arch:?}-{quant:?}.gguf"));
             write_synthetic(
-                &synth(arch, experts),
+                &common::synth(arch, experts),
                 &path,
                 WriteOptions {
                     quant,
@@ -316,7 +299,7 @@ fn broken_gguf_files_are_named_errors() {
 #[test]
 fn synthetic_writer_refuses_shapes_it_cannot_quantize() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = synth(Architecture::Qwen3, 0);
+    let mut s = common::synth(Architecture::Qwen3, 0);
     s.hidden_size = 96; // not a multiple of Q4_K's 256-wide blocks
     s.num_heads = 3;
     s.num_kv_heads = 1;
@@ -346,7 +329,7 @@ fn the_header_summary_matches_the_loaded_model_and_counts_only_routed_experts() 
         let path = tmp.path().join(format!("top{top_k}.gguf"));
         let shape = SynthShape {
             top_k,
-            ..synth(Architecture::Qwen3Moe, 8)
+            ..common::synth(Architecture::Qwen3Moe, 8)
         };
         write_synthetic(&shape, &path, f32_stacked).unwrap();
         let s = engine::gguf::summary(&path).unwrap();
@@ -364,7 +347,7 @@ fn the_header_summary_matches_the_loaded_model_and_counts_only_routed_experts() 
 #[test]
 fn quantized_gguf_stages_read_only_their_share_and_equal_the_whole_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut shape = synth(Architecture::Qwen3Moe, 8);
+    let mut shape = common::synth(Architecture::Qwen3Moe, 8);
     shape.num_layers = 4;
     let path = tmp.path().join("stages.gguf");
     // Q4_K_M: Q4_K and Q6_K matrices, packed straight from the file's mapping where the CPU has

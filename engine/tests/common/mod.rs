@@ -80,3 +80,22 @@ pub fn logits(
     let mut cache = m.kv.sequence(0)?;
     m.model.logits(&mut cache, ids, which)
 }
+
+/// A small synthetic model of `arch` (hidden 256, 2 layers; `experts` experts, top-2, for the MoE
+/// architectures), seeded.
+pub fn synth(arch: engine::Architecture, experts: usize) -> engine::gguf::SynthShape {
+    engine::gguf::SynthShape {
+        architecture: arch,
+        vocab_size: 512,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        num_experts: experts,
+        top_k: 2.min(experts),
+        expert_intermediate_size: 256,
+        seed: 11,
+    }
+}
