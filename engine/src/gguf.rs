@@ -45,6 +45,19 @@ pub enum Quant {
 }
 
 impl Quant {
+    /// llama.cpp's `general.file_type` (`llama_ftype`) for a file of this format: what its own
+    /// quantizer records (plain Q4_K is its `Q4_K_S`).
+    pub fn file_type(self) -> u32 {
+        match self {
+            Quant::F32 => 0,
+            Quant::F16 => 1,
+            Quant::Q8_0 => 7,
+            Quant::Q4K => 14,
+            Quant::Q4KM => 15,
+            Quant::Q6K => 18,
+        }
+    }
+
     /// Parses `f32`, `f16`, `q8_0`, `q4_k`, `q6_k`, `q4_k_m` (case-insensitive).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_lowercase().as_str() {
@@ -132,13 +145,26 @@ fn s(v: &str) -> Value {
     Value::String(v.to_string())
 }
 
-/// GGUF metadata for `c`, with the tokenizer (a tokenizer.json text) and chat template embedded.
+/// The special tokens a file records.
+struct Specials {
+    eos: Option<u32>,
+    /// The model's BOS id; `None`: `<|endoftext|>` where the vocabulary has it, as llama.cpp's
+    /// converter does for Qwen tokenizers (which have no BOS), so llama.cpp does not fall back to
+    /// an arbitrary id.
+    bos: Option<u32>,
+    /// Whether the tokenizer puts BOS before a prompt, when known.
+    add_bos: Option<bool>,
+}
+
+/// GGUF metadata for `c` stored as `quant`, with the tokenizer (a tokenizer.json text) and chat
+/// template embedded: the keys llama.cpp's converter writes for these architectures.
 fn metadata(
     c: &ModelConfig,
     tokenizer_json: &str,
     template: Option<&str>,
-    eos: Option<u32>,
+    specials: Specials,
     name: &str,
+    quant: Quant,
 ) -> Result<Vec<(String, Value)>> {
     let arch = c.architecture.gguf_name();
     let k = |x: &str| format!("{arch}.{x}");
@@ -147,6 +173,10 @@ fn metadata(
         ("general.architecture".to_string(), s(arch)),
         ("general.name".to_string(), s(name)),
         ("general.alignment".to_string(), Value::U32(32)),
+        (
+            "general.file_type".to_string(),
+            Value::U32(quant.file_type()),
+        ),
         (k("block_count"), u(c.num_layers)),
         (k("context_length"), u(c.max_position_embeddings)),
         (k("embedding_length"), u(c.hidden_size)),
@@ -162,6 +192,10 @@ fn metadata(
         (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
         (k("vocab_size"), u(c.vocab_size)),
     ];
+    if !matches!(quant, Quant::F32 | Quant::F16) {
+        // the block layouts' version (ggml's GGML_QNT_VERSION)
+        m.push(("general.quantization_version".into(), Value::U32(2)));
+    }
     if let Some(moe) = &c.moe {
         m.push((k("expert_count"), u(moe.num_experts)));
         m.push((k("expert_used_count"), u(moe.top_k)));
@@ -226,8 +260,21 @@ fn metadata(
         }
     }
     m.push(("tokenizer.huggingface.json".into(), s(tokenizer_json)));
-    if let Some(eos) = eos {
+    if let Some(eos) = specials.eos {
         m.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
+    }
+    let endoftext = tj["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["content"] == "<|endoftext|>")
+        .and_then(|a| a["id"].as_u64())
+        .map(|i| i as u32);
+    if let Some(bos) = specials.bos.or(endoftext) {
+        m.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)));
+    }
+    if let Some(add) = specials.add_bos {
+        m.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add)));
     }
     if let Some(t) = template {
         m.push(("tokenizer.chat_template".into(), s(t)));
@@ -242,6 +289,15 @@ fn write_file(path: &Path, meta: &[(String, Value)], tensors: &[(String, QTensor
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut w, &meta, &tensors).map_err(|e| Error::weights(path, e.to_string()))?;
     std::io::Write::flush(&mut w).map_err(|e| Error::io(path, e))?;
+    // candle writes version 2. Version 3 changed nothing in a little-endian file's layout (it
+    // added big-endian files), so the same bytes are a version 3 file, as llama.cpp writes.
+    let mut file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    use std::io::{Seek, SeekFrom, Write};
+    file.seek(SeekFrom::Start(4))
+        .and_then(|_| file.write_all(&3u32.to_le_bytes()))
+        .map_err(|e| Error::io(path, e))?;
     Ok(())
 }
 
@@ -369,13 +425,12 @@ pub fn convert_hf(dir: &Path, out: &Path, opts: WriteOptions) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut meta = metadata(
-        &c,
-        &tokenizer,
-        text.template(),
-        text.eos_ids().first().copied(),
-        &name,
-    )?;
+    let specials = Specials {
+        eos: text.eos_ids().first().copied(),
+        bos: text.bos_id(),
+        add_bos: None,
+    };
+    let mut meta = metadata(&c, &tokenizer, text.template(), specials, &name, opts.quant)?;
     // Qwen3-MoE's sparse-layer pattern (decoder_sparse_step, mlp_only_layers) survives as the
     // presence of a router in exactly the sparse layers.
     meta.push((
@@ -521,12 +576,18 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, opts: WriteOptions) -> Re
                 .into(),
         ));
     }
+    let specials = Specials {
+        eos: Some(BUILTIN_EOS),
+        bos: None,
+        add_bos: Some(false),
+    };
     let meta = metadata(
         &c,
         BUILTIN_TOKENIZER,
         Some(BUILTIN_CHAT_TEMPLATE),
-        Some(BUILTIN_EOS),
+        specials,
         "sinew-synthetic",
+        opts.quant,
     )?;
     let mut rng = Random {
         rng: StdRng::seed_from_u64(shape.seed),

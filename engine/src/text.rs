@@ -156,6 +156,11 @@ impl Text {
         self.template.as_deref()
     }
 
+    /// The beginning-of-sequence token's id, when the model names one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.tokenizer.token_to_id(self.bos_token.as_deref()?)
+    }
+
     /// Token ids that end generation.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids

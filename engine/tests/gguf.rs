@@ -425,3 +425,54 @@ fn quantized_gguf_stages_read_only_their_share_and_equal_the_whole_model() {
     );
     assert_eq!(got, want, "two stages differ from the whole model");
 }
+
+#[test]
+fn written_files_are_gguf_v3_with_llama_cpp_s_file_type_and_special_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (quant, file_type) in [(Quant::Q4K, 14), (Quant::Q4KM, 15), (Quant::Q8_0, 7)] {
+        let path = tmp.path().join(format!("{quant:?}.gguf"));
+        let opts = WriteOptions {
+            quant,
+            experts: ExpertLayout::Stacked,
+        };
+        write_synthetic(&common::synth(Architecture::Qwen3Moe, 8), &path, opts).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        assert!(
+            matches!(c.magic, gguf_file::VersionedMagic::GgufV3),
+            "{quant:?}"
+        );
+        let u = |k: &str| c.metadata[k].to_u32().unwrap();
+        assert_eq!(u("general.file_type"), file_type);
+        assert_eq!(u("general.quantization_version"), 2);
+        // no BOS in the built-in tokenizer: <|endoftext|> (id 0), as llama.cpp's Qwen converter
+        assert_eq!(u("tokenizer.ggml.bos_token_id"), 0);
+        assert!(
+            !c.metadata["tokenizer.ggml.add_bos_token"]
+                .to_bool()
+                .unwrap()
+        );
+        // and it still loads and runs
+        let m = open(&path, false);
+        assert_eq!(
+            common::logits(&m, &[5, 6], Logits::Last).unwrap().dims(),
+            &[1, 512]
+        );
+    }
+    // a converted fixture keeps its tokenizer's BOS-less state and the f32 file type
+    let path = tmp.path().join("fixture.gguf");
+    convert_hf(
+        &fixture("qwen3_dense"),
+        &path,
+        WriteOptions {
+            quant: Quant::F32,
+            experts: ExpertLayout::Stacked,
+        },
+    )
+    .unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    assert!(matches!(c.magic, gguf_file::VersionedMagic::GgufV3));
+    assert_eq!(c.metadata["general.file_type"].to_u32().unwrap(), 0);
+    assert!(!c.metadata.contains_key("general.quantization_version"));
+}
