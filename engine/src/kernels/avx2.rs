@@ -163,9 +163,25 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
     unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
 }
 
-/// Up to [`STREAMS`] Q4_K tile row-slabs (16 rows each, every block of the input) times `a`,
-/// into `out[slab]`, read side by side a tile at a time: on Zen 3 one core streams more from
-/// several places at once than from one.
+/// Stores each row's accumulators, `accs[row][slab]`, into `out[row][slab]`.
+///
+/// # Safety
+/// AVX2 available.
+#[target_feature(enable = "avx2")]
+unsafe fn store_rows_n<const N: usize>(
+    out: &mut [[[f32; TILE_ROWS]; STREAMS]; N],
+    accs: &[[[__m256; 2]; STREAMS]; N],
+) {
+    for (o, a) in out.iter_mut().zip(accs) {
+        // SAFETY: the caller's contract.
+        unsafe { store_rows(o, a) };
+    }
+}
+
+/// Up to [`STREAMS`] Q4_K tile row-slabs (16 rows each, every block of the input) times each of
+/// the `N` rows `a`, into `out[row][slab]`, read side by side a tile at a time (on Zen 3 one core
+/// streams more from several places at once than from one); each weight load is unpacked once
+/// for every row, and each row's sums run in the same order whatever `N` is.
 ///
 /// Per sub-block of 32 values, each i16 lane of the `vpmaddubsw` sums collects 8 products of a
 /// 4-bit value and an activation (|·| ≤ 15 · 127): at most 30,480, inside i16. The scales
@@ -174,104 +190,118 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
 /// 4,064 < 2²⁴) is exact in f32.
 ///
 /// # Safety
-/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a.len() / 256` Q4_K
-/// tiles; `out` has a row per slab.
+/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a[i].len() / 256` Q4_K tiles
+/// for every `i`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_rows_q4k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f32; TILE_ROWS]]) {
-    let blocks = a.len() / QK_K;
-    debug_assert!(slabs.len() <= STREAMS && out.len() >= slabs.len());
+#[allow(clippy::needless_range_loop)] // `n` indexes the rows and their accumulators together
+pub(super) unsafe fn tile_rows_q4k<const N: usize>(
+    slabs: &[&[u8]],
+    a: [&QuantRow; N],
+    out: &mut [[[f32; TILE_ROWS]; STREAMS]; N],
+) {
+    let blocks = a[0].len() / QK_K;
+    debug_assert!(slabs.len() <= STREAMS);
     debug_assert!(slabs.iter().all(|s| s.len() == blocks * Q4K_TILE));
+    debug_assert!(a.iter().all(|r| r.len() == a[0].len()));
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut accs = [[_mm256_setzero_ps(); 2]; STREAMS];
-    let yp = a.qs.as_ptr();
+    let mut accs = [[[_mm256_setzero_ps(); 2]; STREAMS]; N];
     for b in 0..blocks {
-        for (slab, acc) in slabs.iter().zip(accs.iter_mut()) {
-            // SAFETY: tile b is within the slab and block b within the activation row (the
+        for (si, slab) in slabs.iter().enumerate() {
+            // SAFETY: tile b is within the slab and block b within every activation row (the
             // caller's contract); every offset below is inside one tile.
             unsafe {
                 let t = slab.as_ptr().add(b * Q4K_TILE);
-                let mut sumi = [_mm256_setzero_si256(); 2];
-                let mut summ = [_mm256_setzero_ps(); 2];
+                let mut sumi = [[_mm256_setzero_si256(); 2]; N];
+                let mut summ = [[_mm256_setzero_ps(); 2]; N];
                 for j in 0..8 {
-                    let y = yp.add(b * QK_K + 32 * j);
                     let q = t.add(Q4K_QS + j * 256);
-                    let mut s16 = [_mm256_setzero_si256(); 2];
+                    let mut s16 = [[_mm256_setzero_si256(); 2]; N];
                     for g in 0..4 {
-                        let ylo = bcast4(y.add(4 * g));
-                        let yhi = bcast4(y.add(16 + 4 * g));
-                        for (h, s) in s16.iter_mut().enumerate() {
+                        for h in 0..2 {
                             let v = _mm256_loadu_si256(q.add(64 * g + 32 * h) as *const _);
                             let lo = _mm256_and_si256(v, m4);
                             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-                            *s = _mm256_add_epi16(
-                                *s,
-                                _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(lo, ylo),
-                                    _mm256_maddubs_epi16(hi, yhi),
-                                ),
-                            );
+                            for n in 0..N {
+                                let y = a[n].qs.as_ptr().add(b * QK_K + 32 * j);
+                                s16[n][h] = _mm256_add_epi16(
+                                    s16[n][h],
+                                    _mm256_add_epi16(
+                                        _mm256_maddubs_epi16(lo, bcast4(y.add(4 * g))),
+                                        _mm256_maddubs_epi16(hi, bcast4(y.add(16 + 4 * g))),
+                                    ),
+                                );
+                            }
                         }
                     }
-                    let bsum = _mm256_set1_ps(*a.bsum.get_unchecked(b * 8 + j) as f32);
                     for h in 0..2 {
                         // each row's scale in both i16 halves of its lane
                         let sc = u8x8(t.add(Q4K_SC + 16 * j + 8 * h));
                         let sc = _mm256_or_si256(sc, _mm256_slli_epi32::<16>(sc));
-                        sumi[h] = _mm256_add_epi32(sumi[h], _mm256_madd_epi16(s16[h], sc));
                         let mn = _mm256_cvtepi32_ps(u8x8(t.add(Q4K_MN + 16 * j + 8 * h)));
-                        summ[h] = _mm256_fmadd_ps(mn, bsum, summ[h]);
+                        for n in 0..N {
+                            let bsum = _mm256_set1_ps(*a[n].bsum.get_unchecked(b * 8 + j) as f32);
+                            sumi[n][h] =
+                                _mm256_add_epi32(sumi[n][h], _mm256_madd_epi16(s16[n][h], sc));
+                            summ[n][h] = _mm256_fmadd_ps(mn, bsum, summ[n][h]);
+                        }
                     }
                 }
-                let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
                 for h in 0..2 {
-                    let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
-                    let dmin = _mm256_mul_ps(f16x8(t.add(32 + 16 * h)), dy);
-                    acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[h]), acc[h]);
-                    acc[h] = _mm256_fnmadd_ps(dmin, summ[h], acc[h]);
+                    let dt = f16x8(t.add(16 * h));
+                    let dmt = f16x8(t.add(32 + 16 * h));
+                    for n in 0..N {
+                        let dy = _mm256_set1_ps(*a[n].d.get_unchecked(b));
+                        let acc = &mut accs[n][si][h];
+                        *acc = _mm256_fmadd_ps(
+                            _mm256_mul_ps(dt, dy),
+                            _mm256_cvtepi32_ps(sumi[n][h]),
+                            *acc,
+                        );
+                        *acc = _mm256_fnmadd_ps(_mm256_mul_ps(dmt, dy), summ[n][h], *acc);
+                    }
                 }
             }
         }
     }
     // SAFETY: AVX2 is available (the caller's contract).
-    unsafe { store_rows(out, &accs) };
+    unsafe { store_rows_n(out, &accs) };
 }
 
-/// Up to [`STREAMS`] Q6_K tile row-slabs (16 rows each, every block of the input) times `a`,
-/// into `out[slab]`, read side by side a tile at a time. The 6-bit
-/// values go unsigned into `vpmaddubsw` (an i16 lane sums 2 products ≤ 63 · 127, and two
-/// groups are added before widening: ≤ 32,004) and the offset of 32 comes off per 16 values
-/// (`32 · Σ y`); a block's sum stays in i32 (|sum| < 2³⁰) until its one f32 step, as in the
-/// AVX-512 kernel.
+/// Up to [`STREAMS`] Q6_K tile row-slabs (16 rows each, every block of the input) times each of
+/// the `N` rows `a`, into `out[row][slab]`, read side by side a tile at a time, each weight load
+/// unpacked once for every row. The 6-bit values go unsigned into `vpmaddubsw` (an i16 lane sums
+/// 2 products ≤ 63 · 127, and two groups are added before widening: ≤ 32,004) and the offset of
+/// 32 comes off per 16 values (`32 · Σ y`); a block's sum stays in i32 (|sum| < 2³⁰) until its
+/// one f32 step, as in the AVX-512 kernel.
 ///
 /// # Safety
-/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a.len() / 256` Q6_K
-/// tiles; `out` has a row per slab.
+/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a[i].len() / 256` Q6_K tiles
+/// for every `i`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_rows_q6k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f32; TILE_ROWS]]) {
-    let blocks = a.len() / QK_K;
-    debug_assert!(slabs.len() <= STREAMS && out.len() >= slabs.len());
+#[allow(clippy::needless_range_loop)] // `n` indexes the rows and their accumulators together
+pub(super) unsafe fn tile_rows_q6k<const N: usize>(
+    slabs: &[&[u8]],
+    a: [&QuantRow; N],
+    out: &mut [[[f32; TILE_ROWS]; STREAMS]; N],
+) {
+    let blocks = a[0].len() / QK_K;
+    debug_assert!(slabs.len() <= STREAMS);
     debug_assert!(slabs.iter().all(|s| s.len() == blocks * Q6K_TILE));
+    debug_assert!(a.iter().all(|r| r.len() == a[0].len()));
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
     let ones = _mm256_set1_epi16(1);
-    let mut accs = [[_mm256_setzero_ps(); 2]; STREAMS];
-    let yp = a.qs.as_ptr();
+    let mut accs = [[[_mm256_setzero_ps(); 2]; STREAMS]; N];
     for b in 0..blocks {
-        for (slab, acc) in slabs.iter().zip(accs.iter_mut()) {
-            // SAFETY: tile b is within the slab and block b within the activation row (the
+        for (si, slab) in slabs.iter().enumerate() {
+            // SAFETY: tile b is within the slab and block b within every activation row (the
             // caller's contract); every offset below is inside one tile.
             unsafe {
                 let t = slab.as_ptr().add(b * Q6K_TILE);
-                let mut total = [_mm256_setzero_si256(); 2];
+                let mut total = [[_mm256_setzero_si256(); 2]; N];
                 for j in 0..8 {
-                    let y = yp.add(b * QK_K + 32 * j);
                     let q = t.add(Q6K_Q + Q6K_SUB * j);
-                    let s = a.bsum.as_ptr().add(b * 16 + 2 * j);
-                    let (off_lo, off_hi) = (
-                        _mm256_set1_epi32(32 * *s),
-                        _mm256_set1_epi32(32 * *s.add(1)),
-                    );
-                    for (h, total) in total.iter_mut().enumerate() {
+                    for h in 0..2 {
                         // bits 4 and 5 of each byte of high(hb)[g]: the high 2 bits of value
                         // 4g + i, stored at bit 2g
                         let high = |hb: __m256i| {
@@ -284,11 +314,11 @@ pub(super) unsafe fn tile_rows_q6k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f3
                         };
                         let h0 = high(_mm256_loadu_si256(q.add(32 * h) as *const _));
                         let h1 = high(_mm256_loadu_si256(q.add(64 + 32 * h) as *const _));
-                        let mut lo_acc = _mm256_setzero_si256();
-                        let mut hi_acc = _mm256_setzero_si256();
+                        let mut lo_acc = [_mm256_setzero_si256(); N];
+                        let mut hi_acc = [_mm256_setzero_si256(); N];
                         for pair in 0..2 {
-                            let mut lo16 = _mm256_setzero_si256();
-                            let mut hi16 = _mm256_setzero_si256();
+                            let mut lo16 = [_mm256_setzero_si256(); N];
+                            let mut hi16 = [_mm256_setzero_si256(); N];
                             for g in 2 * pair..2 * pair + 2 {
                                 let v =
                                     _mm256_loadu_si256(q.add(128 + 64 * g + 32 * h) as *const _);
@@ -297,82 +327,107 @@ pub(super) unsafe fn tile_rows_q6k(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f3
                                     _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
                                     h1[g],
                                 );
-                                lo16 = _mm256_add_epi16(
-                                    lo16,
-                                    _mm256_maddubs_epi16(lo, bcast4(y.add(4 * g))),
-                                );
-                                hi16 = _mm256_add_epi16(
-                                    hi16,
-                                    _mm256_maddubs_epi16(hi, bcast4(y.add(16 + 4 * g))),
-                                );
+                                for n in 0..N {
+                                    let y = a[n].qs.as_ptr().add(b * QK_K + 32 * j);
+                                    lo16[n] = _mm256_add_epi16(
+                                        lo16[n],
+                                        _mm256_maddubs_epi16(lo, bcast4(y.add(4 * g))),
+                                    );
+                                    hi16[n] = _mm256_add_epi16(
+                                        hi16[n],
+                                        _mm256_maddubs_epi16(hi, bcast4(y.add(16 + 4 * g))),
+                                    );
+                                }
                             }
-                            lo_acc = _mm256_add_epi32(lo_acc, _mm256_madd_epi16(lo16, ones));
-                            hi_acc = _mm256_add_epi32(hi_acc, _mm256_madd_epi16(hi16, ones));
+                            for n in 0..N {
+                                lo_acc[n] =
+                                    _mm256_add_epi32(lo_acc[n], _mm256_madd_epi16(lo16[n], ones));
+                                hi_acc[n] =
+                                    _mm256_add_epi32(hi_acc[n], _mm256_madd_epi16(hi16[n], ones));
+                            }
                         }
                         let sc_lo = i8x8(t.add(Q6K_SC + 32 * j + 8 * h));
                         let sc_hi = i8x8(t.add(Q6K_SC + 32 * j + 16 + 8 * h));
-                        let lo = _mm256_mullo_epi32(sc_lo, _mm256_sub_epi32(lo_acc, off_lo));
-                        let hi = _mm256_mullo_epi32(sc_hi, _mm256_sub_epi32(hi_acc, off_hi));
-                        *total = _mm256_add_epi32(*total, _mm256_add_epi32(lo, hi));
+                        for n in 0..N {
+                            let s = a[n].bsum.as_ptr().add(b * 16 + 2 * j);
+                            let off_lo = _mm256_set1_epi32(32 * *s);
+                            let off_hi = _mm256_set1_epi32(32 * *s.add(1));
+                            let lo = _mm256_mullo_epi32(sc_lo, _mm256_sub_epi32(lo_acc[n], off_lo));
+                            let hi = _mm256_mullo_epi32(sc_hi, _mm256_sub_epi32(hi_acc[n], off_hi));
+                            total[n][h] = _mm256_add_epi32(total[n][h], _mm256_add_epi32(lo, hi));
+                        }
                     }
                 }
-                let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
                 for h in 0..2 {
-                    let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
-                    acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total[h]), acc[h]);
+                    let dt = f16x8(t.add(16 * h));
+                    for n in 0..N {
+                        let d = _mm256_mul_ps(dt, _mm256_set1_ps(*a[n].d.get_unchecked(b)));
+                        let acc = &mut accs[n][si][h];
+                        *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total[n][h]), *acc);
+                    }
                 }
             }
         }
     }
     // SAFETY: AVX2 is available (the caller's contract).
-    unsafe { store_rows(out, &accs) };
+    unsafe { store_rows_n(out, &accs) };
 }
 
-/// Up to [`STREAMS`] Q8_0 tile row-slabs (16 rows each, every block of the input) times `a`,
-/// into `out[slab]`, read side by side a tile at a time. The tiles
-/// hold each value + 128; flipping the top bit gives the signed value back, and `vpmaddubsw`
-/// takes |w| against y with w's sign (an i16 lane ≤ 2 · 128 · 127, so -128 neither saturates
-/// nor wraps).
+/// Up to [`STREAMS`] Q8_0 tile row-slabs (16 rows each, every block of the input) times each of
+/// the `N` rows `a`, into `out[row][slab]`, read side by side a tile at a time, each weight load
+/// shared by every row. The tiles hold each value + 128; flipping the top bit gives the signed
+/// value back, and `vpmaddubsw` takes |w| against y with w's sign (an i16 lane ≤ 2 · 128 · 127,
+/// so -128 neither saturates nor wraps).
 ///
 /// # Safety
-/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a.len() / 32` Q8_0
-/// tiles; `out` has a row per slab.
+/// AVX2, FMA and F16C available; at most [`STREAMS`] slabs, each `a[i].len() / 32` Q8_0 tiles
+/// for every `i`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile_rows_q8_0(slabs: &[&[u8]], a: &QuantRow, out: &mut [[f32; TILE_ROWS]]) {
-    let blocks = a.len() / QK8_0;
-    debug_assert!(slabs.len() <= STREAMS && out.len() >= slabs.len());
+#[allow(clippy::needless_range_loop)] // `n` indexes the rows and their accumulators together
+pub(super) unsafe fn tile_rows_q8_0<const N: usize>(
+    slabs: &[&[u8]],
+    a: [&QuantRow; N],
+    out: &mut [[[f32; TILE_ROWS]; STREAMS]; N],
+) {
+    let blocks = a[0].len() / QK8_0;
+    debug_assert!(slabs.len() <= STREAMS);
     debug_assert!(slabs.iter().all(|s| s.len() == blocks * Q8_0_TILE));
+    debug_assert!(a.iter().all(|r| r.len() == a[0].len()));
     let flip = _mm256_set1_epi8(i8::MIN);
     let ones = _mm256_set1_epi16(1);
-    let mut accs = [[_mm256_setzero_ps(); 2]; STREAMS];
-    let yp = a.qs.as_ptr();
+    let mut accs = [[[_mm256_setzero_ps(); 2]; STREAMS]; N];
     for b in 0..blocks {
-        for (slab, acc) in slabs.iter().zip(accs.iter_mut()) {
-            // SAFETY: tile b is within the slab and block b within the activation row (the
+        for (si, slab) in slabs.iter().enumerate() {
+            // SAFETY: tile b is within the slab and block b within every activation row (the
             // caller's contract); every offset below is inside one tile.
             unsafe {
                 let t = slab.as_ptr().add(b * Q8_0_TILE);
-                let y = yp.add(b * QK8_0);
-                let mut dot = [_mm256_setzero_si256(); 2];
+                let mut dot = [[_mm256_setzero_si256(); 2]; N];
                 for g in 0..8 {
-                    let y4 = bcast4(y.add(4 * g));
-                    for (h, d) in dot.iter_mut().enumerate() {
+                    for h in 0..2 {
                         let w = _mm256_xor_si256(
                             _mm256_loadu_si256(t.add(32 + 64 * g + 32 * h) as *const _),
                             flip,
                         );
-                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(y4, w));
-                        *d = _mm256_add_epi32(*d, _mm256_madd_epi16(p, ones));
+                        let aw = _mm256_abs_epi8(w);
+                        for n in 0..N {
+                            let y4 = bcast4(a[n].qs.as_ptr().add(b * QK8_0 + 4 * g));
+                            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y4, w));
+                            dot[n][h] = _mm256_add_epi32(dot[n][h], _mm256_madd_epi16(p, ones));
+                        }
                     }
                 }
-                let dy = _mm256_set1_ps(*a.d.get_unchecked(b));
                 for h in 0..2 {
-                    let d = _mm256_mul_ps(f16x8(t.add(16 * h)), dy);
-                    acc[h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot[h]), acc[h]);
+                    let dt = f16x8(t.add(16 * h));
+                    for n in 0..N {
+                        let d = _mm256_mul_ps(dt, _mm256_set1_ps(*a[n].d.get_unchecked(b)));
+                        let acc = &mut accs[n][si][h];
+                        *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot[n][h]), *acc);
+                    }
                 }
             }
         }
     }
     // SAFETY: AVX2 is available (the caller's contract).
-    unsafe { store_rows(out, &accs) };
+    unsafe { store_rows_n(out, &accs) };
 }

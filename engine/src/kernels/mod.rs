@@ -16,9 +16,9 @@
 //! hardware prefetcher follows well: software prefetch ahead of it measured slower here (Zen 4).
 //! [`run`] spreads a batch of products (all experts of a layer, or q/k/v) over candle's
 //! persistent worker pool in one parallel region. Several activation rows (the sequences of a
-//! batched step, a prompt chunk) share each pass over a slab: on AVX-512 each 64-byte weight load
-//! is unpacked once and multiplied by up to four rows, each row summed in the same order as
-//! alone, so a row's result never depends on the rows beside it.
+//! batched step, a prompt chunk) share each pass over a slab: each weight load is unpacked once
+//! and multiplied by up to four rows, each row summed in the same order as alone, so a row's
+//! result never depends on the rows beside it.
 //!
 //! f32 matrices take the same path ([`Format::F32`]): 16-row tiles stored column by column, so
 //! one 64-byte line holds the 16 rows' weights for one input value and the slab streams front to
@@ -67,8 +67,7 @@ const HALF_TILE: usize = 2 * TILE_ROWS;
 /// many contiguous runs and a unit takes one tile of each, so every unit streams from several
 /// places at once (more of the memory system busy than one sequential stream).
 const STREAMS: usize = 4;
-/// Activation rows that share one pass over a tile slab (the float kernels and the AVX-512
-/// 8-bit ones; AVX2's 8-bit kernels take them one at a time).
+/// Activation rows that share one pass over the tile slabs.
 const ROWS_PER_PASS: usize = 4;
 
 /// A weight block format with a kernel here.
@@ -773,21 +772,43 @@ impl PackedMatrix {
                 return;
             }
             if isa == Isa::Avx2 {
-                for (j, a) in acts.iter().enumerate() {
-                    let mut tmp = [[0f32; TILE_ROWS]; STREAMS];
-                    // SAFETY: `run_on` checked that the CPU runs AVX2; at most STREAMS slabs of
-                    // kb tiles, `a` kb blocks (lengths asserted above), a `tmp` row per slab.
-                    unsafe {
-                        match self.format {
-                            Format::Q4K => avx2::tile_rows_q4k(slabs, a, &mut tmp),
-                            Format::Q6K => avx2::tile_rows_q6k(slabs, a, &mut tmp),
-                            Format::Q8_0 => avx2::tile_rows_q8_0(slabs, a, &mut tmp),
-                            Format::F32 | Format::BF16 | Format::F16 => {
-                                unreachable!("handled above")
+                // every slab side by side, every activation row in one pass over them
+                let mut tmp = [[[0f32; TILE_ROWS]; STREAMS]; ROWS_PER_PASS];
+                macro_rules! rows {
+                    ($kernel:ident) => {
+                        // SAFETY: `run_on` checked that the CPU runs AVX2; at most STREAMS slabs
+                        // of kb tiles, every row of `acts` kb blocks (lengths asserted above).
+                        unsafe {
+                            match acts {
+                                [a] => avx2::$kernel::<1>(
+                                    slabs,
+                                    [a],
+                                    (&mut tmp[..1]).try_into().expect("1 row"),
+                                ),
+                                [a, b] => avx2::$kernel::<2>(
+                                    slabs,
+                                    [a, b],
+                                    (&mut tmp[..2]).try_into().expect("2 rows"),
+                                ),
+                                [a, b, c] => avx2::$kernel::<3>(
+                                    slabs,
+                                    [a, b, c],
+                                    (&mut tmp[..3]).try_into().expect("3 rows"),
+                                ),
+                                [a, b, c, d] => avx2::$kernel::<4>(slabs, [a, b, c, d], &mut tmp),
+                                _ => unreachable!("1..=ROWS_PER_PASS rows, asserted above"),
                             }
                         }
-                    }
-                    for (i, t) in tmp.iter().take(tiles.len()).enumerate() {
+                    };
+                }
+                match self.format {
+                    Format::Q4K => rows!(tile_rows_q4k),
+                    Format::Q6K => rows!(tile_rows_q6k),
+                    Format::Q8_0 => rows!(tile_rows_q8_0),
+                    Format::F32 | Format::BF16 | Format::F16 => unreachable!("handled above"),
+                }
+                for (j, per_slab) in tmp.iter().take(acts.len()).enumerate() {
+                    for (i, t) in per_slab.iter().take(tiles.len()).enumerate() {
                         let at = j * n + i * TILE_ROWS;
                         out[at..at + TILE_ROWS].copy_from_slice(t);
                     }
@@ -929,9 +950,8 @@ pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
             }
             let tiles = &picked[..count];
             let n = tiles.len() * TILE_ROWS;
-            // several activation rows share each pass over the weights (the float kernels and the
-            // AVX-512 8-bit ones read each weight once for all of them; AVX2's 8-bit kernels
-            // take the rows one at a time)
+            // several activation rows share each pass over the weights: each weight is read
+            // (and unpacked) once for all of them
             let pass = ROWS_PER_PASS;
             for (c, acts) in job.acts.chunks(pass).enumerate() {
                 job.mat.gemv(isa, tiles, acts, &mut tmp[..acts.len() * n]);
