@@ -546,9 +546,12 @@ impl PackedMatrix {
                 match format {
                     Format::Q8_0 => {
                         tile[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-                        for (k, &q) in blk[2..].iter().enumerate() {
-                            let at = 32 + (k / 4) * 64 + r * 4 + k % 4;
-                            tile[at] = (q as i8 as i16 + 128) as u8;
+                        // load g holds values 4g..4g+4 of each row, each + 128 (for an i8,
+                        // flipping the sign bit), four at a time
+                        for (g, q) in blk[2..].chunks_exact(4).enumerate() {
+                            let at = 32 + g * 64 + r * 4;
+                            let v = u32::from_le_bytes(q.try_into().expect("4 bytes"));
+                            tile[at..at + 4].copy_from_slice(&(v ^ 0x8080_8080).to_le_bytes());
                         }
                     }
                     Format::Q4K => {
