@@ -1188,12 +1188,12 @@ mod tests {
         #[test]
         fn several_rows_share_a_pass(
             (w, x, rows) in prop_oneof![case(Format::F32), case(Format::Q8_0), case(Format::Q4K)],
-            extra in prop::collection::vec(-4.0f32..4.0, 0..6 * 256),
+            extra in prop::collection::vec(-4.0f32..4.0, 0..8 * 256),
         ) {
-            // 1..=7 input rows of x's width: whole passes of 4 and a remainder
+            // 1..=9 input rows of x's width: whole passes of 4 and a remainder
             let cols = x.len();
             let mut xs = vec![x];
-            xs.extend(extra.chunks_exact(cols).take(6).map(<[f32]>::to_vec));
+            xs.extend(extra.chunks_exact(cols).take(8).map(<[f32]>::to_vec));
             check_rows(Format::F32, &w, &xs, rows);
             check_rows(Format::BF16, &w, &xs, rows);
             check_rows(Format::F16, &w, &xs, rows);
