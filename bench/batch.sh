@@ -3,8 +3,9 @@
 # against llama.cpp on the same GGUF files and threads, in one run, interleaved per round:
 #   - llama-batched-bench (aggregate tok/s of N parallel sequences, its S_TG),
 #   - llama-bench (single stream: pp and tg),
-#   - load to first token: sinew generate --max-tokens 1 (its load_s + prefill_s) against
-#     llama-completion -n 1 (wall clock), warm page cache.
+#   - load to first token: sinew generate --max-tokens 1 (wall clock) against llama-completion -n 1
+#     (wall clock), with a warm page cache and, where this user may drop the page cache (root), a
+#     cold one.
 # Models: the Qwen3-30B-A3B-shaped synthetic of bench/engine.sh (LAYERS layers; Q4_K, Q8_0) and
 # a dense Llama-shaped synthetic of about 1B parameters (hidden 2048, 16 layers, Q4_K).
 # Results: bench/out/batch.jsonl (one object per measurement) and a table on stdout.
@@ -56,10 +57,11 @@ llama_batched() { # FILE THREADS N -> aggregate decode tok/s (S_TG)
   "$LLAMA/llama-batched-bench" -m "$1" -t "$2" -c $(( (PROMPT + TOKENS) * $3 + 64 )) -b 2048 -ub 512 \
     -npp "$PROMPT" -ntg "$TOKENS" -npl "$3" --output-format jsonl 2>/dev/null |
     python3 -c 'import sys,json
+d = None
 for l in sys.stdin:
     l=l.strip()
     if l.startswith("{"): d=json.loads(l)
-print(d["speed_tg"])'
+print(d["speed_tg"] if d else "null")  # null: it failed, recorded as such'
 }
 llama_bench() { # FILE THREADS -> "pp tg"
   "$LLAMA/llama-bench" -m "$1" -t "$2" -p "$PROMPT" -n "$TOKENS" -r 1 -o json 2>/dev/null |
@@ -68,12 +70,21 @@ r=json.load(sys.stdin)
 pp=[x["avg_ts"] for x in r if x["n_prompt"]>0][0]; tg=[x["avg_ts"] for x in r if x["n_gen"]>0][0]
 print(pp, tg)'
 }
-llama_load() { # FILE THREADS -> seconds to the first token
+wall() { # COMMAND... -> seconds it ran
   local t0 t1
   t0=$(date +%s.%N)
-  "$LLAMA/llama-completion" -m "$1" -t "$2" -n 1 -p "hello" -no-cnv --no-warmup >/dev/null 2>&1 </dev/null
+  "$@" >/dev/null 2>&1 </dev/null
   t1=$(date +%s.%N)
   python3 -c "print($t1 - $t0)"
+}
+llama_load() { # FILE THREADS -> seconds to the first token
+  wall "$LLAMA/llama-completion" -m "$1" -t "$2" -n 1 -p "hello" -no-cnv --no-warmup
+}
+sinew_load() { # FILE THREADS -> seconds to the first token
+  wall env RAYON_NUM_THREADS="$2" "$SINEW" generate --model "$1" --prompt-ids "$PROMPT_IDS" --max-tokens 1 --threads "$2" --json
+}
+cold() { # drops the page cache (all of it); fails where this user may not
+  sync && echo 1 > /proc/sys/vm/drop_caches 2>/dev/null
 }
 field() { python3 -c 'import sys,json; d=json.loads(sys.stdin.read()); print(d.get(sys.argv[1], d.get(sys.argv[2] if len(sys.argv)>2 else sys.argv[1])))' "$@"; }
 
@@ -93,10 +104,15 @@ for name in $MODELS; do
       if [ -n "$LLAMA" ]; then
         read -r pp tg < <(llama_bench "$f" "$t")
         s1=$(sinew_run "$f" "$t" 1)
-        sload=$(RAYON_NUM_THREADS=$t "$SINEW" generate --model "$f" --prompt-ids "$PROMPT_IDS" --max-tokens 1 --threads "$t" --json |
-          python3 -c 'import sys,json; d=json.load(sys.stdin); print(d["load_s"] + d["prefill_s"])')
+        sload=$(sinew_load "$f" "$t")
         lload=$(llama_load "$f" "$t")
-        emit "{\"model\":\"$name\",\"threads\":$t,\"round\":$r,\"single\":true,\"sinew_tg\":$(echo "$s1" | field decode_tokens_per_s),\"sinew_pp\":$(echo "$s1" | field prefill_tokens_per_s),\"llama_tg\":$tg,\"llama_pp\":$pp,\"sinew_load_s\":$sload,\"llama_load_s\":$lload}"
+        scold=null; lcold=null
+        if cold "$f"; then
+          scold=$(sinew_load "$f" "$t")
+          cold "$f" && lcold=$(llama_load "$f" "$t")
+          cat "$f" > /dev/null
+        fi
+        emit "{\"model\":\"$name\",\"threads\":$t,\"round\":$r,\"single\":true,\"sinew_tg\":$(echo "$s1" | field decode_tokens_per_s),\"sinew_pp\":$(echo "$s1" | field prefill_tokens_per_s),\"llama_tg\":$tg,\"llama_pp\":$pp,\"sinew_load_s\":$sload,\"llama_load_s\":$lload,\"sinew_cold_load_s\":$scold,\"llama_cold_load_s\":$lcold}"
       fi
     done
   done

@@ -35,10 +35,13 @@ for key in sorted(batch):
 
 if single:
     print()
-    print("model        thr  tg ratio (sinew/llama-bench)  pp ratio          load ratio (sinew/llama)")
+    print("model        thr  tg ratio (sinew/llama-bench)  pp ratio          load ratio warm   cold (sinew/llama)")
     for key in sorted(single):
         rs = single[key]
         tg = spread([r["sinew_tg"] / r["llama_tg"] for r in rs])
         pp = spread([r["sinew_pp"] / r["llama_pp"] for r in rs])
         ld = spread([r["sinew_load_s"] / r["llama_load_s"] for r in rs])
-        print(f"{key[0]:12} {key[1]:3}  {tg:30} {pp:17} {ld}")
+        colds = [r["sinew_cold_load_s"] / r["llama_cold_load_s"] for r in rs
+                 if r.get("sinew_cold_load_s") and r.get("llama_cold_load_s")]
+        cold = spread(colds) if colds else "-"
+        print(f"{key[0]:12} {key[1]:3}  {tg:30} {pp:17} {ld:17} {cold}")

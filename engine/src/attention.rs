@@ -95,8 +95,10 @@ pub(crate) struct Heads {
 }
 
 /// Causal attention of every sequence's rows of `q` (`[row][head][head_dim]`, rotated) over its
-/// cache: the output `[row][head][head_dim]`. (Sequence, head) pairs run in parallel on candle's
-/// worker pool when there is enough work to share.
+/// cache: the output `[row][head][head_dim]`. One unit of work is a sequence's key/value head with
+/// the query heads that share it (grouped-query attention), so each cached key and value is read
+/// once for the whole group; units run in parallel on candle's worker pool when there is enough
+/// work to share.
 pub(crate) fn attend(q: &[f32], seqs: &[SeqAttention<'_>], h: Heads) -> Vec<f32> {
     let Heads {
         heads,
@@ -105,49 +107,26 @@ pub(crate) fn attend(q: &[f32], seqs: &[SeqAttention<'_>], h: Heads) -> Vec<f32>
     } = h;
     let group = heads / kv_heads;
     let total_rows: usize = seqs.iter().map(|s| s.rows).sum();
-    // per (sequence, head): the output rows of that head, contiguous
+    // per (sequence, head): the output rows of that head, contiguous; a unit's query heads
+    // (kv · group ..) are adjacent
     let mut by_head = vec![0f32; total_rows * heads * d];
-    let mut units: Vec<(usize, usize, Mutex<&mut [f32]>)> = Vec::with_capacity(seqs.len() * heads);
+    let mut units: Vec<(usize, usize, Mutex<&mut [f32]>)> =
+        Vec::with_capacity(seqs.len() * kv_heads);
     let mut rest = by_head.as_mut_slice();
     let mut work = 0usize;
     for (si, s) in seqs.iter().enumerate() {
         work += s.rows * (s.start + s.rows) * heads;
-        for head in 0..heads {
-            let (mine, tail) = rest.split_at_mut(s.rows * d);
+        for kv in 0..kv_heads {
+            let (mine, tail) = rest.split_at_mut(group * s.rows * d);
             rest = tail;
-            units.push((si, head, Mutex::new(mine)));
+            units.push((si, kv, Mutex::new(mine)));
         }
     }
-    let scale = 1.0 / (d as f32).sqrt();
     let run = |range: std::ops::Range<usize>| {
         let mut scores = Vec::new();
-        for (si, head, out) in &units[range] {
-            let s = &seqs[*si];
-            let kv = head / group;
-            let stride = kv_heads * d;
+        for (si, kv, out) in &units[range] {
             let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-            for i in 0..s.rows {
-                let qr = &q[((s.row + i) * heads + head) * d..][..d];
-                let visible = s.start + i + 1;
-                scores.clear();
-                scores.extend(
-                    (0..visible).map(|j| dot(qr, &s.k[j * stride + kv * d..][..d]) * scale),
-                );
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in scores.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let o = &mut out[i * d..(i + 1) * d];
-                o.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    let vr = &s.v[j * stride + kv * d..][..d];
-                    o.iter_mut().zip(vr).for_each(|(o, &v)| *o += p * v);
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|o| *o *= inv);
-            }
+            unit(q, &seqs[*si], *kv, h, &mut out, &mut scores);
         }
     };
     // below this many (row, position, head) triples a parallel region costs more than it saves
@@ -172,9 +151,106 @@ pub(crate) fn attend(q: &[f32], seqs: &[SeqAttention<'_>], h: Heads) -> Vec<f32>
     y
 }
 
+/// One unit of [`attend`] with the widest vector code this CPU runs. Which code runs depends on
+/// the CPU only, never on the batch.
+fn unit(
+    q: &[f32],
+    s: &SeqAttention<'_>,
+    kv: usize,
+    h: Heads,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU runs AVX2 and FMA, checked just above.
+        return unsafe { unit_avx2(q, s, kv, h, out, scores) };
+    }
+    unit_body::<false>(q, s, kv, h, out, scores)
+}
+
+/// [`unit_body`] compiled for AVX2 with fused multiply-adds.
+///
+/// # Safety
+/// The CPU runs AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unit_avx2(
+    q: &[f32],
+    s: &SeqAttention<'_>,
+    kv: usize,
+    h: Heads,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    unit_body::<true>(q, s, kv, h, out, scores)
+}
+
+/// Sequence `s`'s rows for key/value head `kv` and the `group` query heads that share it, into
+/// `out` laid out `[query head of the group][row][head_dim]`. Each (query head, row) is scored
+/// against every visible position in order, softmaxed, and sums the values in order: the same
+/// operations whatever else the step holds. `FMA`: fused multiply-adds (only where the CPU has
+/// them: elsewhere `mul_add` is a library call).
+#[inline(always)]
+fn unit_body<const FMA: bool>(
+    q: &[f32],
+    s: &SeqAttention<'_>,
+    kv: usize,
+    h: Heads,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let (heads, d) = (h.heads, h.head_dim);
+    let group = heads / h.kv_heads;
+    let stride = h.kv_heads * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut inv = vec![0f32; group];
+    for i in 0..s.rows {
+        let visible = s.start + i + 1;
+        let qs: Vec<&[f32]> = (0..group)
+            .map(|g| &q[((s.row + i) * heads + kv * group + g) * d..][..d])
+            .collect();
+        // scores [query head][position]
+        scores.clear();
+        scores.resize(group * visible, 0.0);
+        for j in 0..visible {
+            let kr = &s.k[j * stride + kv * d..][..d];
+            for (g, qr) in qs.iter().enumerate() {
+                scores[g * visible + j] = dot::<FMA>(qr, kr) * scale;
+            }
+        }
+        for (g, row) in scores.chunks_exact_mut(visible).enumerate() {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            inv[g] = 1.0 / sum;
+            out[(g * s.rows + i) * d..][..d].fill(0.0);
+        }
+        for j in 0..visible {
+            let vr = &s.v[j * stride + kv * d..][..d];
+            for g in 0..group {
+                let p = scores[g * visible + j];
+                let o = &mut out[(g * s.rows + i) * d..][..d];
+                for (o, &v) in o.iter_mut().zip(vr) {
+                    *o = if FMA { p.mul_add(v, *o) } else { *o + p * v };
+                }
+            }
+        }
+        for (g, &inv) in inv.iter().enumerate() {
+            out[(g * s.rows + i) * d..][..d]
+                .iter_mut()
+                .for_each(|o| *o *= inv);
+        }
+    }
+}
+
 /// a · b, summed in 16 lanes (so the compiler vectorizes it) and then across them in a fixed
 /// order.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ac
@@ -185,7 +261,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .sum();
     for (x, y) in ac.zip(bc) {
         for l in 0..16 {
-            acc[l] += x[l] * y[l];
+            acc[l] = if FMA {
+                x[l].mul_add(y[l], acc[l])
+            } else {
+                acc[l] + x[l] * y[l]
+            };
         }
     }
     acc.iter().sum::<f32>() + tail
