@@ -225,6 +225,32 @@ impl Decoder {
             Some(n) => Some(token_logprob(logits, token, n)?),
             None => None,
         };
+        self.accept(text, token, logprob)
+    }
+
+    /// The sampling parameters (a pipeline's last stage samples with them; the head then calls
+    /// [`Decoder::accept`]).
+    pub fn params(&self) -> &DecodeParams {
+        &self.params
+    }
+
+    /// Advances with a token sampled elsewhere (a pipeline's last stage, with these parameters
+    /// and seed) and its logprob: the text that became final and whether the request finished,
+    /// as [`Decoder::step`] after sampling.
+    ///
+    /// # Errors
+    /// [`Error::Request`] when the request already finished; tokenizer errors.
+    pub fn accept(
+        &mut self,
+        text: &Text,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+    ) -> Result<Decoded> {
+        if let Some(f) = self.finish {
+            return Err(Error::Request(format!(
+                "the request already finished ({f:?})"
+            )));
+        }
         self.tokens.push(token);
         let mut out = String::new();
         let mut finish = None;

@@ -51,7 +51,9 @@ pub use decode::{DecodeParams, Decoded, Decoder, TokenLogprob, prompt_logprobs};
 pub use error::{Error, Result};
 pub use kv::{KvCache, KvPool, KvShape};
 pub use model::{Chunk, Input, Logits, Model, Output};
-pub use scheduler::{Event, Request, Scheduler, SchedulerOptions, SchedulerStats, Stream};
+pub use scheduler::{
+    Event, Request, Scheduler, SchedulerOptions, SchedulerStats, Sink, Stream, channel,
+};
 pub mod generate;
 pub mod load;
 pub mod sampling;
@@ -64,3 +66,4 @@ pub use text::{Message, Text};
 pub mod gguf;
 pub mod kernels;
 pub mod linear;
+pub mod stage_file;

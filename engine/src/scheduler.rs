@@ -105,6 +105,43 @@ impl Drop for Stream {
     }
 }
 
+/// The sending end of a request's [`Stream`], for schedulers outside this crate (a pipeline's
+/// head): what it sends, the stream receives; once the stream is dropped or cancelled,
+/// [`Sink::cancelled`] says so.
+pub struct Sink {
+    tx: Sender<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Sink {
+    /// Sends an event; `false` (and the request counts as cancelled) when the stream is gone.
+    pub fn send(&self, event: Event) -> bool {
+        if self.tx.send(event).is_err() {
+            self.cancel.store(true, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    /// Whether the request was cancelled (its stream dropped or [`Stream::cancel`] called).
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+}
+
+/// A connected [`Sink`] and [`Stream`].
+pub fn channel() -> (Sink, Stream) {
+    let (tx, rx) = mpsc::channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    (
+        Sink {
+            tx,
+            cancel: cancel.clone(),
+        },
+        Stream { rx, cancel },
+    )
+}
+
 /// The scheduler's counters, as of its last step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SchedulerStats {

@@ -94,6 +94,12 @@ pub struct GenerateArgs {
     /// Write the prompt's logits, f32 [prompt_len, vocab] named `logits`, to this safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// With --workers or --cluster: report each prompt token's logprob (and this many
+    /// alternatives) in the JSON output.
+    #[arg(long)]
+    prompt_logprobs: Option<usize>,
+    #[command(flatten)]
+    head: crate::cluster_cmd::HeadArgs,
 }
 
 /// Runs `sinew generate`.
@@ -107,6 +113,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.parallel > 1 && args.logits_out.is_some() {
         bail!("--logits-out takes one sequence, not --parallel");
     }
+    if args.head.enabled() {
+        return run_cluster(&args);
+    }
+    if args.prompt_logprobs.is_some() {
+        bail!("--prompt-logprobs needs --workers or --cluster");
+    }
     let options = LoadOptions {
         layers: None,
         dequantize: false,
@@ -117,36 +129,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let m = Loaded::open(&args.model, &options)?;
     let load_secs = load_start.elapsed().as_secs_f64();
-    let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) if args.raw => m.text.encode(text, true)?,
-        (None, Some(text)) => {
-            let mut messages = Vec::new();
-            if let Some(system) = &args.system {
-                messages.push(Message {
-                    role: "system".into(),
-                    content: system.clone(),
-                });
-            }
-            messages.push(Message {
-                role: "user".into(),
-                content: text.clone(),
-            });
-            let rendered = m.text.render_chat(&messages, true)?;
-            m.text.encode(&rendered, false)?
-        }
-        (None, None) => bail!("give --prompt or --prompt-ids"),
-    };
-    let sampling = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        presence_penalty: args.presence_penalty,
-        frequency_penalty: args.frequency_penalty,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-    };
+    let prompt = prompt_ids(&args, &m.text)?;
+    let sampling = sampling(&args);
     if args.parallel > 1 {
         return run_parallel(&args, m, prompt, sampling, load_secs);
     }
@@ -213,8 +197,229 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn prompt_ids(args: &GenerateArgs, text: &engine::Text) -> anyhow::Result<Vec<u32>> {
+    Ok(match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(t)) if args.raw => text.encode(t, true)?,
+        (None, Some(t)) => {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(Message {
+                    role: "system".into(),
+                    content: system.clone(),
+                });
+            }
+            messages.push(Message {
+                role: "user".into(),
+                content: t.clone(),
+            });
+            let rendered = text.render_chat(&messages, true)?;
+            text.encode(&rendered, false)?
+        }
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    })
+}
+
+fn sampling(args: &GenerateArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    }
+}
+
+/// The requests of a run: the prompt N times, seeds seed..seed+N.
+fn requests(args: &GenerateArgs, prompt: &[u32], sampling: &SamplingParams) -> Vec<Request> {
+    (0..args.parallel)
+        .map(|i| Request {
+            prompt: prompt.to_vec(),
+            params: DecodeParams {
+                max_tokens: args.max_tokens,
+                sampling: SamplingParams {
+                    seed: sampling.seed.wrapping_add(i as u64),
+                    ..sampling.clone()
+                },
+                stop: args.stop.clone(),
+                ignore_eos: args.ignore_eos,
+                logprobs: None,
+            },
+            prompt_logprobs: args.prompt_logprobs,
+        })
+        .collect()
+}
+
+/// A prompt through a cluster (`--workers`, or `--cluster` for a single-node one).
+fn run_cluster(args: &GenerateArgs) -> anyhow::Result<()> {
+    if args.logits_out.is_some() {
+        bail!("--logits-out runs on one node without --workers");
+    }
+    let load_start = Instant::now();
+    let n = args.parallel;
+    let c = args.head.start(
+        &args.model,
+        args.ctx,
+        n,
+        args.prefill_chunk,
+        (n * args.prefill_chunk).max(n),
+    )?;
+    let load_secs = load_start.elapsed().as_secs_f64();
+    let prompt = prompt_ids(args, c.text())?;
+    let started = Instant::now();
+    let streams = requests(args, &prompt, &sampling(args))
+        .into_iter()
+        .map(|r| c.submit(r))
+        .collect::<cluster::Result<Vec<_>>>()?;
+    let runs = collect_runs(streams)?;
+    let t = Timing::of(&runs, started, prompt.len());
+    let state = c.state();
+    drop(c);
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let v = serde_json::json!({
+            "tokens": runs[0].tokens,
+            "text": runs[0].text,
+            "finish_reason": runs[0].finish,
+            "prompt_tokens": prompt.len(),
+            "parallel": n,
+            "prefill_tokens_per_s": t.prefill_tokens_per_s,
+            "decode_tokens_per_s": t.aggregate / n as f64,
+            "aggregate_decode_tokens_per_s": t.aggregate,
+            "prefill_s": t.prefill_secs,
+            "decode_s": t.decode_secs,
+            "load_s": load_secs,
+            "kv_capacity_tokens": state.kv_capacity_tokens,
+            "batches": state.batches,
+            "stages": state.nodes.iter().filter(|n| n.layers.is_some()).map(|n| serde_json::json!({
+                "node": n.addr, "layers": n.layers, "link": n.link,
+            })).collect::<Vec<_>>(),
+            "sequences": runs.iter().map(|r| serde_json::json!({
+                "tokens": r.tokens, "text": r.text, "finish_reason": r.finish,
+                "prompt_logprobs": r.prompt_logprobs,
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        for (i, r) in runs.iter().enumerate() {
+            if n > 1 {
+                write!(stdout, "[{i}] ")?;
+            }
+            writeln!(stdout, "{}", r.text)?;
+        }
+        stdout.flush()?;
+        drop(stdout);
+        if let Some(plan) = &state.plan {
+            eprintln!("{plan}");
+        }
+        eprintln!(
+            "{n} sequence(s) over {} stage(s): prefill {:.1} tok/s; decode {:.1} tok/s in all",
+            state.nodes.iter().filter(|n| n.layers.is_some()).count(),
+            t.prefill_tokens_per_s,
+            t.aggregate
+        );
+    }
+    Ok(())
+}
+
+/// Prefill and decode rates of a run: the prefill phase ends when every sequence has its first
+/// token; tokens after it are decode.
+struct Timing {
+    prefill_secs: f64,
+    prefill_tokens_per_s: f64,
+    decode_secs: f64,
+    aggregate: f64,
+    decoded: usize,
+}
+
+impl Timing {
+    fn of(runs: &[SeqRun], started: Instant, prompt_len: usize) -> Timing {
+        let end = Instant::now();
+        let prefilled = runs
+            .iter()
+            .filter_map(|r| r.times.first().copied())
+            .max()
+            .unwrap_or(end);
+        let decoded: usize = runs
+            .iter()
+            .map(|r| r.times.iter().filter(|&&t| t > prefilled).count())
+            .sum();
+        let decode_secs = end.duration_since(prefilled).as_secs_f64();
+        let aggregate = if decode_secs > 0.0 {
+            decoded as f64 / decode_secs
+        } else {
+            0.0
+        };
+        let prefill_secs = prefilled.duration_since(started).as_secs_f64();
+        Timing {
+            prefill_secs,
+            prefill_tokens_per_s: (runs.len() * prompt_len) as f64
+                / prefill_secs.max(f64::MIN_POSITIVE),
+            decode_secs,
+            aggregate,
+            decoded,
+        }
+    }
+}
+
+/// Reads every stream to its end, one thread each.
+fn collect_runs(streams: Vec<engine::Stream>) -> anyhow::Result<Vec<SeqRun>> {
+    // no token for this long means the engine is stuck, not slow
+    let stall = Duration::from_secs(600);
+    let runs: Vec<anyhow::Result<SeqRun>> = std::thread::scope(|s| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|stream| {
+                s.spawn(move || {
+                    let mut r = SeqRun {
+                        tokens: Vec::new(),
+                        text: String::new(),
+                        finish: None,
+                        times: Vec::new(),
+                        prompt_logprobs: None,
+                    };
+                    loop {
+                        match stream.recv_timeout(stall) {
+                            Some(Event::Token(t)) => {
+                                r.times.push(Instant::now());
+                                r.tokens.push(t.token);
+                                r.text.push_str(&t.text);
+                            }
+                            Some(Event::Finished { finish, .. }) => {
+                                r.finish = Some(finish);
+                                return Ok(r);
+                            }
+                            Some(Event::Error(e)) => return Err(e.into()),
+                            Some(Event::PromptLogprobs(lp)) => {
+                                r.prompt_logprobs = Some(
+                                    lp.into_iter()
+                                        .map(|l| l.map(|l| (l.token, l.logprob)))
+                                        .collect(),
+                                );
+                            }
+                            None => bail!("no token for {stall:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader thread panicked")))
+            })
+            .collect()
+    });
+    runs.into_iter().collect()
+}
+
 /// One sequence of a `--parallel` run, as its stream delivered it.
 struct SeqRun {
+    prompt_logprobs: Option<Vec<Option<(u32, f32)>>>,
     tokens: Vec<u32>,
     text: String,
     finish: Option<engine::Finish>,
@@ -241,84 +446,18 @@ fn run_parallel(
     };
     let scheduler = Scheduler::new(Arc::new(m.model), Arc::new(m.text), kv.clone(), options)?;
     let started = Instant::now();
-    let streams = (0..n)
-        .map(|i| {
-            let params = DecodeParams {
-                max_tokens: args.max_tokens,
-                sampling: SamplingParams {
-                    seed: sampling.seed.wrapping_add(i as u64),
-                    ..sampling.clone()
-                },
-                stop: args.stop.clone(),
-                ignore_eos: args.ignore_eos,
-                logprobs: None,
-            };
-            scheduler.submit(Request {
-                prompt: prompt.clone(),
-                params,
-                prompt_logprobs: None,
-            })
-        })
+    let streams = requests(args, &prompt, &sampling)
+        .into_iter()
+        .map(|r| scheduler.submit(r))
         .collect::<engine::Result<Vec<_>>>()?;
-    // no token for this long means the engine is stuck, not slow
-    let stall = Duration::from_secs(600);
-    let runs: Vec<anyhow::Result<SeqRun>> = std::thread::scope(|s| {
-        let handles: Vec<_> = streams
-            .into_iter()
-            .map(|stream| {
-                s.spawn(move || {
-                    let mut r = SeqRun {
-                        tokens: Vec::new(),
-                        text: String::new(),
-                        finish: None,
-                        times: Vec::new(),
-                    };
-                    loop {
-                        match stream.recv_timeout(stall) {
-                            Some(Event::Token(t)) => {
-                                r.times.push(Instant::now());
-                                r.tokens.push(t.token);
-                                r.text.push_str(&t.text);
-                            }
-                            Some(Event::Finished { finish, .. }) => {
-                                r.finish = Some(finish);
-                                return Ok(r);
-                            }
-                            Some(Event::Error(e)) => return Err(e.into()),
-                            Some(Event::PromptLogprobs(_)) => {}
-                            None => bail!("no token for {stall:?}"),
-                        }
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader thread panicked")))
-            })
-            .collect()
-    });
-    let runs = runs.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    let end = Instant::now();
-    // the prefill phase ends when every sequence has its first token; tokens after it are decode
-    let prefilled = runs
-        .iter()
-        .filter_map(|r| r.times.first().copied())
-        .max()
-        .unwrap_or(end);
-    let decoded: usize = runs
-        .iter()
-        .map(|r| r.times.iter().filter(|&&t| t > prefilled).count())
-        .sum();
-    let decode_secs = end.duration_since(prefilled).as_secs_f64();
-    let aggregate = if decode_secs > 0.0 {
-        decoded as f64 / decode_secs
-    } else {
-        0.0
-    };
-    let prefill_secs = prefilled.duration_since(started).as_secs_f64();
+    let runs = collect_runs(streams)?;
+    let Timing {
+        prefill_secs,
+        decode_secs,
+        aggregate,
+        decoded,
+        ..
+    } = Timing::of(&runs, started, prompt.len());
     let stats = scheduler.stats();
     drop(scheduler);
     let mut stdout = std::io::stdout().lock();

@@ -4,6 +4,7 @@
 //! (nccl-tests-style collective micro-benchmarks).
 
 mod bench;
+mod cluster_cmd;
 mod generate;
 mod gguf;
 mod keys;
@@ -31,6 +32,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run a model on one prompt: stream the text, report prefill and decode tok/s.
     Generate(generate::GenerateArgs),
+    /// Serve as a pipeline stage: wait for a head, load the layers it assigns, run them.
+    Worker(cluster_cmd::WorkerArgs),
     /// Write synthetic GGUF models, convert Hugging Face directories to GGUF.
     #[command(subcommand)]
     Gguf(gguf::GgufCommand),
@@ -76,6 +79,13 @@ fn main() -> ExitCode {
             }
             init_tracing("warn");
             generate::run(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Worker(args) => {
+            if let Some(n) = args.threads {
+                set_threads(n);
+            }
+            init_tracing("info");
+            cluster_cmd::run_worker(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Gguf(cmd) => {
             init_tracing("warn");

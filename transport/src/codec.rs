@@ -30,16 +30,21 @@ pub enum DecodeError {
 }
 
 /// Reads fields from a byte slice.
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
         Reader { buf }
     }
 
-    pub(crate) fn bytes(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
+    /// The next `n` bytes.
+    ///
+    /// # Errors
+    /// [`DecodeError::UnexpectedEnd`] naming `field`.
+    pub fn bytes(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
             return Err(DecodeError::UnexpectedEnd {
                 field,
@@ -52,34 +57,59 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    pub(crate) fn array<const N: usize>(
-        &mut self,
-        field: &'static str,
-    ) -> Result<[u8; N], DecodeError> {
+    /// The next `N` bytes as an array.
+    ///
+    /// # Errors
+    /// As [`Reader::bytes`].
+    pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let b = self.bytes(N, field)?;
         let mut out = [0u8; N];
         out.copy_from_slice(b);
         Ok(out)
     }
 
-    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+    /// A little-endian `u8`.
+    ///
+    /// # Errors
+    /// As [`Reader::bytes`].
+    pub fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         Ok(self.array::<1>(field)?[0])
     }
 
-    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+    /// A little-endian `u16`.
+    ///
+    /// # Errors
+    /// As [`Reader::bytes`].
+    pub fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.array(field)?))
     }
 
-    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+    /// A little-endian `u32`.
+    ///
+    /// # Errors
+    /// As [`Reader::bytes`].
+    pub fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.array(field)?))
     }
 
-    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+    /// A little-endian `u64`.
+    ///
+    /// # Errors
+    /// As [`Reader::bytes`].
+    pub fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
 
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Fails unless every byte was consumed.
-    pub(crate) fn finish(self) -> Result<(), DecodeError> {
+    ///
+    /// # Errors
+    /// [`DecodeError::TrailingBytes`].
+    pub fn finish(self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
@@ -88,11 +118,15 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Appends fields to a byte vector; encoding cannot fail.
-pub(crate) trait Writer {
+/// Appends little-endian fields to a byte vector; encoding cannot fail.
+pub trait Writer {
+    /// Appends a `u8`.
     fn put_u8(&mut self, v: u8);
+    /// Appends a `u16`.
     fn put_u16(&mut self, v: u16);
+    /// Appends a `u32`.
     fn put_u32(&mut self, v: u32);
+    /// Appends a `u64`.
     fn put_u64(&mut self, v: u64);
 }
 

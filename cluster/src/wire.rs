@@ -1,0 +1,1098 @@
+//! The cluster protocol: the messages a head and its workers exchange over authenticated links,
+//! sans-IO. Each message is one link message; its tag says which kind it is and its payload is
+//! little-endian fields read with a bounds-checked cursor, so a short, long or hostile message is
+//! a [`DecodeError`], never a panic. Lengths are checked against what remains before anything is
+//! allocated.
+
+use engine::{SamplingParams, TokenLogprob};
+use transport::codec::{DecodeError, Reader, Writer};
+
+/// The cluster protocol's version. A head and a worker of different versions refuse each other.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A content hash (SHA-256) of a model file.
+pub type Hash = [u8; 32];
+
+/// A model file a node holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelFile {
+    /// The file's name (no directory).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its SHA-256.
+    pub hash: Hash,
+}
+
+/// What a worker says about itself when a head connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Advert {
+    /// The worker's protocol version.
+    pub version: u16,
+    /// Host name.
+    pub hostname: String,
+    /// Physical memory, bytes.
+    pub mem_total: u64,
+    /// Memory available now, bytes.
+    pub mem_available: u64,
+    /// Cores this worker computes with.
+    pub cores: u32,
+    /// CPU features that matter to the kernels (e.g. "avx512f avx2 fma").
+    pub cpu_features: String,
+    /// Model files it holds.
+    pub files: Vec<ModelFile>,
+}
+
+/// The head's assignment of a stage to a worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assign {
+    /// The stage's index (the head is 0).
+    pub stage: u32,
+    /// Stages in the pipeline.
+    pub stages: u32,
+    /// First layer.
+    pub layer_start: u32,
+    /// One past the last layer.
+    pub layer_end: u32,
+    /// The model file's name.
+    pub model_name: String,
+    /// Its hash.
+    pub model_hash: Hash,
+    /// The longest sequence.
+    pub ctx: u32,
+    /// The stage's KV budget, bytes.
+    pub kv_bytes: u64,
+    /// Where the next stage listens (`None` for the last stage, which answers the head).
+    pub next: Option<String>,
+    /// A number the head draws per plan; peer links and batches of another plan are refused.
+    pub epoch: u64,
+}
+
+/// A sequence's first appearance in a micro-batch: what every stage reserves and what the last
+/// stage samples with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Open {
+    /// KV positions to reserve.
+    pub reserve: u32,
+    /// Sampling parameters and seed.
+    pub sampling: SamplingParams,
+    /// Logprobs of each sampled token, with this many alternatives.
+    pub logprobs: Option<u8>,
+    /// Logprobs of the prompt's tokens, with this many alternatives.
+    pub prompt_logprobs: Option<u8>,
+    /// The prompt (penalties and prompt logprobs need it).
+    pub prompt: Vec<u32>,
+}
+
+/// Which rows of a chunk get logits at the last stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// None.
+    Skip,
+    /// The last.
+    Last,
+    /// All (prompt logprobs).
+    All,
+}
+
+/// One sequence's share of a micro-batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkDesc {
+    /// The sequence's id (the head's).
+    pub seq: u64,
+    /// Its cache length before this chunk (a check that every stage agrees).
+    pub pos: u32,
+    /// New positions.
+    pub rows: u32,
+    /// Which rows get logits.
+    pub logits: Rows,
+    /// Sample the next token from the last row.
+    pub sample: bool,
+    /// Set on the sequence's first chunk.
+    pub open: Option<Open>,
+}
+
+/// A micro-batch: what each stage runs and hands to the next.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// The head's number for it.
+    pub id: u64,
+    /// The plan it belongs to.
+    pub epoch: u64,
+    /// Sequences to drop (finished or cancelled) before running.
+    pub releases: Vec<u64>,
+    /// The sequences, in row order.
+    pub chunks: Vec<ChunkDesc>,
+    /// Hidden states, `rows × width`, row-major.
+    pub hidden: Hidden,
+}
+
+/// Hidden states on the wire.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hidden {
+    /// Width of a row.
+    pub width: u32,
+    /// The values: f32 or bf16.
+    pub data: HiddenData,
+}
+
+/// The values of [`Hidden`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum HiddenData {
+    /// 32-bit floats.
+    F32(Vec<f32>),
+    /// bfloat16 (half the bytes; rounding changes the results slightly).
+    Bf16(Vec<half::bf16>),
+}
+
+impl HiddenData {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            HiddenData::F32(v) => v.len(),
+            HiddenData::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HiddenData::F32(v) => v.clone(),
+            HiddenData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+/// What the last stage sends back for one sequence of a micro-batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqResult {
+    /// The sequence.
+    pub seq: u64,
+    /// The sampled token, when the chunk asked for one.
+    pub token: Option<u32>,
+    /// Its logprob, when the sequence asked.
+    pub logprob: Option<TokenLogprob>,
+    /// The logprobs of the prompt tokens this chunk's rows predict.
+    pub prompt_logprobs: Vec<TokenLogprob>,
+    /// Why the sequence failed at some stage.
+    pub error: Option<String>,
+}
+
+/// The last stage's answer to a micro-batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    /// The micro-batch's id.
+    pub id: u64,
+    /// One result per chunk, in chunk order.
+    pub results: Vec<SeqResult>,
+}
+
+/// A worker's report that its stage is loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// KV positions its budget holds.
+    pub kv_capacity_tokens: u64,
+    /// Milliseconds loading took (receiving weights included).
+    pub load_ms: u64,
+    /// Weight bytes received from the head (0 when it read a file of its own).
+    pub received_bytes: u64,
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Msg {
+    /// Head → worker, first: the head's protocol version and its id.
+    HeadHello {
+        /// Protocol version.
+        version: u16,
+        /// The head's id (a worker serves one head at a time).
+        head_id: u64,
+    },
+    /// Worker → head: who it is.
+    Advert(Advert),
+    /// Either way: the sender will not go on, and why.
+    Refuse(String),
+    /// Head → worker: load this stage.
+    Assign(Assign),
+    /// Worker → head: it lacks the model; send the stage's tensors.
+    NeedWeights,
+    /// Head → worker: a stage file follows.
+    WeightsBegin {
+        /// Its size.
+        size: u64,
+        /// Its SHA-256.
+        hash: Hash,
+    },
+    /// Head → worker: a piece of the stage file.
+    WeightsChunk {
+        /// Where it goes.
+        offset: u64,
+        /// CRC-32C of the bytes.
+        crc: u32,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Worker → head: the stage is loaded.
+    Ready(Ready),
+    /// Head → worker: are you there?
+    Ping(u64),
+    /// Worker → head: here.
+    Pong(u64),
+    /// Stage k → stage k+1: a micro-batch.
+    Batch(Batch),
+    /// Last stage → head: the tokens of a micro-batch.
+    Sampled(Sampled),
+    /// Worker → head: its stage failed.
+    StageError(String),
+    /// Worker → worker, first on a peer link: which plan and stage the sender serves.
+    PeerHello {
+        /// Protocol version.
+        version: u16,
+        /// The plan.
+        epoch: u64,
+        /// The sender's stage.
+        stage: u32,
+    },
+}
+
+const T_HEAD_HELLO: u32 = 0x5100;
+const T_ADVERT: u32 = 0x5101;
+const T_REFUSE: u32 = 0x5102;
+const T_ASSIGN: u32 = 0x5103;
+const T_NEED_WEIGHTS: u32 = 0x5104;
+const T_WEIGHTS_BEGIN: u32 = 0x5105;
+const T_WEIGHTS_CHUNK: u32 = 0x5106;
+const T_READY: u32 = 0x5107;
+const T_PING: u32 = 0x5108;
+const T_PONG: u32 = 0x5109;
+const T_BATCH: u32 = 0x510a;
+const T_SAMPLED: u32 = 0x510b;
+const T_STAGE_ERROR: u32 = 0x510c;
+const T_PEER_HELLO: u32 = 0x510d;
+
+/// Longest string field, bytes.
+const MAX_STR: usize = 1 << 20;
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.put_u32(s.len() as u32);
+    b.extend_from_slice(s.as_bytes());
+}
+
+fn put_f32(b: &mut Vec<u8>, v: f32) {
+    b.put_u32(v.to_bits());
+}
+
+fn put_opt_u32(b: &mut Vec<u8>, v: Option<u32>) {
+    match v {
+        Some(v) => {
+            b.put_u8(1);
+            b.put_u32(v);
+        }
+        None => b.put_u8(0),
+    }
+}
+
+fn put_opt_f32(b: &mut Vec<u8>, v: Option<f32>) {
+    put_opt_u32(b, v.map(f32::to_bits));
+}
+
+fn put_opt_u8(b: &mut Vec<u8>, v: Option<u8>) {
+    match v {
+        Some(v) => {
+            b.put_u8(1);
+            b.put_u8(v);
+        }
+        None => b.put_u8(0),
+    }
+}
+
+fn put_logprob(b: &mut Vec<u8>, lp: &TokenLogprob) {
+    b.put_u32(lp.token);
+    put_f32(b, lp.logprob);
+    b.put_u32(lp.top.len() as u32);
+    for &(t, v) in &lp.top {
+        b.put_u32(t);
+        put_f32(b, v);
+    }
+}
+
+/// A count of items of at least `min_bytes` each, checked against what remains.
+fn count(
+    r: &Reader<'_>,
+    n: u32,
+    min_bytes: usize,
+    field: &'static str,
+) -> Result<usize, DecodeError> {
+    let n = n as usize;
+    if n.saturating_mul(min_bytes) > r.remaining() {
+        return Err(DecodeError::InvalidValue {
+            field,
+            value: format!("{n} items in {} bytes", r.remaining()),
+        });
+    }
+    Ok(n)
+}
+
+fn str(r: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeError> {
+    let n = r.u32(field)? as usize;
+    if n > MAX_STR {
+        return Err(DecodeError::InvalidValue {
+            field,
+            value: format!("{n} bytes long"),
+        });
+    }
+    let b = r.bytes(n, field)?;
+    String::from_utf8(b.to_vec()).map_err(|_| DecodeError::InvalidValue {
+        field,
+        value: "not UTF-8".into(),
+    })
+}
+
+fn f32(r: &mut Reader<'_>, field: &'static str) -> Result<f32, DecodeError> {
+    Ok(f32::from_bits(r.u32(field)?))
+}
+
+fn flag(r: &mut Reader<'_>, field: &'static str) -> Result<bool, DecodeError> {
+    match r.u8(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(DecodeError::InvalidValue {
+            field,
+            value: v.to_string(),
+        }),
+    }
+}
+
+fn opt_u32(r: &mut Reader<'_>, field: &'static str) -> Result<Option<u32>, DecodeError> {
+    Ok(if flag(r, field)? {
+        Some(r.u32(field)?)
+    } else {
+        None
+    })
+}
+
+fn opt_f32(r: &mut Reader<'_>, field: &'static str) -> Result<Option<f32>, DecodeError> {
+    Ok(opt_u32(r, field)?.map(f32::from_bits))
+}
+
+fn opt_u8(r: &mut Reader<'_>, field: &'static str) -> Result<Option<u8>, DecodeError> {
+    Ok(if flag(r, field)? {
+        Some(r.u8(field)?)
+    } else {
+        None
+    })
+}
+
+fn hash(r: &mut Reader<'_>, field: &'static str) -> Result<Hash, DecodeError> {
+    r.array::<32>(field)
+}
+
+fn logprob(r: &mut Reader<'_>) -> Result<TokenLogprob, DecodeError> {
+    let token = r.u32("logprob token")?;
+    let logprob = f32(r, "logprob")?;
+    let n = r.u32("top count")?;
+    let n = count(r, n, 8, "top count")?;
+    let mut top = Vec::with_capacity(n);
+    for _ in 0..n {
+        top.push((r.u32("top token")?, f32(r, "top logprob")?));
+    }
+    Ok(TokenLogprob {
+        token,
+        logprob,
+        top,
+    })
+}
+
+fn u32s(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u32>, DecodeError> {
+    let n = r.u32(field)?;
+    let n = count(r, n, 4, field)?;
+    (0..n).map(|_| r.u32(field)).collect()
+}
+
+impl Msg {
+    /// The message's tag and payload.
+    pub fn encode(&self) -> (u32, Vec<u8>) {
+        let mut b = Vec::new();
+        let tag = match self {
+            Msg::HeadHello { version, head_id } => {
+                b.put_u16(*version);
+                b.put_u64(*head_id);
+                T_HEAD_HELLO
+            }
+            Msg::Advert(a) => {
+                b.put_u16(a.version);
+                put_str(&mut b, &a.hostname);
+                b.put_u64(a.mem_total);
+                b.put_u64(a.mem_available);
+                b.put_u32(a.cores);
+                put_str(&mut b, &a.cpu_features);
+                b.put_u32(a.files.len() as u32);
+                for f in &a.files {
+                    put_str(&mut b, &f.name);
+                    b.put_u64(f.size);
+                    b.extend_from_slice(&f.hash);
+                }
+                T_ADVERT
+            }
+            Msg::Refuse(why) => {
+                put_str(&mut b, why);
+                T_REFUSE
+            }
+            Msg::Assign(a) => {
+                b.put_u32(a.stage);
+                b.put_u32(a.stages);
+                b.put_u32(a.layer_start);
+                b.put_u32(a.layer_end);
+                put_str(&mut b, &a.model_name);
+                b.extend_from_slice(&a.model_hash);
+                b.put_u32(a.ctx);
+                b.put_u64(a.kv_bytes);
+                match &a.next {
+                    Some(n) => {
+                        b.put_u8(1);
+                        put_str(&mut b, n);
+                    }
+                    None => b.put_u8(0),
+                }
+                b.put_u64(a.epoch);
+                T_ASSIGN
+            }
+            Msg::NeedWeights => T_NEED_WEIGHTS,
+            Msg::WeightsBegin { size, hash } => {
+                b.put_u64(*size);
+                b.extend_from_slice(hash);
+                T_WEIGHTS_BEGIN
+            }
+            Msg::WeightsChunk { offset, crc, bytes } => {
+                b.reserve(12 + bytes.len());
+                b.put_u64(*offset);
+                b.put_u32(*crc);
+                b.extend_from_slice(bytes);
+                T_WEIGHTS_CHUNK
+            }
+            Msg::Ready(r) => {
+                b.put_u64(r.kv_capacity_tokens);
+                b.put_u64(r.load_ms);
+                b.put_u64(r.received_bytes);
+                T_READY
+            }
+            Msg::Ping(t) => {
+                b.put_u64(*t);
+                T_PING
+            }
+            Msg::Pong(t) => {
+                b.put_u64(*t);
+                T_PONG
+            }
+            Msg::Batch(batch) => {
+                encode_batch(&mut b, batch);
+                T_BATCH
+            }
+            Msg::Sampled(s) => {
+                b.put_u64(s.id);
+                b.put_u32(s.results.len() as u32);
+                for r in &s.results {
+                    b.put_u64(r.seq);
+                    put_opt_u32(&mut b, r.token);
+                    match &r.logprob {
+                        Some(lp) => {
+                            b.put_u8(1);
+                            put_logprob(&mut b, lp);
+                        }
+                        None => b.put_u8(0),
+                    }
+                    b.put_u32(r.prompt_logprobs.len() as u32);
+                    for lp in &r.prompt_logprobs {
+                        put_logprob(&mut b, lp);
+                    }
+                    match &r.error {
+                        Some(e) => {
+                            b.put_u8(1);
+                            put_str(&mut b, e);
+                        }
+                        None => b.put_u8(0),
+                    }
+                }
+                T_SAMPLED
+            }
+            Msg::StageError(e) => {
+                put_str(&mut b, e);
+                T_STAGE_ERROR
+            }
+            Msg::PeerHello {
+                version,
+                epoch,
+                stage,
+            } => {
+                b.put_u16(*version);
+                b.put_u64(*epoch);
+                b.put_u32(*stage);
+                T_PEER_HELLO
+            }
+        };
+        (tag, b)
+    }
+
+    /// Decodes a message from its tag and payload.
+    ///
+    /// # Errors
+    /// [`DecodeError`] for an unknown tag, a short or long payload, or a value out of range.
+    pub fn decode(tag: u32, payload: &[u8]) -> Result<Msg, DecodeError> {
+        let mut r = Reader::new(payload);
+        let m = match tag {
+            T_HEAD_HELLO => Msg::HeadHello {
+                version: r.u16("version")?,
+                head_id: r.u64("head id")?,
+            },
+            T_ADVERT => {
+                let version = r.u16("version")?;
+                let hostname = str(&mut r, "hostname")?;
+                let mem_total = r.u64("memory total")?;
+                let mem_available = r.u64("memory available")?;
+                let cores = r.u32("cores")?;
+                let cpu_features = str(&mut r, "cpu features")?;
+                let n = r.u32("file count")?;
+                let n = count(&r, n, 44, "file count")?;
+                let mut files = Vec::with_capacity(n);
+                for _ in 0..n {
+                    files.push(ModelFile {
+                        name: str(&mut r, "file name")?,
+                        size: r.u64("file size")?,
+                        hash: hash(&mut r, "file hash")?,
+                    });
+                }
+                Msg::Advert(Advert {
+                    version,
+                    hostname,
+                    mem_total,
+                    mem_available,
+                    cores,
+                    cpu_features,
+                    files,
+                })
+            }
+            T_REFUSE => Msg::Refuse(str(&mut r, "reason")?),
+            T_ASSIGN => Msg::Assign(Assign {
+                stage: r.u32("stage")?,
+                stages: r.u32("stages")?,
+                layer_start: r.u32("layer start")?,
+                layer_end: r.u32("layer end")?,
+                model_name: str(&mut r, "model name")?,
+                model_hash: hash(&mut r, "model hash")?,
+                ctx: r.u32("ctx")?,
+                kv_bytes: r.u64("kv bytes")?,
+                next: if flag(&mut r, "next")? {
+                    Some(str(&mut r, "next")?)
+                } else {
+                    None
+                },
+                epoch: r.u64("epoch")?,
+            }),
+            T_NEED_WEIGHTS => Msg::NeedWeights,
+            T_WEIGHTS_BEGIN => Msg::WeightsBegin {
+                size: r.u64("size")?,
+                hash: hash(&mut r, "hash")?,
+            },
+            T_WEIGHTS_CHUNK => {
+                let offset = r.u64("offset")?;
+                let crc = r.u32("crc")?;
+                let n = r.remaining();
+                let bytes = r.bytes(n, "bytes")?.to_vec();
+                Msg::WeightsChunk { offset, crc, bytes }
+            }
+            T_READY => Msg::Ready(Ready {
+                kv_capacity_tokens: r.u64("kv capacity")?,
+                load_ms: r.u64("load ms")?,
+                received_bytes: r.u64("received bytes")?,
+            }),
+            T_PING => Msg::Ping(r.u64("ping")?),
+            T_PONG => Msg::Pong(r.u64("pong")?),
+            T_BATCH => Msg::Batch(decode_batch(&mut r)?),
+            T_SAMPLED => {
+                let id = r.u64("batch id")?;
+                let n = r.u32("result count")?;
+                let n = count(&r, n, 14, "result count")?;
+                let mut results = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let seq = r.u64("seq")?;
+                    let token = opt_u32(&mut r, "token")?;
+                    let lp = if flag(&mut r, "logprob")? {
+                        Some(logprob(&mut r)?)
+                    } else {
+                        None
+                    };
+                    let k = r.u32("prompt logprob count")?;
+                    let k = count(&r, k, 12, "prompt logprob count")?;
+                    let prompt_logprobs =
+                        (0..k).map(|_| logprob(&mut r)).collect::<Result<_, _>>()?;
+                    let error = if flag(&mut r, "error")? {
+                        Some(str(&mut r, "error")?)
+                    } else {
+                        None
+                    };
+                    results.push(SeqResult {
+                        seq,
+                        token,
+                        logprob: lp,
+                        prompt_logprobs,
+                        error,
+                    });
+                }
+                Msg::Sampled(Sampled { id, results })
+            }
+            T_STAGE_ERROR => Msg::StageError(str(&mut r, "error")?),
+            T_PEER_HELLO => Msg::PeerHello {
+                version: r.u16("version")?,
+                epoch: r.u64("epoch")?,
+                stage: r.u32("stage")?,
+            },
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "message tag",
+                    value: format!("{other:#x}"),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+fn encode_batch(b: &mut Vec<u8>, batch: &Batch) {
+    b.put_u64(batch.id);
+    b.put_u64(batch.epoch);
+    b.put_u32(batch.releases.len() as u32);
+    for &s in &batch.releases {
+        b.put_u64(s);
+    }
+    b.put_u32(batch.chunks.len() as u32);
+    for c in &batch.chunks {
+        b.put_u64(c.seq);
+        b.put_u32(c.pos);
+        b.put_u32(c.rows);
+        b.put_u8(match c.logits {
+            Rows::Skip => 0,
+            Rows::Last => 1,
+            Rows::All => 2,
+        });
+        b.put_u8(u8::from(c.sample));
+        match &c.open {
+            Some(o) => {
+                b.put_u8(1);
+                b.put_u32(o.reserve);
+                let s = &o.sampling;
+                put_f32(b, s.temperature);
+                put_opt_u32(b, s.top_k.map(|k| k.min(u32::MAX as usize) as u32));
+                put_opt_f32(b, s.top_p);
+                put_opt_f32(b, s.min_p);
+                put_f32(b, s.presence_penalty);
+                put_f32(b, s.frequency_penalty);
+                put_f32(b, s.repetition_penalty);
+                b.put_u64(s.seed);
+                put_opt_u8(b, o.logprobs);
+                put_opt_u8(b, o.prompt_logprobs);
+                b.put_u32(o.prompt.len() as u32);
+                for &t in &o.prompt {
+                    b.put_u32(t);
+                }
+            }
+            None => b.put_u8(0),
+        }
+    }
+    b.put_u32(batch.hidden.width);
+    match &batch.hidden.data {
+        HiddenData::F32(v) => {
+            b.put_u8(0);
+            b.put_u32(v.len() as u32);
+            b.extend_from_slice(bytemuck_f32(v));
+        }
+        HiddenData::Bf16(v) => {
+            b.put_u8(1);
+            b.put_u32(v.len() as u32);
+            b.reserve(v.len() * 2);
+            for x in v {
+                b.extend_from_slice(&x.to_bits().to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The bytes of an f32 slice (little-endian hosts only, as the whole cluster is).
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact and the
+    // lifetime is the slice's.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+fn decode_batch(r: &mut Reader<'_>) -> Result<Batch, DecodeError> {
+    let id = r.u64("batch id")?;
+    let epoch = r.u64("epoch")?;
+    let n = r.u32("release count")?;
+    let n = count(r, n, 8, "release count")?;
+    let releases = (0..n).map(|_| r.u64("release")).collect::<Result<_, _>>()?;
+    let n = r.u32("chunk count")?;
+    let n = count(r, n, 19, "chunk count")?;
+    let mut chunks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let seq = r.u64("seq")?;
+        let pos = r.u32("pos")?;
+        let rows = r.u32("rows")?;
+        let logits = match r.u8("logits")? {
+            0 => Rows::Skip,
+            1 => Rows::Last,
+            2 => Rows::All,
+            v => {
+                return Err(DecodeError::InvalidValue {
+                    field: "logits",
+                    value: v.to_string(),
+                });
+            }
+        };
+        let sample = flag(r, "sample")?;
+        let open = if flag(r, "open")? {
+            let reserve = r.u32("reserve")?;
+            let sampling = SamplingParams {
+                temperature: f32(r, "temperature")?,
+                top_k: opt_u32(r, "top_k")?.map(|k| k as usize),
+                top_p: opt_f32(r, "top_p")?,
+                min_p: opt_f32(r, "min_p")?,
+                presence_penalty: f32(r, "presence penalty")?,
+                frequency_penalty: f32(r, "frequency penalty")?,
+                repetition_penalty: f32(r, "repetition penalty")?,
+                seed: r.u64("seed")?,
+            };
+            Some(Open {
+                reserve,
+                sampling,
+                logprobs: opt_u8(r, "logprobs")?,
+                prompt_logprobs: opt_u8(r, "prompt logprobs")?,
+                prompt: u32s(r, "prompt")?,
+            })
+        } else {
+            None
+        };
+        chunks.push(ChunkDesc {
+            seq,
+            pos,
+            rows,
+            logits,
+            sample,
+            open,
+        });
+    }
+    let width = r.u32("width")?;
+    let data = match r.u8("hidden dtype")? {
+        0 => {
+            let n = r.u32("hidden len")?;
+            let n = count(r, n, 4, "hidden len")?;
+            let bytes = r.bytes(n * 4, "hidden")?;
+            HiddenData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        }
+        1 => {
+            let n = r.u32("hidden len")?;
+            let n = count(r, n, 2, "hidden len")?;
+            let bytes = r.bytes(n * 2, "hidden")?;
+            HiddenData::Bf16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+            )
+        }
+        v => {
+            return Err(DecodeError::InvalidValue {
+                field: "hidden dtype",
+                value: v.to_string(),
+            });
+        }
+    };
+    let rows: u64 = chunks.iter().map(|c| u64::from(c.rows)).sum();
+    if rows * u64::from(width) != data.len() as u64 {
+        return Err(DecodeError::InvalidValue {
+            field: "hidden",
+            value: format!("{} values for {rows} rows of {width}", data.len()),
+        });
+    }
+    Ok(Batch {
+        id,
+        epoch,
+        releases,
+        chunks,
+        hidden: Hidden { width, data },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sampling() -> impl Strategy<Value = SamplingParams> {
+        (
+            0.0f32..2.0,
+            proptest::option::of(1usize..100),
+            proptest::option::of(0.0f32..1.0),
+            proptest::option::of(0.0f32..1.0),
+            -2.0f32..2.0,
+            any::<u64>(),
+        )
+            .prop_map(|(t, k, p, m, pen, seed)| SamplingParams {
+                temperature: t,
+                top_k: k,
+                top_p: p,
+                min_p: m,
+                presence_penalty: pen,
+                frequency_penalty: -pen,
+                repetition_penalty: 1.0 + pen.abs(),
+                seed,
+            })
+    }
+
+    fn logprob() -> impl Strategy<Value = TokenLogprob> {
+        (
+            any::<u32>(),
+            -50.0f32..0.0,
+            proptest::collection::vec((any::<u32>(), -50.0f32..0.0), 0..4),
+        )
+            .prop_map(|(token, logprob, top)| TokenLogprob {
+                token,
+                logprob,
+                top,
+            })
+    }
+
+    fn batch() -> impl Strategy<Value = Batch> {
+        let open = proptest::option::of((
+            any::<u32>(),
+            sampling(),
+            proptest::option::of(0u8..21),
+            proptest::option::of(0u8..21),
+            proptest::collection::vec(any::<u32>(), 0..20),
+        ));
+        let chunk = (
+            any::<u64>(),
+            any::<u32>(),
+            1u32..5,
+            0u8..3,
+            any::<bool>(),
+            open,
+        );
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u64>(), 0..5),
+            proptest::collection::vec(chunk, 0..5),
+            1u32..6,
+            any::<bool>(),
+        )
+            .prop_map(|(id, epoch, releases, chunks, width, bf16)| {
+                let chunks: Vec<ChunkDesc> = chunks
+                    .into_iter()
+                    .map(|(seq, pos, rows, l, sample, open)| ChunkDesc {
+                        seq,
+                        pos,
+                        rows,
+                        logits: [Rows::Skip, Rows::Last, Rows::All][l as usize],
+                        sample,
+                        open: open.map(|(reserve, sampling, logprobs, prompt_logprobs, prompt)| {
+                            Open {
+                                reserve,
+                                sampling,
+                                logprobs,
+                                prompt_logprobs,
+                                prompt,
+                            }
+                        }),
+                    })
+                    .collect();
+                let n = chunks.iter().map(|c| c.rows as usize).sum::<usize>() * width as usize;
+                let vals: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 3.0).collect();
+                let data = if bf16 {
+                    HiddenData::Bf16(vals.iter().map(|&v| half::bf16::from_f32(v)).collect())
+                } else {
+                    HiddenData::F32(vals)
+                };
+                Batch {
+                    id,
+                    epoch,
+                    releases,
+                    chunks,
+                    hidden: Hidden { width, data },
+                }
+            })
+    }
+
+    fn msg() -> impl Strategy<Value = Msg> {
+        let file = ("[a-z.]{1,12}", any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(name, size, hash)| ModelFile { name, size, hash });
+        let advert = (
+            any::<u16>(),
+            "[a-z-]{0,10}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            "[a-z0-9 ]{0,20}",
+            proptest::collection::vec(file, 0..3),
+        )
+            .prop_map(
+                |(version, hostname, mem_total, mem_available, cores, cpu_features, files)| {
+                    Msg::Advert(Advert {
+                        version,
+                        hostname,
+                        mem_total,
+                        mem_available,
+                        cores,
+                        cpu_features,
+                        files,
+                    })
+                },
+            );
+        let assign = (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            "[a-z.]{0,12}",
+            any::<[u8; 32]>(),
+            any::<u32>(),
+            any::<u64>(),
+            proptest::option::of("[0-9.:]{1,21}"),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(
+                    stage,
+                    stages,
+                    layer_start,
+                    layer_end,
+                    model_name,
+                    model_hash,
+                    ctx,
+                    kv_bytes,
+                    next,
+                    epoch,
+                )| {
+                    Msg::Assign(Assign {
+                        stage,
+                        stages,
+                        layer_start,
+                        layer_end,
+                        model_name,
+                        model_hash,
+                        ctx,
+                        kv_bytes,
+                        next,
+                        epoch,
+                    })
+                },
+            );
+        let result = (
+            any::<u64>(),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(logprob()),
+            proptest::collection::vec(logprob(), 0..3),
+            proptest::option::of("[a-z ]{0,20}"),
+        )
+            .prop_map(|(seq, token, logprob, prompt_logprobs, error)| SeqResult {
+                seq,
+                token,
+                logprob,
+                prompt_logprobs,
+                error,
+            });
+        prop_oneof![
+            (any::<u16>(), any::<u64>())
+                .prop_map(|(version, head_id)| Msg::HeadHello { version, head_id }),
+            advert,
+            ".{0,40}".prop_map(Msg::Refuse),
+            assign,
+            Just(Msg::NeedWeights),
+            (any::<u64>(), any::<[u8; 32]>())
+                .prop_map(|(size, hash)| Msg::WeightsBegin { size, hash }),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(offset, crc, bytes)| Msg::WeightsChunk {
+                    offset,
+                    crc,
+                    bytes
+                }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Msg::Ready(Ready {
+                kv_capacity_tokens: a,
+                load_ms: b,
+                received_bytes: c
+            })),
+            any::<u64>().prop_map(Msg::Ping),
+            any::<u64>().prop_map(Msg::Pong),
+            batch().prop_map(Msg::Batch),
+            (any::<u64>(), proptest::collection::vec(result, 0..4))
+                .prop_map(|(id, results)| Msg::Sampled(Sampled { id, results })),
+            ".{0,40}".prop_map(Msg::StageError),
+            (any::<u16>(), any::<u64>(), any::<u32>()).prop_map(|(version, epoch, stage)| {
+                Msg::PeerHello {
+                    version,
+                    epoch,
+                    stage,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(m in msg()) {
+            let (tag, payload) = m.encode();
+            prop_assert_eq!(Msg::decode(tag, &payload).unwrap(), m);
+        }
+
+        #[test]
+        fn truncated_or_extended_messages_are_errors(m in msg(), cut in any::<proptest::sample::Index>(), extra in 1usize..4) {
+            let (tag, payload) = m.encode();
+            if !payload.is_empty() {
+                let at = cut.index(payload.len());
+                // a prefix may decode only if it is the whole message
+                if let Ok(d) = Msg::decode(tag, &payload[..at]) {
+                    // a weights chunk's bytes run to the end: a prefix is a shorter chunk
+                    prop_assert!(matches!(d, Msg::WeightsChunk { .. }), "prefix decoded to {d:?}");
+                }
+            }
+            let mut long = payload.clone();
+            long.extend(std::iter::repeat_n(0u8, extra));
+            if let Ok(d) = Msg::decode(tag, &long) {
+                prop_assert!(matches!(d, Msg::WeightsChunk { .. }), "extended decoded to {d:?}");
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(tag in 0x5100u32..0x5110, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Msg::decode(tag, &payload);
+        }
+    }
+
+    #[test]
+    fn a_huge_count_is_refused_before_allocating() {
+        let mut b = Vec::new();
+        b.put_u64(1);
+        b.put_u64(2);
+        b.put_u32(u32::MAX); // releases
+        let e = Msg::decode(T_BATCH, &b).unwrap_err();
+        assert!(e.to_string().contains("release count"), "{e}");
+    }
+
+    #[test]
+    fn unknown_tags_are_errors() {
+        assert!(Msg::decode(7, &[]).is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! `sinew worker` (a pipeline stage waiting for a head) and the head side of `sinew generate
+//! --workers` (a prompt run through a cluster).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use cluster::{BatchOptions, Cluster, ClusterOptions, WorkerOptions};
+use transport::{LinkConfig, TransportChoice, WaitStrategy};
+
+use crate::keys::KeyArgs;
+
+/// Arguments of `sinew worker`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Address to listen on for a head and for the previous stage.
+    #[arg(long, default_value = "0.0.0.0:7471")]
+    listen: String,
+    /// A model file this worker holds (repeatable); a head serving the same file (same hash) has
+    /// the worker load its layers from it, otherwise it sends them.
+    #[arg(long)]
+    model: Vec<PathBuf>,
+    /// Where received stages and file hashes are kept (default: ~/.cache/sinew).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Compute threads (default: all cores). Applied by `main` before any thread starts.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    link: LinkArgs,
+}
+
+/// Link settings shared by the head and the workers.
+#[derive(Args, Debug, Clone)]
+pub struct LinkArgs {
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Backend of the cluster's links: auto, tcp, uring, shm or rdma.
+    #[arg(long, default_value = "auto")]
+    transport: TransportChoice,
+    /// How a link waits for its peer: block (no CPU while idle), adaptive or spin.
+    #[arg(long, default_value = "adaptive")]
+    wait: WaitStrategy,
+    /// Hidden states on the wire in bf16 (half the bytes, slightly different results).
+    #[arg(long)]
+    bf16: bool,
+}
+
+impl LinkArgs {
+    fn config(&self) -> anyhow::Result<LinkConfig> {
+        let mut cfg = LinkConfig::new(self.key.resolve()?);
+        cfg.transport = self.transport;
+        cfg.wait = self.wait;
+        Ok(cfg)
+    }
+}
+
+/// Runs `sinew worker` until the process is stopped.
+pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let opts = WorkerOptions {
+        listen: args.listen.clone(),
+        models: args.model.clone(),
+        cache_dir: args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(cluster::node::default_cache_dir),
+        threads,
+        link: args.link.config()?,
+        bf16: args.link.bf16,
+    };
+    cluster::worker::run(opts, |addr| {
+        println!("worker listening on {addr}");
+    })
+    .context("the worker stopped")?;
+    Ok(())
+}
+
+/// The cluster flags of `sinew generate`.
+#[derive(Args, Debug, Clone)]
+pub struct HeadArgs {
+    /// Workers (host:port, comma-separated, in pipeline order): run through a cluster with this
+    /// process as the head (stage 0).
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// Run through the cluster path even without workers (a single-node cluster).
+    #[arg(long)]
+    pub cluster: bool,
+    /// Layers per stage, in stage order (overrides placement), e.g. 3,3,2.
+    #[arg(long, value_delimiter = ',')]
+    pub split: Option<Vec<usize>>,
+    /// Memory each node may use, bytes (K/M/G); default: 90% of what it has available.
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub node_memory: Option<usize>,
+    /// Where stage files sent to workers are kept (default: ~/.cache/sinew).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// How long to wait for the cluster to serve.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout_s: u64,
+    #[command(flatten)]
+    pub link: LinkArgs,
+}
+
+impl HeadArgs {
+    /// Whether the run goes through a cluster.
+    pub fn enabled(&self) -> bool {
+        self.cluster || !self.workers.is_empty()
+    }
+
+    /// Starts the head and waits until it serves.
+    pub fn start(
+        &self,
+        model: &std::path::Path,
+        ctx: Option<usize>,
+        max_seqs: usize,
+        prefill_chunk: usize,
+        max_step_tokens: usize,
+    ) -> anyhow::Result<Cluster> {
+        let opts = ClusterOptions {
+            model: model.to_path_buf(),
+            workers: self.workers.clone(),
+            link: self.link.config()?,
+            ctx,
+            batch: BatchOptions {
+                max_seqs,
+                prefill_chunk,
+                max_step_tokens,
+                max_queue: 256,
+                queue_timeout: Duration::from_secs(120),
+            },
+            split: self.split.clone(),
+            bf16: self.link.bf16,
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(cluster::node::default_cache_dir),
+            memory_limit: self.node_memory.map(|m| m as u64),
+        };
+        let c = Cluster::start(opts)?;
+        if !c.wait_ready(Duration::from_secs(self.ready_timeout_s)) {
+            let s = c.state();
+            anyhow::bail!(
+                "the cluster did not become ready within {} s: {}",
+                self.ready_timeout_s,
+                s.degraded.unwrap_or_default()
+            );
+        }
+        Ok(c)
+    }
+}
