@@ -192,14 +192,8 @@ impl Core {
 
     pub(crate) fn run(mut self, rx: Receiver<Cmd>) {
         let mut oldest_in_flight: Option<Instant> = None;
+        let mut wait = Duration::ZERO;
         loop {
-            let idle = self.running.values().all(|s| !s.has_work())
-                && (self.waiting.is_empty() || self.pipe.is_none());
-            let wait = if idle {
-                Duration::from_millis(250)
-            } else {
-                Duration::ZERO
-            };
             let first = match rx.recv_timeout(wait) {
                 Ok(c) => Some(c),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -220,11 +214,22 @@ impl Core {
             if self.retiring.is_none() {
                 self.admit();
             }
+            let mut launched = false;
             while self.pipe.is_some() && self.in_flight.len() < self.depth() {
                 if !self.launch() {
                     break;
                 }
+                launched = true;
             }
+            // nothing more to start: sleep until a result or a request comes (or a cancellation
+            // or a queue deadline needs a look)
+            wait = if launched {
+                Duration::ZERO
+            } else if self.in_flight.is_empty() {
+                Duration::from_millis(250)
+            } else {
+                Duration::from_millis(20)
+            };
             if self.in_flight.is_empty() {
                 oldest_in_flight = None;
             } else {

@@ -457,19 +457,23 @@ impl Brain {
             let (tx, _rx) = link.split();
             self.down = Some(tx);
         }
-        // the same stage loaded already (a head restarted): keep it
-        if let Some((h, s, e, runner)) = &mut self.runner
-            && *h == a.model_hash
-            && *s == a.layer_start
-            && *e == a.layer_end
-            && runner.kv().ctx()
-                == (a.ctx as usize).min(runner.model().config().max_position_embeddings)
+        // the same stage loaded already (a head restarted, a re-plan): keep its weights, with a
+        // KV budget of the new assignment
+        if let Some((h, s, e, runner)) = self.runner.take()
+            && h == a.model_hash
+            && s == a.layer_start
+            && e == a.layer_end
         {
-            runner.clear();
+            let model = runner.model().clone();
+            drop(runner);
+            let kv = model.kv_pool(a.kv_bytes as usize, Some(a.ctx as usize))?;
+            let runner = StageRunner::new(model, kv, self.opts.bf16);
             let cap = runner.kv().capacity_tokens() as u64;
+            self.runner = Some((h, s, e, runner));
+            tracing::info!(kv_capacity_tokens = cap, "stage ready (weights kept)");
             self.to_head(&Msg::Ready(Ready {
                 kv_capacity_tokens: cap,
-                load_ms: 0,
+                load_ms: self.load_started.elapsed().as_millis() as u64,
                 received_bytes: 0,
             }));
             return Ok(());
