@@ -187,6 +187,45 @@ impl Node {
         (node, addr)
     }
 
+    /// Starts `sinew worker` listening on `listen` (`127.0.0.1:0` for any port) with the key in
+    /// `key`; returns it and the address it listens on.
+    pub fn worker(key: &Path, listen: &str, extra: &[&str]) -> (Node, String) {
+        let mut cmd = sinew();
+        cmd.args([
+            "worker",
+            "--threads",
+            "1",
+            "--listen",
+            listen,
+            "--cluster-key-file",
+        ])
+        .arg(key)
+        .args(extra);
+        let mut node = Node::spawn(cmd);
+        let addr = node.wait_for_line("worker listening on ", Duration::from_secs(60));
+        (node, addr)
+    }
+
+    /// Whether any line of `stream` so far contains `pattern`.
+    pub fn printed(&self, stream: Stream, pattern: &str) -> bool {
+        let lines = match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        };
+        lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.contains(pattern))
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -243,5 +282,70 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Option<Output> {
             let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
             None
         }
+    }
+}
+
+/// A TCP proxy that forwards to one address until [`Proxy::cut`] makes it drop every byte
+/// without closing anything — a cable pulled, as the peers see it.
+pub struct Proxy {
+    addr: String,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    /// Listens on an ephemeral loopback port and forwards each connection to `target`.
+    pub fn start(target: &str) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let target = target.to_string();
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { return };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        loop {
+                            let n = match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => {
+                                    let _ = to.shutdown(std::net::Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => n,
+                            };
+                            if flag.load(Ordering::Acquire) {
+                                continue; // dropped on the floor
+                            }
+                            if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { addr, cut }
+    }
+
+    /// The address to connect to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// From now on, nothing passes in either direction.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
     }
 }
