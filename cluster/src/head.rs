@@ -111,6 +111,8 @@ pub struct ClusterState {
     pub kv_capacity_tokens: usize,
     /// Tokens generated since start.
     pub generated_tokens: u64,
+    /// Tokens generated per second over the last few seconds.
+    pub tokens_per_s: f64,
     /// Micro-batches run since start.
     pub batches: u64,
 }
@@ -333,6 +335,7 @@ impl Cluster {
             kv_used_tokens: s.kv_used_tokens,
             kv_capacity_tokens: s.kv_capacity_tokens,
             generated_tokens: s.generated_tokens,
+            tokens_per_s: s.tokens_per_s,
             batches: s.batches,
         }
     }

@@ -39,8 +39,9 @@ pub struct LinkArgs {
     /// Backend of the cluster's links: auto, tcp, uring, shm or rdma.
     #[arg(long, default_value = "auto")]
     transport: TransportChoice,
-    /// How a link waits for its peer: block (no CPU while idle), adaptive or spin.
-    #[arg(long, default_value = "adaptive")]
+    /// How a link waits for its peer: block (no CPU while waiting: the default, since a spinning
+    /// reader takes the core from the stage's compute), adaptive or spin.
+    #[arg(long, default_value = "block")]
     wait: WaitStrategy,
     /// Hidden states on the wire in bf16 (half the bytes, slightly different results).
     #[arg(long)]
@@ -101,6 +102,10 @@ pub struct HeadArgs {
     /// How long to wait for the cluster to serve.
     #[arg(long, default_value_t = 120)]
     pub ready_timeout_s: u64,
+    /// Keep the head (and its stage) up this many seconds after the run, idle (for idle-CPU
+    /// measurements).
+    #[arg(long, default_value_t = 0)]
+    pub hold_s: u64,
     #[command(flatten)]
     pub link: LinkArgs,
 }

@@ -639,3 +639,140 @@ fn a_wrong_key_or_another_protocol_version_is_a_clear_refusal() {
         1
     );
 }
+
+/// Runs `ip`/`tc` arguments; panics with what they said when they fail.
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair, each end shaped by `tc tbf`; removed on
+/// drop.
+struct Netns {
+    name: String,
+    host: String,
+}
+
+impl Netns {
+    fn new(tag: &str, rate: &str) -> Netns {
+        let name = format!("sinew-{tag}-{}", std::process::id());
+        let outer = format!("sx{tag}{}", std::process::id() % 10000);
+        let inner = format!("sy{tag}{}", std::process::id() % 10000);
+        let net = if tag == "a" { 71 } else { 72 };
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            host: format!("10.{net}.0.1"),
+        };
+        sh(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &name,
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.{net}.0.2/24"),
+            "dev",
+            &outer,
+        ]);
+        sh(&["ip", "link", "set", &outer, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.{net}.0.1/24"),
+            "dev",
+            &inner,
+        ]);
+        sh(&["ip", "-n", &name, "link", "set", &inner, "up"]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        for (ns_args, dev) in [
+            (vec![], outer.as_str()),
+            (vec!["-n", name.as_str()], inner.as_str()),
+        ] {
+            let mut a = vec!["tc"];
+            a.extend(ns_args);
+            a.extend([
+                "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
+                "latency", "50ms",
+            ]);
+            sh(&a);
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn can_make_namespaces() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn a_worker_in_another_network_namespace_over_shaped_veth_links() {
+    if !can_make_namespaces() {
+        eprintln!("skipped: needs root and iproute2 (ip netns, tc)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (kpath, k) = key(dir.path());
+    let name = "mixtral";
+    let model = fixture_gguf(name);
+    let prompt = prompt_of(name);
+    let want = reference(&model, &prompt, greedy(12), Some(2));
+    for (tag, rate) in [("a", "10gbit"), ("b", "1gbit")] {
+        let ns = Netns::new(tag, rate);
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(sinew_tests::sinew_bin())
+            .args(["worker", "--threads", "1", "--transport", "tcp", "--listen"])
+            .arg(format!("{}:0", ns.host))
+            .arg("--cluster-key-file")
+            .arg(&kpath)
+            .args(["--cache-dir", &dir.path().join(tag).to_string_lossy()]);
+        let mut w = Node::spawn(cmd);
+        let addr = w.wait_for_line("worker listening on ", Duration::from_secs(60));
+        let mut opts = head_opts(&model, vec![addr], k.clone(), &dir.path().join("head"));
+        opts.link.transport = TransportChoice::Only(transport::TransportKind::TCP);
+        let c = start(opts);
+        let st = c.state();
+        assert_eq!(st.nodes[1].link.as_deref(), Some("tcp"), "{st:?}");
+        assert!(st.nodes[1].rtt_us.is_none_or(|r| r > 0.0));
+        let s = c
+            .submit(Request {
+                prompt: prompt.clone(),
+                params: greedy(12),
+                prompt_logprobs: Some(2),
+            })
+            .unwrap();
+        let got = drain(&s, Duration::from_secs(60));
+        assert!(got.error.is_none(), "{rate}: {:?}", got.error);
+        assert_eq!(got.tokens, want.tokens, "{rate}");
+        assert_same_logprobs(
+            got.prompt_lp.as_deref().unwrap(),
+            want.prompt_lp.as_deref().unwrap(),
+        );
+        drop(c);
+        drop(w);
+    }
+}

@@ -262,8 +262,14 @@ const MIN_RING: usize = 4096;
 const MAX_RING: usize = 1 << 30;
 /// How often a waiting side checks that the peer process is still there.
 const LIVENESS_EVERY: Duration = Duration::from_millis(1);
-/// Longest single futex sleep, so liveness and the deadline are checked between sleeps.
+/// Longest single futex sleep early in a wait, so liveness and the deadline are checked between
+/// sleeps.
 const MAX_SLEEP: Duration = Duration::from_millis(2);
+/// Longest single futex sleep in a long wait (an idle link): a quarter of the time waited so
+/// far, up to this. A message wakes the sleeper at once whatever the bound (the writer wakes the
+/// futex); the bound only spaces the liveness checks, so an idle link costs ~20 wake-ups a second
+/// instead of 500, and a dead peer is still noticed within 50 ms.
+const MAX_IDLE_SLEEP: Duration = Duration::from_millis(50);
 /// Spins between clock reads (deadline, liveness, end of the spin budget).
 const CLOCK_EVERY: u32 = 32;
 const SETUP_MAX: u32 = 4096;
@@ -560,7 +566,8 @@ impl<'a> Wait<'a> {
         sleeps.store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if !ready() {
-            futex_wait(sleeps, 1, deadline.remaining().min(MAX_SLEEP));
+            let bound = (self.waiter.waited() / 4).clamp(MAX_SLEEP, MAX_IDLE_SLEEP);
+            futex_wait(sleeps, 1, deadline.remaining().min(bound));
         }
         sleeps.store(0, Ordering::Relaxed);
         Ok(())
