@@ -631,7 +631,20 @@ impl Supervisor {
             let alive = alive.clone();
             std::thread::Builder::new()
                 .name("sinew-worker-rx".into())
-                .spawn(move || reader(rx, i, generation, ev, cmd, shared, alive, base))
+                .spawn(move || {
+                    reader(
+                        rx,
+                        ReaderCtx {
+                            member: i,
+                            generation,
+                            ev,
+                            cmd,
+                            shared,
+                            alive,
+                            base,
+                        },
+                    )
+                })
                 .map_err(|e| Error::io("thread", e))?;
         }
         {
@@ -1003,11 +1016,8 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
-/// Reads a worker's control link: pongs (round trip), the last stage's tokens (to the pipeline),
-/// the rest to the supervisor. Silence past [`HEARTBEAT_TIMEOUT`] or a failed link is the
-/// worker's failure.
-fn reader(
-    mut rx: Rx,
+/// What a worker's reader thread reports to and shares with.
+struct ReaderCtx {
     member: usize,
     generation: u64,
     ev: Sender<SupEv>,
@@ -1015,7 +1025,21 @@ fn reader(
     shared: Arc<Mutex<Shared>>,
     alive: Arc<AtomicBool>,
     base: Instant,
-) {
+}
+
+/// Reads a worker's control link: pongs (round trip), the last stage's tokens (to the pipeline),
+/// the rest to the supervisor. Silence past [`HEARTBEAT_TIMEOUT`] or a failed link is the
+/// worker's failure.
+fn reader(mut rx: Rx, ctx: ReaderCtx) {
+    let ReaderCtx {
+        member,
+        generation,
+        ev,
+        cmd,
+        shared,
+        alive,
+        base,
+    } = ctx;
     loop {
         if !alive.load(Ordering::Acquire) {
             return;

@@ -305,6 +305,9 @@ impl Core {
             Cmd::NodeDown { epoch, why } => {
                 if self.pipe.as_ref().is_some_and(|p| p.epoch == epoch) {
                     self.node_down(Some(epoch), &why);
+                } else if self.pipe.is_none() {
+                    // no plan serves: say why
+                    self.degraded = Some(why);
                 }
             }
             Cmd::Install(p) => {

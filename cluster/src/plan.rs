@@ -366,7 +366,7 @@ fn does_not_fit(
     let mut hints = Vec::new();
     // what the KV would have to shrink to (ignores per-node granularity, so it is a bound)
     let spare = have.saturating_sub(weights + act);
-    let positions = if kv_token == 0 { 0 } else { spare / kv_token };
+    let positions = spare.checked_div(kv_token).unwrap_or(0);
     if positions >= serving.ctx as u64 && serving.max_seqs > 1 {
         hints.push(format!(
             "--max-seqs {} (at most) fits",
@@ -383,13 +383,16 @@ fn does_not_fit(
     }
     if weights + act > have {
         hints.push(format!(
-            "the weights alone need {}: a smaller quant (Q4_K is about 0.56 bytes per weight) or another node with {} free",
-            gib(weights),
+            "the weights alone need {} with the activations, {} more than the nodes offer: a \
+             smaller quant (Q4_K is about 0.56 bytes per weight) or more nodes",
+            gib(weights + act),
             gib(weights + act - have)
         ));
-    } else {
-        hints.push(format!("or another node with {} free", gib(need - have)));
     }
+    hints.push(format!(
+        "as configured it fits with another node of {} free",
+        gib(need - have)
+    ));
     PlanError::DoesNotFit {
         need,
         weights,

@@ -363,7 +363,7 @@ impl Brain {
         }
     }
 
-    fn to_head(&mut self, m: &Msg) {
+    fn tell_head(&mut self, m: &Msg) {
         if let Some((_, tx)) = &self.head
             && let Err(e) = send_shared(tx, m)
         {
@@ -378,12 +378,12 @@ impl Brain {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "loading the stage failed");
                     self.assign = None;
-                    self.to_head(&Msg::StageError(format!("loading the stage failed: {e}")));
+                    self.tell_head(&Msg::StageError(format!("loading the stage failed: {e}")));
                 }
             }
             Msg::WeightsBegin { size, hash } => {
                 if let Err(e) = self.begin_receive(size, hash) {
-                    self.to_head(&Msg::StageError(e.to_string()));
+                    self.tell_head(&Msg::StageError(e.to_string()));
                 }
             }
             Msg::WeightsChunk { offset, crc, bytes } => {
@@ -391,7 +391,7 @@ impl Brain {
                     Ok(Some(path)) => {
                         let r = self.load_and_ready(&path);
                         if let Err(e) = r {
-                            self.to_head(&Msg::StageError(format!(
+                            self.tell_head(&Msg::StageError(format!(
                                 "loading the received stage failed: {e}"
                             )));
                         }
@@ -400,7 +400,7 @@ impl Brain {
                     Err(e) => {
                         self.receiving = None;
                         tracing::error!(error = %e, "receiving weights failed");
-                        self.to_head(&Msg::StageError(e.to_string()));
+                        self.tell_head(&Msg::StageError(e.to_string()));
                     }
                 }
             }
@@ -471,7 +471,7 @@ impl Brain {
             let cap = runner.kv().capacity_tokens() as u64;
             self.runner = Some((h, s, e, runner));
             tracing::info!(kv_capacity_tokens = cap, "stage ready (weights kept)");
-            self.to_head(&Msg::Ready(Ready {
+            self.tell_head(&Msg::Ready(Ready {
                 kv_capacity_tokens: cap,
                 load_ms: self.load_started.elapsed().as_millis() as u64,
                 received_bytes: 0,
@@ -495,7 +495,7 @@ impl Brain {
             return self.load_and_ready(&cached);
         }
         tracing::info!("this worker lacks the model: asking the head for the stage's tensors");
-        self.to_head(&Msg::NeedWeights);
+        self.tell_head(&Msg::NeedWeights);
         Ok(())
     }
 
@@ -598,7 +598,7 @@ impl Brain {
         self.runner = Some((a.model_hash, a.layer_start, a.layer_end, runner));
         let load_ms = self.load_started.elapsed().as_millis() as u64;
         tracing::info!(load_ms, kv_capacity_tokens = cap, "stage ready");
-        self.to_head(&Msg::Ready(Ready {
+        self.tell_head(&Msg::Ready(Ready {
             kv_capacity_tokens: cap,
             load_ms,
             received_bytes: received,
@@ -632,7 +632,7 @@ impl Brain {
             Ok(StageOut::Hidden(h)) => {
                 let Some(down) = self.down.as_mut() else {
                     let m = fail("no link to the next stage".into());
-                    self.to_head(&m);
+                    self.tell_head(&m);
                     return;
                 };
                 let mut next = batch;
@@ -640,11 +640,11 @@ impl Brain {
                 if let Err(e) = send(down, &Msg::Batch(next)) {
                     tracing::warn!(error = %e, "sending to the next stage failed");
                     let m = fail(format!("the next stage is unreachable: {e}"));
-                    self.to_head(&m);
+                    self.tell_head(&m);
                 }
             }
             Ok(StageOut::Sampled(results)) => {
-                self.to_head(&Msg::Sampled(Sampled { id, results }));
+                self.tell_head(&Msg::Sampled(Sampled { id, results }));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "a batch failed");
@@ -652,7 +652,7 @@ impl Brain {
                     "stage {}: {e}",
                     self.assign.as_ref().map_or(0, |a| a.stage)
                 ));
-                self.to_head(&m);
+                self.tell_head(&m);
             }
         }
     }
