@@ -54,13 +54,16 @@ pub struct ClusterOptions {
     pub cache_dir: PathBuf,
     /// Memory each node may use, instead of 90% of what it reports available.
     pub memory_limit: Option<u64>,
+    /// KV cache bytes of the whole model (spread over the stages by their layers); `None`:
+    /// room for `ctx × max_seqs` positions.
+    pub kv_memory: Option<u64>,
 }
 
 /// The context used when none is given and the model allows more.
 pub const DEFAULT_CTX: usize = 8192;
 
 /// A node as the cluster's state shows it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct NodeState {
     /// Its address (the head: "head").
     pub addr: String,
@@ -87,7 +90,7 @@ pub struct NodeState {
 }
 
 /// The cluster's state.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClusterState {
     /// The model's file name.
     pub model: String,
@@ -706,11 +709,15 @@ impl Supervisor {
                 self.held = Some(r);
             }
         }
-        let serving = Serving {
-            ctx: self.ctx,
-            max_seqs: self.opts.batch.max_seqs,
-            max_step_tokens: self.opts.batch.max_step_tokens,
-        };
+        let mut serving = Serving::new(
+            self.ctx,
+            self.opts.batch.max_seqs,
+            self.opts.batch.max_step_tokens,
+        );
+        if let (Some(bytes), Some(l)) = (self.opts.kv_memory, self.layout()?) {
+            let per_token = crate::plan::kv_bytes_per_layer_token(&l) * l.layer_bytes.len() as u64;
+            serving.kv_tokens = (bytes / per_token.max(1)) as usize;
+        }
         let held_bytes = self
             .held
             .as_ref()

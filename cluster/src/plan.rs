@@ -32,6 +32,20 @@ pub struct Serving {
     pub max_seqs: usize,
     /// Rows in one step at most.
     pub max_step_tokens: usize,
+    /// KV positions every stage holds: `ctx × max_seqs` unless a KV byte budget says otherwise.
+    pub kv_tokens: usize,
+}
+
+impl Serving {
+    /// Settings whose KV holds `ctx × max_seqs` positions.
+    pub fn new(ctx: usize, max_seqs: usize, max_step_tokens: usize) -> Self {
+        Serving {
+            ctx,
+            max_seqs,
+            max_step_tokens,
+            kv_tokens: ctx * max_seqs,
+        }
+    }
 }
 
 /// One stage of a plan.
@@ -74,9 +88,9 @@ pub struct StagePlan {
 pub enum PlanError {
     /// The nodes together hold less than the model needs.
     #[error(
-        "the model does not fit: it needs {} (weights {}, KV cache {} for {} × {} positions, \
+        "the model does not fit: it needs {} (weights {}, KV cache {} for {} positions, \
          activations {}), the nodes offer {} — {} short. {}",
-        gib(*need), gib(*weights), gib(*kv), serving.max_seqs, serving.ctx, gib(*act), gib(*have),
+        gib(*need), gib(*weights), gib(*kv), serving.kv_tokens, gib(*act), gib(*have),
         gib(need - have), hints.join("; ")
     )]
     DoesNotFit {
@@ -169,10 +183,7 @@ fn stage(
     layers: Range<usize>,
 ) -> Stage {
     let n = layout.layer_bytes.len();
-    let kv = kv_bytes_per_layer_token(layout)
-        * layers.len() as u64
-        * serving.ctx as u64
-        * serving.max_seqs as u64;
+    let kv = kv_bytes_per_layer_token(layout) * layers.len() as u64 * serving.kv_tokens as u64;
     Stage {
         node,
         weight_bytes: layout.stage_bytes(layers.clone()),
@@ -201,8 +212,7 @@ impl StagePlan {
             });
         }
         let k = nodes.len();
-        let kv_layer =
-            kv_bytes_per_layer_token(layout) * serving.ctx as u64 * serving.max_seqs as u64;
+        let kv_layer = kv_bytes_per_layer_token(layout) * serving.kv_tokens as u64;
         let cost: Vec<u64> = layout.layer_bytes.iter().map(|&b| b + kv_layer).collect();
         let total_cost: u64 = cost.iter().sum();
         // fixed costs: activations everywhere, embedding first, head last
@@ -359,7 +369,7 @@ fn does_not_fit(
     let k = nodes.len();
     let weights = layout.total_bytes();
     let kv_token = kv_bytes_per_layer_token(layout) * layout.layer_bytes.len() as u64;
-    let kv = kv_token * serving.ctx as u64 * serving.max_seqs as u64;
+    let kv = kv_token * serving.kv_tokens as u64;
     let act: u64 = (0..k)
         .map(|i| act_bytes(layout, &serving, i + 1 == k))
         .sum();
@@ -426,8 +436,8 @@ impl fmt::Display for StagePlan {
         }
         write!(
             f,
-            "KV capacity: {} sequences × {} positions",
-            self.serving.max_seqs, self.serving.ctx
+            "KV capacity: {} positions ({} sequences of up to {})",
+            self.serving.kv_tokens, self.serving.max_seqs, self.serving.ctx
         )
     }
 }
@@ -465,11 +475,7 @@ mod tests {
     }
 
     fn serving() -> Serving {
-        Serving {
-            ctx: 256,
-            max_seqs: 4,
-            max_step_tokens: 64,
-        }
+        Serving::new(256, 4, 64)
     }
 
     proptest! {
@@ -556,11 +562,7 @@ mod tests {
             "{e}"
         );
         // weights fit, the KV does not: fewer sequences help
-        let s = Serving {
-            ctx: 32768,
-            max_seqs: 64,
-            max_step_tokens: 64,
-        };
+        let s = Serving::new(32768, 64, 64);
         let nodes = [NodeBudget {
             name: "a".into(),
             usable: 4 << 30,

@@ -45,11 +45,12 @@ pub struct LinkArgs {
     wait: WaitStrategy,
     /// Hidden states on the wire in bf16 (half the bytes, slightly different results).
     #[arg(long)]
-    bf16: bool,
+    pub bf16: bool,
 }
 
 impl LinkArgs {
-    fn config(&self) -> anyhow::Result<LinkConfig> {
+    /// The link settings these flags give.
+    pub fn config(&self) -> anyhow::Result<LinkConfig> {
         let mut cfg = LinkConfig::new(self.key.resolve()?);
         cfg.transport = self.transport;
         cfg.wait = self.wait;
@@ -144,6 +145,7 @@ impl HeadArgs {
                 .clone()
                 .unwrap_or_else(cluster::node::default_cache_dir),
             memory_limit: self.node_memory.map(|m| m as u64),
+            kv_memory: None,
         };
         let c = Cluster::start(opts)?;
         if !c.wait_ready(Duration::from_secs(self.ready_timeout_s)) {

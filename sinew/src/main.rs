@@ -9,6 +9,7 @@ mod generate;
 mod gguf;
 mod keys;
 mod link;
+mod serve;
 mod units;
 
 use std::process::ExitCode;
@@ -32,6 +33,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run a model on one prompt: stream the text, report prefill and decode tok/s.
     Generate(generate::GenerateArgs),
+    /// Serve a model with the OpenAI-compatible HTTP API, alone or as the head of workers.
+    Serve(serve::ServeArgs),
+    /// Show a serving cluster: nodes, layers, memory, links, requests, tok/s.
+    Status(serve::StatusArgs),
     /// Serve as a pipeline stage: wait for a head, load the layers it assigns, run them.
     Worker(cluster_cmd::WorkerArgs),
     /// Write synthetic GGUF models, convert Hugging Face directories to GGUF.
@@ -79,6 +84,17 @@ fn main() -> ExitCode {
             }
             init_tracing("warn");
             generate::run(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => {
+            if let Some(n) = args.threads {
+                set_threads(n);
+            }
+            init_tracing("info");
+            serve::run(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            init_tracing("warn");
+            serve::status(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Worker(args) => {
             if let Some(n) = args.threads {

@@ -88,6 +88,7 @@ fn head_opts(model: &Path, workers: Vec<String>, key: ClusterKey, cache: &Path) 
         bf16: false,
         cache_dir: cache.to_path_buf(),
         memory_limit: None,
+        kv_memory: None,
     }
 }
 
