@@ -49,6 +49,18 @@ pub struct LinkArgs {
 }
 
 impl LinkArgs {
+    /// Defaults with the key in `file`.
+    pub fn with_key_file(file: &std::path::Path) -> Self {
+        LinkArgs {
+            key: KeyArgs {
+                cluster_key_file: Some(file.to_path_buf()),
+            },
+            transport: TransportChoice::Auto,
+            wait: WaitStrategy::Block,
+            bf16: false,
+        }
+    }
+
     /// The link settings these flags give.
     pub fn config(&self) -> anyhow::Result<LinkConfig> {
         let mut cfg = LinkConfig::new(self.key.resolve()?);

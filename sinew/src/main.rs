@@ -5,6 +5,7 @@
 
 mod bench;
 mod cluster_cmd;
+mod demo;
 mod generate;
 mod gguf;
 mod keys;
@@ -35,6 +36,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve a model with the OpenAI-compatible HTTP API, alone or as the head of workers.
     Serve(serve::ServeArgs),
+    /// Start a local cluster (the head and workers) on a built-in model and chat with it.
+    Demo(demo::DemoArgs),
     /// Show a serving cluster: nodes, layers, memory, links, requests, tok/s.
     Status(serve::StatusArgs),
     /// Serve as a pipeline stage: wait for a head, load the layers it assigns, run them.
@@ -91,6 +94,11 @@ fn main() -> ExitCode {
             }
             init_tracing("info");
             serve::run(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            set_threads(1);
+            init_tracing("warn");
+            demo::run(args).map(|()| ExitCode::SUCCESS)
         }
         Command::Status(args) => {
             init_tracing("warn");
