@@ -5,7 +5,7 @@ set -euo pipefail
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-packages=(build-essential pkg-config ca-certificates curl iproute2 util-linux python3 libibverbs-dev)
+packages=(build-essential pkg-config ca-certificates curl iproute2 util-linux python3 python3-venv libibverbs-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

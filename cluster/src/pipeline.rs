@@ -222,9 +222,12 @@ impl Core {
             if self.retiring.is_none() {
                 self.admit();
             }
+            // at most one micro-batch per free slot, then back to the commands: new requests,
+            // cancellations and results are taken between steps (on a single node every step
+            // completes at once and the slot is free again)
             let mut launched = false;
-            while self.pipe.is_some() && self.in_flight.len() < self.depth() {
-                if !self.launch() {
+            for _ in 0..self.depth() {
+                if self.pipe.is_none() || self.in_flight.len() >= self.depth() || !self.launch() {
                     break;
                 }
                 launched = true;

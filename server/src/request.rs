@@ -234,6 +234,8 @@ fn common(f: &mut Fields<'_>, default_max: Option<usize>) -> Result<Common, ApiE
         Some(other) => return Err(type_error("stream_options", "an object", other)),
     };
     let stop = f.stop()?;
+    // vLLM's extension: generate max_tokens whatever the end-of-sequence tokens say
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     let seed = seed.map_or_else(random_seed, |s| s as u64);
     Ok(Common {
         model,
@@ -250,7 +252,7 @@ fn common(f: &mut Fields<'_>, default_max: Option<usize>) -> Result<Common, ApiE
                 seed,
             },
             stop,
-            ignore_eos: false,
+            ignore_eos,
             logprobs: None,
         },
         n,

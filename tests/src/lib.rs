@@ -206,6 +206,23 @@ impl Node {
         (node, addr)
     }
 
+    /// Starts `sinew serve --http 127.0.0.1:0` with `args`; returns it and its base URL
+    /// (`http://ADDR/v1`) once it serves.
+    pub fn serve(args: &[&str]) -> (Node, String) {
+        let mut cmd = sinew();
+        cmd.args(["serve", "--threads", "1", "--http", "127.0.0.1:0"])
+            .args(args);
+        let mut node = Node::spawn(cmd);
+        let line = node.wait_for(Stream::Stdout, "sinew serving ", Duration::from_secs(120));
+        let url = line
+            .split(" at ")
+            .nth(1)
+            .expect("the serving line names the URL")
+            .trim()
+            .to_string();
+        (node, url)
+    }
+
     /// Whether any line of `stream` so far contains `pattern`.
     pub fn printed(&self, stream: Stream, pattern: &str) -> bool {
         let lines = match stream {
