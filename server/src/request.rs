@@ -505,6 +505,7 @@ pub fn completion(body: &Value) -> Result<CompletionRequest, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     #[test]
@@ -606,7 +607,7 @@ mod tests {
         #[test]
         fn arbitrary_field_values_never_panic(
             key in proptest::sample::select(vec!["model", "messages", "temperature", "top_p", "n", "stop", "seed", "max_tokens", "logprobs", "top_logprobs", "stream", "stream_options", "prompt", "echo", "best_of", "suffix"]),
-            val in proptest::prelude::any::<i64>().prop_map(Value::from),
+            val in any::<i64>().prop_map(Value::from),
         ) {
             let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": "x"});
             b[key] = val.clone();

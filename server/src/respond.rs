@@ -154,9 +154,8 @@ const STALL: Duration = Duration::from_secs(600);
 /// A 503 envelope when a choice failed in the cluster.
 pub fn collect(job: Job, text: &Text, metrics: &Metrics) -> Result<Value, ApiError> {
     let mut runs: Vec<Run> = job.choices.into_iter().map(new_run).collect();
-    for i in 0..runs.len() {
-        let echo_text = runs[i].c.echo.then(|| prompt_echo(text, &mut runs[i]));
-        let r = &mut runs[i];
+    for r in runs.iter_mut() {
+        let echo_text = r.c.echo.then(|| prompt_echo(text, r));
         let end = Instant::now() + STALL;
         while !r.done {
             let left = end.saturating_duration_since(Instant::now());
@@ -224,7 +223,7 @@ fn new_run(c: Choice) -> Run {
 }
 
 /// The prompt text to echo; its logprobs are filled in when the prompt logprobs arrive.
-fn prompt_echo(text: &Text, r: &mut Run) -> String {
+fn prompt_echo(text: &Text, r: &Run) -> String {
     text.decode(&r.c.prompt).unwrap_or_default()
 }
 

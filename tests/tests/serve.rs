@@ -216,7 +216,7 @@ fn a_single_node_serves_every_route() {
     let usage = &r.body["usage"];
     assert_eq!(usage["prompt_tokens"], ids.len());
     let completion_tokens = usage["completion_tokens"].as_u64().unwrap();
-    assert!(completion_tokens >= 1 && completion_tokens <= 12);
+    assert!((1..=12).contains(&completion_tokens));
     assert_eq!(usage["total_tokens"], ids.len() as u64 + completion_tokens);
     let mut sb = body.clone();
     sb["stream"] = json!(true);
