@@ -594,3 +594,204 @@ fn a_head_with_two_workers_serves_and_fails_cleanly_when_one_dies() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A small deterministic generator for the fuzzed bodies.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn value(&mut self, depth: u32) -> Value {
+        match self.below(if depth > 2 { 6 } else { 8 }) {
+            0 => Value::Null,
+            1 => json!(self.below(2) == 0),
+            2 => json!(self.below(600) as i64 - 300),
+            3 => json!((self.below(1000) as f64 - 500.0) / 37.0),
+            4 => json!(["x", "stop", "", "\u{1f600}", "{", "user"][self.below(6) as usize]),
+            5 => json!("a".repeat(self.below(40) as usize)),
+            6 => Value::Array((0..self.below(4)).map(|_| self.value(depth + 1)).collect()),
+            _ => {
+                let keys = [
+                    "role",
+                    "content",
+                    "type",
+                    "text",
+                    "include_usage",
+                    "name",
+                    "model",
+                ];
+                Value::Object(
+                    (0..self.below(4))
+                        .map(|_| {
+                            (
+                                keys[self.below(keys.len() as u64) as usize].to_string(),
+                                self.value(depth + 1),
+                            )
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+#[test]
+fn arbitrary_bodies_never_get_a_5xx() {
+    let (_node, url) = Node::serve(&[
+        "--model",
+        fixture("llama_dense").to_str().unwrap(),
+        "--model-id",
+        "fx",
+        "--ctx",
+        "128",
+    ]);
+    let fields = [
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "presence_penalty",
+        "frequency_penalty",
+        "best_of",
+        "suffix",
+        "tools",
+        "user",
+        "ignore_eos",
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for i in 0..300 {
+        let route = if i % 2 == 0 {
+            "chat/completions"
+        } else {
+            "completions"
+        };
+        let mut body = json!({
+            "model": "fx",
+            "messages": [{"role": "user", "content": "hi"}],
+            "prompt": "hi",
+            "max_tokens": 3,
+        });
+        for _ in 0..rng.below(4) + 1 {
+            let f = fields[rng.below(fields.len() as u64) as usize];
+            if rng.below(4) == 0 {
+                body.as_object_mut().unwrap().remove(f);
+            } else {
+                body[f] = rng.value(0);
+            }
+        }
+        // keep generation short: the point is the parser and the error paths
+        if body["max_tokens"].as_i64().is_some_and(|m| m > 8) || body["max_tokens"].is_null() {
+            body["max_tokens"] = json!(3);
+        }
+        body.as_object_mut()
+            .unwrap()
+            .remove("max_completion_tokens");
+        if body["stream"] == json!(true) {
+            body["stream"] = json!(false);
+        }
+        let r = post(&format!("{url}/{route}"), body.clone());
+        assert!(r.status < 500, "{route} {body}: {} {}", r.status, r.body);
+        if r.status != 200 {
+            assert_error(&r, r.status, None);
+        }
+    }
+    for raw in [
+        "",
+        "null",
+        "[]",
+        "\"x\"",
+        "{\"model\":",
+        "{}",
+        "\u{0}",
+        "{\"model\": \"fx\", \"prompt\": [[[]]]}",
+    ] {
+        for route in ["chat/completions", "completions"] {
+            let r = post_raw(&format!("{url}/{route}"), raw);
+            assert!(
+                r.status < 500 && r.status >= 400,
+                "{route} {raw:?}: {} {}",
+                r.status,
+                r.body
+            );
+        }
+    }
+    let h = call(
+        "GET",
+        &format!("{}/health", url.trim_end_matches("/v1")),
+        None,
+        None,
+    );
+    assert_eq!(h.status, 200);
+}
+
+#[test]
+fn the_demo_answers_and_stops_every_process_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = sinew_tests::sinew();
+    cmd.env("XDG_CACHE_HOME", dir.path()).args([
+        "demo",
+        "--http",
+        "127.0.0.1:0",
+        "--max-tokens",
+        "8",
+    ]);
+    let mut demo = Node::spawn(cmd);
+    demo.wait_for(
+        sinew_tests::Stream::Stdout,
+        "try it",
+        Duration::from_secs(300),
+    );
+    assert!(demo.printed(sinew_tests::Stream::Stdout, "tokens"));
+    assert!(demo.printed(sinew_tests::Stream::Stdout, "127.0.0.1"));
+    let workers: Vec<String> = (1..=2)
+        .map(|i| {
+            let line = demo.wait_for(
+                sinew_tests::Stream::Stdout,
+                &format!("worker {i} at "),
+                Duration::from_secs(1),
+            );
+            line.split(" at ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    demo.signal("INT");
+    let status = demo
+        .wait_exit(Duration::from_secs(20))
+        .expect("the demo stops on SIGINT");
+    assert!(status.success(), "{status}");
+    for w in workers {
+        let gone = Instant::now();
+        while std::net::TcpStream::connect(&w).is_ok() {
+            assert!(
+                gone.elapsed() < Duration::from_secs(5),
+                "worker {w} still listens"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
