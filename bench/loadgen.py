@@ -66,8 +66,16 @@ def main():
                 if left[0] == 0:
                     return
                 left[0] -= 1
+                k = left[0]
+            # each request's prompt differs in its first token, so no server answers from a cached
+            # prefix (llama-server caches prompts per slot)
+            b = dict(body)
+            if isinstance(prompt, list):
+                b["prompt"] = [10 + k % 300] + prompt[1:]
+            else:
+                b["prompt"] = f"{k} {prompt}"
             try:
-                t0, times, n = one(a.url, body)
+                t0, times, n = one(a.url, b)
             except Exception as e:  # recorded, not fatal: the report says how many failed
                 with lock:
                     errors.append(str(e))
