@@ -39,6 +39,7 @@ pub mod node;
 pub mod pipeline;
 pub mod plan;
 pub mod stage;
+mod supervisor;
 pub mod wire;
 pub mod worker;
 

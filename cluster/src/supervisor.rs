@@ -1,0 +1,778 @@
+//! The head's supervisor thread: it connects to the workers (retrying the ones not up), places
+//! the layers, has each worker load its range (sending stage files to those without the model),
+//! loads the head's own range and installs the pipeline; it pings every worker and re-plans when
+//! one fails or comes back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::stage_file::Layout;
+use engine::{LoadOptions, Loaded};
+use sha2::{Digest, Sha256};
+use transport::{Deadline, tcp};
+
+use crate::error::{Error, Result};
+use crate::head::{ClusterOptions, HEARTBEAT_TIMEOUT, NodeState, PING_EVERY, Shared};
+use crate::io::{Rx, SharedSender, is_timeout, send_shared};
+use crate::node::{self, hex};
+use crate::pipeline::{Cmd, Pipeline};
+use crate::plan::{NodeBudget, Serving, StagePlan};
+use crate::stage::StageRunner;
+use crate::wire::{Advert, Assign, Hash, Msg};
+
+/// Bytes per weights message.
+const CHUNK: usize = 4 << 20;
+
+/// What a worker's reader tells the supervisor.
+enum SupEv {
+    Msg {
+        member: usize,
+        generation: u64,
+        msg: Msg,
+    },
+    Gone {
+        member: usize,
+        generation: u64,
+        why: String,
+    },
+}
+
+/// A connected worker.
+struct Up {
+    generation: u64,
+    tx: SharedSender,
+    advert: Advert,
+    alive: Arc<AtomicBool>,
+}
+
+struct Member {
+    addr: String,
+    up: Option<Up>,
+    last_try: Option<Instant>,
+    last_error: Option<String>,
+}
+
+pub(crate) struct Supervisor {
+    opts: ClusterOptions,
+    ctx: usize,
+    cmd: Sender<Cmd>,
+    shared: Arc<Mutex<Shared>>,
+    stop: Arc<AtomicBool>,
+    members: Vec<Member>,
+    ev_tx: Sender<SupEv>,
+    ev_rx: Receiver<SupEv>,
+    generation: u64,
+    head_id: u64,
+    /// Members in the serving plan, and its epoch.
+    plan: Option<(Vec<usize>, u64)>,
+    /// The head's stage, kept between plans.
+    held: Option<StageRunner>,
+    model_hash: Option<Hash>,
+    layout: Option<Layout>,
+    /// Whether membership changed since the last plan.
+    dirty: bool,
+    retry_plan_at: Option<Instant>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(
+        opts: ClusterOptions,
+        ctx: usize,
+        cmd: Sender<Cmd>,
+        shared: Arc<Mutex<Shared>>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let (ev_tx, ev_rx) = mpsc::channel();
+        let members = opts
+            .workers
+            .iter()
+            .map(|a| Member {
+                addr: a.clone(),
+                up: None,
+                last_try: None,
+                last_error: None,
+            })
+            .collect();
+        let mut id = [0u8; 8];
+        let _ = getrandom(&mut id);
+        Ok(Supervisor {
+            opts,
+            ctx,
+            cmd,
+            shared,
+            stop,
+            members,
+            ev_tx,
+            ev_rx,
+            generation: 0,
+            head_id: u64::from_le_bytes(id),
+            plan: None,
+            held: None,
+            model_hash: None,
+            layout: None,
+            dirty: true,
+            retry_plan_at: None,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            self.connect_missing();
+            while let Ok(ev) = self.ev_rx.try_recv() {
+                self.event(ev);
+            }
+            let retry_due = self.retry_plan_at.is_some_and(|t| Instant::now() >= t);
+            if self.dirty || retry_due {
+                self.dirty = false;
+                self.retry_plan_at = None;
+                if let Err(e) = self.replan() {
+                    tracing::error!(error = %e, "no plan serves; waiting for nodes");
+                    self.set_degraded(&e.to_string());
+                    self.retry_plan_at = Some(Instant::now() + Duration::from_secs(5));
+                }
+            }
+            match self.ev_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(ev) => self.event(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn set_degraded(&self, why: &str) {
+        let _ = self.cmd.send(Cmd::NodeDown {
+            epoch: self.plan.as_ref().map_or(0, |p| p.1),
+            why: why.to_string(),
+        });
+    }
+
+    fn event(&mut self, ev: SupEv) {
+        match ev {
+            SupEv::Gone {
+                member,
+                generation,
+                why,
+            } => {
+                let m = &mut self.members[member];
+                if m.up.as_ref().is_none_or(|u| u.generation != generation) {
+                    return;
+                }
+                if let Some(u) = m.up.take() {
+                    u.alive.store(false, Ordering::Release);
+                }
+                tracing::warn!(worker = %m.addr, %why, "worker lost");
+                m.last_error = Some(why.clone());
+                m.last_try = Some(Instant::now());
+                self.update_node(member, |n| {
+                    n.up = false;
+                    n.error = Some(why.clone());
+                    n.rtt_us = None;
+                });
+                if let Some((members, epoch)) = &self.plan
+                    && members.contains(&member)
+                {
+                    let _ = self.cmd.send(Cmd::NodeDown {
+                        epoch: *epoch,
+                        why: format!("worker {} failed: {why}", self.members[member].addr),
+                    });
+                    self.plan = None;
+                }
+                self.dirty = true;
+            }
+            SupEv::Msg {
+                member,
+                generation,
+                msg,
+            } => {
+                if self.members[member]
+                    .up
+                    .as_ref()
+                    .is_none_or(|u| u.generation != generation)
+                {
+                    return;
+                }
+                match msg {
+                    Msg::StageError(e) => {
+                        tracing::error!(worker = %self.members[member].addr, error = %e, "stage error")
+                    }
+                    other => tracing::debug!("unexpected message from a worker: {other:?}"),
+                }
+            }
+        }
+    }
+
+    fn update_node(&self, member: usize, f: impl FnOnce(&mut NodeState)) {
+        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = sh.nodes.get_mut(member + 1) {
+            f(n);
+        }
+    }
+
+    /// Tries the workers not connected (each at most once a second).
+    fn connect_missing(&mut self) {
+        for i in 0..self.members.len() {
+            let m = &self.members[i];
+            if m.up.is_some()
+                || m.last_try
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            {
+                continue;
+            }
+            self.members[i].last_try = Some(Instant::now());
+            match self.connect(i) {
+                Ok(()) => {
+                    self.dirty = true;
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if self.members[i].last_error.as_deref() != Some(&why) {
+                        tracing::warn!(worker = %self.members[i].addr, error = %why, "worker not joined");
+                    }
+                    self.members[i].last_error = Some(why.clone());
+                    self.update_node(i, |n| {
+                        n.up = false;
+                        n.error = Some(why);
+                    });
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self, i: usize) -> Result<()> {
+        let addr = self.members[i].addr.clone();
+        let mut cfg = self.opts.link.clone();
+        cfg.connect_timeout = Duration::from_millis(500);
+        let link = tcp::connect(addr.as_str(), &cfg)?;
+        let info = link.info().clone();
+        let (mut tx, rx) = link.split();
+        let mut rx = Rx::new(rx);
+        let mine = node::protocol_version();
+        crate::io::send(
+            &mut tx,
+            &Msg::HeadHello {
+                version: mine,
+                head_id: self.head_id,
+            },
+        )?;
+        let advert = match rx.recv(Deadline::after(Duration::from_secs(10)))? {
+            Msg::Advert(a) => a,
+            Msg::Refuse(why) => {
+                return Err(Error::Refused(format!("worker {addr} refused: {why}")));
+            }
+            other => return Err(Error::Protocol(format!("worker {addr} answered {other:?}"))),
+        };
+        if advert.version != mine {
+            let why = format!(
+                "protocol mismatch: the head speaks cluster protocol v{mine}, the worker at {addr} v{}",
+                advert.version
+            );
+            let _ = crate::io::send(&mut tx, &Msg::Refuse(why.clone()));
+            return Err(Error::Refused(why));
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        let tx = Arc::new(Mutex::new(tx));
+        let alive = Arc::new(AtomicBool::new(true));
+        let base = Instant::now();
+        tracing::info!(
+            worker = %addr,
+            host = %advert.hostname,
+            memory = advert.mem_available,
+            cores = advert.cores,
+            link = %info.transport,
+            "worker joined"
+        );
+        self.update_node(i, |n| {
+            n.up = true;
+            n.hostname = advert.hostname.clone();
+            n.mem_total = advert.mem_total;
+            n.mem_available = advert.mem_available;
+            n.cores = advert.cores;
+            n.cpu_features = advert.cpu_features.clone();
+            n.link = Some(info.transport.to_string());
+            n.error = None;
+        });
+        // the reader: pongs, the last stage's tokens, setup messages; silence is failure
+        {
+            let ev = self.ev_tx.clone();
+            let cmd = self.cmd.clone();
+            let shared = self.shared.clone();
+            let alive = alive.clone();
+            std::thread::Builder::new()
+                .name("sinew-worker-rx".into())
+                .spawn(move || {
+                    reader(
+                        rx,
+                        ReaderCtx {
+                            member: i,
+                            generation,
+                            ev,
+                            cmd,
+                            shared,
+                            alive,
+                            base,
+                        },
+                    )
+                })
+                .map_err(|e| Error::io("thread", e))?;
+        }
+        {
+            let tx = tx.clone();
+            let alive = alive.clone();
+            std::thread::Builder::new()
+                .name("sinew-ping".into())
+                .spawn(move || pinger(tx, alive, base))
+                .map_err(|e| Error::io("thread", e))?;
+        }
+        self.members[i].up = Some(Up {
+            generation,
+            tx,
+            advert,
+            alive,
+        });
+        self.members[i].last_error = None;
+        Ok(())
+    }
+
+    fn layout(&mut self) -> Result<Option<Layout>> {
+        if self.layout.is_none() && self.opts.model.is_file() {
+            self.layout = Some(engine::stage_file::layout(&self.opts.model)?);
+        }
+        Ok(self.layout.clone())
+    }
+
+    fn model_hash(&mut self) -> Result<Hash> {
+        if let Some(h) = self.model_hash {
+            return Ok(h);
+        }
+        let f = node::file_hash(&self.opts.model, &self.opts.cache_dir)?;
+        self.model_hash = Some(f.hash);
+        Ok(f.hash)
+    }
+
+    fn usable(&self, available: u64) -> u64 {
+        self.opts.memory_limit.unwrap_or(available / 10 * 9)
+    }
+
+    /// Plans over the nodes up now, has them load, and installs the pipeline.
+    fn replan(&mut self) -> Result<()> {
+        let up: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].up.is_some())
+            .collect();
+        if let Some((members, _)) = &self.plan
+            && *members == up
+        {
+            return Ok(());
+        }
+        // retire the pipeline that serves (let its requests finish)
+        if self.plan.take().is_some() || self.held.is_none() {
+            let (done_tx, done_rx) = mpsc::channel();
+            let _ = self.cmd.send(Cmd::Retire {
+                deadline: Duration::from_secs(30),
+                done: done_tx,
+            });
+            if let Ok(Some(r)) = done_rx.recv_timeout(Duration::from_secs(40)) {
+                self.held = Some(r);
+            }
+        }
+        let mut serving = Serving::new(
+            self.ctx,
+            self.opts.batch.max_seqs,
+            self.opts.batch.max_step_tokens,
+        );
+        if let (Some(bytes), Some(l)) = (self.opts.kv_memory, self.layout()?) {
+            let per_token = crate::plan::kv_bytes_per_layer_token(&l) * l.layer_bytes.len() as u64;
+            serving.kv_tokens = (bytes / per_token.max(1)) as usize;
+        }
+        let held_bytes = self
+            .held
+            .as_ref()
+            .map_or(0, |r| r.model().weight_bytes() as u64);
+        let (_, head_avail) = node::memory();
+        let mut budgets = vec![NodeBudget {
+            name: format!("head ({})", node::hostname()),
+            usable: self.usable(head_avail + held_bytes),
+        }];
+        for &i in &up {
+            let a = &self.members[i].up.as_ref().expect("up").advert;
+            budgets.push(NodeBudget {
+                name: self.members[i].addr.clone(),
+                usable: self.usable(a.mem_available),
+            });
+        }
+        let layout = self.layout()?;
+        let plan = match &layout {
+            Some(l) => {
+                let split = self
+                    .opts
+                    .split
+                    .as_ref()
+                    .filter(|s| s.len() == budgets.len());
+                match split {
+                    Some(s) => StagePlan::split(l, &budgets, serving, s)?,
+                    None => StagePlan::place(l, &budgets, serving)?,
+                }
+            }
+            None => {
+                // a Hugging Face directory on a single node: the whole model here
+                return self.single_dir(serving);
+            }
+        };
+        tracing::info!("plan:\n{plan}");
+        let mut epoch_bytes = [0u8; 8];
+        let _ = getrandom(&mut epoch_bytes);
+        let epoch = u64::from_le_bytes(epoch_bytes);
+        let hash = self.model_hash()?;
+        let name = self
+            .opts
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // workers first (they load in parallel), then the head
+        for (k, &i) in up.iter().enumerate() {
+            let st = &plan.stages[k + 1];
+            let next = up.get(k + 1).map(|&j| self.members[j].addr.clone());
+            let a = Assign {
+                stage: (k + 1) as u32,
+                stages: plan.stages.len() as u32,
+                layer_start: st.layers.start as u32,
+                layer_end: st.layers.end as u32,
+                model_name: name.clone(),
+                model_hash: hash,
+                ctx: self.ctx as u32,
+                kv_bytes: st.kv_bytes,
+                next,
+                epoch,
+            };
+            let tx = self.members[i].up.as_ref().expect("up").tx.clone();
+            send_shared(&tx, &Msg::Assign(a))?;
+        }
+        let st0 = &plan.stages[0];
+        let runner = self.head_stage(st0.layers.clone(), st0.kv_bytes as usize)?;
+        let mut capacity = runner.kv().capacity_tokens();
+        // wait for every worker's Ready, sending weights to those that ask
+        let mut ready: HashMap<usize, u64> = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while ready.len() < up.len() {
+            if Instant::now() >= deadline {
+                return Err(Error::Degraded(
+                    "workers did not load within 10 minutes".into(),
+                ));
+            }
+            let ev = match self.ev_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(ev) => ev,
+                Err(_) => continue,
+            };
+            let (member, generation, msg) = match ev {
+                SupEv::Msg {
+                    member,
+                    generation,
+                    msg,
+                } => (member, generation, msg),
+                gone @ SupEv::Gone { .. } => {
+                    self.held = Some(runner);
+                    self.event(gone);
+                    return Err(Error::Degraded("a worker failed while loading".into()));
+                }
+            };
+            if self.members[member]
+                .up
+                .as_ref()
+                .is_none_or(|u| u.generation != generation)
+            {
+                continue;
+            }
+            let k = up.iter().position(|&i| i == member);
+            match (msg, k) {
+                (Msg::Ready(r), Some(_)) => {
+                    tracing::info!(
+                        worker = %self.members[member].addr,
+                        load_ms = r.load_ms,
+                        received = r.received_bytes,
+                        kv_capacity_tokens = r.kv_capacity_tokens,
+                        "worker ready"
+                    );
+                    capacity = capacity.min(r.kv_capacity_tokens as usize);
+                    ready.insert(member, r.kv_capacity_tokens);
+                }
+                (Msg::NeedWeights, Some(k)) => {
+                    let layers = plan.stages[k + 1].layers.clone();
+                    let tx = self.members[member].up.as_ref().expect("up").tx.clone();
+                    if let Err(e) =
+                        self.send_weights(&tx, layers, &self.members[member].addr.clone())
+                    {
+                        self.held = Some(runner);
+                        return Err(e);
+                    }
+                }
+                (Msg::StageError(e), _) => {
+                    self.held = Some(runner);
+                    return Err(Error::StageFailed(format!(
+                        "worker {}: {e}",
+                        self.members[member].addr
+                    )));
+                }
+                (other, _) => tracing::debug!("ignored while loading: {other:?}"),
+            }
+        }
+        let next = up
+            .first()
+            .map(|&i| self.members[i].up.as_ref().expect("up").tx.clone());
+        {
+            let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            sh.epoch = epoch;
+            sh.plan = Some(plan.to_string());
+            for n in sh.nodes.iter_mut() {
+                n.layers = None;
+            }
+            sh.nodes[0].layers = Some((st0.layers.start, st0.layers.end));
+            for (k, &i) in up.iter().enumerate() {
+                let l = &plan.stages[k + 1].layers;
+                sh.nodes[i + 1].layers = Some((l.start, l.end));
+            }
+        }
+        let _ = self.cmd.send(Cmd::Install(Box::new(Pipeline {
+            epoch,
+            runner,
+            next,
+            stages: plan.stages.len(),
+            capacity,
+        })));
+        self.plan = Some((up, epoch));
+        Ok(())
+    }
+
+    /// A Hugging Face directory on one node.
+    fn single_dir(&mut self, serving: Serving) -> Result<()> {
+        let c = engine::ModelConfig::from_hf_file(&self.opts.model.join("config.json"))?;
+        let kv =
+            2 * c.num_kv_heads * c.head_dim * 4 * c.num_layers * serving.ctx * serving.max_seqs;
+        let runner = self.head_stage(0..c.num_layers, kv)?;
+        let capacity = runner.kv().capacity_tokens();
+        let mut epoch = [0u8; 8];
+        let _ = getrandom(&mut epoch);
+        let epoch = u64::from_le_bytes(epoch);
+        {
+            let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            sh.epoch = epoch;
+            sh.nodes[0].layers = Some((0, c.num_layers));
+        }
+        let _ = self.cmd.send(Cmd::Install(Box::new(Pipeline {
+            epoch,
+            runner,
+            next: None,
+            stages: 1,
+            capacity,
+        })));
+        self.plan = Some((Vec::new(), epoch));
+        Ok(())
+    }
+
+    /// The head's stage for `layers`: the one it holds when the range is the same, else loaded.
+    fn head_stage(
+        &mut self,
+        layers: std::ops::Range<usize>,
+        kv_bytes: usize,
+    ) -> Result<StageRunner> {
+        if let Some(r) = self.held.take() {
+            if r.model().layers() == layers {
+                let kv = r.model().kv_pool(kv_bytes, Some(self.ctx))?;
+                return Ok(StageRunner::new(r.model().clone(), kv, self.opts.bf16));
+            }
+            drop(r);
+        }
+        let started = Instant::now();
+        let loaded = Loaded::open(
+            &self.opts.model,
+            &LoadOptions {
+                layers: Some(layers.clone()),
+                kv_memory: Some(kv_bytes),
+                ctx: Some(self.ctx),
+                progress: true,
+                ..Default::default()
+            },
+        )?;
+        tracing::info!(
+            layers = %format!("{}..{}", layers.start, layers.end),
+            load_ms = started.elapsed().as_millis() as u64,
+            "head stage loaded"
+        );
+        Ok(StageRunner::new(
+            Arc::new(loaded.model),
+            loaded.kv,
+            self.opts.bf16,
+        ))
+    }
+
+    /// Sends the stage file of `layers` to a worker that lacks the model.
+    fn send_weights(
+        &mut self,
+        tx: &SharedSender,
+        layers: std::ops::Range<usize>,
+        who: &str,
+    ) -> Result<()> {
+        let hash = self.model_hash()?;
+        let dir = self.opts.cache_dir.join("stages");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(format!(
+            "{}-{}-{}.gguf",
+            hex(&hash),
+            layers.start,
+            layers.end
+        ));
+        if !path.exists() {
+            let part = path.with_extension("part");
+            engine::stage_file::write_stage(&self.opts.model, &part, layers.clone())?;
+            std::fs::rename(&part, &path).map_err(|e| Error::io(&path, e))?;
+        }
+        let size = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        let sha = node::sha256_file(&path)?;
+        tracing::info!(worker = %who, bytes = size, "sending the stage's tensors");
+        send_shared(tx, &Msg::WeightsBegin { size, hash: sha })?;
+        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut offset = 0u64;
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        let mut check = Sha256::new();
+        while offset < size {
+            let n = read_full(&mut f, &mut buf).map_err(|e| Error::io(&path, e))?;
+            if n == 0 {
+                return Err(Error::io(&path, std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            check.update(&buf[..n]);
+            let m = Msg::WeightsChunk {
+                offset,
+                crc: crc32c::crc32c(&buf[..n]),
+                bytes: buf[..n].to_vec(),
+            };
+            let (tag, payload) = m.encode();
+            tx.lock().unwrap_or_else(|e| e.into_inner()).send_until(
+                tag,
+                &payload,
+                Deadline::after(Duration::from_secs(30)),
+            )?;
+            offset += n as u64;
+            if last_log.elapsed() > Duration::from_secs(1) || offset == size {
+                last_log = Instant::now();
+                let rate = offset as f64 / started.elapsed().as_secs_f64().max(1e-6) / 1e6;
+                tracing::info!(worker = %who, sent = offset, of = size, "sending weights at {rate:.0} MB/s");
+            }
+        }
+        let sent: Hash = check.finalize().into();
+        if sent != sha {
+            return Err(Error::Corrupt(
+                "the stage file changed while it was sent".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// What a worker's reader thread reports to and shares with.
+struct ReaderCtx {
+    member: usize,
+    generation: u64,
+    ev: Sender<SupEv>,
+    cmd: Sender<Cmd>,
+    shared: Arc<Mutex<Shared>>,
+    alive: Arc<AtomicBool>,
+    base: Instant,
+}
+
+/// Reads a worker's control link: pongs (round trip), the last stage's tokens (to the pipeline),
+/// the rest to the supervisor. Silence past [`HEARTBEAT_TIMEOUT`] or a failed link is the
+/// worker's failure.
+fn reader(mut rx: Rx, ctx: ReaderCtx) {
+    let ReaderCtx {
+        member,
+        generation,
+        ev,
+        cmd,
+        shared,
+        alive,
+        base,
+    } = ctx;
+    loop {
+        if !alive.load(Ordering::Acquire) {
+            return;
+        }
+        match rx.recv(Deadline::after(HEARTBEAT_TIMEOUT)) {
+            Ok(Msg::Pong(t)) => {
+                let now = base.elapsed().as_micros() as u64;
+                let rtt = now.saturating_sub(t) as f64;
+                let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(n) = sh.nodes.get_mut(member + 1) {
+                    n.rtt_us = Some(rtt);
+                }
+            }
+            Ok(Msg::Sampled(s)) => {
+                let _ = cmd.send(Cmd::Sampled(s));
+            }
+            Ok(msg) => {
+                if ev
+                    .send(SupEv::Msg {
+                        member,
+                        generation,
+                        msg,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                let why = if is_timeout(&e) {
+                    format!("no answer for {HEARTBEAT_TIMEOUT:?}")
+                } else {
+                    e.to_string()
+                };
+                alive.store(false, Ordering::Release);
+                let _ = ev.send(SupEv::Gone {
+                    member,
+                    generation,
+                    why,
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Pings a worker until it is gone. A ping carries the time since `base`, which the reader
+/// shares, so its pong gives the round trip.
+fn pinger(tx: SharedSender, alive: Arc<AtomicBool>, base: Instant) {
+    while alive.load(Ordering::Acquire) {
+        let t = base.elapsed().as_micros() as u64;
+        if send_shared(&tx, &Msg::Ping(t)).is_err() {
+            return;
+        }
+        std::thread::sleep(PING_EVERY);
+    }
+}
