@@ -1,5 +1,5 @@
 //! The head: stage 0 of the pipeline and the cluster's supervisor (`supervisor`). [`Cluster::start`] connects to
-//! the workers, places the layers ([`StagePlan`]), has each worker load its range (sending the
+//! the workers, places the layers ([`StagePlan`](crate::plan::StagePlan)), has each worker load its range (sending the
 //! tensors to one that lacks the model), loads its own range and serves requests through the
 //! pipeline thread. It pings every worker; one that dies, hangs or is cut off is noticed within
 //! [`HEARTBEAT_TIMEOUT`], the requests in flight end with an error, and the head plans again over
