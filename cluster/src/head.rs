@@ -109,6 +109,8 @@ pub struct ClusterState {
     pub tokens_per_s: f64,
     /// Micro-batches run since start.
     pub batches: u64,
+    /// Per stage of the current plan: step time and bytes sent on.
+    pub stages: Vec<crate::pipeline::StageStats>,
 }
 
 /// A running cluster head.
@@ -331,6 +333,7 @@ impl Cluster {
             generated_tokens: s.generated_tokens,
             tokens_per_s: s.tokens_per_s,
             batches: s.batches,
+            stages: s.stages.clone(),
         }
     }
 }

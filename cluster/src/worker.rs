@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::io::{Rx, SharedSender, is_timeout, send, send_shared};
 use crate::node::{self, hex};
 use crate::stage::{StageOut, StageRunner};
-use crate::wire::{Advert, Assign, Batch, Msg, Ready, Sampled, SeqResult};
+use crate::wire::{
+    Advert, Assign, Batch, Hidden, HiddenData, Msg, Ready, Sampled, SeqResult, StageTiming,
+};
 
 /// A head that sends nothing (not even a ping) for this long is gone.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(3);
@@ -610,12 +612,15 @@ impl Brain {
         let Some((_, _, _, runner)) = self.runner.as_mut() else {
             return;
         };
+        let started = Instant::now();
         let out = runner.run(&batch, None);
+        let step_us = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         let id = batch.id;
         let seqs: Vec<u64> = batch.chunks.iter().map(|c| c.seq).collect();
         let fail = |why: String| {
             Msg::Sampled(Sampled {
                 id,
+                timings: Vec::new(),
                 results: seqs
                     .iter()
                     .map(|&seq| SeqResult {
@@ -635,7 +640,12 @@ impl Brain {
                     self.tell_head(&m);
                     return;
                 };
+                let sent_bytes = hidden_bytes(&h);
                 let mut next = batch;
+                next.timings.push(StageTiming {
+                    step_us,
+                    sent_bytes,
+                });
                 next.hidden = h;
                 if let Err(e) = send(down, &Msg::Batch(next)) {
                     tracing::warn!(error = %e, "sending to the next stage failed");
@@ -644,7 +654,16 @@ impl Brain {
                 }
             }
             Ok(StageOut::Sampled(results)) => {
-                self.tell_head(&Msg::Sampled(Sampled { id, results }));
+                let mut timings = batch.timings;
+                timings.push(StageTiming {
+                    step_us,
+                    sent_bytes: 0,
+                });
+                self.tell_head(&Msg::Sampled(Sampled {
+                    id,
+                    results,
+                    timings,
+                }));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "a batch failed");
@@ -656,4 +675,13 @@ impl Brain {
             }
         }
     }
+}
+
+/// Bytes of hidden states on the wire.
+pub(crate) fn hidden_bytes(h: &Hidden) -> u32 {
+    let b = match &h.data {
+        HiddenData::F32(v) => v.len() * 4,
+        HiddenData::Bf16(v) => v.len() * 2,
+    };
+    b.min(u32::MAX as usize) as u32
 }

@@ -19,6 +19,12 @@ struct RouteLabels {
     status: u16,
 }
 
+/// Labels of a per-stage gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: String,
+}
+
 /// Labels of a per-node gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
@@ -44,6 +50,9 @@ pub struct Metrics {
     node_up: Family<NodeLabels, Gauge>,
     node_rtt: Family<NodeLabels, FGauge>,
     node_layers: Family<NodeLabels, Gauge>,
+    stage_step: Family<StageLabels, FGauge>,
+    stage_steps: Family<StageLabels, Gauge>,
+    stage_sent: Family<StageLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -132,8 +141,29 @@ impl Metrics {
             "Layers the node holds in the current plan",
             node_layers.clone(),
         );
+        let stage_step = Family::<StageLabels, FGauge>::default();
+        registry.register(
+            "stage_step_seconds",
+            "A stage's step time, moving average over recent micro-batches",
+            stage_step.clone(),
+        );
+        let stage_steps = Family::<StageLabels, Gauge>::default();
+        registry.register(
+            "stage_steps",
+            "Micro-batches a stage ran in the current plan",
+            stage_steps.clone(),
+        );
+        let stage_sent = Family::<StageLabels, Gauge>::default();
+        registry.register(
+            "stage_sent_bytes",
+            "Hidden-state bytes a stage sent on its link to the next stage, current plan",
+            stage_sent.clone(),
+        );
         Metrics {
             registry,
+            stage_step,
+            stage_steps,
+            stage_sent,
             requests,
             prompt_tokens,
             completion_tokens,
@@ -196,6 +226,14 @@ impl Metrics {
             self.node_layers
                 .get_or_create(&l)
                 .set(n.layers.map_or(0, |(a, b)| (b - a) as i64));
+        }
+        for (k, st) in state.stages.iter().enumerate() {
+            let l = StageLabels {
+                stage: k.to_string(),
+            };
+            self.stage_step.get_or_create(&l).set(st.step_ms / 1000.0);
+            self.stage_steps.get_or_create(&l).set(st.steps as i64);
+            self.stage_sent.get_or_create(&l).set(st.sent_bytes as i64);
         }
         let mut s = String::new();
         // writing into a String cannot fail

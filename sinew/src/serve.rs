@@ -282,6 +282,14 @@ pub fn status_table(v: &serde_json::Value) -> String {
             out.push_str(&format!("    {e}\n"));
         }
     }
+    for (k, st) in s.stages.iter().enumerate() {
+        out.push_str(&format!(
+            "stage {k}: step {:.2} ms (moving average), {} micro-batches, {:.1} MB sent on\n",
+            st.step_ms,
+            st.steps,
+            st.sent_bytes as f64 / 1e6
+        ));
+    }
     out.push_str(&format!(
         "requests: {} running, {} queued; KV {} of {} positions; {:.1} tok/s; {} tokens since start\n",
         s.running, s.queued, s.kv_used_tokens, s.kv_capacity_tokens, s.tokens_per_s, s.generated_tokens

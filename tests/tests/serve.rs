@@ -540,6 +540,21 @@ fn a_head_with_two_workers_serves_and_fails_cleanly_when_one_dies() {
         b.body["choices"][0]["logprobs"]["tokens"]
     );
     assert_eq!(a.body["usage"], b.body["usage"]);
+    // every stage reports its step time and what it sent on
+    let m = call(
+        "GET",
+        &format!("{}/metrics", url.trim_end_matches("/v1")),
+        None,
+        None,
+    );
+    let text = m.body.as_str().unwrap().to_string();
+    for k in 0..3 {
+        assert!(
+            text.contains(&format!("sinew_stage_step_seconds{{stage=\"{k}\"}}")),
+            "{text}"
+        );
+    }
+    assert!(text.contains("sinew_node_up{node=\"head\"} 1"), "{text}");
     // a worker killed mid-stream: the stream ends with an error event within 2 s
     let mut resp = agent()
         .post(format!("{url}/chat/completions"))

@@ -123,8 +123,20 @@ pub struct Batch {
     pub releases: Vec<u64>,
     /// The sequences, in row order.
     pub chunks: Vec<ChunkDesc>,
+    /// What each stage before this one took, in stage order.
+    pub timings: Vec<StageTiming>,
     /// Hidden states, `rows × width`, row-major.
     pub hidden: Hidden,
+}
+
+/// One stage's share of a micro-batch: how long its step took and how many activation bytes it
+/// sent on (what `/metrics` reports per stage and per link).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageTiming {
+    /// The step, microseconds.
+    pub step_us: u32,
+    /// Bytes of hidden states sent to the next stage (0 at the last).
+    pub sent_bytes: u32,
 }
 
 /// Hidden states on the wire.
@@ -190,6 +202,8 @@ pub struct Sampled {
     pub id: u64,
     /// One result per chunk, in chunk order.
     pub results: Vec<SeqResult>,
+    /// Every stage's timing, in stage order (the last stage's included).
+    pub timings: Vec<StageTiming>,
 }
 
 /// A worker's report that its stage is loaded.
@@ -495,6 +509,7 @@ impl Msg {
             }
             Msg::Sampled(s) => {
                 b.put_u64(s.id);
+                put_timings(&mut b, &s.timings);
                 b.put_u32(s.results.len() as u32);
                 for r in &s.results {
                     b.put_u64(r.seq);
@@ -615,6 +630,7 @@ impl Msg {
             T_BATCH => Msg::Batch(decode_batch(&mut r)?),
             T_SAMPLED => {
                 let id = r.u64("batch id")?;
+                let timings = timings(&mut r)?;
                 let n = r.u32("result count")?;
                 let n = count(&r, n, 14, "result count")?;
                 let mut results = Vec::with_capacity(n);
@@ -643,7 +659,11 @@ impl Msg {
                         error,
                     });
                 }
-                Msg::Sampled(Sampled { id, results })
+                Msg::Sampled(Sampled {
+                    id,
+                    results,
+                    timings,
+                })
             }
             T_STAGE_ERROR => Msg::StageError(str(&mut r, "error")?),
             T_PEER_HELLO => Msg::PeerHello {
@@ -661,6 +681,27 @@ impl Msg {
         r.finish()?;
         Ok(m)
     }
+}
+
+fn put_timings(b: &mut Vec<u8>, t: &[StageTiming]) {
+    b.put_u32(t.len() as u32);
+    for x in t {
+        b.put_u32(x.step_us);
+        b.put_u32(x.sent_bytes);
+    }
+}
+
+fn timings(r: &mut Reader<'_>) -> Result<Vec<StageTiming>, DecodeError> {
+    let n = r.u32("timing count")?;
+    let n = count(r, n, 8, "timing count")?;
+    (0..n)
+        .map(|_| {
+            Ok(StageTiming {
+                step_us: r.u32("step us")?,
+                sent_bytes: r.u32("sent bytes")?,
+            })
+        })
+        .collect()
 }
 
 fn encode_batch(b: &mut Vec<u8>, batch: &Batch) {
@@ -704,6 +745,7 @@ fn encode_batch(b: &mut Vec<u8>, batch: &Batch) {
             None => b.put_u8(0),
         }
     }
+    put_timings(b, &batch.timings);
     b.put_u32(batch.hidden.width);
     match &batch.hidden.data {
         HiddenData::F32(v) => {
@@ -785,6 +827,7 @@ fn decode_batch(r: &mut Reader<'_>) -> Result<Batch, DecodeError> {
             open,
         });
     }
+    let timings = timings(r)?;
     let width = r.u32("width")?;
     let data = match r.u8("hidden dtype")? {
         0 => {
@@ -828,6 +871,7 @@ fn decode_batch(r: &mut Reader<'_>) -> Result<Batch, DecodeError> {
         epoch,
         releases,
         chunks,
+        timings,
         hidden: Hidden { width, data },
     })
 }

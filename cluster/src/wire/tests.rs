@@ -95,6 +95,13 @@ fn batch() -> impl Strategy<Value = Batch> {
                 epoch,
                 releases,
                 chunks,
+                timings: vec![
+                    StageTiming {
+                        step_us: width * 7,
+                        sent_bytes: n as u32 * 4,
+                    };
+                    (id % 3) as usize
+                ],
                 hidden: Hidden { width, data },
             }
         })
@@ -200,8 +207,19 @@ fn msg() -> impl Strategy<Value = Msg> {
         any::<u64>().prop_map(Msg::Ping),
         any::<u64>().prop_map(Msg::Pong),
         batch().prop_map(Msg::Batch),
-        (any::<u64>(), proptest::collection::vec(result, 0..4))
-            .prop_map(|(id, results)| Msg::Sampled(Sampled { id, results })),
+        (any::<u64>(), proptest::collection::vec(result, 0..4)).prop_map(|(id, results)| {
+            Msg::Sampled(Sampled {
+                id,
+                timings: vec![
+                    StageTiming {
+                        step_us: id as u32,
+                        sent_bytes: 3
+                    };
+                    results.len()
+                ],
+                results,
+            })
+        }),
         ".{0,40}".prop_map(Msg::StageError),
         (any::<u16>(), any::<u64>(), any::<u32>()).prop_map(|(version, epoch, stage)| {
             Msg::PeerHello {
