@@ -76,8 +76,25 @@ pub struct NodeState {
     pub link: Option<String>,
     /// Last ping round trip, microseconds.
     pub rtt_us: Option<f64>,
+    /// Bandwidth from the head measured at join (an 8 MiB probe), bytes per second.
+    pub bytes_per_s: Option<f64>,
     /// Why it is down or refused, if it is.
     pub error: Option<String>,
+}
+
+/// A link of the pipeline, as measured when it opened.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LinkState {
+    /// The sending node.
+    pub from: String,
+    /// The receiving node.
+    pub to: String,
+    /// The backend.
+    pub transport: String,
+    /// Round trip, microseconds.
+    pub rtt_us: f64,
+    /// Bandwidth of an 8 MiB probe, bytes per second.
+    pub bytes_per_s: f64,
 }
 
 /// The cluster's state.
@@ -95,6 +112,8 @@ pub struct ClusterState {
     pub plan: Option<String>,
     /// Head first, then the workers in order.
     pub nodes: Vec<NodeState>,
+    /// The plan's links, in pipeline order (the last back to the head carries only tokens).
+    pub links: Vec<LinkState>,
     /// Requests running.
     pub running: usize,
     /// Requests waiting.
@@ -132,6 +151,7 @@ pub(crate) struct Shared {
     pub(crate) epoch: u64,
     pub(crate) plan: Option<String>,
     pub(crate) model: String,
+    pub(crate) links: Vec<LinkState>,
 }
 
 impl Cluster {
@@ -198,6 +218,7 @@ impl Cluster {
             cpu_features: node::cpu_features(),
             link: None,
             rtt_us: None,
+            bytes_per_s: None,
             error: None,
         };
         let mut nodes = vec![head];
@@ -213,6 +234,7 @@ impl Cluster {
                 cpu_features: String::new(),
                 link: None,
                 rtt_us: None,
+                bytes_per_s: None,
                 error: Some("not connected yet".into()),
             });
         }
@@ -220,6 +242,7 @@ impl Cluster {
             nodes,
             epoch: 0,
             plan: None,
+            links: Vec::new(),
             model: opts
                 .model
                 .file_name()
@@ -326,6 +349,7 @@ impl Cluster {
             epoch: sh.epoch,
             plan: sh.plan.clone(),
             nodes: sh.nodes.clone(),
+            links: sh.links.clone(),
             running: s.running,
             queued: s.queued,
             kv_used_tokens: s.kv_used_tokens,

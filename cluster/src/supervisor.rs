@@ -46,6 +46,8 @@ struct Up {
     tx: SharedSender,
     advert: Advert,
     alive: Arc<AtomicBool>,
+    /// The link from the head, measured at join.
+    report: crate::wire::LinkReport,
 }
 
 struct Member {
@@ -275,6 +277,7 @@ impl Supervisor {
             let _ = crate::io::send(&mut tx, &Msg::Refuse(why.clone()));
             return Err(Error::Refused(why));
         }
+        let report = crate::io::measure(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
         self.generation += 1;
         let generation = self.generation;
         let tx = Arc::new(Mutex::new(tx));
@@ -286,6 +289,8 @@ impl Supervisor {
             memory = advert.mem_available,
             cores = advert.cores,
             link = %info.transport,
+            rtt_us = report.rtt_us,
+            mb_per_s = report.bytes_per_s / 1_000_000,
             "worker joined"
         );
         self.update_node(i, |n| {
@@ -296,6 +301,8 @@ impl Supervisor {
             n.cores = advert.cores;
             n.cpu_features = advert.cpu_features.clone();
             n.link = Some(info.transport.to_string());
+            n.rtt_us = Some(f64::from(report.rtt_us));
+            n.bytes_per_s = Some(report.bytes_per_s as f64);
             n.error = None;
         });
         // the reader: pongs, the last stage's tokens, setup messages; silence is failure
@@ -335,6 +342,7 @@ impl Supervisor {
             tx,
             advert,
             alive,
+            report,
         });
         self.members[i].last_error = None;
         Ok(())
@@ -459,6 +467,7 @@ impl Supervisor {
         let mut capacity = runner.kv().capacity_tokens();
         // wait for every worker's Ready, sending weights to those that ask
         let mut ready: HashMap<usize, u64> = HashMap::new();
+        let mut next_links: HashMap<usize, crate::wire::LinkReport> = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(600);
         while ready.len() < up.len() {
             if Instant::now() >= deadline {
@@ -501,6 +510,9 @@ impl Supervisor {
                     );
                     capacity = capacity.min(r.kv_capacity_tokens as usize);
                     ready.insert(member, r.kv_capacity_tokens);
+                    if let Some(l) = r.next_link {
+                        next_links.insert(member, l);
+                    }
                 }
                 (Msg::NeedWeights, Some(k)) => {
                     let layers = plan.stages[k + 1].layers.clone();
@@ -537,6 +549,32 @@ impl Supervisor {
                 let l = &plan.stages[k + 1].layers;
                 sh.nodes[i + 1].layers = Some((l.start, l.end));
             }
+            // head → stage 1 → … → last stage → head
+            let mut links = Vec::new();
+            let state =
+                |r: &crate::wire::LinkReport, from: String, to: String| crate::head::LinkState {
+                    from,
+                    to,
+                    transport: r.transport.clone(),
+                    rtt_us: f64::from(r.rtt_us),
+                    bytes_per_s: r.bytes_per_s as f64,
+                };
+            for (k, &i) in up.iter().enumerate() {
+                let addr = self.members[i].addr.clone();
+                if k == 0 {
+                    let r = &self.members[i].up.as_ref().expect("up").report;
+                    links.push(state(r, "head".into(), addr.clone()));
+                }
+                match (next_links.get(&i), up.get(k + 1)) {
+                    (Some(r), Some(&j)) => links.push(state(r, addr, self.members[j].addr.clone())),
+                    _ if k + 1 == up.len() => {
+                        let r = &self.members[i].up.as_ref().expect("up").report;
+                        links.push(state(r, addr, "head".into()));
+                    }
+                    _ => {}
+                }
+            }
+            sh.links = links;
         }
         let _ = self.cmd.send(Cmd::Install(Box::new(Pipeline {
             epoch,
@@ -563,6 +601,7 @@ impl Supervisor {
             let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             sh.epoch = epoch;
             sh.nodes[0].layers = Some((0, c.num_layers));
+            sh.links.clear();
         }
         let _ = self.cmd.send(Cmd::Install(Box::new(Pipeline {
             epoch,

@@ -23,7 +23,8 @@ use crate::io::{Rx, SharedSender, is_timeout, send, send_shared};
 use crate::node::{self, hex};
 use crate::stage::{StageOut, StageRunner};
 use crate::wire::{
-    Advert, Assign, Batch, Hidden, HiddenData, Msg, Ready, Sampled, SeqResult, StageTiming,
+    Advert, Assign, Batch, Hidden, HiddenData, LinkReport, Msg, Ready, Sampled, SeqResult,
+    StageTiming,
 };
 
 /// A head that sends nothing (not even a ping) for this long is gone.
@@ -59,8 +60,6 @@ enum Ev {
     Control { generation: u64, msg: Msg },
     /// The head's link failed.
     HeadGone { generation: u64, why: String },
-    /// The previous stage's link.
-    Peer { epoch: u64, tx: LinkSender, rx: Rx },
     /// A batch from the previous stage.
     Up { epoch: u64, batch: Box<Batch> },
     /// The previous stage's link failed.
@@ -84,10 +83,9 @@ pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result
     let (ev_tx, ev_rx) = mpsc::channel::<Ev>();
     let brain_opts = opts.clone();
     let brain_advert = advert.clone();
-    let brain_ev = ev_tx.clone();
     std::thread::Builder::new()
         .name("sinew-stage".into())
-        .spawn(move || Brain::new(brain_opts, brain_advert, brain_ev).run(ev_rx))
+        .spawn(move || Brain::new(brain_opts, brain_advert).run(ev_rx))
         .map_err(|e| Error::io("thread", e))?;
     let mut generation = 0u64;
     loop {
@@ -165,7 +163,7 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>) {
                 return;
             }
             tracing::info!(%peer, stage, "previous stage connected");
-            let _ = ev.send(Ev::Peer { epoch, tx, rx });
+            up_reader(rx, tx, epoch, ev.clone());
         }
         other => tracing::warn!(%peer, "a link opened with {other:?}; dropped"),
     }
@@ -175,6 +173,19 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>) {
 fn control_reader(mut rx: Rx, tx: SharedSender, generation: u64, ev: &Sender<Ev>) {
     loop {
         match rx.recv(Deadline::after(HEAD_TIMEOUT)) {
+            Ok(Msg::Probe { id, pad }) => {
+                let ack = Msg::ProbeAck {
+                    id,
+                    bytes: pad.len() as u64,
+                };
+                if send_shared(&tx, &ack).is_err() {
+                    let _ = ev.send(Ev::HeadGone {
+                        generation,
+                        why: "a probe could not be answered".into(),
+                    });
+                    return;
+                }
+            }
             Ok(Msg::Ping(t)) => {
                 if send_shared(&tx, &Msg::Pong(t)).is_err() {
                     let _ = ev.send(Ev::HeadGone {
@@ -202,10 +213,20 @@ fn control_reader(mut rx: Rx, tx: SharedSender, generation: u64, ev: &Sender<Ev>
     }
 }
 
-/// Forwards the previous stage's batches.
-fn up_reader(mut rx: Rx, epoch: u64, ev: Sender<Ev>) {
+/// Forwards the previous stage's batches and answers its probes, until the link closes (the
+/// previous stage dropped it: a new plan).
+fn up_reader(mut rx: Rx, mut tx: LinkSender, epoch: u64, ev: Sender<Ev>) {
     loop {
         match rx.recv(Deadline::after(Duration::from_secs(3600))) {
+            Ok(Msg::Probe { id, pad }) => {
+                let ack = Msg::ProbeAck {
+                    id,
+                    bytes: pad.len() as u64,
+                };
+                if send(&mut tx, &ack).is_err() {
+                    return;
+                }
+            }
             Ok(Msg::Batch(b)) => {
                 if ev
                     .send(Ev::Up {
@@ -252,11 +273,8 @@ struct Receiving {
 struct Brain {
     opts: WorkerOptions,
     advert: Advert,
-    ev_tx: Sender<Ev>,
-    /// Previous-stage links that came before their assignment.
-    pending_up: Vec<(u64, LinkSender, Rx)>,
-    /// The previous stage's sending half, kept so the link stays open.
-    up_tx: Option<LinkSender>,
+    /// The link to the next stage, as measured when it opened.
+    next_link: Option<LinkReport>,
     /// The current head: its link generation and sender.
     head: Option<(u64, SharedSender)>,
     assign: Option<Assign>,
@@ -268,13 +286,11 @@ struct Brain {
 }
 
 impl Brain {
-    fn new(opts: WorkerOptions, advert: Advert, ev_tx: Sender<Ev>) -> Self {
+    fn new(opts: WorkerOptions, advert: Advert) -> Self {
         Brain {
             opts,
             advert,
-            ev_tx,
-            pending_up: Vec::new(),
-            up_tx: None,
+            next_link: None,
             head: None,
             assign: None,
             runner: None,
@@ -321,15 +337,6 @@ impl Brain {
                     self.control(msg);
                 }
             }
-            Ev::Peer { epoch, tx, rx } => {
-                if Some(epoch) != self.epoch() {
-                    // the assignment may still be on its way: keep the link until it comes
-                    self.pending_up.push((epoch, tx, rx));
-                    self.pending_up.retain(|p| p.0 == epoch);
-                    return;
-                }
-                self.start_up(epoch, tx, rx);
-            }
             Ev::Up { epoch, batch } => {
                 if Some(epoch) == self.epoch() && batch.epoch == epoch {
                     self.batch(*batch);
@@ -343,14 +350,6 @@ impl Brain {
         }
     }
 
-    fn start_up(&mut self, epoch: u64, tx: LinkSender, rx: Rx) {
-        self.up_tx = Some(tx);
-        let ev = self.ev_tx.clone();
-        let _ = std::thread::Builder::new()
-            .name("sinew-up".into())
-            .spawn(move || up_reader(rx, epoch, ev));
-    }
-
     fn end_session(&mut self, why: &str) {
         if self.head.is_some() {
             tracing::info!(%why, "session ended");
@@ -358,7 +357,7 @@ impl Brain {
         self.head = None;
         self.assign = None;
         self.down = None;
-        self.up_tx = None;
+        self.next_link = None;
         self.receiving = None;
         if let Some(r) = self.runner.as_mut() {
             r.3.clear();
@@ -437,13 +436,8 @@ impl Brain {
         );
         self.load_started = Instant::now();
         self.down = None;
-        self.up_tx = None;
+        self.next_link = None;
         self.assign = Some(a.clone());
-        if let Some(i) = self.pending_up.iter().position(|p| p.0 == a.epoch) {
-            let (epoch, tx, rx) = self.pending_up.swap_remove(i);
-            self.start_up(epoch, tx, rx);
-        }
-        self.pending_up.clear();
         // the next stage first: it listens from its start
         if let Some(next) = &a.next {
             let mut cfg = self.opts.link.clone();
@@ -456,7 +450,16 @@ impl Brain {
             }
             .encode();
             link.send_until(tag, &payload, Deadline::after(crate::io::SEND_TIMEOUT))?;
-            let (tx, _rx) = link.split();
+            let (mut tx, rx) = link.split();
+            let report = crate::io::measure(&mut tx, &mut Rx::new(rx), crate::io::PROBE_BYTES)?;
+            tracing::info!(
+                next = %next,
+                transport = %report.transport,
+                rtt_us = report.rtt_us,
+                mb_per_s = report.bytes_per_s / 1_000_000,
+                "link to the next stage measured"
+            );
+            self.next_link = Some(report);
             self.down = Some(tx);
         }
         // the same stage loaded already (a head restarted, a re-plan): keep its weights, with a
@@ -477,6 +480,7 @@ impl Brain {
                 kv_capacity_tokens: cap,
                 load_ms: self.load_started.elapsed().as_millis() as u64,
                 received_bytes: 0,
+                next_link: self.next_link.clone(),
             }));
             return Ok(());
         }
@@ -604,6 +608,7 @@ impl Brain {
             kv_capacity_tokens: cap,
             load_ms,
             received_bytes: received,
+            next_link: self.next_link.clone(),
         }));
         Ok(())
     }

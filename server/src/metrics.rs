@@ -25,6 +25,14 @@ struct StageLabels {
     stage: String,
 }
 
+/// Labels of a per-link gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    from: String,
+    to: String,
+    transport: String,
+}
+
 /// Labels of a per-node gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
@@ -53,6 +61,8 @@ pub struct Metrics {
     stage_step: Family<StageLabels, FGauge>,
     stage_steps: Family<StageLabels, Gauge>,
     stage_sent: Family<StageLabels, Gauge>,
+    link_rtt: Family<LinkLabels, FGauge>,
+    link_bw: Family<LinkLabels, FGauge>,
 }
 
 impl Default for Metrics {
@@ -159,8 +169,22 @@ impl Metrics {
             "Hidden-state bytes a stage sent on its link to the next stage, current plan",
             stage_sent.clone(),
         );
+        let link_rtt = Family::<LinkLabels, FGauge>::default();
+        registry.register(
+            "pipeline_link_rtt_seconds",
+            "Round trip of a pipeline link, measured when it opened",
+            link_rtt.clone(),
+        );
+        let link_bw = Family::<LinkLabels, FGauge>::default();
+        registry.register(
+            "pipeline_link_bandwidth_bytes_per_second",
+            "Bandwidth of a pipeline link (an 8 MiB probe), measured when it opened",
+            link_bw.clone(),
+        );
         Metrics {
             registry,
+            link_rtt,
+            link_bw,
             stage_step,
             stage_steps,
             stage_sent,
@@ -226,6 +250,15 @@ impl Metrics {
             self.node_layers
                 .get_or_create(&l)
                 .set(n.layers.map_or(0, |(a, b)| (b - a) as i64));
+        }
+        for l in &state.links {
+            let labels = LinkLabels {
+                from: l.from.clone(),
+                to: l.to.clone(),
+                transport: l.transport.clone(),
+            };
+            self.link_rtt.get_or_create(&labels).set(l.rtt_us / 1e6);
+            self.link_bw.get_or_create(&labels).set(l.bytes_per_s);
         }
         for (k, st) in state.stages.iter().enumerate() {
             let l = StageLabels {

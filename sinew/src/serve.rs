@@ -282,6 +282,16 @@ pub fn status_table(v: &serde_json::Value) -> String {
             out.push_str(&format!("    {e}\n"));
         }
     }
+    for l in &s.links {
+        out.push_str(&format!(
+            "link {} → {}: {}, rtt {:.0} µs, {:.0} MB/s\n",
+            l.from,
+            l.to,
+            l.transport,
+            l.rtt_us,
+            l.bytes_per_s / 1e6
+        ));
+    }
     for (k, st) in s.stages.iter().enumerate() {
         out.push_str(&format!(
             "stage {k}: step {:.2} ms (moving average), {} micro-batches, {:.1} MB sent on\n",

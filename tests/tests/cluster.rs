@@ -757,6 +757,12 @@ fn a_worker_in_another_network_namespace_over_shaped_veth_links() {
         let st = c.state();
         assert_eq!(st.nodes[1].link.as_deref(), Some("tcp"), "{st:?}");
         assert!(st.nodes[1].rtt_us.is_none_or(|r| r > 0.0));
+        // the probe at join sees the shaping: 1 Gbit/s is 125 MB/s
+        let bw = st.nodes[1].bytes_per_s.expect("measured at join");
+        if rate == "1gbit" {
+            assert!(bw < 200e6, "{rate}: measured {bw} B/s");
+        }
+        assert_eq!(st.links.len(), 2, "{st:?}");
         let s = c
             .submit(Request {
                 prompt: prompt.clone(),

@@ -555,6 +555,11 @@ fn a_head_with_two_workers_serves_and_fails_cleanly_when_one_dies() {
         );
     }
     assert!(text.contains("sinew_node_up{node=\"head\"} 1"), "{text}");
+    assert_eq!(st.body["links"].as_array().unwrap().len(), 3, "{}", st.body);
+    assert!(
+        text.contains("sinew_pipeline_link_bandwidth_bytes_per_second"),
+        "{text}"
+    );
     // a worker killed mid-stream: the stream ends with an error event within 2 s
     let mut resp = agent()
         .post(format!("{url}/chat/completions"))

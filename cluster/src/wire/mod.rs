@@ -215,6 +215,19 @@ pub struct Ready {
     pub load_ms: u64,
     /// Weight bytes received from the head (0 when it read a file of its own).
     pub received_bytes: u64,
+    /// The link to the next stage as measured when it was opened (`None` at the last stage).
+    pub next_link: Option<LinkReport>,
+}
+
+/// A link as measured when it was opened: backend, round trip, bandwidth.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkReport {
+    /// The backend's name.
+    pub transport: String,
+    /// Smallest round trip of a few empty probes, microseconds.
+    pub rtt_us: u32,
+    /// One large probe's bytes over its time less a round trip, bytes per second.
+    pub bytes_per_s: u64,
 }
 
 /// Every message of the protocol.
@@ -263,6 +276,20 @@ pub enum Msg {
     Sampled(Sampled),
     /// Worker → head: its stage failed.
     StageError(String),
+    /// Either way: a link probe; the receiver answers [`Msg::ProbeAck`] at once.
+    Probe {
+        /// Its number.
+        id: u64,
+        /// Filler: the bytes whose transfer time gives the bandwidth.
+        pad: Vec<u8>,
+    },
+    /// The answer to a probe.
+    ProbeAck {
+        /// The probe's number.
+        id: u64,
+        /// Bytes of its filler.
+        bytes: u64,
+    },
     /// Worker → worker, first on a peer link: which plan and stage the sender serves.
     PeerHello {
         /// Protocol version.
@@ -288,6 +315,8 @@ const T_BATCH: u32 = 0x510a;
 const T_SAMPLED: u32 = 0x510b;
 const T_STAGE_ERROR: u32 = 0x510c;
 const T_PEER_HELLO: u32 = 0x510d;
+const T_PROBE: u32 = 0x510e;
+const T_PROBE_ACK: u32 = 0x510f;
 
 /// Longest string field, bytes.
 const MAX_STR: usize = 1 << 20;
@@ -493,7 +522,26 @@ impl Msg {
                 b.put_u64(r.kv_capacity_tokens);
                 b.put_u64(r.load_ms);
                 b.put_u64(r.received_bytes);
+                match &r.next_link {
+                    Some(l) => {
+                        b.put_u8(1);
+                        put_str(&mut b, &l.transport);
+                        b.put_u32(l.rtt_us);
+                        b.put_u64(l.bytes_per_s);
+                    }
+                    None => b.put_u8(0),
+                }
                 T_READY
+            }
+            Msg::Probe { id, pad } => {
+                b.put_u64(*id);
+                b.extend_from_slice(pad);
+                T_PROBE
+            }
+            Msg::ProbeAck { id, bytes } => {
+                b.put_u64(*id);
+                b.put_u64(*bytes);
+                T_PROBE_ACK
             }
             Msg::Ping(t) => {
                 b.put_u64(*t);
@@ -624,7 +672,28 @@ impl Msg {
                 kv_capacity_tokens: r.u64("kv capacity")?,
                 load_ms: r.u64("load ms")?,
                 received_bytes: r.u64("received bytes")?,
+                next_link: if flag(&mut r, "next link")? {
+                    Some(LinkReport {
+                        transport: str(&mut r, "link transport")?,
+                        rtt_us: r.u32("link rtt")?,
+                        bytes_per_s: r.u64("link bandwidth")?,
+                    })
+                } else {
+                    None
+                },
             }),
+            T_PROBE => {
+                let id = r.u64("probe id")?;
+                let n = r.remaining();
+                Msg::Probe {
+                    id,
+                    pad: r.bytes(n, "probe")?.to_vec(),
+                }
+            }
+            T_PROBE_ACK => Msg::ProbeAck {
+                id: r.u64("probe id")?,
+                bytes: r.u64("probe bytes")?,
+            },
             T_PING => Msg::Ping(r.u64("ping")?),
             T_PONG => Msg::Pong(r.u64("pong")?),
             T_BATCH => Msg::Batch(decode_batch(&mut r)?),

@@ -199,11 +199,25 @@ fn msg() -> impl Strategy<Value = Msg> {
             proptest::collection::vec(any::<u8>(), 0..64)
         )
             .prop_map(|(offset, crc, bytes)| Msg::WeightsChunk { offset, crc, bytes }),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Msg::Ready(Ready {
-            kv_capacity_tokens: a,
-            load_ms: b,
-            received_bytes: c
-        })),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(("[a-z]{0,6}", any::<u32>(), any::<u64>()))
+        )
+            .prop_map(|(a, b, c, l)| Msg::Ready(Ready {
+                kv_capacity_tokens: a,
+                load_ms: b,
+                received_bytes: c,
+                next_link: l.map(|(transport, rtt_us, bytes_per_s)| LinkReport {
+                    transport,
+                    rtt_us,
+                    bytes_per_s
+                }),
+            })),
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(id, pad)| Msg::Probe { id, pad }),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, bytes)| Msg::ProbeAck { id, bytes }),
         any::<u64>().prop_map(Msg::Ping),
         any::<u64>().prop_map(Msg::Pong),
         batch().prop_map(Msg::Batch),
@@ -246,18 +260,18 @@ proptest! {
             // a prefix may decode only if it is the whole message
             if let Ok(d) = Msg::decode(tag, &payload[..at]) {
                 // a weights chunk's bytes run to the end: a prefix is a shorter chunk
-                prop_assert!(matches!(d, Msg::WeightsChunk { .. }), "prefix decoded to {d:?}");
+                prop_assert!(matches!(d, Msg::WeightsChunk { .. } | Msg::Probe { .. }), "prefix decoded to {d:?}");
             }
         }
         let mut long = payload.clone();
         long.extend(std::iter::repeat_n(0u8, extra));
         if let Ok(d) = Msg::decode(tag, &long) {
-            prop_assert!(matches!(d, Msg::WeightsChunk { .. }), "extended decoded to {d:?}");
+            prop_assert!(matches!(d, Msg::WeightsChunk { .. } | Msg::Probe { .. }), "extended decoded to {d:?}");
         }
     }
 
     #[test]
-    fn garbage_never_panics(tag in 0x5100u32..0x5110, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+    fn garbage_never_panics(tag in 0x5100u32..0x5112, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = Msg::decode(tag, &payload);
     }
 }
