@@ -10,7 +10,8 @@ TRIALS=${TRIALS:-20}
 (cd "$ROOT" && cargo build --release -q -p sinew)
 SINEW="$ROOT/target/release/sinew"
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+W=""
+trap 'kill $(jobs -p) $W 2>/dev/null || true; rm -rf "$WORK"' EXIT
 MODEL=${MODEL:-"$WORK/m.gguf"}
 [ -f "$MODEL" ] || "$SINEW" gguf synth --layers 8 --hidden 512 --experts 16 --top-k 4 --quant q4_k --out "$MODEL" >/dev/null
 python3 -c "import secrets; print(secrets.token_hex(32))" > "$WORK/key"; chmod 600 "$WORK/key"
@@ -70,4 +71,5 @@ PY
   wait "$W" 2>/dev/null || true
   W=$(start_worker)
 done
+kill "$W" 2>/dev/null || true
 echo "worker killed mid-stream: $pass of $TRIALS trials erred within 2 s and the head served the next request"

@@ -248,11 +248,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         if let Some(plan) = &st.plan {
             println!("{plan}");
         }
-        for n in st.nodes.iter().skip(1) {
+        for l in &st.links {
             println!(
-                "link head → {}: {}",
-                n.addr,
-                n.link.as_deref().unwrap_or("?")
+                "link {} → {}: {}, round trip {:.0} µs, {:.0} MB/s (measured when it opened)",
+                l.from,
+                l.to,
+                l.transport,
+                l.rtt_us,
+                l.bytes_per_s / 1e6
             );
         }
         let url = format!("http://{addr}/v1");

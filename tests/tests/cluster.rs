@@ -781,3 +781,53 @@ fn a_worker_in_another_network_namespace_over_shaped_veth_links() {
         drop(w);
     }
 }
+
+#[test]
+fn a_restarted_head_finds_its_workers_still_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kpath, k) = key(dir.path());
+    let name = "qwen3_moe_sparse_step";
+    let model = fixture_gguf(name);
+    let (w1, a1) = Node::worker(
+        &kpath,
+        "127.0.0.1:0",
+        &["--cache-dir", &dir.path().join("w1").to_string_lossy()],
+    );
+    let req = || Request {
+        prompt: prompt_of(name),
+        params: greedy(6),
+        prompt_logprobs: None,
+    };
+    let first = {
+        let c = start(head_opts(
+            &model,
+            vec![a1.clone()],
+            k.clone(),
+            &dir.path().join("head"),
+        ));
+        let s = c.submit(req()).unwrap();
+        drain(&s, Duration::from_secs(60))
+    };
+    // the first head is gone (dropped); a new one, same worker, no restart of it
+    let started = Instant::now();
+    let c = start(head_opts(&model, vec![a1], k, &dir.path().join("head")));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ready after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        c.state()
+            .nodes
+            .iter()
+            .filter(|n| n.layers.is_some())
+            .count(),
+        2
+    );
+    let s = c.submit(req()).unwrap();
+    let again = drain(&s, Duration::from_secs(60));
+    assert!(first.error.is_none() && again.error.is_none());
+    assert_eq!(first.tokens, again.tokens);
+    // the worker kept its stage: it did not load it again
+    assert!(w1.printed(Stream::Stderr, "stage ready (weights kept)"));
+}
