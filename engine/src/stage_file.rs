@@ -3,11 +3,10 @@
 //! tensors (what a node without the model receives).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufWriter;
 use std::ops::Range;
 use std::path::Path;
 
-use candle_core::Device;
 use candle_core::quantized::gguf_file::{self, TensorInfo};
 
 use crate::config::ModelConfig;
@@ -134,10 +133,14 @@ fn stage_tensor(name: &str, layers: &Range<usize>, n: usize, has_output: bool) -
 /// holding `layers` reads (its layers; the embedding for the first stage; the final norm and
 /// head for the last). Loading `out` with the same layer range gives the same stage.
 ///
+/// The file is streamed: the metadata section and each kept tensor's description are copied as
+/// they are in `src` (with new data offsets), and each tensor's bytes are copied in pieces, so a
+/// stage larger than this machine's memory can be written.
+///
 /// # Errors
-/// I/O errors, a source that is not GGUF, a range outside the model.
+/// I/O errors, a source that is not GGUF (or not little-endian v2/v3), a range outside the model.
 pub fn write_stage(src: &Path, out: &Path, layers: Range<usize>) -> Result<()> {
-    let (content, file) = read_content(src)?;
+    let (content, _) = read_content(src)?;
     let config = ModelConfig::from_gguf(&content, src)?;
     let n = config.num_layers;
     if layers.start >= layers.end || layers.end > n {
@@ -147,38 +150,223 @@ pub fn write_stage(src: &Path, out: &Path, layers: Range<usize>) -> Result<()> {
         )));
     }
     let has_output = content.tensor_infos.contains_key("output.weight");
-    let mut reader = BufReader::new(file);
-    let mut names: Vec<&String> = content
-        .tensor_infos
-        .keys()
-        .filter(|name| stage_tensor(name, &layers, n, has_output))
-        .collect();
-    // file order, so the subset reads like the source
-    names.sort_by_key(|name| content.tensor_infos[*name].offset);
-    let mut tensors = Vec::with_capacity(names.len());
-    for name in names {
-        let t = content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| Error::weights(src, format!("reading {name}: {e}")))?;
-        tensors.push((name.as_str(), t));
-    }
-    let mut meta: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
+    let bytes = std::fs::File::open(src).map_err(|e| Error::io(src, e))?;
+    // SAFETY: the mapping is read-only and private to this call; every read below is bounds
+    // checked against its length.
+    let map = unsafe { memmap2::Mmap::map(&bytes) }.map_err(|e| Error::io(src, e))?;
+    let raw = RawGguf::parse(&map).map_err(|m| Error::weights(src, m))?;
+    let kept: Vec<&RawTensor> = raw
+        .tensors
         .iter()
-        .map(|(k, v)| (k.as_str(), v))
+        .filter(|t| stage_tensor(&t.name, &layers, n, has_output))
         .collect();
-    meta.sort_by_key(|(k, _)| *k);
+    let align = raw.alignment;
+    let pad = |x: u64| x.div_ceil(align) * align;
     let f = File::create(out).map_err(|e| Error::io(out, e))?;
-    let mut w = BufWriter::new(f);
-    let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
-        tensors.iter().map(|(n, t)| (*n, t)).collect();
-    gguf_file::write(&mut w, &meta, &refs).map_err(|e| Error::weights(out, e.to_string()))?;
-    let mut f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
-    // candle writes version 2; the bytes are a little-endian version 3 file (see `gguf`)
-    use std::io::{Seek, SeekFrom, Write};
-    f.seek(SeekFrom::Start(4))
-        .and_then(|_| f.write_all(&3u32.to_le_bytes()))
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(out, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let io = |e: std::io::Error| Error::io(out, e);
+    use std::io::Write;
+    // header: magic, version 3, tensor count, the source's metadata count and entries
+    w.write_all(b"GGUF").map_err(io)?;
+    w.write_all(&3u32.to_le_bytes()).map_err(io)?;
+    w.write_all(&(kept.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&map[16..raw.kv_end]).map_err(io)?;
+    let mut offset = 0u64;
+    let mut pos = 24 + (raw.kv_end - 24) as u64;
+    for t in &kept {
+        let info = &map[t.info.clone()];
+        // everything but the trailing data offset, then the new offset
+        w.write_all(&info[..info.len() - 8]).map_err(io)?;
+        w.write_all(&offset.to_le_bytes()).map_err(io)?;
+        pos += info.len() as u64;
+        offset = pad(offset + t.size);
+    }
+    w.write_all(&vec![0u8; (pad(pos) - pos) as usize])
+        .map_err(io)?;
+    for t in &kept {
+        let start = raw.data_start + t.offset as usize;
+        let data = map.get(start..start + t.size as usize).ok_or_else(|| {
+            Error::weights(
+                src,
+                format!("tensor {} lies past the end of the file", t.name),
+            )
+        })?;
+        for piece in data.chunks(8 << 20) {
+            w.write_all(piece).map_err(io)?;
+        }
+        w.write_all(&vec![0u8; (pad(t.size) - t.size) as usize])
+            .map_err(io)?;
+    }
+    let f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
+    f.sync_all().map_err(|e| Error::io(out, e))?;
     Ok(())
+}
+
+/// One tensor's description in a GGUF file, where it lies.
+struct RawTensor {
+    name: String,
+    /// The bytes of its description (name, dims, type, offset).
+    info: Range<usize>,
+    /// Its data's offset from the start of the data section.
+    offset: u64,
+    /// Its data's size.
+    size: u64,
+}
+
+/// The layout of a little-endian GGUF v2/v3 file, read by hand: where the metadata section ends,
+/// each tensor's description and data, the alignment.
+struct RawGguf {
+    kv_end: usize,
+    tensors: Vec<RawTensor>,
+    data_start: usize,
+    alignment: u64,
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> std::result::Result<&[u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or("the GGUF header ends early")?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn string(&mut self) -> std::result::Result<String, String> {
+        let n = self.u64()? as usize;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    /// Skips a value of GGUF type `t`; returns it when it is an integer (for the alignment).
+    fn value(&mut self, t: u32, depth: u32) -> std::result::Result<Option<u64>, String> {
+        Ok(match t {
+            0 | 1 | 7 => Some(u64::from(self.take(1)?[0])),
+            2 | 3 => Some(u64::from(u16::from_le_bytes(
+                self.take(2)?.try_into().expect("2 bytes"),
+            ))),
+            4 | 5 => Some(u64::from(self.u32()?)),
+            6 => {
+                self.take(4)?;
+                None
+            }
+            8 => {
+                self.string()?;
+                None
+            }
+            9 => {
+                if depth > 4 {
+                    return Err("GGUF arrays nested too deep".into());
+                }
+                let et = self.u32()?;
+                let n = self.u64()?;
+                for _ in 0..n {
+                    self.value(et, depth + 1)?;
+                }
+                None
+            }
+            10 | 11 => Some(self.u64()?),
+            12 => {
+                self.take(8)?;
+                None
+            }
+            other => return Err(format!("unknown GGUF value type {other}")),
+        })
+    }
+}
+
+impl RawGguf {
+    fn parse(b: &[u8]) -> std::result::Result<Self, String> {
+        let mut c = Cursor { b, at: 0 };
+        if c.take(4)? != b"GGUF" {
+            return Err("not a GGUF file".into());
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(format!(
+                "GGUF version {version}: stage files are written from v2 or v3"
+            ));
+        }
+        let tensor_count = c.u64()?;
+        let kv_count = c.u64()?;
+        let mut alignment = 32u64;
+        for _ in 0..kv_count {
+            let key = c.string()?;
+            let t = c.u32()?;
+            let v = c.value(t, 0)?;
+            if key == "general.alignment"
+                && let Some(a) = v.filter(|&a| a > 0)
+            {
+                alignment = a;
+            }
+        }
+        let kv_end = c.at;
+        let mut tensors = Vec::new();
+        for _ in 0..tensor_count {
+            let start = c.at;
+            let name = c.string()?;
+            let dims = c.u32()?;
+            if dims > 8 {
+                return Err(format!("tensor {name} has {dims} dimensions"));
+            }
+            let mut elems = 1u64;
+            for _ in 0..dims {
+                elems = elems.saturating_mul(c.u64()?);
+            }
+            let t = c.u32()?;
+            let offset = c.u64()?;
+            let (block, size) =
+                ggml_block(t).ok_or_else(|| format!("tensor {name}: unknown ggml type {t}"))?;
+            tensors.push(RawTensor {
+                name,
+                info: start..c.at,
+                offset,
+                size: elems / block * size,
+            });
+        }
+        let data_start = (c.at as u64).div_ceil(alignment) * alignment;
+        Ok(RawGguf {
+            kv_end,
+            tensors,
+            data_start: data_start as usize,
+            alignment,
+        })
+    }
+}
+
+/// Elements per block and bytes per block of a ggml type.
+fn ggml_block(t: u32) -> Option<(u64, u64)> {
+    Some(match t {
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        30 => (1, 2),     // BF16
+        2 => (32, 18),    // Q4_0
+        3 => (32, 20),    // Q4_1
+        6 => (32, 22),    // Q5_0
+        7 => (32, 24),    // Q5_1
+        8 => (32, 34),    // Q8_0
+        9 => (32, 36),    // Q8_1
+        10 => (256, 84),  // Q2_K
+        11 => (256, 110), // Q3_K
+        12 => (256, 144), // Q4_K
+        13 => (256, 176), // Q5_K
+        14 => (256, 210), // Q6_K
+        15 => (256, 292), // Q8_K
+        _ => return None,
+    })
 }
