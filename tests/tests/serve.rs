@@ -815,3 +815,49 @@ fn the_demo_answers_and_stops_every_process_on_sigint() {
         }
     }
 }
+
+#[test]
+fn a_full_queue_is_a_429_with_retry_after() {
+    let (_node, url) = Node::serve(&[
+        "--model",
+        fixture("llama_dense").to_str().unwrap(),
+        "--model-id",
+        "fx",
+        "--ctx",
+        "512",
+        "--max-seqs",
+        "1",
+        "--max-queue",
+        "1",
+    ]);
+    let long = || {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            post(
+                &format!("{url}/chat/completions"),
+                chat_body("busy", json!({"max_tokens": 400, "ignore_eos": true})),
+            )
+            .status
+        })
+    };
+    // one runs, one waits: the queue is full
+    let running = long();
+    let waiting = long();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = call("GET", &format!("{url}/cluster"), None, None);
+        if st.body["running"] == 1 && st.body["queued"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", st.body);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = post(
+        &format!("{url}/chat/completions"),
+        chat_body("one more", json!({"max_tokens": 2})),
+    );
+    assert_error(&r, 429, None);
+    assert_eq!(r.retry_after.as_deref(), Some("1"));
+    assert_eq!(running.join().unwrap(), 200);
+    assert_eq!(waiting.join().unwrap(), 200);
+}
