@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: String,
-    /// The id clients name the model by (default: the model's file or directory name).
+    /// The id clients name the model by (default: the model's file or directory name, e.g.
+    /// `qwen3-30b-a3b-q4_k.gguf`).
     #[arg(long)]
     pub model_id: Option<String>,
     /// File holding the API key every route but /health needs (or set SINEW_API_KEY).
@@ -66,13 +67,11 @@ pub struct ServeArgs {
     pub link: LinkArgs,
 }
 
+/// The model's directory or file name, as clients name it by default.
 fn model_id(model: &Path) -> String {
-    let name = if model.is_dir() {
-        model.file_name()
-    } else {
-        model.file_stem()
-    };
-    name.map(|n| n.to_string_lossy().into_owned())
+    model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
 }
 
