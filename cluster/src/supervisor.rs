@@ -422,9 +422,43 @@ impl Supervisor {
                     .split
                     .as_ref()
                     .filter(|s| s.len() == budgets.len());
-                match split {
-                    Some(s) => StagePlan::split(l, &budgets, serving, s)?,
-                    None => StagePlan::place(l, &budgets, serving)?,
+                let place = |sv: Serving| match split {
+                    Some(s) => StagePlan::split(l, &budgets, sv, s),
+                    None => StagePlan::place(l, &budgets, sv),
+                };
+                match place(serving) {
+                    Ok(p) => p,
+                    // with no KV budget given, a cache smaller than ctx × max_seqs that fits
+                    // beats no plan: the largest that fits, at least one whole context
+                    Err(e) if self.opts.kv_memory.is_none() => {
+                        let fits = |t: usize| {
+                            place(Serving {
+                                kv_tokens: t,
+                                ..serving
+                            })
+                            .is_ok()
+                        };
+                        if !fits(serving.ctx) {
+                            return Err(e.into());
+                        }
+                        let (mut lo, mut hi) = (serving.ctx, serving.kv_tokens);
+                        while hi - lo > serving.ctx / 16 + 1 {
+                            let mid = lo + (hi - lo) / 2;
+                            if fits(mid) {
+                                lo = mid;
+                            } else {
+                                hi = mid;
+                            }
+                        }
+                        tracing::warn!(
+                            wanted = serving.kv_tokens,
+                            kv_tokens = lo,
+                            "the KV cache for ctx × max-seqs does not fit these nodes: it holds {lo} positions instead (set --kv-memory, --ctx or --max-seqs to choose)"
+                        );
+                        serving.kv_tokens = lo;
+                        place(serving)?
+                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
             None => {

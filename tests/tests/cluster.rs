@@ -831,3 +831,28 @@ fn a_restarted_head_finds_its_workers_still_running() {
     // the worker kept its stage: it did not load it again
     assert!(w1.printed(Stream::Stderr, "stage ready (weights kept)"));
 }
+
+#[test]
+fn a_kv_cache_too_big_for_the_nodes_shrinks_to_what_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, k) = key(dir.path());
+    let model = fixture_gguf("qwen3_dense");
+    let l = engine::stage_file::layout(&model).unwrap();
+    let sv = cluster::Serving::new(512, 8, 64);
+    let fixed = l.total_bytes() + cluster::plan::act_bytes(&l, &sv, true);
+    let per_token = cluster::plan::kv_bytes_per_layer_token(&l) * l.layer_bytes.len() as u64;
+    let mut opts = head_opts(&model, vec![], k, &dir.path().join("head"));
+    // room for the weights and 1500 positions, not for 8 × 512
+    opts.memory_limit = Some(fixed + per_token * 1500);
+    let c = start(opts);
+    let cap = c.state().kv_capacity_tokens;
+    assert!((512..=1500).contains(&cap), "capacity {cap}");
+    let s = c
+        .submit(Request {
+            prompt: prompt_of("qwen3_dense"),
+            params: greedy(4),
+            prompt_logprobs: None,
+        })
+        .unwrap();
+    assert!(drain(&s, Duration::from_secs(30)).error.is_none());
+}
