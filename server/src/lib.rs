@@ -108,7 +108,23 @@ async fn count(State(s): State<AppState>, req: HttpRequest, next: Next) -> Respo
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
-    let r = next.run(req).await;
+    let mut r = next.run(req).await;
+    // axum's own refusals (a body over the limit) in OpenAI's envelope too
+    let json = r.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes().starts_with(b"application/json")
+            || v.as_bytes().starts_with(b"text/event-stream")
+            || v.as_bytes().starts_with(b"application/openmetrics")
+    });
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+        r = ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            ..ApiError::bad(
+                None,
+                "the request body is larger than the server accepts (32 MiB)",
+            )
+        }
+        .into_response();
+    }
     s.metrics.request(&route, r.status().as_u16());
     r
 }

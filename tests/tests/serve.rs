@@ -755,6 +755,13 @@ fn arbitrary_bodies_never_get_a_5xx() {
             );
         }
     }
+    // a body over the limit: 413 in the envelope
+    let huge = format!(
+        "{{\"model\": \"fx\", \"prompt\": \"{}\"}}",
+        "a".repeat(33 << 20)
+    );
+    let r = post_raw(&format!("{url}/completions"), &huge);
+    assert_error(&r, 413, None);
     let h = call(
         "GET",
         &format!("{}/health", url.trim_end_matches("/v1")),
