@@ -89,9 +89,9 @@ pub enum PlanError {
     /// The nodes together hold less than the model needs.
     #[error(
         "the model does not fit: it needs {} (weights {}, KV cache {} for {} positions, \
-         activations {}), the nodes offer {} — {} short. {}",
+         activations {}), the nodes offer {} — {}. {}",
         gib(*need), gib(*weights), gib(*kv), serving.kv_tokens, gib(*act), gib(*have),
-        gib(need - have), hints.join("; ")
+        shortfall(*need, *have), hints.join("; ")
     )]
     DoesNotFit {
         /// Bytes needed in all.
@@ -112,7 +112,7 @@ pub enum PlanError {
     /// One stage of a split overflows its node.
     #[error(
         "stage {stage} (layers {}..{} on {node}) needs {}, the node offers {} — {} short",
-        layers.start, layers.end, gib(*need), gib(*have), gib(need - have)
+        layers.start, layers.end, gib(*need), gib(*have), gib(need.saturating_sub(*have))
     )]
     StageTooBig {
         /// The stage.
@@ -137,6 +137,14 @@ pub enum PlanError {
         /// Layers of the model.
         layers: usize,
     },
+}
+
+fn shortfall(need: u64, have: u64) -> String {
+    if need > have {
+        format!("{} short", gib(need - have))
+    } else {
+        "enough in all, but not in any split in node order".into()
+    }
 }
 
 fn gib(b: u64) -> String {
@@ -399,10 +407,19 @@ fn does_not_fit(
             gib(weights + act - have)
         ));
     }
-    hints.push(format!(
-        "as configured it fits with another node of {} free",
-        gib(need - have)
-    ));
+    if need > have {
+        hints.push(format!(
+            "as configured it fits with another node of {} free",
+            gib(need - have)
+        ));
+    } else {
+        // enough in all, but no split in node order gives every node what it holds
+        hints.push(
+            "the nodes hold enough in all, but no contiguous split fits each one: --split to \
+             place the layers by hand, a larger node, or fewer --ctx / --max-seqs"
+                .to_string(),
+        );
+    }
     PlanError::DoesNotFit {
         need,
         weights,
