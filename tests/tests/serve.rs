@@ -556,6 +556,26 @@ fn a_head_with_two_workers_serves_and_fails_cleanly_when_one_dies() {
     }
     assert!(text.contains("sinew_node_up{node=\"head\"} 1"), "{text}");
     assert_eq!(st.body["links"].as_array().unwrap().len(), 3, "{}", st.body);
+    // sinew status prints it as a table
+    let out = sinew_tests::sinew()
+        .args(["status", "--url", url.trim_end_matches("/v1")])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("ready") && table.contains(&a1) && table.contains("stage 2:"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("link ")).count(),
+        3,
+        "{table}"
+    );
     assert!(
         text.contains("sinew_pipeline_link_bandwidth_bytes_per_second"),
         "{text}"
