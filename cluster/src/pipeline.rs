@@ -439,15 +439,20 @@ impl Core {
 
     /// Removes a sequence and frees its positions everywhere.
     fn finish_seq(&mut self, id: u64) {
-        if let Some(s) = self.running.remove(&id) {
-            self.used -= s.reserve;
-            if s.opened {
-                self.releases.push(id);
-            }
-            if let Some(p) = self.pipe.as_mut() {
-                p.runner.release(&[id]);
-            }
+        self.take_seq(id);
+    }
+
+    /// Removes a sequence, frees its positions everywhere, and hands it back.
+    fn take_seq(&mut self, id: u64) -> Option<Seq> {
+        let s = self.running.remove(&id)?;
+        self.used -= s.reserve;
+        if s.opened {
+            self.releases.push(id);
         }
+        if let Some(p) = self.pipe.as_mut() {
+            p.runner.release(&[id]);
+        }
+        Some(s)
     }
 
     fn admit(&mut self) {
@@ -583,7 +588,7 @@ impl Core {
         };
         self.batches += 1;
         let started = Instant::now();
-        let out = pipe.runner.run(&batch, Some(&tokens));
+        let out = pipe.runner.run(&mut batch, Some(&tokens));
         let step_us = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         match out {
             Ok(StageOut::Sampled(results)) => {
@@ -673,26 +678,15 @@ impl Core {
             match advance(&self.text, seq, rows, r.token, r.logprob, r.prompt_logprobs) {
                 Ok((n, finish)) => {
                     self.generated += n as u64;
-                    if let Some(f) = finish {
-                        let s = self.running.get(&id).expect("present");
-                        let ev = Event::Finished {
+                    // free first, then tell the client
+                    if let Some(f) = finish
+                        && let Some(s) = self.take_seq(id)
+                    {
+                        s.p.sink.send(Event::Finished {
                             finish: f,
                             prompt_tokens: s.p.prompt.len(),
                             completion_tokens: s.p.decoder.tokens().len(),
-                        };
-                        let sink_ok = {
-                            // free first, then tell the client
-                            let s = self.running.remove(&id).expect("present");
-                            self.used -= s.reserve;
-                            if s.opened {
-                                self.releases.push(id);
-                            }
-                            if let Some(p) = self.pipe.as_mut() {
-                                p.runner.release(&[id]);
-                            }
-                            s.p.sink.send(ev)
-                        };
-                        let _ = sink_ok;
+                        });
                     }
                 }
                 Err(e) => {

@@ -84,16 +84,18 @@ impl StageRunner {
         }
     }
 
-    /// Runs `batch` (its hidden states are ignored at stage 0, which takes `tokens`).
+    /// Runs `batch` (its hidden states are ignored at stage 0, which takes `tokens`). The hidden
+    /// states move out of the batch into the step (left empty), so they are not copied.
     ///
     /// # Errors
     /// A batch that does not match the stage's sequences (an unknown sequence, a position that
     /// differs from the cache's, a sequence twice), no room for a new sequence, or a failed step.
     /// On an error no sequence's cache changes, and new sequences of the batch are dropped.
-    pub fn run(&mut self, batch: &Batch, tokens: Option<&[u32]>) -> Result<StageOut> {
+    pub fn run(&mut self, batch: &mut Batch, tokens: Option<&[u32]>) -> Result<StageOut> {
         self.release(&batch.releases);
+        let hidden = std::mem::replace(&mut batch.hidden.data, HiddenData::F32(Vec::new()));
         let mut opened = Vec::new();
-        let result = self.run_inner(batch, tokens, &mut opened);
+        let result = self.run_inner(batch, tokens, hidden, &mut opened);
         if result.is_err() {
             for id in opened {
                 self.seqs.remove(&id);
@@ -106,6 +108,7 @@ impl StageRunner {
         &mut self,
         batch: &Batch,
         tokens: Option<&[u32]>,
+        hidden: HiddenData,
         opened: &mut Vec<u64>,
     ) -> Result<StageOut> {
         for c in &batch.chunks {
@@ -190,7 +193,7 @@ impl StageRunner {
                     )));
                 }
                 Input::Hidden(Tensor::from_vec(
-                    h.data.to_f32(),
+                    hidden.into_f32(),
                     (total, width),
                     &candle_core::Device::Cpu,
                 )?)

@@ -98,8 +98,6 @@ impl Supervisor {
                 last_error: None,
             })
             .collect();
-        let mut id = [0u8; 8];
-        let _ = getrandom(&mut id);
         Ok(Supervisor {
             opts,
             ctx,
@@ -110,7 +108,7 @@ impl Supervisor {
             ev_tx,
             ev_rx,
             generation: 0,
-            head_id: u64::from_le_bytes(id),
+            head_id: random_u64(),
             plan: None,
             held: None,
             model_hash: None,
@@ -467,9 +465,7 @@ impl Supervisor {
             }
         };
         tracing::info!("plan:\n{plan}");
-        let mut epoch_bytes = [0u8; 8];
-        let _ = getrandom(&mut epoch_bytes);
-        let epoch = u64::from_le_bytes(epoch_bytes);
+        let epoch = random_u64();
         let hash = self.model_hash()?;
         let name = self
             .opts
@@ -504,6 +500,10 @@ impl Supervisor {
         let mut next_links: HashMap<usize, crate::wire::LinkReport> = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(600);
         while ready.len() < up.len() {
+            if self.stop.load(Ordering::Acquire) {
+                self.held = Some(runner);
+                return Err(Error::Degraded("the head is stopping".into()));
+            }
             if Instant::now() >= deadline {
                 return Err(Error::Degraded(
                     "workers did not load within 10 minutes".into(),
@@ -628,9 +628,7 @@ impl Supervisor {
             2 * c.num_kv_heads * c.head_dim * 4 * c.num_layers * serving.ctx * serving.max_seqs;
         let runner = self.head_stage(0..c.num_layers, kv)?;
         let capacity = runner.kv().capacity_tokens();
-        let mut epoch = [0u8; 8];
-        let _ = getrandom(&mut epoch);
-        let epoch = u64::from_le_bytes(epoch);
+        let epoch = random_u64();
         {
             let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             sh.epoch = epoch;
@@ -708,7 +706,8 @@ impl Supervisor {
         let size = std::fs::metadata(&path)
             .map_err(|e| Error::io(&path, e))?
             .len();
-        let sha = node::sha256_file(&path)?;
+        // remembered by path, size and mtime: a stage sent again is not hashed again
+        let sha = node::file_hash(&path, &self.opts.cache_dir)?.hash;
         tracing::info!(worker = %who, bytes = size, "sending the stage's tensors");
         send_shared(tx, &Msg::WeightsBegin { size, hash: sha })?;
         let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
@@ -718,17 +717,13 @@ impl Supervisor {
         let mut last_log = Instant::now();
         let mut check = Sha256::new();
         while offset < size {
-            let n = read_full(&mut f, &mut buf).map_err(|e| Error::io(&path, e))?;
-            if n == 0 {
-                return Err(Error::io(&path, std::io::ErrorKind::UnexpectedEof.into()));
+            if self.stop.load(Ordering::Acquire) {
+                return Err(Error::Degraded("the head is stopping".into()));
             }
+            let n = (size - offset).min(CHUNK as u64) as usize;
+            std::io::Read::read_exact(&mut f, &mut buf[..n]).map_err(|e| Error::io(&path, e))?;
             check.update(&buf[..n]);
-            let m = Msg::WeightsChunk {
-                offset,
-                crc: crc32c::crc32c(&buf[..n]),
-                bytes: buf[..n].to_vec(),
-            };
-            let (tag, payload) = m.encode();
+            let (tag, payload) = crate::wire::weights_chunk(offset, &buf[..n]);
             tx.lock().unwrap_or_else(|e| e.into_inner()).send_until(
                 tag,
                 &payload,
@@ -751,21 +746,19 @@ impl Supervisor {
     }
 }
 
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::io::Read;
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
+/// A random number for ids and plan epochs (only unlikely collisions matter: the time and pid
+/// stand in if the system's random source fails).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match getrandom::fill(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            t ^ (u64::from(std::process::id()) << 32)
         }
     }
-    Ok(n)
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 /// What a worker's reader thread reports to and shares with.

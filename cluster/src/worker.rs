@@ -613,12 +613,12 @@ impl Brain {
         Ok(())
     }
 
-    fn batch(&mut self, batch: Batch) {
+    fn batch(&mut self, mut batch: Batch) {
         let Some((_, _, _, runner)) = self.runner.as_mut() else {
             return;
         };
         let started = Instant::now();
-        let out = runner.run(&batch, None);
+        let out = runner.run(&mut batch, None);
         let step_us = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         let id = batch.id;
         let seqs: Vec<u64> = batch.chunks.iter().map(|c| c.seq).collect();

@@ -279,26 +279,15 @@ async fn chat(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiErr
     let prompt = text
         .encode(&rendered, false)
         .map_err(|e| ApiError::bad(Some("messages".into()), e.to_string()))?;
-    let mut choices = Vec::with_capacity(req.common.n);
-    for i in 0..req.common.n {
-        let mut params = req.common.params.clone();
-        params.sampling.seed = params.sampling.seed.wrapping_add(i as u64);
-        params.logprobs = req.logprobs;
-        let stream = s
-            .cluster
-            .submit(Request {
-                prompt: prompt.clone(),
-                params,
-                prompt_logprobs: None,
-            })
-            .map_err(|e| ApiError::from_cluster(e, "messages"))?;
-        choices.push(Choice {
-            stream,
-            prompt: prompt.clone(),
-            echo: false,
-            logprobs: req.logprobs,
-        });
-    }
+    let choices = submit_choices(
+        &s,
+        &prompt,
+        &req.common,
+        req.logprobs,
+        None,
+        false,
+        "messages",
+    )?;
     let job = Job {
         kind: Kind::Chat,
         id: respond::new_id("chatcmpl"),
@@ -325,26 +314,15 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response,
                 .encode(t, true)
                 .map_err(|e| ApiError::bad(Some("prompt".into()), e.to_string()))?,
         };
-        for i in 0..req.common.n {
-            let mut params = req.common.params.clone();
-            params.sampling.seed = params.sampling.seed.wrapping_add(i as u64);
-            params.logprobs = req.logprobs;
-            let stream = s
-                .cluster
-                .submit(Request {
-                    prompt: ids.clone(),
-                    params,
-                    prompt_logprobs: (req.echo && req.logprobs.is_some())
-                        .then(|| req.logprobs.unwrap_or(0)),
-                })
-                .map_err(|e| ApiError::from_cluster(e, "prompt"))?;
-            choices.push(Choice {
-                stream,
-                prompt: ids.clone(),
-                echo: req.echo,
-                logprobs: req.logprobs,
-            });
-        }
+        choices.extend(submit_choices(
+            &s,
+            &ids,
+            &req.common,
+            req.logprobs,
+            req.logprobs.filter(|_| req.echo),
+            req.echo,
+            "prompt",
+        )?);
     }
     let job = Job {
         kind: Kind::Completion,
@@ -355,6 +333,40 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response,
         started,
     };
     run(s, job, req.common.stream).await
+}
+
+/// Submits `common.n` choices of one prompt, seeds `seed..seed + n`. A refusal is answered as
+/// the error of the field `param`; the choices already submitted are cancelled as they drop.
+fn submit_choices(
+    s: &AppState,
+    prompt: &[u32],
+    common: &request::Common,
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
+    echo: bool,
+    param: &str,
+) -> Result<Vec<Choice>, ApiError> {
+    (0..common.n)
+        .map(|i| {
+            let mut params = common.params.clone();
+            params.sampling.seed = params.sampling.seed.wrapping_add(i as u64);
+            params.logprobs = logprobs;
+            let stream = s
+                .cluster
+                .submit(Request {
+                    prompt: prompt.to_vec(),
+                    params,
+                    prompt_logprobs,
+                })
+                .map_err(|e| ApiError::from_cluster(e, param))?;
+            Ok(Choice {
+                stream,
+                prompt: prompt.to_vec(),
+                echo,
+                logprobs,
+            })
+        })
+        .collect()
 }
 
 async fn run(s: AppState, job: Job, stream: bool) -> Result<Response, ApiError> {

@@ -321,7 +321,6 @@ pub fn stream(job: Job, text: &Text, metrics: &Metrics, tx: mpsc::Sender<String>
         }
     }
     let mut finished = 0;
-    let started = Instant::now();
     let mut last_event = Instant::now();
     while finished < n {
         let mut progressed = false;
@@ -396,6 +395,5 @@ pub fn stream(job: Job, text: &Text, metrics: &Metrics, tx: mpsc::Sender<String>
             return;
         }
     }
-    let _ = started;
     let _ = send("[DONE]".into());
 }

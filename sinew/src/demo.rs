@@ -3,7 +3,6 @@
 //! then the cluster keeps serving until Ctrl-C, which stops every process it started.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -175,20 +174,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--nodes must be at least 1");
     }
     let cache = cluster::node::default_cache_dir();
-    let run_dir = tempdir()?;
+    // removed when the demo ends, however it ends (the workers are stopped first)
+    let tmp = tempfile::Builder::new()
+        .prefix("sinew-demo-")
+        .tempdir()
+        .context("making the demo's directory")?;
+    let run_dir = tmp.path().to_path_buf();
     // an ephemeral cluster key: the demo's processes only talk to each other
     let key = run_dir.join("cluster.key");
-    {
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact_into(&mut bytes)?;
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)?;
-        writeln!(f, "{hex}")?;
-    }
+    transport::ClusterKey::generate()
+        .and_then(|k| k.store_new(&key))
+        .context("making the demo's cluster key")?;
     let (model, synthetic) = match &args.model {
         Some(m) => (m.clone(), false),
         None => {
@@ -285,28 +281,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  sinew status --url http://{addr}");
     });
     drop(workers);
-    let _ = std::fs::remove_dir_all(&run_dir);
+    drop(tmp);
     println!("stopped");
     result
-}
-
-trait ReadExact {
-    fn read_exact_into(&mut self, buf: &mut [u8]) -> std::io::Result<()>;
-}
-
-impl ReadExact for std::fs::File {
-    fn read_exact_into(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
-        std::io::Read::read_exact(self, buf)
-    }
-}
-
-fn tempdir() -> anyhow::Result<PathBuf> {
-    let base = std::env::temp_dir();
-    for i in 0..100u32 {
-        let d = base.join(format!("sinew-demo-{}-{i}", std::process::id()));
-        if std::fs::create_dir(&d).is_ok() {
-            return Ok(d);
-        }
-    }
-    bail!("could not make a directory under {}", base.display())
 }

@@ -454,10 +454,10 @@ fn run_parallel(
     let runs = collect_runs(streams)?;
     let Timing {
         prefill_secs,
+        prefill_tokens_per_s,
         decode_secs,
         aggregate,
         decoded,
-        ..
     } = Timing::of(&runs, started, prompt.len());
     let stats = scheduler.stats();
     drop(scheduler);
@@ -469,7 +469,7 @@ fn run_parallel(
             "finish_reason": runs[0].finish,
             "prompt_tokens": prompt.len(),
             "parallel": n,
-            "prefill_tokens_per_s": (n * prompt.len()) as f64 / prefill_secs.max(f64::MIN_POSITIVE),
+            "prefill_tokens_per_s": prefill_tokens_per_s,
             "decode_tokens_per_s": aggregate / n as f64,
             "aggregate_decode_tokens_per_s": aggregate,
             "prefill_s": prefill_secs,
@@ -492,8 +492,7 @@ fn run_parallel(
         stdout.flush()?;
         drop(stdout);
         eprintln!(
-            "{n} sequences: prefill {:.1} tok/s; decode {decoded} tokens, {aggregate:.1} tok/s in all",
-            (n * prompt.len()) as f64 / prefill_secs.max(f64::MIN_POSITIVE),
+            "{n} sequences: prefill {prefill_tokens_per_s:.1} tok/s; decode {decoded} tokens, {aggregate:.1} tok/s in all",
         );
     }
     Ok(())

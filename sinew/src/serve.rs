@@ -108,7 +108,7 @@ pub fn run_until(
         batch: BatchOptions {
             max_seqs: args.max_seqs,
             prefill_chunk: args.prefill_chunk,
-            max_step_tokens: (args.max_seqs + args.prefill_chunk).max(args.max_seqs),
+            max_step_tokens: args.max_seqs + args.prefill_chunk,
             max_queue: args.max_queue,
             queue_timeout: Duration::from_secs(300),
         },

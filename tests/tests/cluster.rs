@@ -102,6 +102,24 @@ fn start(opts: ClusterOptions) -> Cluster {
     c
 }
 
+/// Stages of the plan that serves now.
+fn stages(c: &Cluster) -> usize {
+    c.state()
+        .nodes
+        .iter()
+        .filter(|n| n.layers.is_some())
+        .count()
+}
+
+/// Waits (up to 30 s) until a plan of `n` stages serves; `what` names what the test waits for.
+fn wait_for_stages(c: &Cluster, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stages(c) < n || !c.state().ready {
+        assert!(Instant::now() < deadline, "{what}: {:?}", c.state());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn greedy(max_tokens: usize) -> DecodeParams {
     DecodeParams {
         max_tokens,
@@ -474,37 +492,14 @@ fn failure(fault: Fault) {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(ok.tokens.len(), 4);
-    assert_eq!(
-        c.state()
-            .nodes
-            .iter()
-            .filter(|n| n.layers.is_some())
-            .count(),
-        1
-    );
+    assert_eq!(stages(&c), 1);
     if cut {
         return;
     }
     // the worker comes back (a new process on the same address): the full plan returns
     drop(w1);
     let (_w1, _) = Node::worker(&kpath, &a1, &args1);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c
-        .state()
-        .nodes
-        .iter()
-        .filter(|n| n.layers.is_some())
-        .count()
-        < 2
-        || !c.state().ready
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not rejoin: {:?}",
-            c.state()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_stages(&c, 2, "the worker did not rejoin");
     let s = c
         .submit(Request {
             prompt,
@@ -555,23 +550,7 @@ fn workers_may_start_before_or_after_the_head() {
         &late,
         &["--cache-dir", &dir.path().join("w2").to_string_lossy()],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c
-        .state()
-        .nodes
-        .iter()
-        .filter(|n| n.layers.is_some())
-        .count()
-        < 3
-        || !c.state().ready
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the late worker did not join: {:?}",
-            c.state()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_stages(&c, 3, "the late worker did not join");
     let s = c
         .submit(Request {
             prompt: prompt_of("qwen3_dense"),
@@ -629,14 +608,7 @@ fn a_wrong_key_or_another_protocol_version_is_a_clear_refusal() {
         std::thread::sleep(Duration::from_millis(100));
     }
     old.wait_for(Stream::Stderr, "protocol mismatch", Duration::from_secs(5));
-    assert_eq!(
-        c.state()
-            .nodes
-            .iter()
-            .filter(|n| n.layers.is_some())
-            .count(),
-        1
-    );
+    assert_eq!(stages(&c), 1);
 }
 
 /// Runs `ip`/`tc` arguments; panics with what they said when they fail.
@@ -816,14 +788,7 @@ fn a_restarted_head_finds_its_workers_still_running() {
         "ready after {:?}",
         started.elapsed()
     );
-    assert_eq!(
-        c.state()
-            .nodes
-            .iter()
-            .filter(|n| n.layers.is_some())
-            .count(),
-        2
-    );
+    assert_eq!(stages(&c), 2);
     let s = c.submit(req()).unwrap();
     let again = drain(&s, Duration::from_secs(60));
     assert!(first.error.is_none() && again.error.is_none());

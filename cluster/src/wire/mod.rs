@@ -171,10 +171,10 @@ impl HiddenData {
         self.len() == 0
     }
 
-    /// The values as f32.
-    pub fn to_f32(&self) -> Vec<f32> {
+    /// The values as f32 (f32 values are moved, not copied).
+    pub fn into_f32(self) -> Vec<f32> {
         match self {
-            HiddenData::F32(v) => v.clone(),
+            HiddenData::F32(v) => v,
             HiddenData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
         }
     }
@@ -512,10 +512,7 @@ impl Msg {
                 T_WEIGHTS_BEGIN
             }
             Msg::WeightsChunk { offset, crc, bytes } => {
-                b.reserve(12 + bytes.len());
-                b.put_u64(*offset);
-                b.put_u32(*crc);
-                b.extend_from_slice(bytes);
+                b = chunk_payload(*offset, *crc, bytes);
                 T_WEIGHTS_CHUNK
             }
             Msg::Ready(r) => {
@@ -752,6 +749,23 @@ impl Msg {
     }
 }
 
+fn chunk_payload(offset: u64, crc: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(12 + bytes.len());
+    b.put_u64(offset);
+    b.put_u32(crc);
+    b.extend_from_slice(bytes);
+    b
+}
+
+/// The tag and payload of [`Msg::WeightsChunk`] for `bytes` at `offset`, with its CRC-32C,
+/// encoded straight from the caller's buffer (no intermediate message is built).
+pub fn weights_chunk(offset: u64, bytes: &[u8]) -> (u32, Vec<u8>) {
+    (
+        T_WEIGHTS_CHUNK,
+        chunk_payload(offset, crc32c::crc32c(bytes), bytes),
+    )
+}
+
 fn put_timings(b: &mut Vec<u8>, t: &[StageTiming]) {
     b.put_u32(t.len() as u32);
     for x in t {
@@ -816,28 +830,20 @@ fn encode_batch(b: &mut Vec<u8>, batch: &Batch) {
     }
     put_timings(b, &batch.timings);
     b.put_u32(batch.hidden.width);
+    // the values' bytes as they are in memory: the wire is little-endian, as every host of the
+    // cluster is
     match &batch.hidden.data {
         HiddenData::F32(v) => {
             b.put_u8(0);
             b.put_u32(v.len() as u32);
-            b.extend_from_slice(bytemuck_f32(v));
+            b.extend_from_slice(bytemuck::cast_slice(v));
         }
         HiddenData::Bf16(v) => {
             b.put_u8(1);
             b.put_u32(v.len() as u32);
-            b.reserve(v.len() * 2);
-            for x in v {
-                b.extend_from_slice(&x.to_bits().to_le_bytes());
-            }
+            b.extend_from_slice(bytemuck::cast_slice(v));
         }
     }
-}
-
-/// The bytes of an f32 slice (little-endian hosts only, as the whole cluster is).
-fn bytemuck_f32(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact and the
-    // lifetime is the slice's.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 fn decode_batch(r: &mut Reader<'_>) -> Result<Batch, DecodeError> {
