@@ -48,6 +48,35 @@ pub struct ClusterOptions {
     /// KV cache bytes of the whole model (spread over the stages by their layers); `None`:
     /// room for `ctx × max_seqs` positions.
     pub kv_memory: Option<u64>,
+    /// Discovery and the link health watch.
+    pub ops: Operations,
+}
+
+/// How the head finds workers and watches its links.
+#[derive(Clone, Debug)]
+pub struct Operations {
+    /// Add the workers that announce themselves on this UDP port ([`crate::discovery`]).
+    pub discover: Option<u16>,
+    /// A discovered worker down and silent this long leaves the cluster's state.
+    pub forget_after: Duration,
+    /// Probe each link of the plan this often while no request runs; zero: never.
+    pub watch_every: Duration,
+    /// A link measured below this fraction of its baseline is degraded.
+    pub min_fraction: f64,
+    /// A link whose round trip exceeds this many microseconds more than its baseline is degraded.
+    pub max_rtt_rise_us: f64,
+}
+
+impl Default for Operations {
+    fn default() -> Self {
+        Operations {
+            discover: None,
+            forget_after: Duration::from_secs(30),
+            watch_every: Duration::from_secs(10),
+            min_fraction: 0.7,
+            max_rtt_rise_us: 2000.0,
+        }
+    }
 }
 
 /// The context used when none is given and the model allows more.
@@ -58,6 +87,14 @@ pub const DEFAULT_CTX: usize = 8192;
 pub struct NodeState {
     /// Its address (the head: "head").
     pub addr: String,
+    /// Its stable id (empty until it joins).
+    pub id: String,
+    /// Found by discovery (not given with `--workers`).
+    pub discovered: bool,
+    /// Something to fix that does not stop it serving (a duplicated id).
+    pub warning: Option<String>,
+    /// Its kernels' measured weight rates, bytes per second by format.
+    pub speed: Vec<crate::wire::Rate>,
     /// Host name.
     pub hostname: String,
     /// Connected and answering.
@@ -82,6 +119,30 @@ pub struct NodeState {
     pub error: Option<String>,
 }
 
+impl NodeState {
+    /// A worker not joined yet.
+    pub(crate) fn waiting(addr: String, discovered: bool) -> Self {
+        NodeState {
+            addr,
+            id: String::new(),
+            discovered,
+            warning: None,
+            speed: Vec::new(),
+            hostname: String::new(),
+            up: false,
+            layers: None,
+            mem_total: 0,
+            mem_available: 0,
+            cores: 0,
+            cpu_features: String::new(),
+            link: None,
+            rtt_us: None,
+            bytes_per_s: None,
+            error: Some("not connected yet".into()),
+        }
+    }
+}
+
 /// A link of the pipeline, as measured when it opened.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LinkState {
@@ -95,6 +156,27 @@ pub struct LinkState {
     pub rtt_us: f64,
     /// Bandwidth of an 8 MiB probe, bytes per second.
     pub bytes_per_s: f64,
+    /// The round trip measured when the link joined the plan.
+    pub baseline_rtt_us: f64,
+    /// The bandwidth measured when the link joined the plan.
+    pub baseline_bytes_per_s: f64,
+    /// Health samples taken since.
+    pub samples: u64,
+    /// Set while the link measures below its baseline's bounds: what and by how much.
+    pub warning: Option<String>,
+}
+
+/// A node or announcement the head refused.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Refused {
+    /// Where it came from.
+    pub from: String,
+    /// Why.
+    pub reason: String,
+    /// How many times.
+    pub count: u64,
+    /// The last time, milliseconds since the Unix epoch.
+    pub last_ms: u64,
 }
 
 /// The cluster's state.
@@ -130,6 +212,12 @@ pub struct ClusterState {
     pub batches: u64,
     /// Per stage of the current plan: step time and bytes sent on.
     pub stages: Vec<crate::pipeline::StageStats>,
+    /// Nodes and announcements refused, with the reason (the last 32 sources).
+    pub refused: Vec<Refused>,
+    /// The plan's predicted decode speed ([`crate::predict`]).
+    pub prediction: Option<crate::predict::Prediction>,
+    /// The UDP port discovery listens on, if it does.
+    pub discovery: Option<u16>,
 }
 
 /// A running cluster head.
@@ -143,11 +231,16 @@ pub struct Cluster {
     max_queue: usize,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    discovery: Option<u16>,
 }
 
 /// What the supervisor shares with [`Cluster::state`].
 pub(crate) struct Shared {
+    /// The head, then one per supervisor member (forgotten ones hidden from the state).
     pub(crate) nodes: Vec<NodeState>,
+    pub(crate) forgotten: std::collections::HashSet<usize>,
+    pub(crate) refused: Vec<Refused>,
+    pub(crate) prediction: Option<crate::predict::Prediction>,
     pub(crate) epoch: u64,
     pub(crate) plan: Option<String>,
     pub(crate) model: String,
@@ -207,8 +300,13 @@ impl Cluster {
                 .map_err(|e| Error::io("thread", e))?,
         );
         let (mem_total, mem_available) = node::memory();
+        node::measure_speed_in_background();
         let head = NodeState {
             addr: "head".into(),
+            id: node::node_id(&opts.cache_dir).unwrap_or_default(),
+            discovered: false,
+            warning: None,
+            speed: Vec::new(),
             hostname: node::hostname(),
             up: true,
             layers: None,
@@ -223,23 +321,13 @@ impl Cluster {
         };
         let mut nodes = vec![head];
         for w in &opts.workers {
-            nodes.push(NodeState {
-                addr: w.clone(),
-                hostname: String::new(),
-                up: false,
-                layers: None,
-                mem_total: 0,
-                mem_available: 0,
-                cores: 0,
-                cpu_features: String::new(),
-                link: None,
-                rtt_us: None,
-                bytes_per_s: None,
-                error: Some("not connected yet".into()),
-            });
+            nodes.push(NodeState::waiting(w.clone(), false));
         }
         let shared = Arc::new(Mutex::new(Shared {
             nodes,
+            forgotten: Default::default(),
+            refused: Vec::new(),
+            prediction: None,
             epoch: 0,
             plan: None,
             links: Vec::new(),
@@ -256,6 +344,7 @@ impl Cluster {
             cmd_tx.clone(),
             shared.clone(),
             stop.clone(),
+            stats.clone(),
         )?;
         threads.push(
             std::thread::Builder::new()
@@ -273,6 +362,7 @@ impl Cluster {
             max_queue: opts.batch.max_queue,
             stop,
             threads,
+            discovery: opts.ops.discover,
         })
     }
 
@@ -348,8 +438,17 @@ impl Cluster {
             degraded: if s.serving { None } else { s.degraded.clone() },
             epoch: sh.epoch,
             plan: sh.plan.clone(),
-            nodes: sh.nodes.clone(),
+            nodes: sh
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i == 0 || !sh.forgotten.contains(&(i - 1)))
+                .map(|(_, n)| n.clone())
+                .collect(),
             links: sh.links.clone(),
+            refused: sh.refused.clone(),
+            prediction: sh.prediction.clone(),
+            discovery: self.discovery,
             running: s.running,
             queued: s.queued,
             kv_used_tokens: s.kv_used_tokens,

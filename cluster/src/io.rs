@@ -102,12 +102,37 @@ pub const PROBE_BYTES: usize = 8 << 20;
 /// Transport errors, a wrong answer, or no answer within 10 s.
 pub fn measure(tx: &mut LinkSender, rx: &mut Rx, big: usize) -> Result<crate::wire::LinkReport> {
     let transport = tx.info().transport.to_string();
+    measure_with(
+        transport,
+        |m, deadline| {
+            let (tag, payload) = m.encode();
+            tx.send_until(tag, &payload, deadline)?;
+            Ok(())
+        },
+        |deadline| rx.recv(deadline),
+        big,
+    )
+}
+
+/// [`measure`] over any way of sending a probe and reading its answer (a shared sender and
+/// answers forwarded by a reader thread).
+///
+/// # Errors
+/// Sending or receiving failed, a wrong answer, or no answer within 10 s.
+pub fn measure_with(
+    transport: String,
+    mut send: impl FnMut(&Msg, Deadline) -> Result<()>,
+    mut recv: impl FnMut(Deadline) -> Result<Msg>,
+    big: usize,
+) -> Result<crate::wire::LinkReport> {
     let mut probe = |id: u64, pad: Vec<u8>| -> Result<std::time::Duration> {
         let n = pad.len() as u64;
         let started = std::time::Instant::now();
-        let (tag, payload) = Msg::Probe { id, pad }.encode();
-        tx.send_until(tag, &payload, Deadline::after(Duration::from_secs(10)))?;
-        match rx.recv(Deadline::after(Duration::from_secs(10)))? {
+        send(
+            &Msg::Probe { id, pad },
+            Deadline::after(Duration::from_secs(10)),
+        )?;
+        match recv(Deadline::after(Duration::from_secs(10)))? {
             Msg::ProbeAck { id: got, bytes } if got == id && bytes == n => Ok(started.elapsed()),
             other => Err(Error::Protocol(format!("a probe answered with {other:?}"))),
         }

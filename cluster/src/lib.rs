@@ -32,19 +32,21 @@
 //! # Ok::<(), cluster::Error>(())
 //! ```
 
+pub mod discovery;
 pub mod error;
 pub mod head;
 pub mod io;
 pub mod node;
 pub mod pipeline;
 pub mod plan;
+pub mod predict;
 pub mod stage;
 mod supervisor;
 pub mod wire;
 pub mod worker;
 
 pub use error::{Error, Result};
-pub use head::{Cluster, ClusterOptions, ClusterState, NodeState};
+pub use head::{Cluster, ClusterOptions, ClusterState, LinkState, NodeState, Operations, Refused};
 pub use pipeline::BatchOptions;
 pub use plan::{NodeBudget, PlanError, Serving, StagePlan};
 pub use worker::WorkerOptions;

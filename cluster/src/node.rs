@@ -8,7 +8,7 @@ use std::time::UNIX_EPOCH;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::wire::{Advert, Hash, ModelFile, PROTOCOL_VERSION};
+use crate::wire::{Advert, Hash, ModelFile, PROTOCOL_VERSION, Rate};
 
 /// The default cache directory: `$XDG_CACHE_HOME/sinew` (`~/.cache/sinew`).
 pub fn default_cache_dir() -> PathBuf {
@@ -145,6 +145,8 @@ fn parse_hex(s: &str) -> Option<Hash> {
 /// # Errors
 /// I/O errors reading the model files.
 pub fn advert(models: &[PathBuf], cache: &Path, cores: usize) -> Result<Advert> {
+    let node_id = node_id(cache)?;
+    let speed = speed_now();
     let (mem_total, mem_available) = memory();
     let files = models
         .iter()
@@ -158,7 +160,142 @@ pub fn advert(models: &[PathBuf], cache: &Path, cores: usize) -> Result<Advert> 
         cores: cores as u32,
         cpu_features: cpu_features(),
         files,
+        node_id,
+        speed,
     })
+}
+
+/// This node's stable id: 16 hex digits kept in `cache/node-id`, made at the first start. It
+/// survives restarts; a copied cache directory copies it too, which the head detects (two live
+/// nodes with one id are told apart by address and reported, never merged).
+///
+/// # Errors
+/// The file cannot be read or written.
+pub fn node_id(cache: &Path) -> Result<String> {
+    let path = cache.join("node-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let id = text.trim();
+        if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(id.to_ascii_lowercase());
+        }
+        tracing::warn!(file = %path.display(), "the node id file is malformed; making a new id");
+    }
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+    let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
+    let part = path.with_extension("part");
+    std::fs::write(&part, format!("{id}\n")).map_err(|e| Error::io(&part, e))?;
+    std::fs::rename(&part, &path).map_err(|e| Error::io(&path, e))?;
+    Ok(id)
+}
+
+/// Bytes of the matrix each format's rate is measured on: well past the caches (in a debug
+/// build, whose kernels are no measure of anything, a small one that costs little).
+const SPEED_BYTES: usize = if cfg!(debug_assertions) {
+    2 << 20
+} else {
+    48 << 20
+};
+
+static SPEED: std::sync::OnceLock<Vec<Rate>> = std::sync::OnceLock::new();
+
+/// Starts measuring this node's kernel rates ([`measure_speed`]) on a thread of its own, once
+/// per process; [`speed_now`] and [`speed_wait`] read the result.
+pub fn measure_speed_in_background() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("sinew-speed".into())
+            .spawn(|| {
+                let _ = SPEED.set(measure_speed());
+            });
+    });
+}
+
+/// The kernel rates if measured by now (empty if not yet).
+pub fn speed_now() -> Vec<Rate> {
+    SPEED.get().cloned().unwrap_or_default()
+}
+
+/// The kernel rates, measuring them first if no measurement has started, waiting at most
+/// `timeout` for one under way (then empty).
+pub fn speed_wait(timeout: std::time::Duration) -> Vec<Rate> {
+    measure_speed_in_background();
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if let Some(s) = SPEED.get() {
+            return s.clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Vec::new()
+}
+
+/// How fast this node's matrix-vector kernels stream each weight format (one activation row,
+/// the process's compute threads, a matrix of [`SPEED_BYTES`]): the memory bandwidth decode
+/// sees, capped by compute where dequantizing costs more than reading. The best of three
+/// products after a warm-up; about 0.1 s per format. Formats the kernels do not run here are
+/// left out.
+pub fn measure_speed() -> Vec<Rate> {
+    use candle_core::quantized::GgmlDType as D;
+    use engine::kernels::Format;
+    let cols = 4096;
+    let mut out = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let x = match candle_core::Tensor::ones(
+        (1, cols),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    ) {
+        Ok(x) => x,
+        Err(_) => return out,
+    };
+    for (dtype, name) in [
+        (D::Q4K, "q4_k"),
+        (D::Q6K, "q6_k"),
+        (D::Q8_0, "q8_0"),
+        (D::BF16, "bf16"),
+        (D::F16, "f16"),
+        (D::F32, "f32"),
+    ] {
+        let Some(f) = Format::of(dtype) else { continue };
+        let row = f.row_bytes(cols);
+        let rows = (SPEED_BYTES / row).max(16) / 16 * 16;
+        // a random 64 KiB pattern, repeated; finite scales and values: every 16-bit half's
+        // exponent below all ones
+        let mut pattern = vec![0u8; 64 << 10];
+        for c in pattern.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            c.copy_from_slice(&(seed & 0x3fff_3fff_3fff_3fff).to_le_bytes());
+        }
+        let mut bytes = vec![0u8; rows * row];
+        for c in bytes.chunks_mut(pattern.len()) {
+            c.copy_from_slice(&pattern[..c.len()]);
+        }
+        let Some(m) = engine::linear::Mat::from_blocks(dtype, &bytes, rows, cols) else {
+            continue;
+        };
+        drop(bytes);
+        let mut best = f64::MAX;
+        for _ in 0..4 {
+            let t = std::time::Instant::now();
+            if m.forward(&x).is_err() {
+                best = f64::MAX;
+                break;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        if best < f64::MAX {
+            out.push(Rate {
+                format: name.into(),
+                bytes_per_s: ((rows * row) as f64 / best.max(1e-9)) as u64,
+            });
+        }
+    }
+    out
 }
 
 /// The protocol version this process speaks: [`PROTOCOL_VERSION`], unless the test-only
@@ -188,5 +325,30 @@ mod tests {
         assert_ne!(a.hash, b.hash);
         assert_eq!(b.size, 4);
         assert_eq!(parse_hex(&hex(&b.hash)), Some(b.hash));
+    }
+
+    #[test]
+    fn the_node_id_is_kept_and_a_bad_one_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node_id(dir.path()).unwrap();
+        assert_eq!(a.len(), 16);
+        assert_eq!(node_id(dir.path()).unwrap(), a);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(node_id(other.path()).unwrap(), a);
+        std::fs::write(dir.path().join("node-id"), "not an id").unwrap();
+        let b = node_id(dir.path()).unwrap();
+        assert_ne!(b, a);
+        assert_eq!(node_id(dir.path()).unwrap(), b);
+    }
+
+    #[test]
+    fn speed_is_measured_for_the_formats_the_kernels_run() {
+        let s = measure_speed();
+        if engine::kernels::Format::Q4K.native() {
+            assert!(
+                s.iter().any(|r| r.format == "q4_k" && r.bytes_per_s > 0),
+                "{s:?}"
+            );
+        }
     }
 }

@@ -485,9 +485,15 @@ mod tests {
                 moe: None,
                 eos_token_ids: vec![],
             },
+            layer_reads: layers
+                .iter()
+                .map(|&b| vec![("q4_k".to_string(), b)])
+                .collect(),
+            layer_expert_reads: vec![Vec::new(); layers.len()],
             layer_bytes: layers,
             embed_bytes: embed,
             head_bytes: head,
+            head_reads: vec![("q6_k".to_string(), head)],
         }
     }
 

@@ -47,6 +47,8 @@ pub struct WorkerOptions {
     pub link: LinkConfig,
     /// Send hidden states in bf16.
     pub bf16: bool,
+    /// Announce this worker on the LAN to this UDP port ([`crate::discovery`]); `None`: do not.
+    pub announce: Option<u16>,
 }
 
 enum Ev {
@@ -73,12 +75,25 @@ enum Ev {
 /// Binding the listener, reading the model files.
 pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
     std::fs::create_dir_all(&opts.cache_dir).map_err(|e| Error::io(&opts.cache_dir, e))?;
+    node::measure_speed_in_background();
     let advert = node::advert(&opts.models, &opts.cache_dir, opts.threads)?;
     for f in &advert.files {
         tracing::info!(file = %f.name, size = f.size, hash = %hex(&f.hash), "holding model file");
     }
     let listener = tcp::Listener::bind(opts.listen.as_str(), &opts.link)?;
     let addr = listener.local_addr()?;
+    tracing::info!(node_id = %advert.node_id, %addr, "worker up");
+    if let Some(port) = opts.announce {
+        crate::discovery::announce(
+            opts.link.key.clone(),
+            advert.node_id.clone(),
+            addr.port(),
+            port,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        )
+        .map_err(|e| Error::io("the discovery socket", e))?;
+        tracing::info!(port, "announcing on the LAN");
+    }
     on_listening(addr);
     let (ev_tx, ev_rx) = mpsc::channel::<Ev>();
     let brain_opts = opts.clone();
@@ -102,12 +117,13 @@ pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result
         generation += 1;
         let ev_tx = ev_tx.clone();
         let advert = advert.clone();
+        let cfg = opts.link.clone();
         let _ = std::thread::Builder::new()
             .name("sinew-accept".into())
             .spawn(move || {
                 let peer = incoming.peer_addr().to_string();
                 match incoming.establish() {
-                    Ok(link) => greet(link, generation, &advert, &ev_tx),
+                    Ok(link) => greet(link, generation, &advert, &ev_tx, &cfg),
                     Err(e) => tracing::warn!(%peer, error = %e, "refused a link"),
                 }
             });
@@ -115,7 +131,7 @@ pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result
 }
 
 /// Reads a new link's first message and hands the link on.
-fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>) {
+fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &LinkConfig) {
     let peer = link.info().peer_addr.clone();
     let (mut tx, rx) = link.split();
     let mut rx = Rx::new(rx);
@@ -137,7 +153,9 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>) {
                 let _ = send(&mut tx, &Msg::Refuse(why));
                 return;
             }
-            if send(&mut tx, &Msg::Advert(advert.clone())).is_err() {
+            let mut advert = advert.clone();
+            advert.speed = node::speed_now();
+            if send(&mut tx, &Msg::Advert(advert)).is_err() {
                 return;
             }
             tracing::info!(%peer, head = %format!("{head_id:#x}"), "a head connected");
@@ -165,8 +183,69 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>) {
             tracing::info!(%peer, stage, "previous stage connected");
             up_reader(rx, tx, epoch, ev.clone());
         }
+        Msg::Survey { version } => {
+            if version != mine {
+                let why = format!(
+                    "protocol mismatch: this worker speaks cluster protocol v{mine}, the observer at {peer} v{version}"
+                );
+                let _ = send(&mut tx, &Msg::Refuse(why));
+                return;
+            }
+            tracing::debug!(%peer, "surveyed");
+            let mut advert = advert.clone();
+            advert.speed = node::speed_wait(SURVEY_IDLE);
+            if send(&mut tx, &Msg::Advert(advert)).is_err() {
+                return;
+            }
+            survey(rx, tx, mine, cfg);
+        }
         other => tracing::warn!(%peer, "a link opened with {other:?}; dropped"),
     }
+}
+
+/// How long an observer's link may stay silent.
+const SURVEY_IDLE: Duration = Duration::from_secs(30);
+
+/// Serves an observer (`sinew plan`): answers probes, and measures links to other workers when
+/// asked, until it hangs up or is silent for [`SURVEY_IDLE`]. The worker's head and stage are
+/// not touched.
+fn survey(mut rx: Rx, mut tx: LinkSender, version: u16, cfg: &LinkConfig) {
+    loop {
+        match rx.recv(Deadline::after(SURVEY_IDLE)) {
+            Ok(Msg::Probe { id, pad }) => {
+                let ack = Msg::ProbeAck {
+                    id,
+                    bytes: pad.len() as u64,
+                };
+                if send(&mut tx, &ack).is_err() {
+                    return;
+                }
+            }
+            Ok(Msg::ProbePeer(addr)) => {
+                let r = probe_peer(&addr, version, cfg).map_err(|e| e.to_string());
+                if send(&mut tx, &Msg::LinkSample(r)).is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Measures the link from this worker to the worker at `addr`, as an observer of it.
+fn probe_peer(addr: &str, version: u16, cfg: &LinkConfig) -> Result<LinkReport> {
+    let mut cfg = cfg.clone();
+    cfg.connect_timeout = Duration::from_secs(5);
+    let link = tcp::connect(addr, &cfg)?;
+    let (mut tx, rx) = link.split();
+    let mut rx = Rx::new(rx);
+    send(&mut tx, &Msg::Survey { version })?;
+    match rx.recv(Deadline::after(SURVEY_IDLE))? {
+        Msg::Advert(_) => {}
+        Msg::Refuse(why) => return Err(Error::Refused(why)),
+        other => return Err(Error::Protocol(format!("{addr} answered {other:?}"))),
+    }
+    crate::io::measure(&mut tx, &mut rx, crate::io::PROBE_BYTES)
 }
 
 /// Forwards the head's messages; answers pings.
@@ -281,6 +360,8 @@ struct Brain {
     /// The loaded stage: its model file hash and range, and the runner.
     runner: Option<([u8; 32], u32, u32, StageRunner)>,
     down: Option<LinkSender>,
+    /// The next stage's answers to probes on `down`.
+    down_rx: Option<Rx>,
     receiving: Option<Receiving>,
     load_started: Instant,
 }
@@ -295,6 +376,7 @@ impl Brain {
             assign: None,
             runner: None,
             down: None,
+            down_rx: None,
             receiving: None,
             load_started: Instant::now(),
         }
@@ -357,6 +439,7 @@ impl Brain {
         self.head = None;
         self.assign = None;
         self.down = None;
+        self.down_rx = None;
         self.next_link = None;
         self.receiving = None;
         if let Some(r) = self.runner.as_mut() {
@@ -410,6 +493,17 @@ impl Brain {
                     self.batch(b);
                 }
             }
+            Msg::SampleNext => {
+                let r = match (self.down.as_mut(), self.down_rx.as_mut()) {
+                    (Some(tx), Some(rx)) => crate::io::measure(tx, rx, crate::io::PROBE_BYTES)
+                        .map_err(|e| e.to_string()),
+                    _ => Err("this stage has no next stage".to_string()),
+                };
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "measuring the link to the next stage failed");
+                }
+                self.tell_head(&Msg::LinkSample(r));
+            }
             Msg::Refuse(why) => {
                 tracing::error!(%why, "the head refused this worker");
                 self.end_session(&why);
@@ -436,6 +530,7 @@ impl Brain {
         );
         self.load_started = Instant::now();
         self.down = None;
+        self.down_rx = None;
         self.next_link = None;
         self.assign = Some(a.clone());
         // the next stage first: it listens from its start
@@ -451,7 +546,9 @@ impl Brain {
             .encode();
             link.send_until(tag, &payload, Deadline::after(crate::io::SEND_TIMEOUT))?;
             let (mut tx, rx) = link.split();
-            let report = crate::io::measure(&mut tx, &mut Rx::new(rx), crate::io::PROBE_BYTES)?;
+            let mut rx = Rx::new(rx);
+            let report = crate::io::measure(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
+            self.down_rx = Some(rx);
             tracing::info!(
                 next = %next,
                 transport = %report.transport,

@@ -25,6 +25,14 @@ pub struct Layout {
     /// Bytes of the final norm and the output head (the last stage); with tied embeddings, the
     /// embedding's bytes.
     pub head_bytes: u64,
+    /// Per layer, the bytes of its tensors other than the stacked experts, by format (`q4_k`,
+    /// `q6_k`, …): what every token reads.
+    pub layer_reads: Vec<Vec<(String, u64)>>,
+    /// Per layer, the bytes of its stacked expert tensors (`*_exps`), by format: a token reads
+    /// `top_k / num_experts` of them.
+    pub layer_expert_reads: Vec<Vec<(String, u64)>>,
+    /// The bytes the output head reads per token, by format (the last stage).
+    pub head_reads: Vec<(String, u64)>,
 }
 
 impl Layout {
@@ -57,6 +65,27 @@ impl Layout {
     }
 }
 
+/// The name sinew uses for a weight format (lowercase, as llama.cpp writes them).
+pub fn format_name(dtype: candle_core::quantized::GgmlDType) -> String {
+    use candle_core::quantized::GgmlDType as D;
+    match dtype {
+        D::Q2K => "q2_k".into(),
+        D::Q3K => "q3_k".into(),
+        D::Q4K => "q4_k".into(),
+        D::Q5K => "q5_k".into(),
+        D::Q6K => "q6_k".into(),
+        D::Q8K => "q8_k".into(),
+        other => format!("{other:?}").to_ascii_lowercase(),
+    }
+}
+
+fn add_read(reads: &mut Vec<(String, u64)>, format: String, bytes: u64) {
+    match reads.iter_mut().find(|(f, _)| *f == format) {
+        Some((_, b)) => *b += bytes,
+        None => reads.push((format, bytes)),
+    }
+}
+
 fn info_bytes(info: &TensorInfo) -> u64 {
     (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
 }
@@ -82,9 +111,28 @@ pub fn layout(path: &Path) -> Result<Layout> {
     let (content, _) = read_content(path)?;
     let config = ModelConfig::from_gguf(&content, path)?;
     let mut layer_bytes = vec![0u64; config.num_layers];
+    let mut layer_reads = vec![Vec::new(); config.num_layers];
+    let mut layer_expert_reads = vec![Vec::new(); config.num_layers];
+    let mut head_reads = Vec::new();
+    let mut embed_read = None;
     let (mut embed, mut head, mut has_output) = (0u64, 0u64, false);
     for (name, info) in &content.tensor_infos {
         let b = info_bytes(info);
+        let format = format_name(info.ggml_dtype);
+        if let Some(l) = layer_of(name)
+            && l < config.num_layers
+        {
+            let reads = if name.contains("_exps") {
+                &mut layer_expert_reads[l]
+            } else {
+                &mut layer_reads[l]
+            };
+            add_read(reads, format.clone(), b);
+        } else if name == "token_embd.weight" {
+            embed_read = Some((format.clone(), b));
+        } else {
+            add_read(&mut head_reads, format.clone(), b);
+        }
         match layer_of(name) {
             Some(l) => {
                 let slot = layer_bytes.get_mut(l).ok_or_else(|| {
@@ -109,12 +157,18 @@ pub fn layout(path: &Path) -> Result<Layout> {
     if !has_output {
         // tied: the last stage reads the embedding as its head
         head += embed;
+        if let Some((f, b)) = embed_read {
+            add_read(&mut head_reads, f, b);
+        }
     }
     Ok(Layout {
         config,
         layer_bytes,
         embed_bytes: embed,
         head_bytes: head,
+        layer_reads,
+        layer_expert_reads,
+        head_reads,
     })
 }
 

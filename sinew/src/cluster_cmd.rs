@@ -27,8 +27,67 @@ pub struct WorkerArgs {
     /// Compute threads (default: all cores). Applied by `main` before any thread starts.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Do not announce this worker on the LAN (a head then needs its address in `--workers`).
+    #[arg(long)]
+    no_announce: bool,
+    /// UDP port announcements go to (the head's `--discovery-port`).
+    #[arg(long, default_value_t = cluster::discovery::DEFAULT_PORT)]
+    discovery_port: u16,
     #[command(flatten)]
     link: LinkArgs,
+}
+
+/// How the head finds workers and watches its links.
+#[derive(Args, Debug, Clone)]
+pub struct OpsArgs {
+    /// Add the workers that announce themselves on the LAN (UDP broadcast, signed with the
+    /// cluster key); `--workers` still works beside it.
+    #[arg(long)]
+    pub discover: bool,
+    /// UDP port discovery listens on.
+    #[arg(long, default_value_t = cluster::discovery::DEFAULT_PORT)]
+    pub discovery_port: u16,
+    /// Seconds a discovered worker may be down and silent before it leaves the cluster.
+    #[arg(long, default_value_t = 30.0)]
+    pub forget_after: f64,
+    /// Seconds between link health probes while idle (0: no watch).
+    #[arg(long, default_value_t = 10.0)]
+    pub link_watch: f64,
+    /// A link below this fraction of its baseline bandwidth gets a warning.
+    #[arg(long, default_value_t = 0.7)]
+    pub link_min_fraction: f64,
+    /// A link whose round trip rose this many microseconds over its baseline gets a warning.
+    #[arg(long, default_value_t = 2000.0)]
+    pub link_max_rtt_rise_us: f64,
+}
+
+impl OpsArgs {
+    /// The head's operations settings.
+    pub fn operations(&self) -> anyhow::Result<cluster::Operations> {
+        let secs = |v: f64, name: &str| {
+            if (0.0..1e9).contains(&v) {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(anyhow::anyhow!("--{name} takes seconds ≥ 0, not {v}"))
+            }
+        };
+        if !(self.link_min_fraction > 0.0 && self.link_min_fraction <= 1.0) {
+            anyhow::bail!(
+                "--link-min-fraction takes a fraction in (0, 1], not {}",
+                self.link_min_fraction
+            );
+        }
+        if !(self.link_max_rtt_rise_us.is_finite() && self.link_max_rtt_rise_us >= 0.0) {
+            anyhow::bail!("--link-max-rtt-rise-us takes microseconds ≥ 0");
+        }
+        Ok(cluster::Operations {
+            discover: self.discover.then_some(self.discovery_port),
+            forget_after: secs(self.forget_after, "forget-after")?,
+            watch_every: secs(self.link_watch, "link-watch")?,
+            min_fraction: self.link_min_fraction,
+            max_rtt_rise_us: self.link_max_rtt_rise_us,
+        })
+    }
 }
 
 /// Link settings shared by the head and the workers.
@@ -85,6 +144,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         threads,
         link: args.link.config()?,
         bf16: args.link.bf16,
+        announce: (!args.no_announce).then_some(args.discovery_port),
     };
     cluster::worker::run(opts, |addr| {
         println!("worker listening on {addr}");
@@ -158,6 +218,7 @@ impl HeadArgs {
                 .unwrap_or_else(cluster::node::default_cache_dir),
             memory_limit: self.node_memory.map(|m| m as u64),
             kv_memory: None,
+            ops: cluster::Operations::default(),
         };
         let c = Cluster::start(opts)?;
         if !c.wait_ready(Duration::from_secs(self.ready_timeout_s)) {

@@ -10,7 +10,7 @@ use clap::Args;
 use cluster::{BatchOptions, Cluster, ClusterOptions, ClusterState};
 use server::{AppState, ServeOptions};
 
-use crate::cluster_cmd::LinkArgs;
+use crate::cluster_cmd::{LinkArgs, OpsArgs};
 use crate::units::parse_size;
 
 /// Arguments of `sinew serve`.
@@ -63,6 +63,8 @@ pub struct ServeArgs {
     /// Where stage files sent to workers are kept (default: ~/.cache/sinew).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub ops: OpsArgs,
     #[command(flatten)]
     pub link: LinkArgs,
 }
@@ -120,6 +122,7 @@ pub fn run_until(
             .unwrap_or_else(cluster::node::default_cache_dir),
         memory_limit: args.node_memory.map(|m| m as u64),
         kv_memory: args.kv_memory.map(|m| m as u64),
+        ops: args.ops.operations()?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -89,6 +89,7 @@ fn head_opts(model: &Path, workers: Vec<String>, key: ClusterKey, cache: &Path) 
         cache_dir: cache.to_path_buf(),
         memory_limit: None,
         kv_memory: None,
+        ops: cluster::Operations::default(),
     }
 }
 
@@ -598,7 +599,18 @@ fn a_wrong_key_or_another_protocol_version_is_a_clear_refusal() {
         let st = c.state();
         let e1 = st.nodes[1].error.clone().unwrap_or_default();
         let e2 = st.nodes[2].error.clone().unwrap_or_default();
-        if e1.contains("wrong cluster key") && e2.contains("v999") && e2.contains("v1") {
+        let ours = format!("v{}", cluster::wire::PROTOCOL_VERSION);
+        let listed = |addr: &str, what: &str| {
+            st.refused
+                .iter()
+                .any(|r| r.from == addr && r.reason.contains(what))
+        };
+        if e1.contains("wrong cluster key")
+            && e2.contains("v999")
+            && e2.contains(&ours)
+            && listed(&a1, "wrong cluster key")
+            && listed(&a2, "v999")
+        {
             break;
         }
         assert!(

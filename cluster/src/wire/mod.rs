@@ -8,7 +8,7 @@ use engine::{SamplingParams, TokenLogprob};
 use transport::codec::{DecodeError, Reader, Writer};
 
 /// The cluster protocol's version. A head and a worker of different versions refuse each other.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// A content hash (SHA-256) of a model file.
 pub type Hash = [u8; 32];
@@ -41,6 +41,20 @@ pub struct Advert {
     pub cpu_features: String,
     /// Model files it holds.
     pub files: Vec<ModelFile>,
+    /// The node's stable id (kept in its cache directory; see [`crate::node::node_id`]).
+    pub node_id: String,
+    /// How fast its kernels stream each weight format, measured at start.
+    pub speed: Vec<Rate>,
+}
+
+/// How fast a node's matrix-vector kernel reads weights of one format: the bytes of a matrix
+/// larger than the caches over the time of one product, with the node's threads.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rate {
+    /// The format's name (`q4_k`, `q6_k`, `q8_0`, `bf16`, `f16`, `f32`).
+    pub format: String,
+    /// Weight bytes per second.
+    pub bytes_per_s: u64,
 }
 
 /// The head's assignment of a stage to a worker.
@@ -290,6 +304,18 @@ pub enum Msg {
         /// Bytes of its filler.
         bytes: u64,
     },
+    /// An observer (`sinew plan`) → worker, first: advertise and answer probes, without
+    /// taking the worker from the head it serves.
+    Survey {
+        /// Protocol version.
+        version: u16,
+    },
+    /// Observer → worker: measure your link to the worker at this address.
+    ProbePeer(String),
+    /// Head → worker: measure your link to the next stage now (the link health watch).
+    SampleNext,
+    /// Worker → head or observer: a link measurement, or why it failed.
+    LinkSample(Result<LinkReport, String>),
     /// Worker → worker, first on a peer link: which plan and stage the sender serves.
     PeerHello {
         /// Protocol version.
@@ -317,9 +343,27 @@ const T_STAGE_ERROR: u32 = 0x510c;
 const T_PEER_HELLO: u32 = 0x510d;
 const T_PROBE: u32 = 0x510e;
 const T_PROBE_ACK: u32 = 0x510f;
+const T_SURVEY: u32 = 0x5110;
+const T_PROBE_PEER: u32 = 0x5111;
+const T_SAMPLE_NEXT: u32 = 0x5112;
+const T_LINK_SAMPLE: u32 = 0x5113;
 
 /// Longest string field, bytes.
 const MAX_STR: usize = 1 << 20;
+
+fn put_link(b: &mut Vec<u8>, l: &LinkReport) {
+    put_str(b, &l.transport);
+    b.put_u32(l.rtt_us);
+    b.put_u64(l.bytes_per_s);
+}
+
+fn link(r: &mut Reader<'_>) -> Result<LinkReport, DecodeError> {
+    Ok(LinkReport {
+        transport: str(r, "link transport")?,
+        rtt_us: r.u32("link rtt")?,
+        bytes_per_s: r.u64("link bandwidth")?,
+    })
+}
 
 fn put_str(b: &mut Vec<u8>, s: &str) {
     b.put_u32(s.len() as u32);
@@ -480,6 +524,14 @@ impl Msg {
                     b.put_u64(f.size);
                     b.extend_from_slice(&f.hash);
                 }
+                if a.version >= 2 {
+                    put_str(&mut b, &a.node_id);
+                    b.put_u32(a.speed.len() as u32);
+                    for r in &a.speed {
+                        put_str(&mut b, &r.format);
+                        b.put_u64(r.bytes_per_s);
+                    }
+                }
                 T_ADVERT
             }
             Msg::Refuse(why) => {
@@ -522,9 +574,7 @@ impl Msg {
                 match &r.next_link {
                     Some(l) => {
                         b.put_u8(1);
-                        put_str(&mut b, &l.transport);
-                        b.put_u32(l.rtt_us);
-                        b.put_u64(l.bytes_per_s);
+                        put_link(&mut b, l);
                     }
                     None => b.put_u8(0),
                 }
@@ -594,6 +644,28 @@ impl Msg {
                 b.put_u32(*stage);
                 T_PEER_HELLO
             }
+            Msg::Survey { version } => {
+                b.put_u16(*version);
+                T_SURVEY
+            }
+            Msg::ProbePeer(addr) => {
+                put_str(&mut b, addr);
+                T_PROBE_PEER
+            }
+            Msg::SampleNext => T_SAMPLE_NEXT,
+            Msg::LinkSample(r) => {
+                match r {
+                    Ok(l) => {
+                        b.put_u8(1);
+                        put_link(&mut b, l);
+                    }
+                    Err(e) => {
+                        b.put_u8(0);
+                        put_str(&mut b, e);
+                    }
+                }
+                T_LINK_SAMPLE
+            }
         };
         (tag, b)
     }
@@ -626,6 +698,23 @@ impl Msg {
                         hash: hash(&mut r, "file hash")?,
                     });
                 }
+                // appended in version 2: a version-1 advert ends here and still decodes, so
+                // that the version check can name both versions
+                let (node_id, speed) = if version >= 2 {
+                    let id = str(&mut r, "node id")?;
+                    let n = r.u32("rate count")?;
+                    let n = count(&r, n, 12, "rate count")?;
+                    let mut speed = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        speed.push(Rate {
+                            format: str(&mut r, "rate format")?,
+                            bytes_per_s: r.u64("rate")?,
+                        });
+                    }
+                    (id, speed)
+                } else {
+                    (String::new(), Vec::new())
+                };
                 Msg::Advert(Advert {
                     version,
                     hostname,
@@ -634,6 +723,8 @@ impl Msg {
                     cores,
                     cpu_features,
                     files,
+                    node_id,
+                    speed,
                 })
             }
             T_REFUSE => Msg::Refuse(str(&mut r, "reason")?),
@@ -670,11 +761,7 @@ impl Msg {
                 load_ms: r.u64("load ms")?,
                 received_bytes: r.u64("received bytes")?,
                 next_link: if flag(&mut r, "next link")? {
-                    Some(LinkReport {
-                        transport: str(&mut r, "link transport")?,
-                        rtt_us: r.u32("link rtt")?,
-                        bytes_per_s: r.u64("link bandwidth")?,
-                    })
+                    Some(link(&mut r)?)
                 } else {
                     None
                 },
@@ -691,6 +778,16 @@ impl Msg {
                 id: r.u64("probe id")?,
                 bytes: r.u64("probe bytes")?,
             },
+            T_SURVEY => Msg::Survey {
+                version: r.u16("version")?,
+            },
+            T_PROBE_PEER => Msg::ProbePeer(str(&mut r, "peer address")?),
+            T_SAMPLE_NEXT => Msg::SampleNext,
+            T_LINK_SAMPLE => Msg::LinkSample(if flag(&mut r, "sample")? {
+                Ok(link(&mut r)?)
+            } else {
+                Err(str(&mut r, "sample error")?)
+            }),
             T_PING => Msg::Ping(r.u64("ping")?),
             T_PONG => Msg::Pong(r.u64("pong")?),
             T_BATCH => Msg::Batch(decode_batch(&mut r)?),

@@ -110,6 +110,10 @@ fn batch() -> impl Strategy<Value = Batch> {
 fn msg() -> impl Strategy<Value = Msg> {
     let file = ("[a-z.]{1,12}", any::<u64>(), any::<[u8; 32]>())
         .prop_map(|(name, size, hash)| ModelFile { name, size, hash });
+    let rate = ("[a-z0-9_]{1,6}", any::<u64>()).prop_map(|(format, bytes_per_s)| Rate {
+        format,
+        bytes_per_s,
+    });
     let advert = (
         any::<u16>(),
         "[a-z-]{0,10}",
@@ -118,9 +122,12 @@ fn msg() -> impl Strategy<Value = Msg> {
         any::<u32>(),
         "[a-z0-9 ]{0,20}",
         proptest::collection::vec(file, 0..3),
+        ("[0-9a-f]{0,16}", proptest::collection::vec(rate, 0..4)),
     )
         .prop_map(
-            |(version, hostname, mem_total, mem_available, cores, cpu_features, files)| {
+            |(version, hostname, mem_total, mem_available, cores, cpu_features, files, v2)| {
+                // a version-1 advert has no id or rates
+                let (node_id, speed) = if version >= 2 { v2 } else { Default::default() };
                 Msg::Advert(Advert {
                     version,
                     hostname,
@@ -129,6 +136,8 @@ fn msg() -> impl Strategy<Value = Msg> {
                     cores,
                     cpu_features,
                     files,
+                    node_id,
+                    speed,
                 })
             },
         );
@@ -242,6 +251,20 @@ fn msg() -> impl Strategy<Value = Msg> {
                 stage,
             }
         }),
+        any::<u16>().prop_map(|version| Msg::Survey { version }),
+        "[0-9.:]{1,21}".prop_map(Msg::ProbePeer),
+        Just(Msg::SampleNext),
+        proptest::result::maybe_ok(
+            ("[a-z]{0,6}", any::<u32>(), any::<u64>()).prop_map(
+                |(transport, rtt_us, bytes_per_s)| LinkReport {
+                    transport,
+                    rtt_us,
+                    bytes_per_s
+                }
+            ),
+            ".{0,30}"
+        )
+        .prop_map(Msg::LinkSample),
     ]
 }
 
@@ -271,7 +294,7 @@ proptest! {
     }
 
     #[test]
-    fn garbage_never_panics(tag in 0x5100u32..0x5112, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+    fn garbage_never_panics(tag in 0x5100u32..0x5118, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = Msg::decode(tag, &payload);
     }
 }

@@ -23,6 +23,9 @@ use crate::plan::{NodeBudget, Serving, StagePlan};
 use crate::stage::StageRunner;
 use crate::wire::{Advert, Assign, Hash, Msg};
 
+mod members;
+mod watch;
+
 /// Bytes per weights message.
 const CHUNK: usize = 4 << 20;
 
@@ -38,6 +41,8 @@ enum SupEv {
         generation: u64,
         why: String,
     },
+    /// Discovery heard something.
+    Heard(crate::discovery::Heard),
 }
 
 /// A connected worker.
@@ -48,6 +53,8 @@ struct Up {
     alive: Arc<AtomicBool>,
     /// The link from the head, measured at join.
     report: crate::wire::LinkReport,
+    /// Probe answers and link samples, from the reader.
+    samples: Receiver<Msg>,
 }
 
 struct Member {
@@ -55,6 +62,29 @@ struct Member {
     up: Option<Up>,
     last_try: Option<Instant>,
     last_error: Option<String>,
+    /// Found by discovery.
+    discovered: bool,
+    /// Its last announcement (discovered members).
+    last_heard: Instant,
+    /// Left the state: discovered, then down and silent past `forget_after`.
+    forgotten: bool,
+    /// Left out of plans until then: a link to it no longer usable.
+    benched_until: Option<Instant>,
+}
+
+impl Member {
+    fn new(addr: String, discovered: bool) -> Self {
+        Member {
+            addr,
+            up: None,
+            last_try: None,
+            last_error: None,
+            discovered,
+            last_heard: Instant::now(),
+            forgotten: false,
+            benched_until: None,
+        }
+    }
 }
 
 pub(crate) struct Supervisor {
@@ -77,6 +107,8 @@ pub(crate) struct Supervisor {
     /// Whether membership changed since the last plan.
     dirty: bool,
     retry_plan_at: Option<Instant>,
+    stats: Arc<Mutex<crate::pipeline::PipelineStats>>,
+    watch: watch::Watch,
 }
 
 impl Supervisor {
@@ -86,17 +118,13 @@ impl Supervisor {
         cmd: Sender<Cmd>,
         shared: Arc<Mutex<Shared>>,
         stop: Arc<AtomicBool>,
+        stats: Arc<Mutex<crate::pipeline::PipelineStats>>,
     ) -> Result<Self> {
         let (ev_tx, ev_rx) = mpsc::channel();
         let members = opts
             .workers
             .iter()
-            .map(|a| Member {
-                addr: a.clone(),
-                up: None,
-                last_try: None,
-                last_error: None,
-            })
+            .map(|a| Member::new(a.clone(), false))
             .collect();
         Ok(Supervisor {
             opts,
@@ -115,10 +143,29 @@ impl Supervisor {
             layout: None,
             dirty: true,
             retry_plan_at: None,
+            stats,
+            watch: watch::Watch::default(),
         })
     }
 
     pub(crate) fn run(mut self) {
+        if let Some(port) = self.opts.ops.discover {
+            let ev = Mutex::new(self.ev_tx.clone());
+            match crate::discovery::listen(
+                self.opts.link.key.clone(),
+                port,
+                self.stop.clone(),
+                move |h| {
+                    let _ = ev
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .send(SupEv::Heard(h));
+                },
+            ) {
+                Ok(_) => tracing::info!(port, "discovering workers"),
+                Err(e) => tracing::error!(port, error = %e, "discovery cannot listen"),
+            }
+        }
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;
@@ -127,6 +174,8 @@ impl Supervisor {
             while let Ok(ev) = self.ev_rx.try_recv() {
                 self.event(ev);
             }
+            self.forget_departed();
+            self.unbench();
             let retry_due = self.retry_plan_at.is_some_and(|t| Instant::now() >= t);
             if self.dirty || retry_due {
                 self.dirty = false;
@@ -136,6 +185,9 @@ impl Supervisor {
                     self.set_degraded(&e.to_string());
                     self.retry_plan_at = Some(Instant::now() + Duration::from_secs(5));
                 }
+            }
+            if !self.dirty {
+                self.watch_links();
             }
             match self.ev_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(ev) => self.event(ev),
@@ -154,6 +206,7 @@ impl Supervisor {
 
     fn event(&mut self, ev: SupEv) {
         match ev {
+            SupEv::Heard(h) => self.heard(h),
             SupEv::Gone {
                 member,
                 generation,
@@ -174,6 +227,7 @@ impl Supervisor {
                     n.error = Some(why.clone());
                     n.rtt_us = None;
                 });
+                self.check_duplicates();
                 if let Some((members, epoch)) = &self.plan
                     && members.contains(&member)
                 {
@@ -219,6 +273,7 @@ impl Supervisor {
         for i in 0..self.members.len() {
             let m = &self.members[i];
             if m.up.is_some()
+                || m.forgotten
                 || m.last_try
                     .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
             {
@@ -233,6 +288,14 @@ impl Supervisor {
                     let why = e.to_string();
                     if self.members[i].last_error.as_deref() != Some(&why) {
                         tracing::warn!(worker = %self.members[i].addr, error = %why, "worker not joined");
+                    }
+                    // a node that answers but will not be a member: listed with the reason
+                    if matches!(
+                        e,
+                        Error::Refused(_) | Error::Transport(transport::Error::Handshake { .. })
+                    ) {
+                        let addr = self.members[i].addr.clone();
+                        self.refuse(&addr, &why);
                     }
                     self.members[i].last_error = Some(why.clone());
                     self.update_node(i, |n| {
@@ -276,6 +339,7 @@ impl Supervisor {
             return Err(Error::Refused(why));
         }
         let report = crate::io::measure(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
+        let (samples_tx, samples) = mpsc::channel();
         self.generation += 1;
         let generation = self.generation;
         let tx = Arc::new(Mutex::new(tx));
@@ -283,6 +347,7 @@ impl Supervisor {
         let base = Instant::now();
         tracing::info!(
             worker = %addr,
+            id = %advert.node_id,
             host = %advert.hostname,
             memory = advert.mem_available,
             cores = advert.cores,
@@ -293,6 +358,8 @@ impl Supervisor {
         );
         self.update_node(i, |n| {
             n.up = true;
+            n.id = advert.node_id.clone();
+            n.speed = advert.speed.clone();
             n.hostname = advert.hostname.clone();
             n.mem_total = advert.mem_total;
             n.mem_available = advert.mem_available;
@@ -322,6 +389,7 @@ impl Supervisor {
                             shared,
                             alive,
                             base,
+                            samples: samples_tx,
                         },
                     )
                 })
@@ -341,8 +409,10 @@ impl Supervisor {
             advert,
             alive,
             report,
+            samples,
         });
         self.members[i].last_error = None;
+        self.check_duplicates();
         Ok(())
     }
 
@@ -369,7 +439,7 @@ impl Supervisor {
     /// Plans over the nodes up now, has them load, and installs the pipeline.
     fn replan(&mut self) -> Result<()> {
         let up: Vec<usize> = (0..self.members.len())
-            .filter(|&i| self.members[i].up.is_some())
+            .filter(|&i| self.members[i].up.is_some() && self.members[i].benched_until.is_none())
             .collect();
         if let Some((members, _)) = &self.plan
             && *members == up
@@ -387,82 +457,10 @@ impl Supervisor {
                 self.held = Some(r);
             }
         }
-        let mut serving = Serving::new(
-            self.ctx,
-            self.opts.batch.max_seqs,
-            self.opts.batch.max_step_tokens,
-        );
-        if let (Some(bytes), Some(l)) = (self.opts.kv_memory, self.layout()?) {
-            let per_token = crate::plan::kv_bytes_per_layer_token(&l) * l.layer_bytes.len() as u64;
-            serving.kv_tokens = (bytes / per_token.max(1)) as usize;
-        }
-        let held_bytes = self
-            .held
-            .as_ref()
-            .map_or(0, |r| r.model().weight_bytes() as u64);
-        let (_, head_avail) = node::memory();
-        let mut budgets = vec![NodeBudget {
-            name: format!("head ({})", node::hostname()),
-            usable: self.usable(head_avail + held_bytes),
-        }];
-        for &i in &up {
-            let a = &self.members[i].up.as_ref().expect("up").advert;
-            budgets.push(NodeBudget {
-                name: self.members[i].addr.clone(),
-                usable: self.usable(a.mem_available),
-            });
-        }
-        let layout = self.layout()?;
-        let plan = match &layout {
-            Some(l) => {
-                let split = self
-                    .opts
-                    .split
-                    .as_ref()
-                    .filter(|s| s.len() == budgets.len());
-                let place = |sv: Serving| match split {
-                    Some(s) => StagePlan::split(l, &budgets, sv, s),
-                    None => StagePlan::place(l, &budgets, sv),
-                };
-                match place(serving) {
-                    Ok(p) => p,
-                    // with no KV budget given, a cache smaller than ctx × max_seqs that fits
-                    // beats no plan: the largest that fits, at least one whole context
-                    Err(e) if self.opts.kv_memory.is_none() => {
-                        let fits = |t: usize| {
-                            place(Serving {
-                                kv_tokens: t,
-                                ..serving
-                            })
-                            .is_ok()
-                        };
-                        if !fits(serving.ctx) {
-                            return Err(e.into());
-                        }
-                        let (mut lo, mut hi) = (serving.ctx, serving.kv_tokens);
-                        while hi - lo > serving.ctx / 16 + 1 {
-                            let mid = lo + (hi - lo) / 2;
-                            if fits(mid) {
-                                lo = mid;
-                            } else {
-                                hi = mid;
-                            }
-                        }
-                        tracing::warn!(
-                            wanted = serving.kv_tokens,
-                            kv_tokens = lo,
-                            "the KV cache for ctx × max-seqs does not fit these nodes: it holds {lo} positions instead (set --kv-memory, --ctx or --max-seqs to choose)"
-                        );
-                        serving.kv_tokens = lo;
-                        place(serving)?
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            None => {
-                // a Hugging Face directory on a single node: the whole model here
-                return self.single_dir(serving);
-            }
+        let plan = match self.place(&up)? {
+            Ok(p) => p,
+            // a Hugging Face directory on a single node: the whole model here
+            Err(serving) => return self.single_dir(serving),
         };
         tracing::info!("plan:\n{plan}");
         let epoch = random_u64();
@@ -523,6 +521,10 @@ impl Supervisor {
                     self.held = Some(runner);
                     self.event(gone);
                     return Err(Error::Degraded("a worker failed while loading".into()));
+                }
+                SupEv::Heard(h) => {
+                    self.heard(h);
+                    continue;
                 }
             };
             if self.members[member]
@@ -592,6 +594,10 @@ impl Supervisor {
                     transport: r.transport.clone(),
                     rtt_us: f64::from(r.rtt_us),
                     bytes_per_s: r.bytes_per_s as f64,
+                    baseline_rtt_us: f64::from(r.rtt_us),
+                    baseline_bytes_per_s: r.bytes_per_s as f64,
+                    samples: 0,
+                    warning: None,
                 };
             for (k, &i) in up.iter().enumerate() {
                 let addr = self.members[i].addr.clone();
@@ -610,6 +616,25 @@ impl Supervisor {
             }
             sh.links = links;
         }
+        let links = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .links
+            .clone();
+        let prediction = self.predict(&plan, &up, &links);
+        if let Some(p) = &prediction {
+            tracing::info!(
+                single = format!("{:.1}", p.single_tokens_per_s),
+                aggregate = format!("{:.1}", p.aggregate_tokens_per_s),
+                seqs = p.seqs,
+                "predicted decode tok/s"
+            );
+        }
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prediction = prediction;
         let _ = self.cmd.send(Cmd::Install(Box::new(Pipeline {
             epoch,
             runner,
@@ -619,6 +644,117 @@ impl Supervisor {
         })));
         self.plan = Some((up, epoch));
         Ok(())
+    }
+
+    /// The plan's predicted decode speed, from the nodes' kernel rates and the links as
+    /// measured at join ([`crate::predict`]).
+    fn predict(
+        &mut self,
+        plan: &StagePlan,
+        up: &[usize],
+        links: &[crate::head::LinkState],
+    ) -> Option<crate::predict::Prediction> {
+        let layout = self.layout().ok()??;
+        let mut rates = vec![node::speed_wait(Duration::from_secs(10))];
+        for &i in up {
+            rates.push(self.members[i].up.as_ref()?.advert.speed.clone());
+        }
+        let links: Vec<crate::predict::LinkSpeed> = links
+            .iter()
+            .map(|l| crate::predict::LinkSpeed {
+                rtt_us: l.baseline_rtt_us,
+                bytes_per_s: l.baseline_bytes_per_s,
+            })
+            .collect();
+        let hidden = layout.config.hidden_size as u64 * if self.opts.bf16 { 2 } else { 4 };
+        crate::predict::predict(
+            &layout,
+            plan,
+            &rates,
+            &links,
+            hidden,
+            self.opts.batch.max_seqs,
+        )
+    }
+
+    /// Places the layers over the head and the members `up`: the plan, or (a Hugging Face
+    /// directory, which has no layout) the serving settings for one node.
+    fn place(&mut self, up: &[usize]) -> Result<std::result::Result<StagePlan, Serving>> {
+        let mut serving = Serving::new(
+            self.ctx,
+            self.opts.batch.max_seqs,
+            self.opts.batch.max_step_tokens,
+        );
+        if let (Some(bytes), Some(l)) = (self.opts.kv_memory, self.layout()?) {
+            let per_token = crate::plan::kv_bytes_per_layer_token(&l) * l.layer_bytes.len() as u64;
+            serving.kv_tokens = (bytes / per_token.max(1)) as usize;
+        }
+        let held_bytes = self
+            .held
+            .as_ref()
+            .map_or(0, |r| r.model().weight_bytes() as u64);
+        let (_, head_avail) = node::memory();
+        let mut budgets = vec![NodeBudget {
+            name: format!("head ({})", node::hostname()),
+            usable: self.usable(head_avail + held_bytes),
+        }];
+        for &i in up {
+            let a = &self.members[i].up.as_ref().expect("up").advert;
+            budgets.push(NodeBudget {
+                name: self.members[i].addr.clone(),
+                usable: self.usable(a.mem_available),
+            });
+        }
+        let layout = self.layout()?;
+        let plan = match &layout {
+            Some(l) => {
+                let split = self
+                    .opts
+                    .split
+                    .as_ref()
+                    .filter(|s| s.len() == budgets.len());
+                let place = |sv: Serving| match split {
+                    Some(s) => StagePlan::split(l, &budgets, sv, s),
+                    None => StagePlan::place(l, &budgets, sv),
+                };
+                match place(serving) {
+                    Ok(p) => p,
+                    // with no KV budget given, a cache smaller than ctx × max_seqs that fits
+                    // beats no plan: the largest that fits, at least one whole context
+                    Err(e) if self.opts.kv_memory.is_none() => {
+                        let fits = |t: usize| {
+                            place(Serving {
+                                kv_tokens: t,
+                                ..serving
+                            })
+                            .is_ok()
+                        };
+                        if !fits(serving.ctx) {
+                            return Err(e.into());
+                        }
+                        let (mut lo, mut hi) = (serving.ctx, serving.kv_tokens);
+                        while hi - lo > serving.ctx / 16 + 1 {
+                            let mid = lo + (hi - lo) / 2;
+                            if fits(mid) {
+                                lo = mid;
+                            } else {
+                                hi = mid;
+                            }
+                        }
+                        tracing::warn!(
+                            wanted = serving.kv_tokens,
+                            kv_tokens = lo,
+                            "the KV cache for ctx × max-seqs does not fit these nodes: it holds {lo} positions instead (set --kv-memory, --ctx or --max-seqs to choose)"
+                        );
+                        serving.kv_tokens = lo;
+                        place(serving)?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => return Ok(Err(serving)),
+        };
+        Ok(Ok(plan))
     }
 
     /// A Hugging Face directory on one node.
@@ -770,6 +906,7 @@ struct ReaderCtx {
     shared: Arc<Mutex<Shared>>,
     alive: Arc<AtomicBool>,
     base: Instant,
+    samples: Sender<Msg>,
 }
 
 /// Reads a worker's control link: pongs (round trip), the last stage's tokens (to the pipeline),
@@ -784,6 +921,7 @@ fn reader(mut rx: Rx, ctx: ReaderCtx) {
         shared,
         alive,
         base,
+        samples,
     } = ctx;
     loop {
         if !alive.load(Ordering::Acquire) {
@@ -800,6 +938,9 @@ fn reader(mut rx: Rx, ctx: ReaderCtx) {
             }
             Ok(Msg::Sampled(s)) => {
                 let _ = cmd.send(Cmd::Sampled(s));
+            }
+            Ok(m @ (Msg::ProbeAck { .. } | Msg::LinkSample(_))) => {
+                let _ = samples.send(m);
             }
             Ok(msg) => {
                 if ev

@@ -1,0 +1,469 @@
+//! LAN discovery: workers announce themselves, a head started with `--discover` adds them.
+//!
+//! **UDP broadcast on IPv4**, not mDNS and not multicast. A broadcast reaches every host of the
+//! subnet with no group to join, so it works on the networks where multicast does not: Wi-Fi
+//! access points and switches with IGMP snooping that drop or delay mDNS (EXO's discovery fails
+//! or takes 30–60 s there). A worker sends an announcement every [`ANNOUNCE_EVERY`] to the
+//! broadcast address of each IPv4 interface and to the loopback (a cluster on one host), so a
+//! head that starts later hears it within a second. Networks that block broadcast too (or are
+//! IPv6-only) keep `--workers`, which needs no discovery at all.
+//!
+//! **Authenticated.** An announcement carries the node's id, the port it listens on, its protocol
+//! version, host name, the time it was sent and a sequence number, sealed with an HMAC-SHA256
+//! under a key derived from the cluster key. A head ignores announcements that do not verify
+//! (another cluster's nodes, strangers, damaged packets), refuses those older than
+//! [`MAX_SKEW`] or not newer than the last it accepted from that node (a replay), and lists every
+//! refusal with its reason. Discovery only says where to connect: the link that follows is
+//! authenticated with the cluster key like every other, so a forged announcement cannot make a
+//! stranger a member.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use transport::ClusterKey;
+use transport::codec::{Reader, Writer};
+
+/// The UDP port announcements go to by default.
+pub const DEFAULT_PORT: u16 = 7472;
+/// How often a worker announces itself.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+/// How far an announcement's time may be from the receiver's clock.
+pub const MAX_SKEW: Duration = Duration::from_secs(30);
+/// The largest announcement read.
+pub const MAX_PACKET: usize = 512;
+
+const MAGIC: &[u8; 4] = b"SNWD";
+const FORMAT: u8 = 1;
+const TAG: usize = 32;
+
+/// A worker's announcement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    /// The node's stable id.
+    pub node_id: String,
+    /// The port its `sinew worker` listens on (the address is the packet's source).
+    pub port: u16,
+    /// Its cluster protocol version.
+    pub version: u16,
+    /// Its host name.
+    pub hostname: String,
+    /// When it was sent, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// Increases with every packet the node sends.
+    pub seq: u64,
+}
+
+/// Why an announcement was not taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Not an announcement: wrong magic, short, long, or malformed.
+    #[error("not a sinew announcement ({0})")]
+    Malformed(String),
+    /// The HMAC does not verify: another cluster's key, or a damaged packet.
+    #[error(
+        "its signature does not verify with this cluster's key (another cluster, or a wrong key)"
+    )]
+    BadSignature,
+    /// Sent too long ago or in the future.
+    #[error("its time is {0} s away from this node's clock (at most 30 s is accepted)")]
+    Stale(i64),
+    /// Not newer than one accepted before from the same node.
+    #[error("replayed: not newer than the last announcement accepted from node {0}")]
+    Replay(String),
+    /// Another protocol version.
+    #[error("it speaks cluster protocol v{theirs}, this head v{ours}")]
+    Version {
+        /// The announcement's.
+        theirs: u16,
+        /// This node's.
+        ours: u16,
+    },
+}
+
+fn mac(key: &ClusterKey) -> Hmac<Sha256> {
+    // a key of its own for discovery, so a packet can never pass for a link's handshake
+    let mut k = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose()).expect("any key length");
+    k.update(b"sinew discovery v1");
+    let sub = k.finalize().into_bytes();
+    <Hmac<Sha256> as KeyInit>::new_from_slice(&sub).expect("any key length")
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(255)];
+    b.put_u8(s.len() as u8);
+    b.extend_from_slice(s);
+}
+
+fn get_str(r: &mut Reader<'_>, what: &'static str) -> Result<String, Refusal> {
+    let n = r.u8(what).map_err(|e| Refusal::Malformed(e.to_string()))? as usize;
+    let b = r
+        .bytes(n, what)
+        .map_err(|e| Refusal::Malformed(e.to_string()))?;
+    String::from_utf8(b.to_vec()).map_err(|_| Refusal::Malformed(format!("{what} is not UTF-8")))
+}
+
+impl Announcement {
+    /// The packet: magic, format, fields, then the HMAC over all of them.
+    pub fn seal(&self, key: &ClusterKey) -> Vec<u8> {
+        let mut b = Vec::with_capacity(96);
+        b.extend_from_slice(MAGIC);
+        b.put_u8(FORMAT);
+        b.put_u16(self.version);
+        b.put_u16(self.port);
+        b.put_u64(self.time_ms);
+        b.put_u64(self.seq);
+        put_str(&mut b, &self.node_id);
+        put_str(&mut b, &self.hostname);
+        let mut m = mac(key);
+        m.update(&b);
+        b.extend_from_slice(&m.finalize().into_bytes());
+        b
+    }
+
+    /// Reads and verifies a packet (the signature only: [`Guard`] checks time and replay).
+    ///
+    /// # Errors
+    /// [`Refusal::Malformed`], [`Refusal::BadSignature`].
+    pub fn open(packet: &[u8], key: &ClusterKey) -> Result<Announcement, Refusal> {
+        if packet.len() > MAX_PACKET {
+            return Err(Refusal::Malformed(format!("{} bytes", packet.len())));
+        }
+        if packet.len() < MAGIC.len() + 1 + TAG || &packet[..4] != MAGIC {
+            return Err(Refusal::Malformed("no magic".into()));
+        }
+        if packet[4] != FORMAT {
+            return Err(Refusal::Malformed(format!(
+                "announcement format {}",
+                packet[4]
+            )));
+        }
+        let (body, tag) = packet.split_at(packet.len() - TAG);
+        let mut m = mac(key);
+        m.update(body);
+        m.verify_slice(tag).map_err(|_| Refusal::BadSignature)?;
+        let mut r = Reader::new(&body[5..]);
+        let bad = |e: transport::codec::DecodeError| Refusal::Malformed(e.to_string());
+        let version = r.u16("version").map_err(bad)?;
+        let port = r.u16("port").map_err(bad)?;
+        let time_ms = r.u64("time").map_err(bad)?;
+        let seq = r.u64("seq").map_err(bad)?;
+        let node_id = get_str(&mut r, "node id")?;
+        let hostname = get_str(&mut r, "hostname")?;
+        if r.remaining() != 0 {
+            return Err(Refusal::Malformed(format!(
+                "{} bytes after the fields",
+                r.remaining()
+            )));
+        }
+        Ok(Announcement {
+            node_id,
+            port,
+            version,
+            hostname,
+            time_ms,
+            seq,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The receiver's checks after the signature: the version, the time, and replay (per node, the
+/// last accepted `(time, seq)`; only a strictly newer one passes).
+#[derive(Debug, Default)]
+pub struct Guard {
+    last: HashMap<String, (u64, u64)>,
+}
+
+impl Guard {
+    /// Checks `a` received at `now_ms`; on success remembers it.
+    ///
+    /// # Errors
+    /// [`Refusal::Version`], [`Refusal::Stale`], [`Refusal::Replay`].
+    pub fn check(&mut self, a: &Announcement, now_ms: u64, ours: u16) -> Result<(), Refusal> {
+        let skew = a.time_ms as i64 - now_ms as i64;
+        if skew.unsigned_abs() > MAX_SKEW.as_millis() as u64 {
+            return Err(Refusal::Stale(skew / 1000));
+        }
+        if let Some(&last) = self.last.get(&a.node_id)
+            && (a.time_ms, a.seq) <= last
+        {
+            return Err(Refusal::Replay(a.node_id.clone()));
+        }
+        // a bounded memory: entries older than the skew window cannot be replayed anyway
+        if self.last.len() > 4096 {
+            let horizon = now_ms.saturating_sub(MAX_SKEW.as_millis() as u64);
+            self.last.retain(|_, (t, _)| *t >= horizon);
+        }
+        self.last.insert(a.node_id.clone(), (a.time_ms, a.seq));
+        if a.version != ours {
+            return Err(Refusal::Version {
+                theirs: a.version,
+                ours,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What the listener reports.
+#[derive(Clone, Debug)]
+pub enum Heard {
+    /// A node of this cluster at `addr`.
+    Node {
+        /// Where its worker listens.
+        addr: SocketAddr,
+        /// What it said.
+        announcement: Announcement,
+    },
+    /// A packet refused, from `from`.
+    Refused {
+        /// The sender.
+        from: SocketAddr,
+        /// Why.
+        why: Refusal,
+    },
+}
+
+/// The destinations of an announcement: each IPv4 interface's broadcast address and the
+/// loopback.
+pub fn destinations(port: u16) -> Vec<SocketAddr> {
+    let mut out = vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)];
+    if let Ok(ifs) = nix::ifaddrs::getifaddrs() {
+        for i in ifs {
+            if !i
+                .flags
+                .contains(nix::net::if_::InterfaceFlags::IFF_BROADCAST)
+                || !i.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+            {
+                continue;
+            }
+            if let Some(b) = i.broadcast.as_ref().and_then(|a| a.as_sockaddr_in()) {
+                let a = SocketAddr::new(IpAddr::V4(b.ip()), port);
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Announces a worker every [`ANNOUNCE_EVERY`] until `stop` is set (on its own thread).
+///
+/// # Errors
+/// The socket cannot be made.
+pub fn announce(
+    key: ClusterKey,
+    node_id: String,
+    port: u16,
+    discovery_port: u16,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    sock.set_broadcast(true)?;
+    let hostname = crate::node::hostname();
+    let version = crate::node::protocol_version();
+    std::thread::Builder::new()
+        .name("sinew-announce".into())
+        .spawn(move || {
+            let mut seq = 0u64;
+            let mut warned = false;
+            while !stop.load(Ordering::Acquire) {
+                for to in destinations(discovery_port) {
+                    seq += 1;
+                    let a = Announcement {
+                        node_id: node_id.clone(),
+                        port,
+                        version,
+                        hostname: hostname.clone(),
+                        time_ms: now_ms(),
+                        seq,
+                    };
+                    if let Err(e) = sock.send_to(&a.seal(&key), to)
+                        && !warned
+                        && !to.ip().is_loopback()
+                    {
+                        warned = true;
+                        tracing::warn!(%to, error = %e, "announcing failed");
+                    }
+                }
+                std::thread::sleep(ANNOUNCE_EVERY);
+            }
+        })
+}
+
+/// Listens for announcements on `port` until `stop` is set, reporting each accepted or refused
+/// one to `heard` (on its own thread; the socket shares the port with other listeners on the
+/// host).
+///
+/// # Errors
+/// The port cannot be bound.
+pub fn listen(
+    key: ClusterKey,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    heard: impl Fn(Heard) + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    s.bind(&SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port).into())?;
+    let sock: UdpSocket = s.into();
+    sock.set_read_timeout(Some(Duration::from_millis(250)))?;
+    let ours = crate::node::protocol_version();
+    std::thread::Builder::new()
+        .name("sinew-discover".into())
+        .spawn(move || {
+            let mut guard = Guard::default();
+            let mut buf = [0u8; MAX_PACKET + 1];
+            while !stop.load(Ordering::Acquire) {
+                let (n, from) = match sock.recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(_) => continue,
+                };
+                let r = Announcement::open(&buf[..n], &key)
+                    .and_then(|a| guard.check(&a, now_ms(), ours).map(|()| a));
+                heard(match r {
+                    Ok(a) => Heard::Node {
+                        addr: SocketAddr::new(from.ip(), a.port),
+                        announcement: a,
+                    },
+                    Err(why) => Heard::Refused { from, why },
+                });
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(b: u8) -> ClusterKey {
+        ClusterKey::from_bytes(&[b; 32]).unwrap()
+    }
+
+    fn ann() -> impl Strategy<Value = Announcement> {
+        (
+            "[0-9a-f]{0,16}",
+            any::<u16>(),
+            any::<u16>(),
+            "[a-z0-9.-]{0,40}",
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(node_id, port, version, hostname, time_ms, seq)| Announcement {
+                    node_id,
+                    port,
+                    version,
+                    hostname,
+                    time_ms,
+                    seq,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn sealed_announcements_open_with_the_key_only(a in ann(), flip in any::<proptest::sample::Index>(), bit in 0u8..8) {
+            let p = a.seal(&key(1));
+            prop_assert_eq!(Announcement::open(&p, &key(1)).unwrap(), a);
+            prop_assert_eq!(Announcement::open(&p, &key(2)), Err(Refusal::BadSignature));
+            let mut bad = p.clone();
+            let i = flip.index(bad.len());
+            bad[i] ^= 1 << bit;
+            prop_assert!(Announcement::open(&bad, &key(1)).is_err());
+        }
+
+        #[test]
+        fn truncated_extended_or_garbage_packets_are_refused(a in ann(), cut in any::<proptest::sample::Index>(), junk in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let p = a.seal(&key(1));
+            let at = cut.index(p.len());
+            prop_assert!(Announcement::open(&p[..at], &key(1)).is_err());
+            let mut long = p.clone();
+            long.push(0);
+            prop_assert!(Announcement::open(&long, &key(1)).is_err());
+            prop_assert!(Announcement::open(&junk, &key(1)).is_err());
+        }
+
+        #[test]
+        fn the_guard_takes_only_newer_announcements(times in proptest::collection::vec((0u64..5, 0u64..5), 1..20)) {
+            let mut g = Guard::default();
+            let base = 1_000_000_000u64;
+            let mut last: Option<(u64, u64)> = None;
+            for (t, s) in times {
+                let a = Announcement { node_id: "n".into(), port: 1, version: 2, hostname: String::new(), time_ms: base + t, seq: s };
+                let r = g.check(&a, base, 2);
+                if last.is_none_or(|l| (base + t, s) > l) {
+                    prop_assert!(r.is_ok());
+                    last = Some((base + t, s));
+                } else {
+                    prop_assert_eq!(r, Err(Refusal::Replay("n".into())));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stale_and_other_versions_are_refused() {
+        let mut g = Guard::default();
+        let now = 1_000_000_000u64;
+        let mut a = Announcement {
+            node_id: "a".into(),
+            port: 7471,
+            version: 2,
+            hostname: "h".into(),
+            time_ms: now - 31_000,
+            seq: 1,
+        };
+        assert_eq!(g.check(&a, now, 2), Err(Refusal::Stale(-31)));
+        a.time_ms = now + 60_000;
+        assert_eq!(g.check(&a, now, 2), Err(Refusal::Stale(60)));
+        a.time_ms = now;
+        assert_eq!(
+            g.check(&a, now, 3),
+            Err(Refusal::Version { theirs: 2, ours: 3 })
+        );
+        a.seq = 2;
+        assert!(g.check(&a, now, 2).is_ok());
+    }
+
+    #[test]
+    fn an_announcement_crosses_the_loopback() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let port = {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().port()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let l = listen(key(7), port, stop.clone(), move |h| {
+            let _ = tx.lock().unwrap().send(h);
+        })
+        .unwrap();
+        let a = announce(key(7), "0123456789abcdef".into(), 7471, port, stop.clone()).unwrap();
+        let heard = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        match heard {
+            Heard::Node { addr, announcement } => {
+                assert_eq!(addr.port(), 7471);
+                assert_eq!(announcement.node_id, "0123456789abcdef");
+            }
+            other => panic!("{other:?}"),
+        }
+        stop.store(true, Ordering::Release);
+        l.join().unwrap();
+        a.join().unwrap();
+    }
+}

@@ -1,0 +1,161 @@
+//! Membership: workers that discovery finds, refusals, departed workers leaving the state, and
+//! nodes that share an id.
+
+use std::time::Instant;
+
+use super::{Member, Supervisor};
+use crate::discovery::{Heard, now_ms};
+use crate::head::{NodeState, Refused};
+
+/// Refusals remembered (by source and reason).
+const MAX_REFUSED: usize = 32;
+
+impl Supervisor {
+    /// An announcement heard: a new worker joins the members (and is connected to at once), a
+    /// known or forgotten one is refreshed; a refusal is listed.
+    pub(super) fn heard(&mut self, h: Heard) {
+        match h {
+            Heard::Node { addr, announcement } => {
+                let key = addr.to_string();
+                match self.members.iter().position(|m| m.addr == key) {
+                    Some(i) => {
+                        let m = &mut self.members[i];
+                        m.last_heard = Instant::now();
+                        if m.forgotten {
+                            m.forgotten = false;
+                            m.last_try = None;
+                            tracing::info!(worker = %key, id = %announcement.node_id, "a departed worker is back");
+                            let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                            sh.forgotten.remove(&i);
+                        }
+                    }
+                    None => {
+                        tracing::info!(
+                            worker = %key,
+                            id = %announcement.node_id,
+                            host = %announcement.hostname,
+                            "discovered a worker"
+                        );
+                        self.members.push(Member::new(key.clone(), true));
+                        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut n = NodeState::waiting(key, true);
+                        n.id = announcement.node_id;
+                        n.hostname = announcement.hostname;
+                        sh.nodes.push(n);
+                    }
+                }
+            }
+            Heard::Refused { from, why } => self.refuse(&from.ip().to_string(), &why.to_string()),
+        }
+    }
+
+    /// Lists a refusal (logged the first time a source is refused for a reason).
+    pub(super) fn refuse(&self, from: &str, reason: &str) {
+        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let now = now_ms();
+        if let Some(r) = sh
+            .refused
+            .iter_mut()
+            .find(|r| r.from == from && r.reason == reason)
+        {
+            r.count += 1;
+            r.last_ms = now;
+            return;
+        }
+        tracing::warn!(%from, %reason, "refused a node");
+        if sh.refused.len() >= MAX_REFUSED {
+            // the oldest goes
+            if let Some(oldest) = (0..sh.refused.len()).min_by_key(|&i| sh.refused[i].last_ms) {
+                sh.refused.remove(oldest);
+            }
+        }
+        sh.refused.push(Refused {
+            from: from.to_string(),
+            reason: reason.to_string(),
+            count: 1,
+            last_ms: now,
+        });
+    }
+
+    /// Discovered workers down and silent past `forget_after` leave the state (no ghost in the
+    /// status or the plan); one that announces itself again comes back.
+    pub(super) fn forget_departed(&mut self) {
+        let after = self.opts.ops.forget_after;
+        for i in 0..self.members.len() {
+            let m = &mut self.members[i];
+            if m.discovered && !m.forgotten && m.up.is_none() && m.last_heard.elapsed() >= after {
+                m.forgotten = true;
+                tracing::info!(worker = %m.addr, silent_s = after.as_secs(), "a departed worker leaves the cluster");
+                let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                sh.forgotten.insert(i);
+                if let Some(n) = sh.nodes.get_mut(i + 1) {
+                    n.layers = None;
+                }
+            }
+        }
+    }
+
+    /// Nodes up now that share an id (a copied cache directory) are told apart by address, kept
+    /// both, and each is warned about the other.
+    pub(super) fn check_duplicates(&self) {
+        let head_id = {
+            let sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            sh.nodes[0].id.clone()
+        };
+        let ids: Vec<(usize, String)> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.up.as_ref().map(|u| (i, u.advert.node_id.clone())))
+            .collect();
+        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut head_warning = None;
+        for i in 0..self.members.len() {
+            let Some(n) = sh.nodes.get(i + 1) else {
+                continue;
+            };
+            let mine = ids.iter().find(|(j, _)| *j == i).map(|(_, id)| id.clone());
+            let warning = mine.filter(|id| !id.is_empty()).and_then(|id| {
+                let mut others: Vec<String> = ids
+                    .iter()
+                    .filter(|(j, other)| *j != i && *other == id)
+                    .map(|(j, _)| self.members[*j].addr.clone())
+                    .collect();
+                if id == head_id {
+                    others.push("the head".into());
+                }
+                (!others.is_empty()).then(|| {
+                    format!(
+                        "node id {id} is also the id of {}: a copied cache directory? Delete `node-id` in one of their cache directories and restart it",
+                        others.join(", ")
+                    )
+                })
+            });
+            if warning.is_some() && n.warning != warning {
+                tracing::warn!(worker = %self.members[i].addr, "{}", warning.as_deref().unwrap_or(""));
+            }
+            if warning.is_some() && mine_is_head_dup(&warning) {
+                head_warning = warning.clone();
+            }
+            sh.nodes[i + 1].warning = warning;
+        }
+        sh.nodes[0].warning = head_warning
+            .map(|_| format!("node id {head_id} is also a worker's: a copied cache directory?"));
+    }
+
+    /// Members benched for an unusable link return to planning when their time is up.
+    pub(super) fn unbench(&mut self) {
+        let now = Instant::now();
+        for m in &mut self.members {
+            if m.benched_until.is_some_and(|t| now >= t) {
+                m.benched_until = None;
+                tracing::info!(worker = %m.addr, "trying a benched worker again");
+                self.dirty = true;
+            }
+        }
+    }
+}
+
+fn mine_is_head_dup(w: &Option<String>) -> bool {
+    w.as_deref().is_some_and(|w| w.contains("the head"))
+}
