@@ -42,6 +42,7 @@ pub mod plan;
 pub mod predict;
 pub mod stage;
 mod supervisor;
+pub mod survey;
 pub mod wire;
 pub mod worker;
 

@@ -240,17 +240,11 @@ pub fn speed_wait(timeout: std::time::Duration) -> Vec<Rate> {
 pub fn measure_speed() -> Vec<Rate> {
     use candle_core::quantized::GgmlDType as D;
     use engine::kernels::Format;
-    let cols = 4096;
+    // a decoder's mix of shapes: expert down projections (768 wide), the hidden width, and
+    // attention outputs (4096 wide)
+    let shapes = [768usize, 2048, 4096];
     let mut out = Vec::new();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let x = match candle_core::Tensor::ones(
-        (1, cols),
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    ) {
-        Ok(x) => x,
-        Err(_) => return out,
-    };
     for (dtype, name) in [
         (D::Q4K, "q4_k"),
         (D::Q6K, "q6_k"),
@@ -260,38 +254,55 @@ pub fn measure_speed() -> Vec<Rate> {
         (D::F32, "f32"),
     ] {
         let Some(f) = Format::of(dtype) else { continue };
-        let row = f.row_bytes(cols);
-        let rows = (SPEED_BYTES / row).max(16) / 16 * 16;
-        // a random 64 KiB pattern, repeated; finite scales and values: every 16-bit half's
-        // exponent below all ones
-        let mut pattern = vec![0u8; 64 << 10];
-        for c in pattern.chunks_mut(8) {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            c.copy_from_slice(&(seed & 0x3fff_3fff_3fff_3fff).to_le_bytes());
+        let mut mats = Vec::new();
+        let mut total = 0usize;
+        for cols in shapes {
+            let row = f.row_bytes(cols);
+            let rows = (SPEED_BYTES / shapes.len() / row).max(16) / 16 * 16;
+            // a random 64 KiB pattern, repeated; finite scales and values: every 16-bit
+            // half's exponent below all ones
+            let mut pattern = vec![0u8; 64 << 10];
+            for c in pattern.chunks_mut(8) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                c.copy_from_slice(&(seed & 0x3fff_3fff_3fff_3fff).to_le_bytes());
+            }
+            let mut bytes = vec![0u8; rows * row];
+            for c in bytes.chunks_mut(pattern.len()) {
+                c.copy_from_slice(&pattern[..c.len()]);
+            }
+            let (Some(m), Ok(x)) = (
+                engine::linear::Mat::from_blocks(dtype, &bytes, rows, cols),
+                candle_core::Tensor::ones(
+                    (1, cols),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                ),
+            ) else {
+                continue;
+            };
+            total += rows * row;
+            mats.push((m, x));
         }
-        let mut bytes = vec![0u8; rows * row];
-        for c in bytes.chunks_mut(pattern.len()) {
-            c.copy_from_slice(&pattern[..c.len()]);
-        }
-        let Some(m) = engine::linear::Mat::from_blocks(dtype, &bytes, rows, cols) else {
+        if mats.len() != shapes.len() {
             continue;
-        };
-        drop(bytes);
+        }
         let mut best = f64::MAX;
-        for _ in 0..4 {
+        'reps: for _ in 0..12 {
             let t = std::time::Instant::now();
-            if m.forward(&x).is_err() {
-                best = f64::MAX;
-                break;
+            for (m, x) in &mats {
+                if m.forward(x).is_err() {
+                    best = f64::MAX;
+                    break 'reps;
+                }
             }
             best = best.min(t.elapsed().as_secs_f64());
         }
         if best < f64::MAX {
             out.push(Rate {
                 format: name.into(),
-                bytes_per_s: ((rows * row) as f64 / best.max(1e-9)) as u64,
+                bytes_per_s: (total as f64 / best.max(1e-9)) as u64,
             });
         }
     }

@@ -155,6 +155,11 @@ fn gib(b: u64) -> String {
     }
 }
 
+/// The memory a node may use by default: 90% of what it reports available.
+pub fn usable(available: u64) -> u64 {
+    available / 10 * 9
+}
+
 /// KV bytes of one layer for one position (keys and values, f32).
 pub fn kv_bytes_per_layer_token(layout: &Layout) -> u64 {
     let c = &layout.config;

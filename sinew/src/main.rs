@@ -10,6 +10,7 @@ mod generate;
 mod gguf;
 mod keys;
 mod link;
+mod plan_cmd;
 mod serve;
 mod units;
 
@@ -40,6 +41,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Show a serving cluster: nodes, layers, memory, links, requests, tok/s.
     Status(serve::StatusArgs),
+    /// Before loading: does a model fit these nodes, how are its layers placed, how fast will
+    /// it decode (from the nodes' measured kernel rates and links)?
+    Plan(plan_cmd::PlanArgs),
     /// Serve as a pipeline stage: wait for a head, load the layers it assigns, run them.
     Worker(cluster_cmd::WorkerArgs),
     /// Write synthetic GGUF models, convert Hugging Face directories to GGUF.
@@ -103,6 +107,13 @@ fn main() -> ExitCode {
         Command::Status(args) => {
             init_tracing("warn");
             serve::status(args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Plan(args) => {
+            if let Some(n) = args.threads {
+                set_threads(n);
+            }
+            init_tracing("warn");
+            plan_cmd::run(args)
         }
         Command::Worker(args) => {
             if let Some(n) = args.threads {

@@ -433,7 +433,9 @@ impl Supervisor {
     }
 
     fn usable(&self, available: u64) -> u64 {
-        self.opts.memory_limit.unwrap_or(available / 10 * 9)
+        self.opts
+            .memory_limit
+            .unwrap_or_else(|| crate::plan::usable(available))
     }
 
     /// Plans over the nodes up now, has them load, and installs the pipeline.
@@ -643,6 +645,8 @@ impl Supervisor {
             capacity,
         })));
         self.plan = Some((up, epoch));
+        // the links were just measured: the first health sample is one period away
+        self.watch.started();
         Ok(())
     }
 

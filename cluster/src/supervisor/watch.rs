@@ -30,6 +30,13 @@ pub(super) struct Watch {
     unusable: Vec<u32>,
 }
 
+impl Watch {
+    /// A plan was installed now.
+    pub(super) fn started(&mut self) {
+        self.last = Some(Instant::now());
+    }
+}
+
 impl Supervisor {
     fn idle(&self) -> bool {
         let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());

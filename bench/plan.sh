@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# `sinew plan`'s predicted single-stream decode against a real run, on 1, 2 and 3 stages, for the
+# Qwen3-30B-A3B-shaped MoE synthetic of bench/engine.sh (Q4_K, LAYERS layers) and the dense
+# Llama-shaped ~1B synthetic (Q4_K). Workers hold the model file and run on loopback; every process
+# computes with one thread, the head pinned to core 0 and the workers to core 1 (one stage computes
+# at a time in a single stream, so the workers may share a core). For each model and stage count:
+# `sinew plan --workers … --json` (the prediction, from the nodes' measured kernel rates and the
+# measured links), then ROUNDS runs of `sinew generate --workers … --json` (the measurement).
+# Results: bench/out/plan.jsonl and a table (prediction, measured median [min–max], error).
+# Knobs: LAYERS TOKENS ROUNDS.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT="$ROOT/bench/out"
+mkdir -p "$OUT"
+LAYERS=${LAYERS:-8}
+TOKENS=${TOKENS:-64}
+ROUNDS=${ROUNDS:-3}
+(cd "$ROOT" && cargo build --release -q -p sinew)
+SINEW="$ROOT/target/release/sinew"
+MOE="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-q4_k.gguf"
+DENSE="$OUT/llama-1b-shape-q4_k.gguf"
+[ -f "$MOE" ] || "$SINEW" gguf synth --arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 \
+  --moe-intermediate 768 --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 \
+  --seed 1 --layers "$LAYERS" --quant q4_k --out "$MOE"
+[ -f "$DENSE" ] || "$SINEW" gguf synth --arch llama --hidden 2048 --intermediate 8192 --heads 32 \
+  --kv-heads 8 --head-dim 64 --vocab 32000 --seed 1 --layers 16 --quant q4_k --out "$DENSE"
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+KEY="$WORK/cluster.key"
+python3 -c "import secrets; print(secrets.token_hex(32))" > "$KEY"
+chmod 600 "$KEY"
+RESULTS="$OUT/plan.jsonl"
+: > "$RESULTS"
+PROMPT_IDS=$(seq -s, 10 25)
+
+for MODEL in "$MOE" "$DENSE"; do
+  NAME=$(basename "$MODEL" .gguf)
+  ADDRS=()
+  for i in 1 2; do
+    PORT=$((20000 + RANDOM % 20000))
+    taskset -c 1 "$SINEW" worker --listen "127.0.0.1:$PORT" --model "$MODEL" --threads 1 --no-announce \
+      --cluster-key-file "$KEY" --cache-dir "$WORK/w$i" >"$WORK/w$i.out" 2>"$WORK/w$i.err" &
+    for _ in $(seq 100); do grep -q "listening" "$WORK/w$i.out" 2>/dev/null && break; sleep 0.1; done
+    ADDRS+=("127.0.0.1:$PORT")
+  done
+  for STAGES in 1 2 3; do
+    case $STAGES in
+      1) W=() ;;
+      2) W=(--workers "${ADDRS[0]}") ;;
+      3) W=(--workers "${ADDRS[0]},${ADDRS[1]}") ;;
+    esac
+    PRED=$(taskset -c 0 "$SINEW" plan --model "$MODEL" --threads 1 --ctx 512 --max-seqs 4 \
+      --cluster-key-file "$KEY" --json "${W[@]}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prediction"]["single_tokens_per_s"])')
+    for r in $(seq "$ROUNDS"); do
+      EXTRA=()
+      [ "$STAGES" -gt 1 ] && EXTRA=("${W[@]}" --cache-dir "$WORK/head" --cluster-key-file "$KEY")
+      TPS=$(taskset -c 0 "$SINEW" generate --model "$MODEL" --prompt-ids "$PROMPT_IDS" --ctx 512 \
+        --max-tokens "$TOKENS" --ignore-eos --json --threads 1 "${EXTRA[@]}" 2>/dev/null \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tokens_per_s"])')
+      echo "{\"model\":\"$NAME\",\"stages\":$STAGES,\"round\":$r,\"predicted\":$PRED,\"measured\":$TPS}" >> "$RESULTS"
+    done
+  done
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+done
+
+python3 - "$RESULTS" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+keys = sorted({(r["model"], r["stages"]) for r in rows})
+print(f"{'model':<32} {'stages':>6} {'predicted':>10} {'measured (median [min-max])':>30} {'error':>8}")
+for m, s in keys:
+    rs = [r for r in rows if r["model"] == m and r["stages"] == s]
+    meas = [r["measured"] for r in rs]
+    med = statistics.median(meas)
+    p = rs[0]["predicted"]
+    print(f"{m:<32} {s:>6} {p:>10.1f} {med:>12.1f} [{min(meas):.1f}-{max(meas):.1f}] {100*(p/med-1):>+7.1f}%")
+PY

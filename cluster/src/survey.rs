@@ -1,0 +1,81 @@
+//! Surveying workers without taking them over (what `sinew plan` does before a weight is
+//! loaded): a survey link asks a worker for its advert (memory, cores, kernel rates) and measures
+//! the link to it; the worker can then measure its own link to another worker. A worker serving
+//! a head keeps serving it.
+
+use std::time::Duration;
+
+use transport::{Deadline, LinkConfig, LinkSender, tcp};
+
+use crate::error::{Error, Result};
+use crate::io::{PROBE_BYTES, Rx, measure, send};
+use crate::wire::{Advert, LinkReport, Msg};
+
+/// A worker as surveyed.
+#[derive(Clone, Debug)]
+pub struct Surveyed {
+    /// Its address.
+    pub addr: String,
+    /// What it advertised.
+    pub advert: Advert,
+    /// The link from here to it.
+    pub link: LinkReport,
+}
+
+/// An open survey link.
+pub struct Survey {
+    tx: LinkSender,
+    rx: Rx,
+    addr: String,
+}
+
+impl Survey {
+    /// Connects to the worker at `addr`, reads its advert and measures the link.
+    ///
+    /// # Errors
+    /// Connecting, a wrong key, another protocol version, no answer within 60 s (a worker that
+    /// just started measures its kernels first).
+    pub fn open(addr: &str, cfg: &LinkConfig) -> Result<(Survey, Surveyed)> {
+        let mut cfg = cfg.clone();
+        cfg.connect_timeout = Duration::from_secs(5);
+        let link = tcp::connect(addr, &cfg)?;
+        let (mut tx, rx) = link.split();
+        let mut rx = Rx::new(rx);
+        let version = crate::node::protocol_version();
+        send(&mut tx, &Msg::Survey { version })?;
+        let advert = match rx.recv(Deadline::after(Duration::from_secs(60)))? {
+            Msg::Advert(a) => a,
+            Msg::Refuse(why) => return Err(Error::Refused(format!("worker {addr}: {why}"))),
+            other => return Err(Error::Protocol(format!("worker {addr} answered {other:?}"))),
+        };
+        let link = measure(&mut tx, &mut rx, PROBE_BYTES)?;
+        Ok((
+            Survey {
+                tx,
+                rx,
+                addr: addr.to_string(),
+            },
+            Surveyed {
+                addr: addr.to_string(),
+                advert,
+                link,
+            },
+        ))
+    }
+
+    /// Has this worker measure its link to the worker at `to`.
+    ///
+    /// # Errors
+    /// The link failed, or the worker could not reach `to`.
+    pub fn peer_link(&mut self, to: &str) -> Result<LinkReport> {
+        send(&mut self.tx, &Msg::ProbePeer(to.to_string()))?;
+        match self.rx.recv(Deadline::after(Duration::from_secs(60)))? {
+            Msg::LinkSample(Ok(r)) => Ok(r),
+            Msg::LinkSample(Err(e)) => Err(Error::Degraded(format!(
+                "{} could not measure its link to {to}: {e}",
+                self.addr
+            ))),
+            other => Err(Error::Protocol(format!("{} answered {other:?}", self.addr))),
+        }
+    }
+}
