@@ -154,7 +154,7 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
                 return;
             }
             let mut advert = advert.clone();
-            advert.speed = node::speed_now();
+            advert.speed = node::speed_wait(Duration::from_secs(5));
             if send(&mut tx, &Msg::Advert(advert)).is_err() {
                 return;
             }

@@ -73,6 +73,7 @@ impl AppState {
 /// The router with every route, authentication, CORS and request counting.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
@@ -160,7 +161,8 @@ async fn auth(State(s): State<AppState>, req: HttpRequest, next: Next) -> Respon
     let Some(key) = s.opts.api_key.as_deref() else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" {
+    // the status page holds no data: its script reads /v1/cluster with the key
+    if matches!(req.uri().path(), "/health" | "/") {
         return next.run(req).await;
     }
     let given = req
@@ -253,6 +255,19 @@ async fn metrics_route(State(s): State<AppState>) -> Response {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
+    )
+        .into_response()
+}
+
+/// The status page: static HTML whose script polls `/v1/cluster` every second (with an API key,
+/// open it as `/#key=KEY`).
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("status.html"),
     )
         .into_response()
 }

@@ -63,6 +63,9 @@ pub struct Metrics {
     stage_sent: Family<StageLabels, Gauge>,
     link_rtt: Family<LinkLabels, FGauge>,
     link_bw: Family<LinkLabels, FGauge>,
+    link_baseline: Family<LinkLabels, FGauge>,
+    link_degraded: Family<LinkLabels, Gauge>,
+    refused: Gauge,
 }
 
 impl Default for Metrics {
@@ -172,19 +175,40 @@ impl Metrics {
         let link_rtt = Family::<LinkLabels, FGauge>::default();
         registry.register(
             "pipeline_link_rtt_seconds",
-            "Round trip of a pipeline link, measured when it opened",
+            "Round trip of a pipeline link, last measured (when it opened, then by the health watch)",
             link_rtt.clone(),
         );
         let link_bw = Family::<LinkLabels, FGauge>::default();
         registry.register(
             "pipeline_link_bandwidth_bytes_per_second",
-            "Bandwidth of a pipeline link (an 8 MiB probe), measured when it opened",
+            "Bandwidth of a pipeline link (an 8 MiB probe), last measured",
             link_bw.clone(),
+        );
+        let link_baseline = Family::<LinkLabels, FGauge>::default();
+        registry.register(
+            "pipeline_link_baseline_bandwidth_bytes_per_second",
+            "Bandwidth of a pipeline link measured when it joined the plan",
+            link_baseline.clone(),
+        );
+        let link_degraded = Family::<LinkLabels, Gauge>::default();
+        registry.register(
+            "pipeline_link_degraded",
+            "1 while a link measures below its baseline's bounds (the health watch), else 0",
+            link_degraded.clone(),
+        );
+        let refused = Gauge::default();
+        registry.register(
+            "refused_sources",
+            "Sources of refused nodes or announcements remembered (wrong key, other version, replay)",
+            refused.clone(),
         );
         Metrics {
             registry,
             link_rtt,
             link_bw,
+            link_baseline,
+            link_degraded,
+            refused,
             stage_step,
             stage_steps,
             stage_sent,
@@ -259,7 +283,14 @@ impl Metrics {
             };
             self.link_rtt.get_or_create(&labels).set(l.rtt_us / 1e6);
             self.link_bw.get_or_create(&labels).set(l.bytes_per_s);
+            self.link_baseline
+                .get_or_create(&labels)
+                .set(l.baseline_bytes_per_s);
+            self.link_degraded
+                .get_or_create(&labels)
+                .set(i64::from(l.warning.is_some()));
         }
+        self.refused.set(state.refused.len() as i64);
         for (k, st) in state.stages.iter().enumerate() {
             let l = StageLabels {
                 stage: k.to_string(),
