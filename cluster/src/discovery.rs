@@ -248,8 +248,19 @@ pub fn destinations(port: u16) -> Vec<SocketAddr> {
             {
                 continue;
             }
-            if let Some(b) = i.broadcast.as_ref().and_then(|a| a.as_sockaddr_in()) {
-                let a = SocketAddr::new(IpAddr::V4(b.ip()), port);
+            let v4 = |a: Option<&nix::sys::socket::SockaddrStorage>| {
+                a.and_then(|a| a.as_sockaddr_in()).map(|a| a.ip())
+            };
+            // the interface's broadcast address, or one computed from its address and mask
+            // (an address added without one)
+            let b = v4(i.broadcast.as_ref())
+                .filter(|b| !b.is_unspecified())
+                .or_else(|| {
+                    let (a, m) = (v4(i.address.as_ref())?, v4(i.netmask.as_ref())?);
+                    Some(Ipv4Addr::from(u32::from(a) | !u32::from(m)))
+                });
+            if let Some(b) = b {
+                let a = SocketAddr::new(IpAddr::V4(b), port);
                 if !out.contains(&a) {
                     out.push(a);
                 }

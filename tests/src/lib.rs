@@ -366,3 +366,106 @@ impl Proxy {
         self.cut.store(true, std::sync::atomic::Ordering::Release);
     }
 }
+
+/// Runs `ip`/`tc` arguments; panics with what they said when they fail.
+pub fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair, each end shaped by `tc tbf`; removed on
+/// drop.
+pub struct Netns {
+    /// The namespace's name.
+    pub name: String,
+    /// The worker side's address.
+    pub host: String,
+    /// The veth end outside.
+    pub outer: String,
+    /// The veth end inside.
+    pub inner: String,
+}
+
+impl Netns {
+    /// A namespace `sinew-TAG-PID` joined by a veth pair (10.N.0.2 outside, 10.N.0.1 inside, N
+    /// from the tag's first letter) shaped by `tc tbf` at `rate` both ways.
+    pub fn new(tag: &str, rate: &str) -> Netns {
+        let name = format!("sinew-{tag}-{}", std::process::id());
+        let outer = format!("sx{tag}{}", std::process::id() % 10000);
+        let inner = format!("sy{tag}{}", std::process::id() % 10000);
+        let net = 70 + u32::from(tag.as_bytes()[0].wrapping_sub(b'a') % 50) + 1;
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            host: format!("10.{net}.0.1"),
+            outer: outer.clone(),
+            inner: inner.clone(),
+        };
+        sh(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &name,
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.{net}.0.2/24"),
+            "brd",
+            "+",
+            "dev",
+            &outer,
+        ]);
+        sh(&["ip", "link", "set", &outer, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.{net}.0.1/24"),
+            "brd",
+            "+",
+            "dev",
+            &inner,
+        ]);
+        sh(&["ip", "-n", &name, "link", "set", &inner, "up"]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        for (ns_args, dev) in [
+            (vec![], outer.as_str()),
+            (vec!["-n", name.as_str()], inner.as_str()),
+        ] {
+            let mut a = vec!["tc"];
+            a.extend(ns_args);
+            a.extend([
+                "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
+                "latency", "50ms",
+            ]);
+            sh(&a);
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Whether this process may make network namespaces (root, iproute2).
+pub fn can_make_namespaces() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}

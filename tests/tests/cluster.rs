@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cluster::{BatchOptions, Cluster, ClusterOptions};
 use engine::gguf::{ExpertLayout, Quant, WriteOptions};
 use engine::{DecodeParams, Event, LoadOptions, Loaded, Request, SamplingParams, Scheduler};
-use sinew_tests::{Node, Proxy, Stream, key_file};
+use sinew_tests::{Netns, Node, Proxy, Stream, can_make_namespaces, key_file};
 use transport::{ClusterKey, LinkConfig, TransportChoice};
 
 const FIXTURES: [&str; 5] = [
@@ -621,94 +621,6 @@ fn a_wrong_key_or_another_protocol_version_is_a_clear_refusal() {
     }
     old.wait_for(Stream::Stderr, "protocol mismatch", Duration::from_secs(5));
     assert_eq!(stages(&c), 1);
-}
-
-/// Runs `ip`/`tc` arguments; panics with what they said when they fail.
-fn sh(args: &[&str]) {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace joined to this one by a veth pair, each end shaped by `tc tbf`; removed on
-/// drop.
-struct Netns {
-    name: String,
-    host: String,
-}
-
-impl Netns {
-    fn new(tag: &str, rate: &str) -> Netns {
-        let name = format!("sinew-{tag}-{}", std::process::id());
-        let outer = format!("sx{tag}{}", std::process::id() % 10000);
-        let inner = format!("sy{tag}{}", std::process::id() % 10000);
-        let net = if tag == "a" { 71 } else { 72 };
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns {
-            name: name.clone(),
-            host: format!("10.{net}.0.1"),
-        };
-        sh(&[
-            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &name,
-        ]);
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.{net}.0.2/24"),
-            "dev",
-            &outer,
-        ]);
-        sh(&["ip", "link", "set", &outer, "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("10.{net}.0.1/24"),
-            "dev",
-            &inner,
-        ]);
-        sh(&["ip", "-n", &name, "link", "set", &inner, "up"]);
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        for (ns_args, dev) in [
-            (vec![], outer.as_str()),
-            (vec!["-n", name.as_str()], inner.as_str()),
-        ] {
-            let mut a = vec!["tc"];
-            a.extend(ns_args);
-            a.extend([
-                "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
-                "latency", "50ms",
-            ]);
-            sh(&a);
-        }
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn can_make_namespaces() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    root && std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 #[test]
