@@ -283,15 +283,35 @@ pub fn status_table(v: &serde_json::Value) -> String {
         if let Some(e) = &n.error {
             out.push_str(&format!("    {e}\n"));
         }
+        if let Some(w) = &n.warning {
+            out.push_str(&format!("    warning: {w}\n"));
+        }
     }
     for l in &s.links {
         out.push_str(&format!(
-            "link {} → {}: {}, rtt {:.0} µs, {:.0} MB/s\n",
+            "link {} → {}: {}, rtt {:.0} µs, {:.0} MB/s (baseline {:.0} MB/s){}\n",
             l.from,
             l.to,
             l.transport,
             l.rtt_us,
-            l.bytes_per_s / 1e6
+            l.bytes_per_s / 1e6,
+            l.baseline_bytes_per_s / 1e6,
+            l.warning
+                .as_deref()
+                .map(|w| format!("\n    DEGRADED: {w}"))
+                .unwrap_or_default()
+        ));
+    }
+    for r in &s.refused {
+        out.push_str(&format!(
+            "refused {} ({}×): {}\n",
+            r.from, r.count, r.reason
+        ));
+    }
+    if let Some(p) = &s.prediction {
+        out.push_str(&format!(
+            "predicted decode: {:.1} tok/s single stream, {:.1} tok/s over {} sequences\n",
+            p.single_tokens_per_s, p.aggregate_tokens_per_s, p.seqs
         ));
     }
     for (k, st) in s.stages.iter().enumerate() {
