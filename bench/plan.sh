@@ -40,7 +40,9 @@ for MODEL in "$MOE" "$DENSE"; do
     PORT=$((20000 + RANDOM % 20000))
     taskset -c 1 "$SINEW" worker --listen "127.0.0.1:$PORT" --model "$MODEL" --threads 1 --no-announce \
       --cluster-key-file "$KEY" --cache-dir "$WORK/w$i" >"$WORK/w$i.out" 2>"$WORK/w$i.err" &
-    for _ in $(seq 100); do grep -q "listening" "$WORK/w$i.out" 2>/dev/null && break; sleep 0.1; done
+    # one at a time: a worker measures its kernel rates at start, and two measuring at once on
+    # one machine would share its memory bandwidth
+    for _ in $(seq 300); do grep -q "kernel rates measured" "$WORK/w$i.err" 2>/dev/null && break; sleep 0.1; done
     ADDRS+=("127.0.0.1:$PORT")
   done
   for STAGES in 1 2 3; do

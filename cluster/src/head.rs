@@ -300,7 +300,6 @@ impl Cluster {
                 .map_err(|e| Error::io("thread", e))?,
         );
         let (mem_total, mem_available) = node::memory();
-        node::measure_speed_in_background();
         let head = NodeState {
             addr: "head".into(),
             id: node::node_id(&opts.cache_dir).unwrap_or_default(),

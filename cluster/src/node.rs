@@ -212,7 +212,13 @@ pub fn measure_speed_in_background() {
         let _ = std::thread::Builder::new()
             .name("sinew-speed".into())
             .spawn(|| {
-                let _ = SPEED.set(measure_speed());
+                let rates = measure_speed();
+                let text: Vec<String> = rates
+                    .iter()
+                    .map(|r| format!("{} {:.1} GB/s", r.format, r.bytes_per_s as f64 / 1e9))
+                    .collect();
+                tracing::info!(rates = %text.join(", "), "kernel rates measured");
+                let _ = SPEED.set(rates);
             });
     });
 }

@@ -75,8 +75,9 @@ enum Ev {
 /// Binding the listener, reading the model files.
 pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
     std::fs::create_dir_all(&opts.cache_dir).map_err(|e| Error::io(&opts.cache_dir, e))?;
-    node::measure_speed_in_background();
     let advert = node::advert(&opts.models, &opts.cache_dir, opts.threads)?;
+    // after hashing the model files, which would share the cores with it
+    node::measure_speed_in_background();
     for f in &advert.files {
         tracing::info!(file = %f.name, size = f.size, hash = %hex(&f.hash), "holding model file");
     }

@@ -149,6 +149,9 @@ impl Supervisor {
     }
 
     pub(crate) fn run(mut self) {
+        // this node's kernel rates, before hashing and loading would share the cores with them
+        let rates = node::speed_wait(Duration::from_secs(30));
+        self.update_head(|n| n.speed = rates);
         if let Some(port) = self.opts.ops.discover {
             let ev = Mutex::new(self.ev_tx.clone());
             match crate::discovery::listen(
@@ -259,6 +262,11 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    fn update_head(&self, f: impl FnOnce(&mut NodeState)) {
+        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut sh.nodes[0]);
     }
 
     fn update_node(&self, member: usize, f: impl FnOnce(&mut NodeState)) {
