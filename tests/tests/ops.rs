@@ -345,21 +345,7 @@ fn a_throttled_link_gets_a_warning_naming_both_nodes() {
                 .all(|l| l.samples >= 2 && l.warning.is_none())
     });
     // 30% of the rate, both ways
-    for (ns_args, dev) in [
-        (vec![], ns.outer.clone()),
-        (vec!["-n".to_string(), ns.name.clone()], ns.inner.clone()),
-    ] {
-        let mut a: Vec<String> = vec!["tc".into()];
-        a.extend(ns_args);
-        a.extend(
-            [
-                "qdisc", "change", "dev", &dev, "root", "tbf", "rate", "300mbit", "burst", "256kb",
-                "latency", "50ms",
-            ]
-            .map(String::from),
-        );
-        sh(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    }
+    throttle(&ns, "300mbit");
     let took = wait_for(
         &c,
         Duration::from_secs(30),
@@ -373,6 +359,171 @@ fn a_throttled_link_gets_a_warning_naming_both_nodes() {
         },
     );
     eprintln!("warned {took:?} after the throttle");
-    // the warning shows in /metrics' source too: the state says degraded links, nothing else broke
     assert!(c.state().ready);
+    // 2% of the rate: no longer usable, and the head alone holds the model: it re-plans without
+    // the worker (slow probes are not taken for a dead worker)
+    throttle(&ns, "20mbit");
+    let took = wait_for(
+        &c,
+        Duration::from_secs(90),
+        "a re-plan around the unusable link",
+        |st| {
+            st.ready
+                && stages(st) == 1
+                && st.nodes.iter().any(|n| {
+                    n.addr == addr
+                        && n.error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("no longer usable"))
+                })
+        },
+    );
+    eprintln!(
+        "re-planned {took:?} after the link became unusable: {:?}",
+        c.state()
+            .nodes
+            .iter()
+            .map(|n| n.error.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Changes the shaping of both ends of `ns`'s veth pair.
+fn throttle(ns: &Netns, rate: &str) {
+    for (ns_args, dev) in [
+        (vec![], ns.outer.clone()),
+        (vec!["-n".to_string(), ns.name.clone()], ns.inner.clone()),
+    ] {
+        let mut a: Vec<String> = vec!["tc".into()];
+        a.extend(ns_args);
+        a.extend(
+            [
+                "qdisc", "change", "dev", &dev, "root", "tbf", "rate", rate, "burst", "256kb",
+                "latency", "50ms",
+            ]
+            .map(String::from),
+        );
+        sh(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn sinew_plan_places_like_the_head_and_surveys_without_disturbing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kpath, k) = key(dir.path(), 0x5a);
+    let m = model(dir.path());
+    let mut addrs = Vec::new();
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let (w, a) = Node::worker(
+            &kpath,
+            "127.0.0.1:0",
+            &[
+                "--no-announce",
+                "--cache-dir",
+                &dir.path().join(format!("w{i}")).to_string_lossy(),
+            ],
+        );
+        workers.push(w);
+        addrs.push(a);
+    }
+    let c = start(opts(
+        &m,
+        addrs.clone(),
+        k,
+        dir.path(),
+        Operations::default(),
+    ));
+    wait_for(&c, Duration::from_secs(30), "three stages", |st| {
+        stages(st) == 3
+    });
+    let plan = |extra: &[&str]| {
+        let out = sinew_tests::sinew()
+            .args(["plan", "--model"])
+            .arg(&m)
+            .args([
+                "--ctx",
+                "256",
+                "--max-seqs",
+                "2",
+                "--prefill-chunk",
+                "16",
+                "--json",
+                "--cluster-key-file",
+            ])
+            .arg(&kpath)
+            .args(extra)
+            .output()
+            .expect("running sinew plan");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.success(), v)
+    };
+    let (ok, v) = plan(&["--workers", &addrs.join(",")]);
+    assert!(ok, "{v:#}");
+    assert_eq!(v["fits"], true);
+    // the same placement as the serving head, stage by stage
+    let st = c.state();
+    let planned: Vec<(u64, u64)> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["layers"][0].as_u64().unwrap(),
+                s["layers"][1].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let serving: Vec<(u64, u64)> = st
+        .nodes
+        .iter()
+        .map(|n| {
+            n.layers
+                .map(|(a, b)| (a as u64, b as u64))
+                .expect("every node serves")
+        })
+        .collect();
+    assert_eq!(planned, serving, "{v:#}");
+    assert_eq!(v["links"].as_array().unwrap().len(), 3, "{v:#}");
+    assert_eq!(v["kv_capacity_tokens"], 512);
+    let p = &v["prediction"];
+    assert!(p["single_tokens_per_s"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert!(
+        p["aggregate_tokens_per_s"].as_f64().unwrap() >= p["single_tokens_per_s"].as_f64().unwrap(),
+        "{v:#}"
+    );
+    // the survey took nothing from the head: still three stages, and a request runs
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(stages(&c.state()), 3);
+    let s = c
+        .submit(engine::Request {
+            prompt: vec![1, 2, 3],
+            params: engine::DecodeParams {
+                max_tokens: 4,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            prompt_logprobs: None,
+        })
+        .expect("submitting");
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut tokens = 0;
+    while let Some(ev) = s.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        match ev {
+            engine::Event::Token(_) => tokens += 1,
+            engine::Event::Finished { .. } => break,
+            engine::Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(tokens, 4);
+    // a model that cannot fit: exit 1, and why
+    let (ok, v) = plan(&["--nodes", "1K,1K"]);
+    assert!(!ok);
+    assert_eq!(v["fits"], false);
+    assert!(
+        v["error"].as_str().unwrap().contains("does not fit"),
+        "{v:#}"
+    );
 }

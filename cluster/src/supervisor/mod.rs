@@ -55,6 +55,9 @@ struct Up {
     report: crate::wire::LinkReport,
     /// Probe answers and link samples, from the reader.
     samples: Receiver<Msg>,
+    /// Set while the head's own probe fills the link: pongs may queue behind it, so the reader
+    /// waits on (the probe has deadlines of its own).
+    probing: Arc<AtomicBool>,
 }
 
 struct Member {
@@ -352,6 +355,7 @@ impl Supervisor {
         let generation = self.generation;
         let tx = Arc::new(Mutex::new(tx));
         let alive = Arc::new(AtomicBool::new(true));
+        let probing = Arc::new(AtomicBool::new(false));
         let base = Instant::now();
         tracing::info!(
             worker = %addr,
@@ -384,6 +388,7 @@ impl Supervisor {
             let cmd = self.cmd.clone();
             let shared = self.shared.clone();
             let alive = alive.clone();
+            let probing = probing.clone();
             std::thread::Builder::new()
                 .name("sinew-worker-rx".into())
                 .spawn(move || {
@@ -398,6 +403,7 @@ impl Supervisor {
                             alive,
                             base,
                             samples: samples_tx,
+                            probing,
                         },
                     )
                 })
@@ -418,6 +424,7 @@ impl Supervisor {
             alive,
             report,
             samples,
+            probing,
         });
         self.members[i].last_error = None;
         self.check_duplicates();
@@ -919,6 +926,7 @@ struct ReaderCtx {
     alive: Arc<AtomicBool>,
     base: Instant,
     samples: Sender<Msg>,
+    probing: Arc<AtomicBool>,
 }
 
 /// Reads a worker's control link: pongs (round trip), the last stage's tokens (to the pipeline),
@@ -934,6 +942,7 @@ fn reader(mut rx: Rx, ctx: ReaderCtx) {
         alive,
         base,
         samples,
+        probing,
     } = ctx;
     loop {
         if !alive.load(Ordering::Acquire) {
@@ -966,6 +975,8 @@ fn reader(mut rx: Rx, ctx: ReaderCtx) {
                     return;
                 }
             }
+            // the head's own link probe holds the pongs up; it has deadlines of its own
+            Err(e) if is_timeout(&e) && probing.load(Ordering::Acquire) => continue,
             Err(e) => {
                 let why = if is_timeout(&e) {
                     format!("no answer for {HEARTBEAT_TIMEOUT:?}")

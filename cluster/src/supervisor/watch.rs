@@ -5,8 +5,11 @@
 //! figures, shown in the state, `/metrics` and `sinew status`) until it recovers. A link that
 //! fails its probe or falls below a tenth of its baseline, twice in a row, is no longer usable:
 //! when the nodes left can hold the model, the head re-plans without the node at its far end
-//! (benched for [`BENCH`], then tried again).
+//! (benched for [`BENCH`], then tried again). While the head's own probe fills a worker's link,
+//! that worker's late pongs are not a failure (the probe's deadlines stand in for the heartbeat):
+//! a slow link is measured, not mistaken for a dead node.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
@@ -94,13 +97,16 @@ impl Supervisor {
         };
         while u.samples.try_recv().is_ok() {}
         let tx = u.tx.clone();
-        measure_with(
+        u.probing.store(true, Ordering::Release);
+        let r = measure_with(
             u.report.transport.clone(),
             |msg, _| send_shared(&tx, msg),
             |deadline| recv(&u.samples, deadline.remaining()),
             PROBE_BYTES,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+        u.probing.store(false, Ordering::Release);
+        r
     }
 
     /// Has member `m` measure its link to the next stage.
