@@ -134,6 +134,7 @@ pub fn measure_with(
         )?;
         match recv(Deadline::after(Duration::from_secs(10)))? {
             Msg::ProbeAck { id: got, bytes } if got == id && bytes == n => Ok(started.elapsed()),
+            Msg::Refuse(why) => Err(Error::Refused(why)),
             other => Err(Error::Protocol(format!("a probe answered with {other:?}"))),
         }
     };

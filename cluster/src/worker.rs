@@ -357,6 +357,8 @@ struct Brain {
     next_link: Option<LinkReport>,
     /// The current head: its link generation and sender.
     head: Option<(u64, SharedSender)>,
+    /// The id of the head served (kept until another head connects).
+    head_id: Option<u64>,
     assign: Option<Assign>,
     /// The loaded stage: its model file hash and range, and the runner.
     runner: Option<([u8; 32], u32, u32, StageRunner)>,
@@ -374,6 +376,7 @@ impl Brain {
             advert,
             next_link: None,
             head: None,
+            head_id: None,
             assign: None,
             runner: None,
             down: None,
@@ -405,9 +408,23 @@ impl Brain {
                 tx,
                 generation,
             } => {
+                // the same head again, through another address (listed and discovered under
+                // two spellings): one membership only; a link of it that died ends the session
+                // within HEAD_TIMEOUT, and then it may connect again
+                if self.head_id == Some(head_id) && self.head.is_some() {
+                    tracing::info!(head = %format!("{head_id:#x}"), "refused a second link from the head it serves");
+                    let _ = send_shared(
+                        &tx,
+                        &Msg::Refuse(format!(
+                            "this worker already serves head {head_id:#x} through another link"
+                        )),
+                    );
+                    return;
+                }
                 // a new head replaces the old one (a head restarted before the old link failed)
                 self.end_session(&format!("head {head_id:#x} connected"));
                 self.head = Some((generation, tx));
+                self.head_id = Some(head_id);
             }
             Ev::HeadGone { generation, why } => {
                 if self.head.as_ref().is_some_and(|h| h.0 == generation) {

@@ -527,3 +527,52 @@ fn sinew_plan_places_like_the_head_and_surveys_without_disturbing_it() {
         "{v:#}"
     );
 }
+
+#[test]
+fn a_worker_listed_and_discovered_under_two_addresses_joins_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kpath, k) = key(dir.path(), 0x5a);
+    let m = model(dir.path());
+    let port = free_udp_port();
+    let port_s = port.to_string();
+    let (_w, addr) = Node::worker(
+        &kpath,
+        "127.0.0.1:0",
+        &[
+            "--cache-dir",
+            &dir.path().join("w").to_string_lossy(),
+            "--discovery-port",
+            &port_s,
+        ],
+    );
+    // listed as localhost:PORT, announced from 127.0.0.1:PORT
+    let listed = addr.replace("127.0.0.1", "localhost");
+    let ops = Operations {
+        discover: Some(port),
+        ..Operations::default()
+    };
+    let c = start(opts(&m, vec![listed.clone()], k, dir.path(), ops));
+    wait_for(
+        &c,
+        Duration::from_secs(20),
+        "the other spelling refused",
+        |st| {
+            st.nodes.iter().any(|n| {
+                n.addr == addr
+                    && n.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("already serves"))
+            })
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let st = c.state();
+    assert_eq!(stages(&st), 2, "{st:#?}");
+    assert!(st.ready);
+    assert!(
+        st.nodes
+            .iter()
+            .any(|n| n.addr == listed && n.up && n.layers.is_some()),
+        "{st:#?}"
+    );
+}
