@@ -62,7 +62,13 @@ impl Supervisor {
             r.last_ms = now;
             return;
         }
-        tracing::warn!(%from, %reason, "refused a node");
+        // a flood from many sources logs a line a second, not a line a packet
+        static LAST_LOG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let last = LAST_LOG.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000 {
+            LAST_LOG.store(now, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%from, %reason, "refused a node");
+        }
         if sh.refused.len() >= MAX_REFUSED {
             // the oldest goes
             if let Some(oldest) = (0..sh.refused.len()).min_by_key(|&i| sh.refused[i].last_ms) {
