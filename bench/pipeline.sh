@@ -95,9 +95,11 @@ done
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 taskset -c 0 "$SINEW" generate --model "$MODEL" --prompt-ids "$PROMPT_IDS" --max-tokens 1 --json \
   --threads 1 --workers "127.0.0.1:$PORT" --cluster-key-file "$KEY" --cache-dir "$WORK/hcache" \
-  --hold-s $((IDLE_S + 4)) >/dev/null 2>&1 &
+  --hold-s $((IDLE_S + 3)) >/dev/null 2>"$WORK/idle-head.err" &
 HEAD_PID=$!
-sleep 3
+# idle from when the request is done (loading and measuring the kernels come before)
+for _ in $(seq 600); do grep -q "holding the head" "$WORK/idle-head.err" 2>/dev/null && break; sleep 0.1; done
+sleep 1
 h0=$(cpu_ticks "$HEAD_PID"); w0=$(cpu_ticks "$WORKER_PID")
 sleep "$IDLE_S"
 h1=$(cpu_ticks "$HEAD_PID"); w1=$(cpu_ticks "$WORKER_PID")

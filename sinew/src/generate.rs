@@ -277,6 +277,12 @@ fn run_cluster(args: &GenerateArgs) -> anyhow::Result<()> {
     let runs = collect_runs(streams)?;
     let t = Timing::of(&runs, started, prompt.len());
     let state = c.state();
+    if args.head.hold_s > 0 {
+        eprintln!(
+            "generation done; holding the head for {} s",
+            args.head.hold_s
+        );
+    }
     std::thread::sleep(Duration::from_secs(args.head.hold_s));
     drop(c);
     let mut stdout = std::io::stdout().lock();
