@@ -265,6 +265,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         let url = format!("http://{addr}/v1");
         println!("\nserving {id} at {url}");
+        println!("status page: http://{addr}/");
         if synthetic {
             println!("(the weights are random: the reply is gibberish, the machinery is real)");
         }

@@ -184,6 +184,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     run_until(&args, interrupted(), |addr, c, id| {
         let st = c.state();
         println!("sinew serving {id} at http://{addr}/v1");
+        println!("status page: http://{addr}/");
         if let Some(plan) = &st.plan {
             println!("{plan}");
         }
