@@ -9,10 +9,12 @@
 //! IPv6-only) keep `--workers`, which needs no discovery at all.
 //!
 //! **Authenticated.** An announcement carries the node's id, the port it listens on, its protocol
-//! version, host name, the time it was sent and a sequence number, sealed with an HMAC-SHA256
+//! version, host name, the time it was sent, a sequence number and a random per-process instance
+//! number, sealed with an HMAC-SHA256
 //! under a key derived from the cluster key. A head ignores announcements that do not verify
 //! (another cluster's nodes, strangers, damaged packets), refuses those older than
-//! [`MAX_SKEW`] or not newer than the last it accepted from that node (a replay), and lists every
+//! [`MAX_SKEW`] or not newer than the last it accepted from that node's process (a replay, from
+//! whatever address), and lists every
 //! refusal with its reason. Discovery only says where to connect: the link that follows is
 //! authenticated with the cluster key like every other, so a forged announcement cannot make a
 //! stranger a member.
@@ -56,6 +58,9 @@ pub struct Announcement {
     pub time_ms: u64,
     /// Increases with every packet the node sends.
     pub seq: u64,
+    /// Random per process: two processes with one id (a copied cache directory) are two
+    /// senders, each with its own sequence.
+    pub instance: u64,
 }
 
 /// Why an announcement was not taken.
@@ -117,6 +122,7 @@ impl Announcement {
         b.put_u16(self.port);
         b.put_u64(self.time_ms);
         b.put_u64(self.seq);
+        b.put_u64(self.instance);
         put_str(&mut b, &self.node_id);
         put_str(&mut b, &self.hostname);
         let mut m = mac(key);
@@ -152,6 +158,7 @@ impl Announcement {
         let port = r.u16("port").map_err(bad)?;
         let time_ms = r.u64("time").map_err(bad)?;
         let seq = r.u64("seq").map_err(bad)?;
+        let instance = r.u64("instance").map_err(bad)?;
         let node_id = get_str(&mut r, "node id")?;
         let hostname = get_str(&mut r, "hostname")?;
         if r.remaining() != 0 {
@@ -167,6 +174,7 @@ impl Announcement {
             hostname,
             time_ms,
             seq,
+            instance,
         })
     }
 }
@@ -178,11 +186,12 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The receiver's checks after the signature: the version, the time, and replay (per node, the
-/// last accepted `(time, seq)`; only a strictly newer one passes).
+/// The receiver's checks after the signature: the version, the time, and replay (per sender —
+/// node id and process instance — the last accepted `(time, seq)`; only a strictly newer one
+/// passes, from whatever address it comes).
 #[derive(Debug, Default)]
 pub struct Guard {
-    last: HashMap<String, (u64, u64)>,
+    last: HashMap<(String, u64), (u64, u64)>,
 }
 
 impl Guard {
@@ -195,7 +204,8 @@ impl Guard {
         if skew.unsigned_abs() > MAX_SKEW.as_millis() as u64 {
             return Err(Refusal::Stale(skew / 1000));
         }
-        if let Some(&last) = self.last.get(&a.node_id)
+        let sender = (a.node_id.clone(), a.instance);
+        if let Some(&last) = self.last.get(&sender)
             && (a.time_ms, a.seq) <= last
         {
             return Err(Refusal::Replay(a.node_id.clone()));
@@ -205,7 +215,7 @@ impl Guard {
             let horizon = now_ms.saturating_sub(MAX_SKEW.as_millis() as u64);
             self.last.retain(|_, (t, _)| *t >= horizon);
         }
-        self.last.insert(a.node_id.clone(), (a.time_ms, a.seq));
+        self.last.insert(sender, (a.time_ms, a.seq));
         if a.version != ours {
             return Err(Refusal::Version {
                 theirs: a.version,
@@ -285,6 +295,9 @@ pub fn announce(
     sock.set_broadcast(true)?;
     let hostname = crate::node::hostname();
     let version = crate::node::protocol_version();
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let instance = u64::from_le_bytes(nonce);
     std::thread::Builder::new()
         .name("sinew-announce".into())
         .spawn(move || {
@@ -300,6 +313,7 @@ pub fn announce(
                         hostname: hostname.clone(),
                         time_ms: now_ms(),
                         seq,
+                        instance,
                     };
                     if let Err(e) = sock.send_to(&a.seal(&key), to)
                         && !warned
@@ -373,15 +387,17 @@ mod tests {
             "[a-z0-9.-]{0,40}",
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
         )
             .prop_map(
-                |(node_id, port, version, hostname, time_ms, seq)| Announcement {
+                |(node_id, port, version, hostname, time_ms, seq, instance)| Announcement {
                     node_id,
                     port,
                     version,
                     hostname,
                     time_ms,
                     seq,
+                    instance,
                 },
             )
     }
@@ -415,7 +431,7 @@ mod tests {
             let base = 1_000_000_000u64;
             let mut last: Option<(u64, u64)> = None;
             for (t, s) in times {
-                let a = Announcement { node_id: "n".into(), port: 1, version: 2, hostname: String::new(), time_ms: base + t, seq: s };
+                let a = Announcement { node_id: "n".into(), port: 1, version: 2, hostname: String::new(), time_ms: base + t, seq: s, instance: 9 };
                 let r = g.check(&a, base, 2);
                 if last.is_none_or(|l| (base + t, s) > l) {
                     prop_assert!(r.is_ok());
@@ -438,6 +454,7 @@ mod tests {
             hostname: "h".into(),
             time_ms: now - 31_000,
             seq: 1,
+            instance: 1,
         };
         assert_eq!(g.check(&a, now, 2), Err(Refusal::Stale(-31)));
         a.time_ms = now + 60_000;
@@ -449,6 +466,11 @@ mod tests {
         );
         a.seq = 2;
         assert!(g.check(&a, now, 2).is_ok());
+        // a second process with the same id (a copied cache directory) is its own sender
+        a.instance = 2;
+        a.seq = 1;
+        assert!(g.check(&a, now, 2).is_ok());
+        assert_eq!(g.check(&a, now, 2), Err(Refusal::Replay("a".into())));
     }
 
     #[test]

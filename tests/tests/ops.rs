@@ -163,6 +163,7 @@ fn discovery_adds_announced_workers_refuses_strangers_and_replays_and_forgets_th
             hostname: "stranger".into(),
             time_ms: now_ms(),
             seq,
+            instance: 1,
         };
         sock.send_to(&a.seal(&other), ("127.0.0.1", port)).unwrap();
     }
@@ -184,6 +185,7 @@ fn discovery_adds_announced_workers_refuses_strangers_and_replays_and_forgets_th
         hostname: "ghost".into(),
         time_ms: now_ms(),
         seq: 1,
+        instance: 7,
     }
     .seal(&k);
     sock.send_to(&ghost, ("127.0.0.1", port)).unwrap();
