@@ -10,14 +10,12 @@
 //!
 //! **Authenticated.** An announcement carries the node's id, the port it listens on, its protocol
 //! version, host name, the time it was sent, a sequence number and a random per-process instance
-//! number, sealed with an HMAC-SHA256
-//! under a key derived from the cluster key. A head ignores announcements that do not verify
-//! (another cluster's nodes, strangers, damaged packets), refuses those older than
-//! [`MAX_SKEW`] or not newer than the last it accepted from that node's process (a replay, from
-//! whatever address), and lists every
-//! refusal with its reason. Discovery only says where to connect: the link that follows is
-//! authenticated with the cluster key like every other, so a forged announcement cannot make a
-//! stranger a member.
+//! number, sealed with an HMAC-SHA256 under a key derived from the cluster key. A head ignores
+//! announcements that do not verify (another cluster's nodes, strangers, damaged packets),
+//! refuses those older than [`MAX_SKEW`] or not newer than the last it accepted from that node's
+//! process (a replay, from whatever address), and lists every refusal with its reason. Discovery
+//! only says where to connect: the link that follows is authenticated with the cluster key like
+//! every other, so a forged announcement cannot make a stranger a member.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
