@@ -585,3 +585,22 @@ fn a_worker_listed_and_discovered_under_two_addresses_joins_once() {
         "{st:#?}"
     );
 }
+
+#[test]
+fn discovery_on_a_port_held_by_another_program_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, k) = key(dir.path(), 0x5a);
+    let m = model(dir.path());
+    // held without SO_REUSEADDR: no one may share it
+    let holder = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let ops = Operations {
+        discover: Some(port),
+        ..Operations::default()
+    };
+    let e = match Cluster::start(opts(&m, Vec::new(), k, dir.path(), ops)) {
+        Ok(_) => panic!("a head started without its discovery port"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains(&format!("discovery on UDP port {port}")), "{e}");
+}

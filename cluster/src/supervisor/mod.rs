@@ -129,6 +129,18 @@ impl Supervisor {
             .iter()
             .map(|a| Member::new(a.clone(), false))
             .collect();
+        // discovery listens from the start; a port it cannot have is an error, not silence
+        if let Some(port) = opts.ops.discover {
+            let ev = Mutex::new(ev_tx.clone());
+            crate::discovery::listen(opts.link.key.clone(), port, stop.clone(), move |h| {
+                let _ = ev
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(SupEv::Heard(h));
+            })
+            .map_err(|e| Error::io(format!("discovery on UDP port {port}"), e))?;
+            tracing::info!(port, "discovering workers");
+        }
         Ok(Supervisor {
             opts,
             ctx,
@@ -155,23 +167,6 @@ impl Supervisor {
         // this node's kernel rates, before hashing and loading would share the cores with them
         let rates = node::speed_wait(Duration::from_secs(30));
         self.update_head(|n| n.speed = rates);
-        if let Some(port) = self.opts.ops.discover {
-            let ev = Mutex::new(self.ev_tx.clone());
-            match crate::discovery::listen(
-                self.opts.link.key.clone(),
-                port,
-                self.stop.clone(),
-                move |h| {
-                    let _ = ev
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .send(SupEv::Heard(h));
-                },
-            ) {
-                Ok(_) => tracing::info!(port, "discovering workers"),
-                Err(e) => tracing::error!(port, error = %e, "discovery cannot listen"),
-            }
-        }
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;
