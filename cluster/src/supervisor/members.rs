@@ -115,7 +115,6 @@ impl Supervisor {
             .filter_map(|(i, m)| m.up.as_ref().map(|u| (i, u.advert.node_id.clone())))
             .collect();
         let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let mut head_warning = None;
         for i in 0..self.members.len() {
             let Some(n) = sh.nodes.get(i + 1) else {
                 continue;
@@ -140,13 +139,11 @@ impl Supervisor {
             if warning.is_some() && n.warning != warning {
                 tracing::warn!(worker = %self.members[i].addr, "{}", warning.as_deref().unwrap_or(""));
             }
-            if warning.is_some() && mine_is_head_dup(&warning) {
-                head_warning = warning.clone();
-            }
             sh.nodes[i + 1].warning = warning;
         }
-        sh.nodes[0].warning = head_warning
-            .map(|_| format!("node id {head_id} is also a worker's: a copied cache directory?"));
+        let head_dup = !head_id.is_empty() && ids.iter().any(|(_, id)| *id == head_id);
+        sh.nodes[0].warning = head_dup
+            .then(|| format!("node id {head_id} is also a worker's: a copied cache directory?"));
     }
 
     /// Members benched for an unusable link return to planning when their time is up.
@@ -160,8 +157,4 @@ impl Supervisor {
             }
         }
     }
-}
-
-fn mine_is_head_dup(w: &Option<String>) -> bool {
-    w.as_deref().is_some_and(|w| w.contains("the head"))
 }
