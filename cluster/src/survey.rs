@@ -1,7 +1,8 @@
 //! Surveying workers without taking them over (what `sinew plan` does before a weight is
 //! loaded): a survey link asks a worker for its advert (memory, cores, kernel rates) and measures
 //! the link to it; the worker can then measure its own link to another worker. A worker serving
-//! a head keeps serving it.
+//! a head keeps serving it. Both sides live here: [`Survey`] (the observer) and the worker's
+//! `serve`, which a worker runs on a link that opens with [`Msg::Survey`].
 
 use std::time::Duration;
 
@@ -78,4 +79,51 @@ impl Survey {
             other => Err(Error::Protocol(format!("{} answered {other:?}", self.addr))),
         }
     }
+}
+
+// The worker's side.
+
+/// How long an observer's link may stay silent.
+pub(crate) const SURVEY_IDLE: Duration = Duration::from_secs(30);
+
+/// Serves an observer (`sinew plan`): answers probes, and measures links to other workers when
+/// asked, until it hangs up or is silent for [`SURVEY_IDLE`]. The worker's head and stage are
+/// not touched.
+pub(crate) fn serve(mut rx: Rx, mut tx: LinkSender, version: u16, cfg: &LinkConfig) {
+    loop {
+        match rx.recv(Deadline::after(SURVEY_IDLE)) {
+            Ok(Msg::Probe { id, pad }) => {
+                let ack = Msg::ProbeAck {
+                    id,
+                    bytes: pad.len() as u64,
+                };
+                if send(&mut tx, &ack).is_err() {
+                    return;
+                }
+            }
+            Ok(Msg::ProbePeer(addr)) => {
+                let r = probe_peer(&addr, version, cfg).map_err(|e| e.to_string());
+                if send(&mut tx, &Msg::LinkSample(r)).is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Measures the link from this worker to the worker at `addr`, as an observer of it.
+fn probe_peer(addr: &str, version: u16, cfg: &LinkConfig) -> Result<LinkReport> {
+    let mut cfg = cfg.clone();
+    cfg.connect_timeout = Duration::from_secs(5);
+    let link = tcp::connect(addr, &cfg)?;
+    let (mut tx, rx) = link.split();
+    let mut rx = Rx::new(rx);
+    send(&mut tx, &Msg::Survey { version })?;
+    match rx.recv(Deadline::after(SURVEY_IDLE))? {
+        Msg::Advert(_) => {}
+        Msg::Refuse(why) => return Err(Error::Refused(why)),
+        other => return Err(Error::Protocol(format!("{addr} answered {other:?}"))),
+    }
+    measure(&mut tx, &mut rx, PROBE_BYTES)
 }

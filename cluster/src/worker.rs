@@ -194,59 +194,14 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
             }
             tracing::debug!(%peer, "surveyed");
             let mut advert = advert.clone();
-            advert.speed = node::speed_wait(SURVEY_IDLE);
+            advert.speed = node::speed_wait(crate::survey::SURVEY_IDLE);
             if send(&mut tx, &Msg::Advert(advert)).is_err() {
                 return;
             }
-            survey(rx, tx, mine, cfg);
+            crate::survey::serve(rx, tx, mine, cfg);
         }
         other => tracing::warn!(%peer, "a link opened with {other:?}; dropped"),
     }
-}
-
-/// How long an observer's link may stay silent.
-const SURVEY_IDLE: Duration = Duration::from_secs(30);
-
-/// Serves an observer (`sinew plan`): answers probes, and measures links to other workers when
-/// asked, until it hangs up or is silent for [`SURVEY_IDLE`]. The worker's head and stage are
-/// not touched.
-fn survey(mut rx: Rx, mut tx: LinkSender, version: u16, cfg: &LinkConfig) {
-    loop {
-        match rx.recv(Deadline::after(SURVEY_IDLE)) {
-            Ok(Msg::Probe { id, pad }) => {
-                let ack = Msg::ProbeAck {
-                    id,
-                    bytes: pad.len() as u64,
-                };
-                if send(&mut tx, &ack).is_err() {
-                    return;
-                }
-            }
-            Ok(Msg::ProbePeer(addr)) => {
-                let r = probe_peer(&addr, version, cfg).map_err(|e| e.to_string());
-                if send(&mut tx, &Msg::LinkSample(r)).is_err() {
-                    return;
-                }
-            }
-            _ => return,
-        }
-    }
-}
-
-/// Measures the link from this worker to the worker at `addr`, as an observer of it.
-fn probe_peer(addr: &str, version: u16, cfg: &LinkConfig) -> Result<LinkReport> {
-    let mut cfg = cfg.clone();
-    cfg.connect_timeout = Duration::from_secs(5);
-    let link = tcp::connect(addr, &cfg)?;
-    let (mut tx, rx) = link.split();
-    let mut rx = Rx::new(rx);
-    send(&mut tx, &Msg::Survey { version })?;
-    match rx.recv(Deadline::after(SURVEY_IDLE))? {
-        Msg::Advert(_) => {}
-        Msg::Refuse(why) => return Err(Error::Refused(why)),
-        other => return Err(Error::Protocol(format!("{addr} answered {other:?}"))),
-    }
-    crate::io::measure(&mut tx, &mut rx, crate::io::PROBE_BYTES)
 }
 
 /// Forwards the head's messages; answers pings.
