@@ -466,10 +466,12 @@ impl Brain {
                     self.batch(b);
                 }
             }
-            Msg::SampleNext => {
+            Msg::SampleNext { bytes } => {
+                let bytes = (bytes as usize).clamp(1, crate::io::PROBE_BYTES);
                 let r = match (self.down.as_mut(), self.down_rx.as_mut()) {
-                    (Some(tx), Some(rx)) => crate::io::measure(tx, rx, crate::io::PROBE_BYTES)
-                        .map_err(|e| e.to_string()),
+                    (Some(tx), Some(rx)) => {
+                        crate::io::measure(tx, rx, bytes).map_err(|e| e.to_string())
+                    }
                     _ => Err("this stage has no next stage".to_string()),
                 };
                 if let Err(e) = &r {

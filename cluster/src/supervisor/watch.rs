@@ -1,6 +1,6 @@
 //! The link health watch: while no request runs, the head measures every link of the plan (the
-//! same probe as at join: three empty round trips, then the better of two 8 MiB transfers) every
-//! `watch_every`. A link below `min_fraction` of its baseline bandwidth, or whose round trip rose
+//! probe used at join: three empty round trips, then the better of two transfers — of 8 MiB, or
+//! about 0.2 s of the link's baseline where that is less) every `watch_every`. A link below `min_fraction` of its baseline bandwidth, or whose round trip rose
 //! past `max_rtt_rise_us`, twice in a row, gets a warning (logged naming both nodes and the
 //! figures, shown in the state, `/metrics` and `sinew status`) until it recovers. A link that
 //! fails its probe or falls below a tenth of its baseline, twice in a row, is no longer usable:
@@ -23,6 +23,8 @@ const BENCH: Duration = Duration::from_secs(300);
 const UNUSABLE: f64 = 0.1;
 /// Samples in a row that make a verdict.
 const STREAK: u32 = 2;
+/// About how long one bandwidth probe of a healthy link takes.
+const PROBE_TIME: Duration = Duration::from_millis(200);
 
 /// The watch's state across rounds.
 #[derive(Default)]
@@ -77,13 +79,13 @@ impl Supervisor {
                 match control.iter().find(|(i, _)| *i == m) {
                     Some((_, r)) => r.clone(),
                     None => {
-                        let r = self.sample_control(m);
+                        let r = self.sample_control(m, self.probe_bytes(k));
                         control.push((m, r.clone()));
                         r
                     }
                 }
             } else {
-                self.sample_next(up[k - 1])
+                self.sample_next(up[k - 1], self.probe_bytes(k))
             };
             self.judge(k, sample, &up);
         }
@@ -91,7 +93,16 @@ impl Supervisor {
 
     /// Measures the head's link to member `m` (probes on its control link, answers through
     /// its reader).
-    fn sample_control(&self, m: usize) -> Result<LinkReport, String> {
+    /// Bytes of link `k`'s bandwidth probes: about [`PROBE_TIME`] of its baseline, between 1 MiB
+    /// and [`PROBE_BYTES`] (what the join measured with), so a round's cost is bounded in time on
+    /// a slow link too.
+    fn probe_bytes(&self, k: usize) -> usize {
+        let sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let baseline = sh.links.get(k).map_or(0.0, |l| l.baseline_bytes_per_s);
+        ((baseline * PROBE_TIME.as_secs_f64()) as usize).clamp(1 << 20, PROBE_BYTES)
+    }
+
+    fn sample_control(&self, m: usize, bytes: usize) -> Result<LinkReport, String> {
         let Some(u) = self.members[m].up.as_ref() else {
             return Err("not connected".into());
         };
@@ -102,7 +113,7 @@ impl Supervisor {
             u.report.transport.clone(),
             |msg, _| send_shared(&tx, msg),
             |deadline| recv(&u.samples, deadline.remaining()),
-            PROBE_BYTES,
+            bytes,
         )
         .map_err(|e| e.to_string());
         u.probing.store(false, Ordering::Release);
@@ -110,12 +121,18 @@ impl Supervisor {
     }
 
     /// Has member `m` measure its link to the next stage.
-    fn sample_next(&self, m: usize) -> Result<LinkReport, String> {
+    fn sample_next(&self, m: usize, bytes: usize) -> Result<LinkReport, String> {
         let Some(u) = self.members[m].up.as_ref() else {
             return Err("not connected".into());
         };
         while u.samples.try_recv().is_ok() {}
-        send_shared(&u.tx, &Msg::SampleNext).map_err(|e| e.to_string())?;
+        send_shared(
+            &u.tx,
+            &Msg::SampleNext {
+                bytes: bytes as u64,
+            },
+        )
+        .map_err(|e| e.to_string())?;
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             match recv(&u.samples, end.saturating_duration_since(Instant::now())) {

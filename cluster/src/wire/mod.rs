@@ -312,8 +312,12 @@ pub enum Msg {
     },
     /// Observer → worker: measure your link to the worker at this address.
     ProbePeer(String),
-    /// Head → worker: measure your link to the next stage now (the link health watch).
-    SampleNext,
+    /// Head → worker: measure your link to the next stage now, with probes of this many bytes
+    /// (the link health watch).
+    SampleNext {
+        /// Bytes of each bandwidth probe (at most [`crate::io::PROBE_BYTES`] are sent).
+        bytes: u64,
+    },
     /// Worker → head or observer: a link measurement, or why it failed.
     LinkSample(Result<LinkReport, String>),
     /// Worker → worker, first on a peer link: which plan and stage the sender serves.
@@ -652,7 +656,10 @@ impl Msg {
                 put_str(&mut b, addr);
                 T_PROBE_PEER
             }
-            Msg::SampleNext => T_SAMPLE_NEXT,
+            Msg::SampleNext { bytes } => {
+                b.put_u64(*bytes);
+                T_SAMPLE_NEXT
+            }
             Msg::LinkSample(r) => {
                 match r {
                     Ok(l) => {
@@ -782,7 +789,9 @@ impl Msg {
                 version: r.u16("version")?,
             },
             T_PROBE_PEER => Msg::ProbePeer(str(&mut r, "peer address")?),
-            T_SAMPLE_NEXT => Msg::SampleNext,
+            T_SAMPLE_NEXT => Msg::SampleNext {
+                bytes: r.u64("probe bytes")?,
+            },
             T_LINK_SAMPLE => Msg::LinkSample(if flag(&mut r, "sample")? {
                 Ok(link(&mut r)?)
             } else {

@@ -253,7 +253,7 @@ fn msg() -> impl Strategy<Value = Msg> {
         }),
         any::<u16>().prop_map(|version| Msg::Survey { version }),
         "[0-9.:]{1,21}".prop_map(Msg::ProbePeer),
-        Just(Msg::SampleNext),
+        any::<u64>().prop_map(|bytes| Msg::SampleNext { bytes }),
         proptest::result::maybe_ok(
             ("[a-z]{0,6}", any::<u32>(), any::<u64>()).prop_map(
                 |(transport, rtt_us, bytes_per_s)| LinkReport {
