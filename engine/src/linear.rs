@@ -10,10 +10,75 @@ use candle_core::{DType, Module, Storage, Tensor};
 use crate::error::Result;
 use crate::kernels::{Format, Job, PackedMatrix, QuantRow, run};
 
+/// A matrix packed for sinew's kernels on first use, from its GGUF blocks in the model file's
+/// mapping: a mixture-of-experts layer's experts, most of which a short prompt never routes to,
+/// cost nothing at load.
+pub struct LazyPacked {
+    map: Arc<memmap2::Mmap>,
+    start: usize,
+    format: Format,
+    rows: usize,
+    cols: usize,
+    /// Called with each part of the blocks once packed (the loader drops those pages).
+    release: fn(&[u8]),
+    packed: std::sync::OnceLock<PackedMatrix>,
+}
+
+impl LazyPacked {
+    /// The `[rows, cols]` matrix of `format` whose blocks start at `start` in `map`, if the
+    /// kernels take that shape and the blocks lie inside the mapping.
+    pub fn new(
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        format: Format,
+        (rows, cols): (usize, usize),
+        release: fn(&[u8]),
+    ) -> Option<Self> {
+        let len = rows.checked_mul(format.row_bytes(cols))?;
+        (PackedMatrix::tiles_shape(format, rows, cols) && start.checked_add(len)? <= map.len())
+            .then(|| LazyPacked {
+                map,
+                start,
+                format,
+                rows,
+                cols,
+                release,
+                packed: std::sync::OnceLock::new(),
+            })
+    }
+
+    /// The packed matrix, packed now if this is its first use.
+    pub fn get(&self) -> &PackedMatrix {
+        self.packed.get_or_init(|| {
+            let len = self.rows * self.format.row_bytes(self.cols);
+            let blocks = &self.map[self.start..self.start + len];
+            PackedMatrix::pack_with(self.format, blocks, self.rows, self.cols, self.release)
+                .expect("the shape and length were checked when the matrix was made")
+        })
+    }
+
+    /// Whether it has been packed.
+    pub fn is_packed(&self) -> bool {
+        self.packed.get().is_some()
+    }
+
+    /// Its format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Bytes it holds once packed.
+    pub fn size_in_bytes(&self) -> usize {
+        PackedMatrix::packed_bytes(self.format, self.rows, self.cols).unwrap_or(0)
+    }
+}
+
 /// A weight matrix [out, in].
 pub enum Mat {
     /// Q4_K, Q6_K, Q8_0 or f32 repacked for sinew's kernels.
     Packed(Arc<PackedMatrix>),
+    /// The same, packed on first use.
+    Lazy(Arc<LazyPacked>),
     /// Anything else (f32, other quantizations, CPUs without the kernels): candle's matmul.
     Candle(QMatMul),
 }
@@ -62,9 +127,41 @@ impl Mat {
         PackedMatrix::pack(f, bytes, rows, cols).map(|p| Mat::Packed(Arc::new(p)))
     }
 
-    fn packed(&self) -> Option<&PackedMatrix> {
+    /// Packs the lazy matrices among `mats` not packed yet, spread over the engine's worker
+    /// threads (candle's thread count): the first step that routes to many new experts packs
+    /// them in parallel.
+    pub fn pack_pending<'a>(mats: impl IntoIterator<Item = &'a Mat>) {
+        let pending: Vec<&LazyPacked> = mats
+            .into_iter()
+            .filter_map(|m| match m {
+                Mat::Lazy(l) if !l.is_packed() => Some(&**l),
+                _ => None,
+            })
+            .collect();
+        let threads = candle_core::utils::get_num_threads().clamp(1, pending.len().max(1));
+        if threads <= 1 {
+            for l in pending {
+                l.get();
+            }
+            return;
+        }
+        let per = pending.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            for part in pending.chunks(per) {
+                s.spawn(move || {
+                    for l in part {
+                        l.get();
+                    }
+                });
+            }
+        });
+    }
+
+    /// The packed matrix (packing a lazy one now), if the kernels hold it.
+    pub fn packed(&self) -> Option<&PackedMatrix> {
         match self {
             Mat::Packed(p) => Some(p),
+            Mat::Lazy(l) => Some(l.get()),
             Mat::Candle(_) => None,
         }
     }
@@ -115,12 +212,14 @@ impl Mat {
         mats.iter()
             .zip(outs)
             .map(|(mat, out)| match mat {
-                Mat::Packed(p) => {
+                Mat::Candle(q) => candle_rows(q, x),
+                Mat::Packed(_) | Mat::Lazy(_) => {
                     let mut shape = dims.clone();
-                    *shape.last_mut().expect("a matrix input has a last dim") = p.rows();
+                    let n: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+                    *shape.last_mut().expect("a matrix input has a last dim") =
+                        out.len() / n.max(1);
                     Ok(Tensor::from_vec(out, shape, x.device())?)
                 }
-                Mat::Candle(q) => candle_rows(q, x),
             })
             .collect()
     }

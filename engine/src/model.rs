@@ -93,10 +93,7 @@ impl Mlp {
 
     /// The three matrices, when all are packed for sinew's kernels.
     fn packed(&self) -> Option<[&PackedMatrix; 3]> {
-        match (&self.gate, &self.up, &self.down) {
-            (Mat::Packed(g), Mat::Packed(u), Mat::Packed(d)) => Some([g, u, d]),
-            _ => None,
-        }
+        Some([self.gate.packed()?, self.up.packed()?, self.down.packed()?])
     }
 }
 
@@ -354,6 +351,8 @@ impl Model {
         for m in all {
             let (kind, bytes) = match m {
                 Mat::Packed(p) => (format!("{:?}", p.format()), p.size_in_bytes()),
+                // counted as packed: the budget holds them once routed to
+                Mat::Lazy(l) => (format!("{:?}", l.format()), l.size_in_bytes()),
                 Mat::Candle(q) => ("candle".to_string(), qmatmul_bytes(q)),
             };
             let e = kinds.entry(kind).or_default();
@@ -654,6 +653,14 @@ impl Moe {
         }
         // experts no token chose are not computed
         let active: Vec<usize> = (0..n).filter(|&e| !routed[e].0.is_empty()).collect();
+        // experts routed to for the first time are packed now, over the worker threads
+        Mat::pack_pending(active.iter().flat_map(|&e| {
+            [
+                &self.experts[e].gate,
+                &self.experts[e].up,
+                &self.experts[e].down,
+            ]
+        }));
         if active.iter().all(|&e| self.experts[e].packed().is_some()) {
             return self.forward_packed(x, &active, &routed);
         }

@@ -18,7 +18,7 @@ use memmap2::Mmap;
 use crate::config::Architecture;
 use crate::error::{Error, Result};
 use crate::kernels::{Format, PackedMatrix};
-use crate::linear::Mat;
+use crate::linear::{LazyPacked, Mat};
 
 /// A weight's role in the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,8 +174,8 @@ enum Kind {
         content: Box<gguf_file::Content>,
         file: Mutex<File>,
         /// The whole file, read-only: matrices sinew's kernels take are packed straight from it
-        /// (no intermediate copy of each tensor).
-        map: Mmap,
+        /// (no intermediate copy of each tensor); experts keep it, to be packed when routed to.
+        map: Arc<Mmap>,
     },
 }
 
@@ -295,7 +295,7 @@ impl Store {
                 path: path.to_path_buf(),
                 content: Box::new(content),
                 file: Mutex::new(file),
-                map,
+                map: Arc::new(map),
             },
             device: device.clone(),
             dequantize,
@@ -524,14 +524,23 @@ impl Store {
             let stacked = gguf_stacked_name(layer, p);
             if let Some((format, data)) =
                 self.packable_blocks(&stacked, &[n, out, inp], (out, inp))?
+                && let Kind::Gguf { map, .. } = &self.kind
             {
+                // packed when first routed to: a prompt routes to a fraction of the experts,
+                // and loading packs none of them
                 let per = data.len() / n.max(1);
-                let m = pack_all(n, |e| {
-                    pack(format, &data[e * per..(e + 1) * per], out, inp, &stacked)
-                });
-                // the pages straddling two experts' blocks
-                release_pages(data);
-                return m;
+                let base = data.as_ptr() as usize - map.as_ptr() as usize;
+                return (0..n)
+                    .map(|e| {
+                        LazyPacked::new(map.clone(), base + e * per, format, (out, inp), release_pages)
+                            .map(|l| Mat::Lazy(Arc::new(l)))
+                            .ok_or_else(|| {
+                                Error::Candle(candle_core::Error::Msg(format!(
+                                    "tensor {stacked:?}: expert {e} does not pack as a [{out}, {inp}] {format:?} matrix"
+                                )))
+                            })
+                    })
+                    .collect();
             }
             if self.has_name(&stacked) {
                 return match self.load_raw(&stacked, &[n, out, inp])? {

@@ -446,12 +446,14 @@ impl PackedMatrix {
     }
 
     /// Zeroed tiles for a [rows, cols] matrix, or `None` when the shape does not tile.
+    /// Bytes a packed `[rows, cols]` matrix of `format` holds, if the shape tiles.
+    pub fn packed_bytes(format: Format, rows: usize, cols: usize) -> Option<usize> {
+        Self::tiles_shape(format, rows, cols)
+            .then(|| rows / TILE_ROWS * (cols / format.block_elems()) * format.tile_bytes())
+    }
+
     fn zeroed(format: Format, rows: usize, cols: usize) -> Option<Self> {
-        if !Self::tiles_shape(format, rows, cols) {
-            return None;
-        }
-        let be = format.block_elems();
-        let len = rows / TILE_ROWS * (cols / be) * format.tile_bytes();
+        let len = Self::packed_bytes(format, rows, cols)?;
         let data = vec![0u8; len + 63];
         advise_huge_pages(&data);
         let off = data.as_ptr().align_offset(64).min(63);
