@@ -867,10 +867,19 @@ fn a_full_queue_is_a_429_with_retry_after() {
             .status
         })
     };
-    // one runs, one waits: the queue is full
+    // one runs, one waits: the queue is full (the second is sent once the first runs: sent
+    // together, the second could find the first still queued and be the one refused)
     let running = long();
-    let waiting = long();
     let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = call("GET", &format!("{url}/cluster"), None, None);
+        if st.body["running"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", st.body);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let waiting = long();
     loop {
         let st = call("GET", &format!("{url}/cluster"), None, None);
         if st.body["running"] == 1 && st.body["queued"] == 1 {
