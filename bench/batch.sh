@@ -2,7 +2,8 @@
 # Batched decode: aggregate decode tok/s of N sequences at once (sinew generate --parallel N)
 # against llama.cpp on the same GGUF files and threads, in one run, interleaved per round:
 #   - llama-batched-bench (aggregate tok/s of N parallel sequences, its S_TG),
-#   - llama-bench (single stream: pp and tg),
+#   - llama-bench (single stream: pp and tg; sinew runs the request once unmeasured first, as
+#     llama-bench warms up: experts are packed when first routed to),
 #   - load to first token: sinew generate --max-tokens 1 (wall clock) against llama-completion -n 1
 #     (wall clock), with a warm page cache and, where this user may drop the page cache (root), a
 #     cold one.
@@ -51,7 +52,7 @@ emit() { echo "$1" >> "$RESULTS"; }
 
 sinew_run() { # FILE THREADS N -> json
   RAYON_NUM_THREADS=$2 "$SINEW" generate --model "$1" --prompt-ids "$PROMPT_IDS" --max-tokens "$TOKENS" \
-    --ignore-eos --threads "$2" --parallel "$3" --json
+    --ignore-eos --threads "$2" --parallel "$3" --json --warmup
 }
 llama_batched() { # FILE THREADS N -> aggregate decode tok/s (S_TG)
   "$LLAMA/llama-batched-bench" -m "$1" -t "$2" -c $(( (PROMPT + TOKENS) * $3 + 64 )) -b 2048 -ub 512 \

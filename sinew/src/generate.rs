@@ -88,6 +88,10 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens (for benchmarks).
     #[arg(long)]
     ignore_eos: bool,
+    /// Run the request once, unmeasured, before the measured run (as llama-bench warms up):
+    /// experts a GGUF model routes to for the first time are packed then. One node only.
+    #[arg(long)]
+    warmup: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -132,6 +136,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt = prompt_ids(&args, &m.text)?;
     let sampling = sampling(&args);
     if args.parallel > 1 {
+        if args.warmup {
+            let once = GenerateOptions {
+                max_tokens: args.max_tokens,
+                sampling: sampling.clone(),
+                stop: args.stop.clone(),
+                prompt_logits: false,
+                ignore_eos: args.ignore_eos,
+            };
+            warm_up(&m, &prompt, &once)?;
+        }
         return run_parallel(&args, m, prompt, sampling, load_secs);
     }
     let gen_options = GenerateOptions {
@@ -141,6 +155,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         prompt_logits: args.logits_out.is_some(),
         ignore_eos: args.ignore_eos,
     };
+    if args.warmup {
+        warm_up(&m, &prompt, &gen_options)?;
+    }
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
     let g = generate(
@@ -254,9 +271,19 @@ fn requests(args: &GenerateArgs, prompt: &[u32], sampling: &SamplingParams) -> V
 }
 
 /// A prompt through a cluster (`--workers`, or `--cluster` for a single-node one).
+/// Runs the request once, unmeasured, as llama-bench's warm-up run does: experts first routed to
+/// are packed then, not inside the timed run.
+fn warm_up(m: &Loaded, prompt: &[u32], options: &GenerateOptions) -> anyhow::Result<()> {
+    generate(&m.model, &m.kv, &m.text, prompt, options, &mut |_| {})?;
+    Ok(())
+}
+
 fn run_cluster(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.logits_out.is_some() {
         bail!("--logits-out runs on one node without --workers");
+    }
+    if args.warmup {
+        bail!("--warmup runs on one node without --workers");
     }
     let load_start = Instant::now();
     let n = args.parallel;
