@@ -88,7 +88,8 @@ impl Loaded {
         drop(store);
         let budget = match options.kv_memory {
             Some(b) => b,
-            None => default_kv_budget(),
+            // the experts not packed yet will take their share of what is available now
+            None => default_kv_budget_after(model.unpacked_bytes()),
         };
         let kv = model.kv_pool(budget, options.ctx)?;
         Ok(Loaded {
@@ -103,5 +104,13 @@ impl Loaded {
 
 /// [`DEFAULT_KV_SHARE`] of the memory available now (1 GiB where the system does not say).
 pub fn default_kv_budget() -> usize {
-    available_memory().map_or(1 << 30, |m| (m as f64 * DEFAULT_KV_SHARE) as usize)
+    default_kv_budget_after(0)
+}
+
+/// [`DEFAULT_KV_SHARE`] of the memory available now less `reserved` bytes still to be taken
+/// (1 GiB where the system does not say).
+pub fn default_kv_budget_after(reserved: usize) -> usize {
+    available_memory().map_or(1 << 30, |m| {
+        (m.saturating_sub(reserved) as f64 * DEFAULT_KV_SHARE) as usize
+    })
 }

@@ -334,6 +334,35 @@ impl Model {
     /// kernels (`"Q4K"`, `"Q6K"`, `"Q8_0"`, `"F32"`, `"BF16"`, `"F16"`) or `"candle"` (candle's
     /// matmul) — the number of matrices and their bytes, sorted by kind.
     pub fn matrix_formats(&self) -> Vec<(String, usize, usize)> {
+        let mut kinds: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for m in self.mats() {
+            let (kind, bytes) = match m {
+                Mat::Packed(p) => (format!("{:?}", p.format()), p.size_in_bytes()),
+                // counted as packed: the budget holds them once routed to
+                Mat::Lazy(l) => (format!("{:?}", l.format()), l.size_in_bytes()),
+                Mat::Candle(q) => ("candle".to_string(), qmatmul_bytes(q)),
+            };
+            let e = kinds.entry(kind).or_default();
+            e.0 += 1;
+            e.1 += bytes;
+        }
+        kinds.into_iter().map(|(k, (n, b))| (k, n, b)).collect()
+    }
+
+    /// Bytes of experts not packed yet: memory this stage will take as requests route to them
+    /// (a KV budget taken from the memory available now must leave it free).
+    pub fn unpacked_bytes(&self) -> usize {
+        self.mats()
+            .into_iter()
+            .map(|m| match m {
+                Mat::Lazy(l) if !l.is_packed() => l.size_in_bytes(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Every weight matrix of the stage.
+    fn mats(&self) -> Vec<&Mat> {
         let mut all: Vec<&Mat> = Vec::new();
         for b in &self.blocks {
             let a = &b.attn;
@@ -347,19 +376,7 @@ impl Model {
             }
         }
         all.extend(self.head.as_ref());
-        let mut kinds: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-        for m in all {
-            let (kind, bytes) = match m {
-                Mat::Packed(p) => (format!("{:?}", p.format()), p.size_in_bytes()),
-                // counted as packed: the budget holds them once routed to
-                Mat::Lazy(l) => (format!("{:?}", l.format()), l.size_in_bytes()),
-                Mat::Candle(q) => ("candle".to_string(), qmatmul_bytes(q)),
-            };
-            let e = kinds.entry(kind).or_default();
-            e.0 += 1;
-            e.1 += bytes;
-        }
-        kinds.into_iter().map(|(k, (n, b))| (k, n, b)).collect()
+        all
     }
 
     /// Runs one sequence's new positions through this stage, appending them to `cache`.
