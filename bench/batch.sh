@@ -30,21 +30,7 @@ LLAMA=""
 if [ "$SKIP_LLAMA" != 1 ]; then
   LLAMA=$(bash "$ROOT/bench/peers/llama-cpp.sh" | tail -n 1)
 fi
-MOE=(--arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 --moe-intermediate 768
-     --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 --seed 1 --layers "$LAYERS")
-DENSE=(--arch llama --hidden 2048 --intermediate 8192 --layers 16 --heads 32 --kv-heads 8
-       --head-dim 64 --vocab 384 --seed 1)
-model_file() { # NAME -> path, made once
-  local name=$1 kind=${1%%-*} q=${1#*-} f
-  if [ "$kind" = dense ]; then
-    f="$OUT/llama-1b-shape-$q.gguf"
-    [ -f "$f" ] || "$SINEW" gguf synth "${DENSE[@]}" --quant "$q" --out "$f" >&2
-  else
-    f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
-    [ -f "$f" ] || "$SINEW" gguf synth "${MOE[@]}" --quant "$q" --out "$f" >&2
-  fi
-  echo "$f"
-}
+. "$ROOT/bench/models.sh"
 PROMPT_IDS=$(seq -s, 10 $((9 + PROMPT)))
 RESULTS="$OUT/batch.jsonl"
 : > "$RESULTS"

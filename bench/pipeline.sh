@@ -25,10 +25,8 @@ SKIP_LLAMA=${SKIP_LLAMA:-0}
 
 (cd "$ROOT" && cargo build --release -q -p sinew)
 SINEW="$ROOT/target/release/sinew"
-MODEL="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-q4_k.gguf"
-[ -f "$MODEL" ] || "$SINEW" gguf synth --arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 \
-  --moe-intermediate 768 --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 \
-  --seed 1 --layers "$LAYERS" --quant q4_k --out "$MODEL"
+. "$ROOT/bench/models.sh"
+MODEL=$(model_file moe-q4_k)
 if [ "$SKIP_LLAMA" != 1 ]; then LLAMA=$("$ROOT/bench/peers/llama-cpp.sh"); fi
 PROMPT_IDS=$(seq -s, 10 $((9 + PROMPT)))
 WORK=$(mktemp -d)

@@ -17,13 +17,9 @@ TOKENS=${TOKENS:-64}
 ROUNDS=${ROUNDS:-3}
 (cd "$ROOT" && cargo build --release -q -p sinew)
 SINEW="$ROOT/target/release/sinew"
-MOE="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-q4_k.gguf"
-DENSE="$OUT/llama-1b-shape-q4_k.gguf"
-[ -f "$MOE" ] || "$SINEW" gguf synth --arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 \
-  --moe-intermediate 768 --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 \
-  --seed 1 --layers "$LAYERS" --quant q4_k --out "$MOE"
-[ -f "$DENSE" ] || "$SINEW" gguf synth --arch llama --hidden 2048 --intermediate 8192 --heads 32 \
-  --kv-heads 8 --head-dim 64 --vocab 32000 --seed 1 --layers 16 --quant q4_k --out "$DENSE"
+. "$ROOT/bench/models.sh"
+MOE_FILE=$(model_file moe-q4_k)
+DENSE_FILE=$(model_file dense-q4_k)
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 KEY="$WORK/cluster.key"
@@ -33,7 +29,7 @@ RESULTS="$OUT/plan.jsonl"
 : > "$RESULTS"
 PROMPT_IDS=$(seq -s, 10 25)
 
-for MODEL in "$MOE" "$DENSE"; do
+for MODEL in "$MOE_FILE" "$DENSE_FILE"; do
   NAME=$(basename "$MODEL" .gguf)
   ADDRS=()
   for i in 1 2; do

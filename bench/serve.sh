@@ -18,10 +18,9 @@ SKIP_LLAMA=${SKIP_LLAMA:-0}
 RSS_REQUESTS=${RSS_REQUESTS:-2000}
 (cd "$ROOT" && cargo build --release -q -p sinew)
 SINEW="$ROOT/target/release/sinew"
-MODEL=${MODEL:-"$OUT/qwen3-30b-a3b-shape-8l-q4_k.gguf"}
-[ -f "$MODEL" ] || "$SINEW" gguf synth --arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 \
-  --moe-intermediate 768 --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 \
-  --seed 1 --layers 8 --quant q4_k --out "$MODEL"
+LAYERS=${LAYERS:-8}
+. "$ROOT/bench/models.sh"
+MODEL=${MODEL:-$(model_file moe-q4_k)}
 if [ "$SKIP_LLAMA" != 1 ]; then LLAMA=$("$ROOT/bench/peers/llama-cpp.sh"); fi
 PROMPT_IDS=$(seq -s, 10 25)
 RESULTS="$OUT/serve.jsonl"
@@ -30,28 +29,27 @@ PORT=$((30000 + RANDOM % 20000))
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 wait_http() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.2; done; return 1; }
 maxc=$(echo $CLIENTS | tr ' ' '\n' | sort -n | tail -1)
+load_all() { # SYSTEM ROUND: every CLIENTS count against the server on PORT, one line each
+  for c in $CLIENTS; do
+    j=$(python3 "$ROOT/bench/loadgen.py" "http://127.0.0.1:$PORT/v1" m --clients "$c" \
+        --requests $((c * 2)) --max-tokens "$TOKENS" --prompt-ids "$PROMPT_IDS")
+    echo "{\"system\":\"$1\",\"round\":$2,\"result\":$j}" >> "$RESULTS"
+  done
+}
 
 for r in $(seq "$ROUNDS"); do
   "$SINEW" serve --model "$MODEL" --model-id m --http "127.0.0.1:$PORT" --threads "$THREADS" \
     --max-seqs "$maxc" --ctx 512 >/dev/null 2>&1 &
   pid=$!
   wait_http "$PORT"
-  for c in $CLIENTS; do
-    j=$(python3 "$ROOT/bench/loadgen.py" "http://127.0.0.1:$PORT/v1" m --clients "$c" \
-        --requests $((c * 2)) --max-tokens "$TOKENS" --prompt-ids "$PROMPT_IDS")
-    echo "{\"system\":\"sinew serve\",\"round\":$r,\"result\":$j}" >> "$RESULTS"
-  done
+  load_all "sinew serve" "$r"
   kill "$pid"; wait "$pid" 2>/dev/null || true
   if [ "$SKIP_LLAMA" != 1 ]; then
     "$LLAMA/llama-server" -m "$MODEL" --alias m --host 127.0.0.1 --port "$PORT" -t "$THREADS" \
       -np "$maxc" -c $((maxc * 512)) >/dev/null 2>&1 &
     pid=$!
     wait_http "$PORT"
-    for c in $CLIENTS; do
-      j=$(python3 "$ROOT/bench/loadgen.py" "http://127.0.0.1:$PORT/v1" m --clients "$c" \
-          --requests $((c * 2)) --max-tokens "$TOKENS" --prompt-ids "$PROMPT_IDS")
-      echo "{\"system\":\"llama-server\",\"round\":$r,\"result\":$j}" >> "$RESULTS"
-    done
+    load_all llama-server "$r"
     kill "$pid"; wait "$pid" 2>/dev/null || true
   fi
 done

@@ -353,7 +353,19 @@ pub fn listen(
             while !stop.load(Ordering::Acquire) {
                 let (n, from) = match sock.recv_from(&mut buf) {
                     Ok(x) => x,
-                    Err(_) => continue,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        continue;
+                    }
+                    // anything else may repeat at once: not a busy loop
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
                 };
                 let r = Announcement::open(&buf[..n], &key)
                     .and_then(|a| guard.check(&a, now_ms(), ours).map(|()| a));

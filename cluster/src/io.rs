@@ -91,6 +91,14 @@ pub fn is_timeout(e: &Error) -> bool {
     matches!(e, Error::Transport(transport::Error::Timeout { .. }))
 }
 
+/// The answer to a probe of `pad` numbered `id` (what [`measure`] waits for).
+pub fn probe_ack(id: u64, pad: &[u8]) -> Msg {
+    Msg::ProbeAck {
+        id,
+        bytes: pad.len() as u64,
+    }
+}
+
 /// Bytes of the bandwidth probe sent when a link opens.
 pub const PROBE_BYTES: usize = 8 << 20;
 

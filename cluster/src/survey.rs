@@ -93,10 +93,7 @@ pub(crate) fn serve(mut rx: Rx, mut tx: LinkSender, version: u16, cfg: &LinkConf
     loop {
         match rx.recv(Deadline::after(SURVEY_IDLE)) {
             Ok(Msg::Probe { id, pad }) => {
-                let ack = Msg::ProbeAck {
-                    id,
-                    bytes: pad.len() as u64,
-                };
+                let ack = crate::io::probe_ack(id, &pad);
                 if send(&mut tx, &ack).is_err() {
                     return;
                 }

@@ -209,10 +209,7 @@ fn control_reader(mut rx: Rx, tx: SharedSender, generation: u64, ev: &Sender<Ev>
     loop {
         match rx.recv(Deadline::after(HEAD_TIMEOUT)) {
             Ok(Msg::Probe { id, pad }) => {
-                let ack = Msg::ProbeAck {
-                    id,
-                    bytes: pad.len() as u64,
-                };
+                let ack = crate::io::probe_ack(id, &pad);
                 if send_shared(&tx, &ack).is_err() {
                     let _ = ev.send(Ev::HeadGone {
                         generation,
@@ -254,10 +251,7 @@ fn up_reader(mut rx: Rx, mut tx: LinkSender, epoch: u64, ev: Sender<Ev>) {
     loop {
         match rx.recv(Deadline::after(Duration::from_secs(3600))) {
             Ok(Msg::Probe { id, pad }) => {
-                let ack = Msg::ProbeAck {
-                    id,
-                    bytes: pad.len() as u64,
-                };
+                let ack = crate::io::probe_ack(id, &pad);
                 if send(&mut tx, &ack).is_err() {
                     return;
                 }

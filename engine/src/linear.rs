@@ -138,7 +138,10 @@ impl Mat {
                 _ => None,
             })
             .collect();
-        let threads = candle_core::utils::get_num_threads().clamp(1, pending.len().max(1));
+        if pending.is_empty() {
+            return;
+        }
+        let threads = candle_core::utils::get_num_threads().clamp(1, pending.len());
         if threads <= 1 {
             for l in pending {
                 l.get();

@@ -48,17 +48,32 @@ pub struct OpsArgs {
     #[arg(long, default_value_t = cluster::discovery::DEFAULT_PORT)]
     pub discovery_port: u16,
     /// Seconds a discovered worker may be down and silent before it leaves the cluster.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = OpsArgs::default().forget_after)]
     pub forget_after: f64,
     /// Seconds between link health probes while idle (0: no watch).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = OpsArgs::default().link_watch)]
     pub link_watch: f64,
     /// A link below this fraction of its baseline bandwidth gets a warning.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = OpsArgs::default().link_min_fraction)]
     pub link_min_fraction: f64,
     /// A link whose round trip rose this many microseconds over its baseline gets a warning.
-    #[arg(long, default_value_t = 2000.0)]
+    #[arg(long, default_value_t = OpsArgs::default().link_max_rtt_rise_us)]
     pub link_max_rtt_rise_us: f64,
+}
+
+/// The flags' defaults are `cluster::Operations`' (discovery off).
+impl Default for OpsArgs {
+    fn default() -> Self {
+        let o = cluster::Operations::default();
+        OpsArgs {
+            discover: false,
+            discovery_port: cluster::discovery::DEFAULT_PORT,
+            forget_after: o.forget_after.as_secs_f64(),
+            link_watch: o.watch_every.as_secs_f64(),
+            link_min_fraction: o.min_fraction,
+            link_max_rtt_rise_us: o.max_rtt_rise_us,
+        }
+    }
 }
 
 impl OpsArgs {

@@ -235,14 +235,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         max_queue: 64,
         node_memory: None,
         cache_dir: Some(run_dir.join("head")),
-        ops: crate::cluster_cmd::OpsArgs {
-            discover: false,
-            discovery_port: cluster::discovery::DEFAULT_PORT,
-            forget_after: 30.0,
-            link_watch: 10.0,
-            link_min_fraction: 0.7,
-            link_max_rtt_rise_us: 2000.0,
-        },
+        ops: crate::cluster_cmd::OpsArgs::default(),
         link: crate::cluster_cmd::LinkArgs::with_key_file(&key),
     };
     let prompt = args.prompt.clone();

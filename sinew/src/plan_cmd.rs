@@ -69,6 +69,38 @@ pub struct PlanArgs {
     link: LinkArgs,
 }
 
+/// A link as planned: measured, or given for hypothetical nodes.
+struct PlannedLink {
+    from: String,
+    to: String,
+    speed: LinkSpeed,
+    transport: String,
+}
+
+impl PlannedLink {
+    fn measured(from: &str, to: &str, r: &cluster::wire::LinkReport) -> Self {
+        PlannedLink {
+            from: from.to_string(),
+            to: to.to_string(),
+            speed: LinkSpeed {
+                rtt_us: f64::from(r.rtt_us),
+                bytes_per_s: r.bytes_per_s as f64,
+            },
+            transport: r.transport.clone(),
+        }
+    }
+}
+
+/// What `sinew plan` answers.
+struct Report<'a> {
+    args: &'a PlanArgs,
+    layout: &'a engine::stage_file::Layout,
+    nodes: &'a [Planned],
+    links: &'a [PlannedLink],
+    placed: &'a Result<StagePlan, cluster::PlanError>,
+    prediction: Option<&'a Prediction>,
+}
+
 /// A node as planned.
 struct Planned {
     name: String,
@@ -146,7 +178,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
             .map_or_else(|| cluster::plan::usable(available), |m| m as u64)
     };
     let mut nodes: Vec<Planned> = Vec::new();
-    let mut links: Vec<(String, String, LinkSpeed, String)> = Vec::new();
+    let mut links: Vec<PlannedLink> = Vec::new();
     if !args.nodes.is_empty() {
         for (i, spec) in args.nodes.iter().enumerate() {
             let (mem, rates) = parse_node(spec, &here)?;
@@ -164,15 +196,15 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
                 } else {
                     nodes[0].name.clone()
                 };
-                links.push((
-                    nodes[k].name.clone(),
+                links.push(PlannedLink {
+                    from: nodes[k].name.clone(),
                     to,
-                    LinkSpeed {
+                    speed: LinkSpeed {
                         rtt_us: args.link_rtt_us,
                         bytes_per_s: args.link_rate as f64,
                     },
-                    "given".into(),
-                ));
+                    transport: "given".into(),
+                });
             }
         }
     } else {
@@ -201,36 +233,16 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
             });
             surveys.push((s, info));
         }
-        let speed = |r: &cluster::wire::LinkReport| LinkSpeed {
-            rtt_us: f64::from(r.rtt_us),
-            bytes_per_s: r.bytes_per_s as f64,
-        };
+        // head → first → … → last → head
         for k in 0..surveys.len() {
             if k == 0 {
-                let r = &surveys[0].1.link;
-                links.push((
-                    "head".into(),
-                    addrs[0].clone(),
-                    speed(r),
-                    r.transport.clone(),
-                ));
+                links.push(PlannedLink::measured("head", &addrs[0], &surveys[0].1.link));
             }
             if k + 1 < surveys.len() {
                 let r = surveys[k].0.peer_link(&addrs[k + 1])?;
-                links.push((
-                    addrs[k].clone(),
-                    addrs[k + 1].clone(),
-                    speed(&r),
-                    r.transport.clone(),
-                ));
+                links.push(PlannedLink::measured(&addrs[k], &addrs[k + 1], &r));
             } else {
-                let r = &surveys[k].1.link;
-                links.push((
-                    addrs[k].clone(),
-                    "head".into(),
-                    speed(r),
-                    r.transport.clone(),
-                ));
+                links.push(PlannedLink::measured(&addrs[k], "head", &surveys[k].1.link));
             }
         }
     }
@@ -252,16 +264,21 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
             .iter()
             .map(|s| nodes[s.node].rates.clone())
             .collect();
-        let speeds: Vec<LinkSpeed> = links.iter().map(|l| l.2).collect();
+        let speeds: Vec<LinkSpeed> = links.iter().map(|l| l.speed).collect();
         predict(&layout, p, &rates, &speeds, hidden, args.max_seqs)
     });
+    let report = Report {
+        args: &args,
+        layout: &layout,
+        nodes: &nodes,
+        links: &links,
+        placed: &placed,
+        prediction: prediction.as_ref(),
+    };
     if args.json {
-        println!(
-            "{}",
-            json(&args, &layout, &nodes, &links, &placed, prediction.as_ref())?
-        );
+        println!("{}", report.json()?);
     } else {
-        print_text(&args, &layout, &nodes, &links, &placed, prediction.as_ref());
+        report.print();
     }
     // a plan that does not fit is an answer, and a failure for scripts
     Ok(if placed.is_ok() {
@@ -271,104 +288,113 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
     })
 }
 
-fn json(
-    args: &PlanArgs,
-    layout: &engine::stage_file::Layout,
-    nodes: &[Planned],
-    links: &[(String, String, LinkSpeed, String)],
-    placed: &Result<StagePlan, cluster::PlanError>,
-    prediction: Option<&Prediction>,
-) -> anyhow::Result<String> {
-    let stages: Vec<serde_json::Value> = match placed {
-        Ok(p) => p
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(k, s)| {
-                serde_json::json!({
-                    "node": p.names[s.node],
-                    "layers": [s.layers.start, s.layers.end],
-                    "weight_bytes": s.weight_bytes,
-                    "kv_bytes": s.kv_bytes,
-                    "act_bytes": s.act_bytes,
-                    "usable_bytes": s.usable,
-                    "predicted_ms_per_token": prediction.and_then(|x| x.stage_ms.get(k)),
+impl Report<'_> {
+    fn json(&self) -> anyhow::Result<String> {
+        let Report {
+            args,
+            layout,
+            nodes,
+            links,
+            placed,
+            prediction,
+        } = *self;
+        let stages: Vec<serde_json::Value> = match placed {
+            Ok(p) => p
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    serde_json::json!({
+                        "node": p.names[s.node],
+                        "layers": [s.layers.start, s.layers.end],
+                        "weight_bytes": s.weight_bytes,
+                        "kv_bytes": s.kv_bytes,
+                        "act_bytes": s.act_bytes,
+                        "usable_bytes": s.usable,
+                        "predicted_ms_per_token": prediction.and_then(|x| x.stage_ms.get(k)),
+                    })
                 })
-            })
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    let v = serde_json::json!({
-        "model": args.model.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "layers": layout.layer_bytes.len(),
-        "weight_bytes": layout.total_bytes(),
-        "fits": placed.is_ok(),
-        "error": placed.as_ref().err().map(|e| e.to_string()),
-        "nodes": nodes.iter().map(|n| serde_json::json!({
-            "name": n.name, "usable_bytes": n.usable, "rates": n.rates,
-        })).collect::<Vec<_>>(),
-        "stages": stages,
-        "links": links.iter().enumerate().map(|(k, (from, to, s, t))| serde_json::json!({
-            "from": from, "to": to, "transport": t, "rtt_us": s.rtt_us, "bytes_per_s": s.bytes_per_s,
-            "predicted_ms_per_token": prediction.and_then(|x| x.link_ms.get(k)),
-        })).collect::<Vec<_>>(),
-        "ctx": placed.as_ref().map_or(0, |p| p.serving.ctx),
-        "max_seqs": args.max_seqs,
-        "kv_capacity_tokens": placed.as_ref().map_or(0, |p| p.serving.kv_tokens),
-        "prediction": prediction,
-    });
-    Ok(serde_json::to_string_pretty(&v)?)
-}
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let v = serde_json::json!({
+            "model": args.model.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "layers": layout.layer_bytes.len(),
+            "weight_bytes": layout.total_bytes(),
+            "fits": placed.is_ok(),
+            "error": placed.as_ref().err().map(|e| e.to_string()),
+            "nodes": nodes.iter().map(|n| serde_json::json!({
+                "name": n.name, "usable_bytes": n.usable, "rates": n.rates,
+            })).collect::<Vec<_>>(),
+            "stages": stages,
+            "links": links.iter().enumerate().map(|(k, l)| serde_json::json!({
+                "from": l.from, "to": l.to, "transport": l.transport, "rtt_us": l.speed.rtt_us,
+                "bytes_per_s": l.speed.bytes_per_s,
+                "predicted_ms_per_token": prediction.and_then(|x| x.link_ms.get(k)),
+            })).collect::<Vec<_>>(),
+            "ctx": placed.as_ref().map_or(0, |p| p.serving.ctx),
+            "max_seqs": args.max_seqs,
+            "kv_capacity_tokens": placed.as_ref().map_or(0, |p| p.serving.kv_tokens),
+            "prediction": prediction,
+        });
+        Ok(serde_json::to_string_pretty(&v)?)
+    }
 
-fn print_text(
-    args: &PlanArgs,
-    layout: &engine::stage_file::Layout,
-    nodes: &[Planned],
-    links: &[(String, String, LinkSpeed, String)],
-    placed: &Result<StagePlan, cluster::PlanError>,
-    prediction: Option<&Prediction>,
-) {
-    println!(
-        "model {} — {} layers, {:.2} GiB of weights",
-        args.model.display(),
-        layout.layer_bytes.len(),
-        layout.total_bytes() as f64 / (1u64 << 30) as f64
-    );
-    for n in nodes {
-        let best = n.rates.iter().map(|r| r.bytes_per_s).max().unwrap_or(0);
+    fn print(&self) {
+        let Report {
+            args,
+            layout,
+            nodes,
+            links,
+            placed,
+            prediction,
+        } = *self;
         println!(
-            "  node {:<24} usable {:>8.2} GiB, kernels up to {:>6.1} GB/s",
-            n.name,
-            n.usable as f64 / (1u64 << 30) as f64,
-            best as f64 / 1e9
+            "model {} — {} layers, {:.2} GiB of weights",
+            args.model.display(),
+            layout.layer_bytes.len(),
+            layout.total_bytes() as f64 / (1u64 << 30) as f64
         );
-    }
-    for (from, to, s, t) in links {
-        println!(
-            "  link {from} → {to}: {t}, round trip {:.0} µs, {:.0} MB/s",
-            s.rtt_us,
-            s.bytes_per_s / 1e6
-        );
-    }
-    match placed {
-        Ok(p) => {
-            println!("\nfits:\n{p}");
-            if let Some(x) = prediction {
-                let stages: Vec<String> = x.stage_ms.iter().map(|m| format!("{m:.2}")).collect();
-                let hops: Vec<String> = x.link_ms.iter().map(|m| format!("{m:.3}")).collect();
-                println!(
-                    "predicted ms per token: stages [{}], links [{}]",
-                    stages.join(", "),
-                    hops.join(", ")
-                );
-                println!(
-                    "predicted decode: {:.1} tok/s single stream, {:.1} tok/s over {} sequences",
-                    x.single_tokens_per_s, x.aggregate_tokens_per_s, x.seqs
-                );
-            } else {
-                println!("no prediction: a node has no measured kernel rates");
-            }
+        for n in nodes {
+            let best = n.rates.iter().map(|r| r.bytes_per_s).max().unwrap_or(0);
+            println!(
+                "  node {:<24} usable {:>8.2} GiB, kernels up to {:>6.1} GB/s",
+                n.name,
+                n.usable as f64 / (1u64 << 30) as f64,
+                best as f64 / 1e9
+            );
         }
-        Err(e) => println!("\ndoes not fit: {e}"),
+        for l in links {
+            println!(
+                "  link {} → {}: {}, round trip {:.0} µs, {:.0} MB/s",
+                l.from,
+                l.to,
+                l.transport,
+                l.speed.rtt_us,
+                l.speed.bytes_per_s / 1e6
+            );
+        }
+        match placed {
+            Ok(p) => {
+                println!("\nfits:\n{p}");
+                if let Some(x) = prediction {
+                    let stages: Vec<String> =
+                        x.stage_ms.iter().map(|m| format!("{m:.2}")).collect();
+                    let hops: Vec<String> = x.link_ms.iter().map(|m| format!("{m:.3}")).collect();
+                    println!(
+                        "predicted ms per token: stages [{}], links [{}]",
+                        stages.join(", "),
+                        hops.join(", ")
+                    );
+                    println!(
+                        "predicted decode: {:.1} tok/s single stream, {:.1} tok/s over {} sequences",
+                        x.single_tokens_per_s, x.aggregate_tokens_per_s, x.seqs
+                    );
+                } else {
+                    println!("no prediction: a node has no measured kernel rates");
+                }
+            }
+            Err(e) => println!("\ndoes not fit: {e}"),
+        }
     }
 }

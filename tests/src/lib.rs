@@ -368,7 +368,7 @@ impl Proxy {
 }
 
 /// Runs `ip`/`tc` arguments; panics with what they said when they fail.
-pub fn sh(args: &[&str]) {
+fn sh(args: &[&str]) {
     let out = std::process::Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -436,19 +436,41 @@ impl Netns {
         ]);
         sh(&["ip", "-n", &name, "link", "set", &inner, "up"]);
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        ns.shape("add", rate);
+        ns
+    }
+
+    /// Shapes both ends of the veth pair with `tc tbf` at `rate`: `verb` "add" the first time,
+    /// "change" after.
+    pub fn shape(&self, verb: &str, rate: &str) {
         for (ns_args, dev) in [
-            (vec![], outer.as_str()),
-            (vec!["-n", name.as_str()], inner.as_str()),
+            (vec![], self.outer.as_str()),
+            (vec!["-n", self.name.as_str()], self.inner.as_str()),
         ] {
             let mut a = vec!["tc"];
             a.extend(ns_args);
             a.extend([
-                "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
+                "qdisc", verb, "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
                 "latency", "50ms",
             ]);
             sh(&a);
         }
-        ns
+    }
+
+    /// Starts `sinew worker` inside the namespace on its address (TCP links, one thread) with
+    /// the cluster key in `key` and `extra` arguments; returns it and its address once it listens.
+    pub fn worker(&self, key: &Path, extra: &[&str]) -> (Node, String) {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(sinew_bin())
+            .args(["worker", "--threads", "1", "--transport", "tcp", "--listen"])
+            .arg(format!("{}:0", self.host))
+            .arg("--cluster-key-file")
+            .arg(key)
+            .args(extra);
+        let mut node = Node::spawn(cmd);
+        let addr = node.wait_for_line("worker listening on ", Duration::from_secs(60));
+        (node, addr)
     }
 }
 

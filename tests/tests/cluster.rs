@@ -637,16 +637,10 @@ fn a_worker_in_another_network_namespace_over_shaped_veth_links() {
     let want = reference(&model, &prompt, greedy(12), Some(2));
     for (tag, rate) in [("a", "10gbit"), ("b", "1gbit")] {
         let ns = Netns::new(tag, rate);
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name])
-            .arg(sinew_tests::sinew_bin())
-            .args(["worker", "--threads", "1", "--transport", "tcp", "--listen"])
-            .arg(format!("{}:0", ns.host))
-            .arg("--cluster-key-file")
-            .arg(&kpath)
-            .args(["--cache-dir", &dir.path().join(tag).to_string_lossy()]);
-        let mut w = Node::spawn(cmd);
-        let addr = w.wait_for_line("worker listening on ", Duration::from_secs(60));
+        let (w, addr) = ns.worker(
+            &kpath,
+            &["--cache-dir", &dir.path().join(tag).to_string_lossy()],
+        );
         let mut opts = head_opts(&model, vec![addr], k.clone(), &dir.path().join("head"));
         opts.link.transport = TransportChoice::Only(transport::TransportKind::TCP);
         let c = start(opts);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cluster::discovery::{Announcement, now_ms};
 use cluster::{BatchOptions, Cluster, ClusterOptions, ClusterState, Operations};
 use engine::gguf::{ExpertLayout, Quant, WriteOptions};
-use sinew_tests::{Netns, Node, can_make_namespaces, key_file, sh};
+use sinew_tests::{Netns, Node, can_make_namespaces, key_file};
 use transport::{ClusterKey, LinkConfig, TransportChoice};
 
 fn model(dir: &Path) -> PathBuf {
@@ -278,17 +278,15 @@ fn a_worker_in_another_network_namespace_is_discovered() {
     );
     o.link.transport = TransportChoice::Only(transport::TransportKind::TCP);
     let c = start(o);
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .arg(sinew_tests::sinew_bin())
-        .args(["worker", "--threads", "1", "--transport", "tcp", "--listen"])
-        .arg(format!("{}:0", ns.host))
-        .arg("--cluster-key-file")
-        .arg(&kpath)
-        .args(["--discovery-port", &port.to_string()])
-        .args(["--cache-dir", &dir.path().join("w").to_string_lossy()]);
-    let mut w = Node::spawn(cmd);
-    let addr = w.wait_for_line("worker listening on ", Duration::from_secs(60));
+    let (_w, addr) = ns.worker(
+        &kpath,
+        &[
+            "--discovery-port",
+            &port.to_string(),
+            "--cache-dir",
+            &dir.path().join("w").to_string_lossy(),
+        ],
+    );
     let took = wait_for(
         &c,
         Duration::from_secs(20),
@@ -308,24 +306,14 @@ fn a_throttled_link_gets_a_warning_naming_both_nodes() {
     let (kpath, k) = key(dir.path(), 0x5a);
     let m = model(dir.path());
     let ns = Netns::new("d", "1gbit");
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .arg(sinew_tests::sinew_bin())
-        .args([
-            "worker",
-            "--threads",
-            "1",
-            "--transport",
-            "tcp",
+    let (_w, addr) = ns.worker(
+        &kpath,
+        &[
             "--no-announce",
-            "--listen",
-        ])
-        .arg(format!("{}:0", ns.host))
-        .arg("--cluster-key-file")
-        .arg(&kpath)
-        .args(["--cache-dir", &dir.path().join("w").to_string_lossy()]);
-    let mut w = Node::spawn(cmd);
-    let addr = w.wait_for_line("worker listening on ", Duration::from_secs(60));
+            "--cache-dir",
+            &dir.path().join("w").to_string_lossy(),
+        ],
+    );
     let mut o = opts(
         &m,
         vec![addr.clone()],
@@ -347,7 +335,7 @@ fn a_throttled_link_gets_a_warning_naming_both_nodes() {
                 .all(|l| l.samples >= 2 && l.warning.is_none())
     });
     // 30% of the rate, both ways
-    throttle(&ns, "300mbit");
+    ns.shape("change", "300mbit");
     let took = wait_for(
         &c,
         Duration::from_secs(30),
@@ -364,7 +352,7 @@ fn a_throttled_link_gets_a_warning_naming_both_nodes() {
     assert!(c.state().ready);
     // 2% of the rate: no longer usable, and the head alone holds the model: it re-plans without
     // the worker (slow probes are not taken for a dead worker)
-    throttle(&ns, "20mbit");
+    ns.shape("change", "20mbit");
     let took = wait_for(
         &c,
         Duration::from_secs(90),
@@ -388,25 +376,6 @@ fn a_throttled_link_gets_a_warning_naming_both_nodes() {
             .map(|n| n.error.clone())
             .collect::<Vec<_>>()
     );
-}
-
-/// Changes the shaping of both ends of `ns`'s veth pair.
-fn throttle(ns: &Netns, rate: &str) {
-    for (ns_args, dev) in [
-        (vec![], ns.outer.clone()),
-        (vec!["-n".to_string(), ns.name.clone()], ns.inner.clone()),
-    ] {
-        let mut a: Vec<String> = vec!["tc".into()];
-        a.extend(ns_args);
-        a.extend(
-            [
-                "qdisc", "change", "dev", &dev, "root", "tbf", "rate", rate, "burst", "256kb",
-                "latency", "50ms",
-            ]
-            .map(String::from),
-        );
-        sh(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    }
 }
 
 #[test]

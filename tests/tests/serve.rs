@@ -869,25 +869,19 @@ fn a_full_queue_is_a_429_with_retry_after() {
     };
     // one runs, one waits: the queue is full (the second is sent once the first runs: sent
     // together, the second could find the first still queued and be the one refused)
-    let running = long();
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let wait_for = |running: u64, queued: u64| loop {
         let st = call("GET", &format!("{url}/cluster"), None, None);
-        if st.body["running"] == 1 {
+        if st.body["running"] == running && st.body["queued"] == queued {
             break;
         }
         assert!(Instant::now() < deadline, "{}", st.body);
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    let running = long();
+    wait_for(1, 0);
     let waiting = long();
-    loop {
-        let st = call("GET", &format!("{url}/cluster"), None, None);
-        if st.body["running"] == 1 && st.body["queued"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{}", st.body);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(1, 1);
     let r = post(
         &format!("{url}/chat/completions"),
         chat_body("one more", json!({"max_tokens": 2})),

@@ -669,7 +669,8 @@ impl Supervisor {
         links: &[crate::head::LinkState],
     ) -> Option<crate::predict::Prediction> {
         let layout = self.layout().ok()??;
-        let mut rates = vec![node::speed_wait(Duration::from_secs(10))];
+        // measured when the supervisor started
+        let mut rates = vec![node::speed_now()];
         for &i in up {
             rates.push(self.members[i].up.as_ref()?.advert.speed.clone());
         }

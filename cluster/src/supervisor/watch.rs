@@ -50,15 +50,15 @@ impl Supervisor {
 
     /// One round of the watch, when due and idle.
     pub(super) fn watch_links(&mut self) {
+        // called every turn of the supervisor's loop: the cheap checks first
         let every = self.opts.ops.watch_every;
+        if every.is_zero() || self.watch.last.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
         let Some((up, epoch)) = self.plan.clone() else {
             return;
         };
-        if every.is_zero() || up.is_empty() || self.watch.last.is_some_and(|t| t.elapsed() < every)
-        {
-            return;
-        }
-        if !self.idle() {
+        if up.is_empty() || !self.idle() {
             return;
         }
         self.watch.last = Some(Instant::now());

@@ -107,6 +107,16 @@ fn batch() -> impl Strategy<Value = Batch> {
         })
 }
 
+fn link_report() -> impl Strategy<Value = LinkReport> {
+    ("[a-z]{0,6}", any::<u32>(), any::<u64>()).prop_map(|(transport, rtt_us, bytes_per_s)| {
+        LinkReport {
+            transport,
+            rtt_us,
+            bytes_per_s,
+        }
+    })
+}
+
 fn msg() -> impl Strategy<Value = Msg> {
     let file = ("[a-z.]{1,12}", any::<u64>(), any::<[u8; 32]>())
         .prop_map(|(name, size, hash)| ModelFile { name, size, hash });
@@ -212,17 +222,13 @@ fn msg() -> impl Strategy<Value = Msg> {
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
-            proptest::option::of(("[a-z]{0,6}", any::<u32>(), any::<u64>()))
+            proptest::option::of(link_report())
         )
             .prop_map(|(a, b, c, l)| Msg::Ready(Ready {
                 kv_capacity_tokens: a,
                 load_ms: b,
                 received_bytes: c,
-                next_link: l.map(|(transport, rtt_us, bytes_per_s)| LinkReport {
-                    transport,
-                    rtt_us,
-                    bytes_per_s
-                }),
+                next_link: l,
             })),
         (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(id, pad)| Msg::Probe { id, pad }),
@@ -254,17 +260,7 @@ fn msg() -> impl Strategy<Value = Msg> {
         any::<u16>().prop_map(|version| Msg::Survey { version }),
         "[0-9.:]{1,21}".prop_map(Msg::ProbePeer),
         any::<u64>().prop_map(|bytes| Msg::SampleNext { bytes }),
-        proptest::result::maybe_ok(
-            ("[a-z]{0,6}", any::<u32>(), any::<u64>()).prop_map(
-                |(transport, rtt_us, bytes_per_s)| LinkReport {
-                    transport,
-                    rtt_us,
-                    bytes_per_s
-                }
-            ),
-            ".{0,30}"
-        )
-        .prop_map(Msg::LinkSample),
+        proptest::result::maybe_ok(link_report(), ".{0,30}").prop_map(Msg::LinkSample),
     ]
 }
 

@@ -1,0 +1,19 @@
+# The synthetic models the cluster, serving and batching benchmarks share: sourced, not run.
+# Expects SINEW, OUT and LAYERS. `model_file NAME` prints the path of `dense-Q` (a Llama shape of
+# about 1B parameters: hidden 2048, 16 layers) or `moe-Q` (the Qwen3-30B-A3B shape of
+# bench/engine.sh, LAYERS layers), Q a quantization (q4_k, q8_0, …), writing it the first time.
+MOE=(--arch qwen3_moe --hidden 2048 --experts 128 --top-k 8 --moe-intermediate 768
+     --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 384 --seed 1 --layers "$LAYERS")
+DENSE=(--arch llama --hidden 2048 --intermediate 8192 --layers 16 --heads 32 --kv-heads 8
+       --head-dim 64 --vocab 384 --seed 1)
+model_file() { # NAME -> path, made once
+  local kind=${1%%-*} q=${1#*-} f
+  if [ "$kind" = dense ]; then
+    f="$OUT/llama-1b-shape-$q.gguf"
+    [ -f "$f" ] || "$SINEW" gguf synth "${DENSE[@]}" --quant "$q" --out "$f" >&2
+  else
+    f="$OUT/qwen3-30b-a3b-shape-${LAYERS}l-$q.gguf"
+    [ -f "$f" ] || "$SINEW" gguf synth "${MOE[@]}" --quant "$q" --out "$f" >&2
+  fi
+  echo "$f"
+}
