@@ -10,6 +10,8 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+use std::sync::Arc;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use engine::kernels::{Format, Job, PackedMatrix, QuantRow, run};
 
@@ -32,31 +34,65 @@ fn bench(c: &mut Criterion) {
     ] {
         let mut packed = Vec::with_capacity(MATRICES);
         let mut candle = Vec::with_capacity(MATRICES);
-        let mut bytes = 0;
+        let mut all = Vec::new();
         for _ in 0..MATRICES {
             let w = Tensor::randn(0f32, 1.0, (ROWS, COLS), &dev).expect("random weights");
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let blocks = q.data().expect("blocks").into_owned();
-            bytes += blocks.len();
             packed.push(PackedMatrix::pack(format, &blocks, ROWS, COLS).expect("tiles"));
+            all.extend_from_slice(&blocks);
             candle.push(QMatMul::from_qtensor(q).expect("qmatmul"));
         }
+        let bytes = all.len();
+        // the same blocks read where they lie in a mapping, as a GGUF file's Q8_0 experts are
+        let mut in_place = Vec::new();
+        if format.reads_in_place() && format.native() {
+            let mut map = memmap2::MmapMut::map_anon(bytes).expect("anonymous map");
+            map.copy_from_slice(&all);
+            let map = Arc::new(map.make_read_only().expect("read-only"));
+            let per = bytes / MATRICES;
+            in_place = (0..MATRICES)
+                .map(|m| PackedMatrix::in_place(map.clone(), m * per, format, ROWS, COLS))
+                .collect::<Option<Vec<_>>>()
+                .expect("in place");
+        }
+        drop(all);
         let mut group = c.benchmark_group(format!("gemv {format:?} {MATRICES}x[{ROWS}, {COLS}]"));
         group.throughput(Throughput::Bytes(bytes as u64));
         if format.native() {
-            let mut outs = vec![vec![0f32; ROWS]; MATRICES];
-            group.bench_function("sinew", |b| {
-                b.iter(|| {
-                    let a = QuantRow::new(format, &x);
-                    let acts = std::slice::from_ref(&a);
-                    let mut jobs: Vec<Job<'_>> = packed
-                        .iter()
-                        .zip(outs.iter_mut())
-                        .map(|(mat, out)| Job { mat, acts, out })
-                        .collect();
-                    run(&mut jobs);
-                })
-            });
+            let mut outs = vec![vec![0f32; 4 * ROWS]; MATRICES];
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|r| x.iter().map(|v| v * (1.0 + r as f32 * 0.1)).collect())
+                .collect();
+            for (name, mats) in [("sinew", &packed), ("sinew in place", &in_place)] {
+                if mats.is_empty() {
+                    continue;
+                }
+                // one activation row (a decode step), and four (a batched step)
+                for n in [1, 4] {
+                    let label = if n == 1 {
+                        name.to_string()
+                    } else {
+                        format!("{name}, {n} rows")
+                    };
+                    group.bench_function(label, |b| {
+                        b.iter(|| {
+                            let acts: Vec<QuantRow> =
+                                xs[..n].iter().map(|x| QuantRow::new(format, x)).collect();
+                            let mut jobs: Vec<Job<'_>> = mats
+                                .iter()
+                                .zip(outs.iter_mut())
+                                .map(|(mat, out)| Job {
+                                    mat,
+                                    acts: &acts,
+                                    out: &mut out[..n * ROWS],
+                                })
+                                .collect();
+                            run(&mut jobs);
+                        })
+                    });
+                }
+            }
         }
         group.bench_function("candle", |b| {
             b.iter(|| {

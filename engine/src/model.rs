@@ -349,13 +349,16 @@ impl Model {
         kinds.into_iter().map(|(k, (n, b))| (k, n, b)).collect()
     }
 
-    /// Bytes of experts not packed yet: memory this stage will take as requests route to them
-    /// (a KV budget taken from the memory available now must leave it free).
+    /// Bytes of weights outside this process's own memory: experts not packed yet (memory this
+    /// stage will take as requests route to them) and matrices read in place from the model
+    /// file's page cache (which the system counts as available, but which must stay
+    /// resident). A KV budget taken from the memory available now must leave them free.
     pub fn unpacked_bytes(&self) -> usize {
         self.mats()
             .into_iter()
             .map(|m| match m {
                 Mat::Lazy(l) if !l.is_packed() => l.size_in_bytes(),
+                Mat::Packed(p) if p.is_in_place() => p.size_in_bytes(),
                 _ => 0,
             })
             .sum()

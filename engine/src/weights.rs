@@ -526,14 +526,22 @@ impl Store {
                 self.packable_blocks(&stacked, &[n, out, inp], (out, inp))?
                 && let Kind::Gguf { map, .. } = &self.kind
             {
-                // packed when first routed to: a prompt routes to a fraction of the experts,
-                // and loading packs none of them
+                // read in place (Q8_0: an expert sees a few rows of a step, where the file's
+                // blocks stream as fast as tiles) or packed when first routed to (a prompt
+                // routes to a fraction of the experts): loading copies none of them
                 let per = data.len() / n.max(1);
                 let base = data.as_ptr() as usize - map.as_ptr() as usize;
                 return (0..n)
                     .map(|e| {
-                        LazyPacked::new(map.clone(), base + e * per, format, (out, inp), release_pages)
-                            .map(|l| Mat::Lazy(Arc::new(l)))
+                        let start = base + e * per;
+                        let m = if format.reads_in_place() {
+                            PackedMatrix::in_place(map.clone(), start, format, out, inp)
+                                .map(|p| Mat::Packed(Arc::new(p)))
+                        } else {
+                            LazyPacked::new(map.clone(), start, format, (out, inp), release_pages)
+                                .map(|l| Mat::Lazy(Arc::new(l)))
+                        };
+                        m
                             .ok_or_else(|| {
                                 Error::Candle(candle_core::Error::Msg(format!(
                                     "tensor {stacked:?}: expert {e} does not pack as a [{out}, {inp}] {format:?} matrix"

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use super::kind::{BF16, F16, F32};
 use super::{
     F32_TILE, FloatOut, HALF_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_Q, Q6K_SC, Q6K_SUB,
-    Q6K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
+    Q6K_TILE, Q8_0_BYTES, Q8_0_TILE, QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
 };
 
 /// 1..=[`STREAMS`] float tile slabs of weight kind `kind` times 1..=[`ROWS_PER_PASS`] rows `xs`,
@@ -430,4 +430,69 @@ pub(super) unsafe fn tile_rows_q8_0<const N: usize>(
     }
     // SAFETY: AVX2 is available (the caller's contract).
     unsafe { store_rows_n(out, &accs) };
+}
+
+/// 16 consecutive Q8_0 rows in the file's own layout (`rows`: each `row_bytes` long, 34-byte
+/// blocks of an f16 scale and 32 i8 values), times each of the `N` rows `a`, into `out[n]`,
+/// read where they lie. Two weight rows go side by side, a block per register: |w| times y
+/// with w's sign in `vpmaddubsw` (each i16 pair at most 2 · 128 · 127, so no saturation), then
+/// `vpmaddwd`, scaled per block into per-lane f32 sums; each row ends in one horizontal sum, in
+/// the same order whatever `N` is.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `rows` holds 16 rows of `row_bytes` = `a[i].len() / 32 · 34`
+/// bytes for every `i`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `r` and `n` index the rows and their accumulators
+pub(super) unsafe fn block_rows_q8_0<const N: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    a: [&QuantRow; N],
+    out: &mut [[f32; TILE_ROWS]; N],
+) {
+    const GROUP: usize = 2;
+    let blocks = a[0].len() / QK8_0;
+    debug_assert_eq!(row_bytes, blocks * Q8_0_BYTES);
+    debug_assert_eq!(rows.len(), TILE_ROWS * row_bytes);
+    debug_assert!(a.iter().all(|r| r.len() == a[0].len()));
+    let ones = _mm256_set1_epi16(1);
+    for g in 0..TILE_ROWS / GROUP {
+        let mut acc = [[_mm256_setzero_ps(); N]; GROUP];
+        for b in 0..blocks {
+            // SAFETY: block b of row r lies at r · row_bytes + 34 · b, inside `rows`, and values
+            // 32 · b.. of every activation row exist (the caller's contract).
+            unsafe {
+                let y: [__m256i; N] = std::array::from_fn(|n| {
+                    _mm256_loadu_si256(a[n].qs.as_ptr().add(b * QK8_0) as *const _)
+                });
+                for r in 0..GROUP {
+                    let q = rows
+                        .as_ptr()
+                        .add((g * GROUP + r) * row_bytes + b * Q8_0_BYTES);
+                    let w = _mm256_loadu_si256(q.add(2) as *const _);
+                    let aw = _mm256_abs_epi8(w);
+                    let dw = _mm256_cvtph_ps(_mm_set1_epi16((q as *const i16).read_unaligned()));
+                    for n in 0..N {
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y[n], w));
+                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                        let d = _mm256_mul_ps(dw, _mm256_set1_ps(*a[n].d.get_unchecked(b)));
+                        acc[r][n] = _mm256_fmadd_ps(dot, d, acc[r][n]);
+                    }
+                }
+            }
+        }
+        for r in 0..GROUP {
+            for n in 0..N {
+                out[n][g * GROUP + r] = hsum(acc[r][n]);
+            }
+        }
+    }
+}
+
+/// The sum of the 8 lanes of `v`, in a fixed order.
+#[target_feature(enable = "avx2")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
 }

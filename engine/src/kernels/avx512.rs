@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 use super::kind::{BF16, F16, F32};
 use super::{
     F32_TILE, FloatOut, HALF_TILE, Q4K_MN, Q4K_QS, Q4K_SC, Q4K_TILE, Q6K_Q, Q6K_SC, Q6K_SUB,
-    Q6K_TILE, Q8_0_TILE, QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
+    Q6K_TILE, Q8_0_BYTES, Q8_0_TILE, QK_K, QK8_0, QuantRow, ROWS_PER_PASS, STREAMS, TILE_ROWS,
 };
 
 /// 1..=[`STREAMS`] float tile slabs of weight kind `kind` times 1..=[`ROWS_PER_PASS`] rows `xs`,
@@ -301,5 +301,83 @@ pub(super) unsafe fn tile_rows_q8_0<const N: usize>(
     for n in 0..N {
         // SAFETY: out[n] holds 16 f32.
         unsafe { _mm512_storeu_ps(out[n].as_mut_ptr(), acc[n]) };
+    }
+}
+
+/// 16 consecutive Q8_0 rows in the file's own layout (`rows`: each `row_bytes` long, 34-byte
+/// blocks of an f16 scale and 32 i8 values), times each of the `N` rows `a`, into `out[n]` —
+/// read where they lie, nothing repacked, one row after the other (so the rows stream front to
+/// back). One 64-byte register holds two blocks of a row; `vpdpbusd` multiplies the activations
+/// plus 128 (u8) by the weights (i8) starting from −128 · Σw, so each lane's sum of four
+/// products is exact. Per lane the sums are scaled by the two blocks' scales and accumulated; each row
+/// ends in one horizontal sum, in the same order whatever `N` is.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI and F16C available; `rows` holds 16 rows of `row_bytes` =
+/// `a[i].len() / 32 · 34` bytes for every `i`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+#[allow(clippy::needless_range_loop)] // `n` indexes the rows and their accumulators together
+pub(super) unsafe fn block_rows_q8_0<const N: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    a: [&QuantRow; N],
+    out: &mut [[f32; TILE_ROWS]; N],
+) {
+    let blocks = a[0].len() / QK8_0;
+    debug_assert_eq!(row_bytes, blocks * Q8_0_BYTES);
+    debug_assert_eq!(rows.len(), TILE_ROWS * row_bytes);
+    debug_assert!(
+        a.iter()
+            .all(|r| r.len() == a[0].len() && r.dpair.len() >= blocks * 8)
+    );
+    let zero = _mm512_setzero_si512();
+    let m128 = _mm512_set1_epi8(i8::MIN);
+    for r in 0..TILE_ROWS {
+        let mut acc = [_mm512_setzero_ps(); N];
+        // SAFETY: row r lies inside `rows`, blocks b (and b + 1 for a pair) inside it and
+        // inside every activation row (the caller's contract); a lone block's activations are
+        // loaded masked to it, and `dpair` holds 16 scales per two blocks, padded.
+        unsafe {
+            let row = rows.as_ptr().add(r * row_bytes);
+            let mut step = |b: usize, pair: bool| {
+                let q = row.add(b * Q8_0_BYTES);
+                let lo = _mm256_loadu_si256(q.add(2) as *const _);
+                let (w, h1) = if pair {
+                    let hi = _mm256_loadu_si256(q.add(Q8_0_BYTES + 2) as *const _);
+                    let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    (w, (q.add(Q8_0_BYTES) as *const i16).read_unaligned())
+                } else {
+                    (_mm512_zextsi256_si512(lo), 0)
+                };
+                let h0 = (q as *const i16).read_unaligned();
+                let dw = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_set1_epi16(h0)),
+                    _mm_set1_epi16(h1),
+                ));
+                // (y + 128) · w summed from −128 · Σw is Σ y · w
+                let bias = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, m128, w));
+                for n in 0..N {
+                    let p = a[n].xu.as_ptr().add(b * QK8_0);
+                    let x = if pair {
+                        _mm512_loadu_si512(p as *const _)
+                    } else {
+                        _mm512_maskz_loadu_epi8(u32::MAX as u64, p as *const i8)
+                    };
+                    let dot = _mm512_dpbusd_epi32(bias, x, w);
+                    let dx = _mm512_loadu_ps(a[n].dpair.as_ptr().add(b * 8));
+                    acc[n] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, dx), acc[n]);
+                }
+            };
+            for p in 0..blocks / 2 {
+                step(2 * p, true);
+            }
+            if blocks % 2 == 1 {
+                step(blocks - 1, false);
+            }
+        }
+        for n in 0..N {
+            out[n][r] = _mm512_reduce_add_ps(acc[n]);
+        }
     }
 }

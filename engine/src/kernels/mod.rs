@@ -231,6 +231,10 @@ pub struct QuantRow {
     qs: Vec<i8>,
     bsum: Vec<i32>,
     f: Vec<f32>,
+    /// Q8_0 only, for matrices read in place: the values + 128 as u8, and the block scales
+    /// spread over a 64-byte register per two blocks (8 lanes each, zero past the last block).
+    xu: Vec<u8>,
+    dpair: Vec<f32>,
 }
 
 impl QuantRow {
@@ -245,6 +249,8 @@ impl QuantRow {
                 qs: Vec::new(),
                 bsum: Vec::new(),
                 f: x.to_vec(),
+                xu: Vec::new(),
+                dpair: Vec::new(),
             };
         }
         let be = format.block_elems();
@@ -267,12 +273,22 @@ impl QuantRow {
             .chunks_exact(if format == Format::Q6K { 16 } else { 32 })
             .map(|c| c.iter().map(|&v| v as i32).sum())
             .collect();
+        let (mut xu, mut dpair) = (Vec::new(), Vec::new());
+        if format.reads_in_place() {
+            xu = qs.iter().map(|&v| (v as u8) ^ 0x80).collect();
+            dpair = vec![0f32; d.len().div_ceil(2) * 16];
+            for (b, &s) in d.iter().enumerate() {
+                dpair[b * 8..b * 8 + 8].fill(s);
+            }
+        }
         QuantRow {
             format,
             d,
             qs,
             bsum,
             f: Vec::new(),
+            xu,
+            dpair,
         }
     }
 
@@ -403,15 +419,25 @@ pub fn dot_scalar(format: Format, w: &[u8], a: &QuantRow) -> f32 {
     total
 }
 
-/// A weight matrix [rows, cols] repacked into 16-row tiles for the kernels.
+/// A weight matrix [rows, cols] as the kernels read it: repacked into 16-row tiles, or (Q8_0
+/// from a file mapping, [`PackedMatrix::in_place`]) the file's own blocks where they lie.
 pub struct PackedMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    /// The tiles start at `off`, the first cache-line boundary of the allocation.
-    data: Vec<u8>,
-    off: usize,
-    len: usize,
+    store: Store,
+}
+
+/// Where a [`PackedMatrix`]'s bytes are.
+enum Store {
+    /// Tiles in an owned buffer, from `off`, the first cache-line boundary of the allocation.
+    Tiles {
+        data: Vec<u8>,
+        off: usize,
+        len: usize,
+    },
+    /// GGUF blocks, row after row, at `start..start + len` of a read-only file mapping.
+    InPlace(InPlace),
 }
 
 /// Asks the kernel to back the 2 MiB-aligned interior of a freshly allocated (untouched) buffer
@@ -461,18 +487,24 @@ impl PackedMatrix {
             format,
             rows,
             cols,
-            data,
-            off,
-            len,
+            store: Store::Tiles { data, off, len },
         })
     }
 
+    /// The tiles (empty for a matrix read in place).
     fn tiles(&self) -> &[u8] {
-        &self.data[self.off..self.off + self.len]
+        match &self.store {
+            Store::Tiles { data, off, len } => &data[*off..*off + *len],
+            Store::InPlace(_) => &[],
+        }
     }
 
+    /// The tiles, to fill while packing (only packing makes a tiled store).
     fn tiles_mut(&mut self) -> &mut [u8] {
-        &mut self.data[self.off..self.off + self.len]
+        match &mut self.store {
+            Store::Tiles { data, off, len } => &mut data[*off..*off + *len],
+            Store::InPlace(_) => unreachable!("a matrix read in place is never packed"),
+        }
     }
 
     /// Repacks the GGUF blocks `gguf` of a [rows, cols] matrix (for [`Format::F32`], its
@@ -665,13 +697,35 @@ impl PackedMatrix {
         self.cols
     }
 
-    /// Bytes held.
+    /// Bytes it reads: the tiles, or the file's blocks read in place.
     pub fn size_in_bytes(&self) -> usize {
-        self.len
+        match &self.store {
+            Store::Tiles { len, .. } => *len,
+            Store::InPlace(p) => p.len(),
+        }
     }
 
-    /// Row `row` dequantized from the packed tiles (portable; for tests and checks).
+    /// Tiles a unit of work reads side by side ([`Format::streams`]; one for a matrix read in
+    /// place).
+    fn streams(&self, isa: Isa) -> usize {
+        match self.store {
+            Store::Tiles { .. } => self.format.streams(isa),
+            Store::InPlace(_) => 1,
+        }
+    }
+
+    /// Whether it reads the file's blocks in place ([`PackedMatrix::in_place`]) rather than a
+    /// packed copy.
+    pub fn is_in_place(&self) -> bool {
+        matches!(self.store, Store::InPlace(_))
+    }
+
+    /// Row `row` dequantized from the packed tiles or the blocks read in place (portable; for
+    /// tests and checks).
     pub fn dequantize_row(&self, row: usize) -> Vec<f32> {
+        if let Store::InPlace(p) = &self.store {
+            return self.dequantize_in_place(p, row);
+        }
         let (rt, r) = (row / TILE_ROWS, row % TILE_ROWS);
         let kb = self.cols / self.format.block_elems();
         let tb = self.format.tile_bytes();
@@ -735,6 +789,11 @@ impl PackedMatrix {
             assert_eq!(a.len(), self.cols, "activation row length");
         }
         if acts.is_empty() || tiles.is_empty() {
+            return;
+        }
+        if let Store::InPlace(p) = &self.store {
+            debug_assert_eq!(tiles.len(), 1, "a matrix read in place is one stream");
+            self.gemv_in_place(p, isa, tiles[0], acts, out);
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -933,7 +992,7 @@ pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
             job.acts.len() * job.mat.rows,
             "job output size"
         );
-        let run_len = (job.mat.rows / TILE_ROWS).div_ceil(job.mat.format.streams(isa));
+        let run_len = (job.mat.rows / TILE_ROWS).div_ceil(job.mat.streams(isa));
         run_lens.push(run_len);
         units.extend((0..run_len).map(|i| (j, i)));
     }
@@ -946,7 +1005,7 @@ pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
             let rows = job.mat.rows;
             let mut picked = [0usize; STREAMS];
             let mut count = 0;
-            for r in 0..job.mat.format.streams(isa) {
+            for r in 0..job.mat.streams(isa) {
                 let t = r * run_lens[j] + i;
                 if t < rows / TILE_ROWS {
                     picked[count] = t;
@@ -983,6 +1042,8 @@ pub fn run_on(isa: Isa, jobs: &mut [Job<'_>]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod in_place;
+use in_place::InPlace;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -1059,25 +1120,31 @@ mod tests {
     fn check(format: Format, w: &[f32], x: &[f32], rows: usize) {
         let cols = x.len();
         let (blocks, deq) = quantize(dtype(format), w, rows, cols);
-        let packed = PackedMatrix::pack(format, &blocks, rows, cols).expect("tiles");
         let a = QuantRow::new(format, x);
-        let simd = on_each_isa(&packed, std::slice::from_ref(&a));
         let rb = format.row_bytes(cols);
-        for r in 0..rows {
-            let wr = &deq[r * cols..(r + 1) * cols];
-            assert_eq!(packed.dequantize_row(r), wr, "row {r} repacked");
-            let (want, scale) = exact(wr, &a);
-            let s = dot_scalar(format, &blocks[r * rb..(r + 1) * rb], &a) as f64;
-            assert!(
-                (s - want).abs() <= 1e-4 * scale,
-                "row {r}: scalar {s} vs {want}"
-            );
-            for (isa, out) in &simd {
-                let v = out[r] as f64;
+        for packed in matrices(format, &blocks, rows, cols) {
+            let simd = on_each_isa(&packed, std::slice::from_ref(&a));
+            let how = if packed.is_in_place() {
+                "in place"
+            } else {
+                "packed"
+            };
+            for r in 0..rows {
+                let wr = &deq[r * cols..(r + 1) * cols];
+                assert_eq!(packed.dequantize_row(r), wr, "row {r} {how}");
+                let (want, scale) = exact(wr, &a);
+                let s = dot_scalar(format, &blocks[r * rb..(r + 1) * rb], &a) as f64;
                 assert!(
-                    (v - want).abs() <= 1e-4 * scale,
-                    "row {r}: packed ({isa:?}) {v} vs {want}"
+                    (s - want).abs() <= 1e-4 * scale,
+                    "row {r}: scalar {s} vs {want}"
                 );
+                for (isa, out) in &simd {
+                    let v = out[r] as f64;
+                    assert!(
+                        (v - want).abs() <= 1e-4 * scale,
+                        "row {r}: {how} ({isa:?}) {v} vs {want}"
+                    );
+                }
             }
         }
         // the quantized activations stay within half a step of x (f32: exactly x), up to the f32
@@ -1097,49 +1164,68 @@ mod tests {
     fn check_rows(format: Format, w: &[f32], xs: &[Vec<f32>], rows: usize) {
         let cols = xs[0].len();
         let (blocks, deq) = quantize(dtype(format), w, rows, cols);
-        let packed = PackedMatrix::pack(format, &blocks, rows, cols).expect("tiles");
         let acts: Vec<QuantRow> = xs.iter().map(|x| QuantRow::new(format, x)).collect();
-        let mut first: Option<Vec<f32>> = None;
-        for (isa, out) in on_each_isa(&packed, &acts) {
-            for (i, a) in acts.iter().enumerate() {
-                let mut alone = vec![0f32; rows];
-                run_on(
-                    isa,
-                    &mut [Job {
-                        mat: &packed,
-                        acts: std::slice::from_ref(a),
-                        out: &mut alone,
-                    }],
-                );
-                assert!(
-                    alone
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .eq(out[i * rows..(i + 1) * rows].iter().map(|v| v.to_bits())),
-                    "{isa:?} input {i}: not what it gets alone"
-                );
-                for r in 0..rows {
-                    let (want, scale) = exact(&deq[r * cols..(r + 1) * cols], a);
-                    let v = out[i * rows + r] as f64;
+        for packed in matrices(format, &blocks, rows, cols) {
+            let mut first: Option<Vec<f32>> = None;
+            for (isa, out) in on_each_isa(&packed, &acts) {
+                for (i, a) in acts.iter().enumerate() {
+                    let mut alone = vec![0f32; rows];
+                    run_on(
+                        isa,
+                        &mut [Job {
+                            mat: &packed,
+                            acts: std::slice::from_ref(a),
+                            out: &mut alone,
+                        }],
+                    );
                     assert!(
-                        (v - want).abs() <= 1e-4 * scale,
-                        "{isa:?} input {i} row {r}: {v} vs {want}"
+                        alone
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .eq(out[i * rows..(i + 1) * rows].iter().map(|v| v.to_bits())),
+                        "{isa:?} input {i}: not what it gets alone"
+                    );
+                    for r in 0..rows {
+                        let (want, scale) = exact(&deq[r * cols..(r + 1) * cols], a);
+                        let v = out[i * rows + r] as f64;
+                        assert!(
+                            (v - want).abs() <= 1e-4 * scale,
+                            "{isa:?} input {i} row {r}: {v} vs {want}"
+                        );
+                    }
+                }
+                if format.is_float()
+                    && let Some(first) = &first
+                {
+                    assert!(
+                        first
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .eq(out.iter().map(|v| v.to_bits())),
+                        "{isa:?} float products differ from the first ISA's"
                     );
                 }
+                first.get_or_insert(out);
             }
-            if format.is_float()
-                && let Some(first) = &first
-            {
-                assert!(
-                    first
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .eq(out.iter().map(|v| v.to_bits())),
-                    "{isa:?} float products differ from the first ISA's"
-                );
-            }
-            first.get_or_insert(out);
         }
+    }
+
+    /// The matrix of GGUF blocks `blocks` as the kernels read it: packed, and for a format read
+    /// in place also in place (from an anonymous mapping holding the blocks at an odd offset).
+    pub(super) fn matrices(
+        format: Format,
+        blocks: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Vec<PackedMatrix> {
+        let mut out = vec![PackedMatrix::pack(format, blocks, rows, cols).expect("tiles")];
+        if format.reads_in_place() {
+            let mut map = memmap2::MmapMut::map_anon(blocks.len() + 3).expect("anonymous map");
+            map[3..].copy_from_slice(blocks);
+            let map = std::sync::Arc::new(map.make_read_only().expect("read-only"));
+            out.push(PackedMatrix::in_place(map, 3, format, rows, cols).expect("in place"));
+        }
+        out
     }
 
     fn case(format: Format) -> impl Strategy<Value = (Vec<f32>, Vec<f32>, usize)> {
@@ -1268,13 +1354,15 @@ mod tests {
         let a = QuantRow::new(Format::Q8_0, &[1.0; QK8_0]);
         let want = -128.0 * 127.0 * QK8_0 as f32 * a.d[0];
         assert!((dot_scalar(Format::Q8_0, &blk, &a) - want).abs() < 1e-3 * want.abs());
-        let packed = PackedMatrix::pack(Format::Q8_0, &gguf, TILE_ROWS, QK8_0).unwrap();
-        assert_eq!(packed.dequantize_row(3), vec![-128.0; QK8_0]);
-        for (isa, out) in on_each_isa(&packed, std::slice::from_ref(&a)) {
-            assert!(
-                out.iter().all(|v| (v - want).abs() < 1e-3 * want.abs()),
-                "{isa:?}: {out:?}"
-            );
+        for packed in matrices(Format::Q8_0, &gguf, TILE_ROWS, QK8_0) {
+            assert_eq!(packed.dequantize_row(3), vec![-128.0; QK8_0]);
+            for (isa, out) in on_each_isa(&packed, std::slice::from_ref(&a)) {
+                assert!(
+                    out.iter().all(|v| (v - want).abs() < 1e-3 * want.abs()),
+                    "{isa:?} (in place: {}): {out:?}",
+                    packed.is_in_place()
+                );
+            }
         }
     }
 
@@ -1311,20 +1399,22 @@ mod tests {
                     .flat_map(|_| extreme_block(format, fill))
                     .collect();
                 let gguf: Vec<u8> = (0..TILE_ROWS).flat_map(|_| row.iter().copied()).collect();
-                let packed = PackedMatrix::pack(format, &gguf, TILE_ROWS, cols).unwrap();
-                let signs: [fn(usize) -> f32; 3] =
-                    [|_| 1.0, |_| -1.0, |i| if i % 4 == 3 { -1.0 } else { 1.0 }];
-                for sign in signs {
-                    let x: Vec<f32> = (0..cols).map(sign).collect();
-                    let a = QuantRow::new(format, &x);
-                    let want = dot_scalar(format, &row, &a);
-                    assert!(want != 0.0);
-                    for (isa, out) in on_each_isa(&packed, std::slice::from_ref(&a)) {
-                        for v in out {
-                            assert!(
-                                (v - want).abs() <= 1e-5 * want.abs().max(1.0),
-                                "{format:?} fill {fill:#x} {isa:?}: {v} vs {want}"
-                            );
+                for packed in matrices(format, &gguf, TILE_ROWS, cols) {
+                    let signs: [fn(usize) -> f32; 3] =
+                        [|_| 1.0, |_| -1.0, |i| if i % 4 == 3 { -1.0 } else { 1.0 }];
+                    for sign in signs {
+                        let x: Vec<f32> = (0..cols).map(sign).collect();
+                        let a = QuantRow::new(format, &x);
+                        let want = dot_scalar(format, &row, &a);
+                        assert!(want != 0.0);
+                        for (isa, out) in on_each_isa(&packed, std::slice::from_ref(&a)) {
+                            for v in out {
+                                assert!(
+                                    (v - want).abs() <= 1e-5 * want.abs().max(1.0),
+                                    "{format:?} fill {fill:#x} {isa:?} (in place: {}): {v} vs {want}",
+                                    packed.is_in_place()
+                                );
+                            }
                         }
                     }
                 }
