@@ -8,7 +8,8 @@
 #    alone on core 0.
 # Single-stream decode and aggregate decode at 1, 2, 4, 8 concurrent requests (`sinew generate
 # --parallel N`: N sequences at once; llama-batched-bench -npl N), interleaved rounds; then the
-# idle CPU of the head and the worker over 10 s without requests.
+# idle CPU of the head and the worker over 10 s without requests. sinew runs each request once
+# unmeasured first (`--warmup`, as llama-bench warms up): experts are packed when first routed to.
 # Results: bench/out/pipeline.jsonl (one line per measurement) and a table on stdout.
 # Knobs: LAYERS TOKENS PROMPT ROUNDS NPL SKIP_LLAMA IDLE_S.
 set -euo pipefail
@@ -49,7 +50,7 @@ sinew_run() { # name cores threads npl extra...
   local name=$1 cores=$2 threads=$3 n=$4; shift 4
   local j
   j=$(taskset -c "$cores" "$SINEW" generate --model "$MODEL" --prompt-ids "$PROMPT_IDS" \
-      --max-tokens "$TOKENS" --ignore-eos --json --threads "$threads" --parallel "$n" "$@" 2>/dev/null) || {
+      --max-tokens "$TOKENS" --ignore-eos --json --threads "$threads" --parallel "$n" --warmup "$@" 2>/dev/null) || {
     record "{\"system\":\"$name\",\"npl\":$n,\"round\":$r,\"tps\":null}"; return; }
   local tps
   tps=$(echo "$j" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("aggregate_decode_tokens_per_s", d["decode_tokens_per_s"]))')

@@ -5,7 +5,9 @@
 # computes with one thread, the head pinned to core 0 and the workers to core 1 (one stage computes
 # at a time in a single stream, so the workers may share a core). For each model and stage count:
 # `sinew plan --workers … --json` (the prediction, from the nodes' measured kernel rates and the
-# measured links), then ROUNDS runs of `sinew generate --workers … --json` (the measurement).
+# measured links), then ROUNDS runs of `sinew generate --workers … --json --warmup` (the
+# measurement, after one unmeasured run: experts are packed when first routed to, and a decode
+# step that packs them is not the steady state the prediction describes).
 # Results: bench/out/plan.jsonl and a table (prediction, measured median [min–max], error).
 # Knobs: LAYERS TOKENS ROUNDS.
 set -euo pipefail
@@ -53,7 +55,7 @@ for MODEL in "$MOE_FILE" "$DENSE_FILE"; do
       EXTRA=()
       [ "$STAGES" -gt 1 ] && EXTRA=("${W[@]}" --cache-dir "$WORK/head" --cluster-key-file "$KEY")
       TPS=$(taskset -c 0 "$SINEW" generate --model "$MODEL" --prompt-ids "$PROMPT_IDS" --ctx 512 \
-        --max-tokens "$TOKENS" --ignore-eos --json --threads 1 "${EXTRA[@]}" 2>/dev/null \
+        --max-tokens "$TOKENS" --ignore-eos --json --threads 1 --warmup "${EXTRA[@]}" 2>/dev/null \
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tokens_per_s"])')
       echo "{\"model\":\"$NAME\",\"stages\":$STAGES,\"round\":$r,\"predicted\":$PRED,\"measured\":$TPS}" >> "$RESULTS"
     done

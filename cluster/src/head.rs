@@ -41,6 +41,9 @@ pub struct ClusterOptions {
     pub split: Option<Vec<usize>>,
     /// Hidden states in bf16 on the wire.
     pub bf16: bool,
+    /// How long the head's stage keeps its cores awake after a micro-batch
+    /// ([`crate::warm`]; zero: not at all).
+    pub keep_warm: Duration,
     /// Where stage files for workers are kept.
     pub cache_dir: PathBuf,
     /// Memory each node may use, instead of 90% of what it reports available.

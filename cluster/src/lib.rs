@@ -43,6 +43,7 @@ pub mod predict;
 pub mod stage;
 mod supervisor;
 pub mod survey;
+pub mod warm;
 pub mod wire;
 pub mod worker;
 

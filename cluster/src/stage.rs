@@ -6,12 +6,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::Tensor;
 use engine::decode::token_logprob;
 use engine::{Chunk, Input, KvCache, KvPool, Logits, Model, Output, Sampler};
 
 use crate::error::{Error, Result};
+use crate::warm::KeepWarm;
 use crate::wire::{Batch, Hidden, HiddenData, Rows, SeqResult};
 
 /// A sequence's state at one stage.
@@ -40,19 +42,30 @@ pub struct StageRunner {
     seqs: HashMap<u64, SeqState>,
     last: bool,
     bf16: bool,
+    /// Spinners keeping the cores awake between micro-batches (a stage of a pipeline only).
+    warm: Option<KeepWarm>,
 }
 
 impl StageRunner {
     /// A stage over `model` (its layer range decides whether it is the last), drawing caches
-    /// from `kv`; hidden states go on in bf16 when `bf16`.
-    pub fn new(model: Arc<Model>, kv: KvPool, bf16: bool) -> Self {
-        let last = model.layers().end == model.config().num_layers;
+    /// from `kv`; hidden states go on in bf16 when `bf16`. A stage holding part of the layers
+    /// keeps its cores awake for `keep_warm` after each micro-batch ([`KeepWarm`]; zero: not).
+    pub fn new(model: Arc<Model>, kv: KvPool, bf16: bool, keep_warm: Duration) -> Self {
+        let layers = model.layers();
+        let last = layers.end == model.config().num_layers;
+        let whole = layers.start == 0 && last;
+        let warm = if whole {
+            None
+        } else {
+            KeepWarm::start(candle_core::utils::get_num_threads(), keep_warm)
+        };
         StageRunner {
             model,
             kv,
             seqs: HashMap::new(),
             last,
             bf16,
+            warm,
         }
     }
 
@@ -92,10 +105,18 @@ impl StageRunner {
     /// differs from the cache's, a sequence twice), no room for a new sequence, or a failed step.
     /// On an error no sequence's cache changes, and new sequences of the batch are dropped.
     pub fn run(&mut self, batch: &mut Batch, tokens: Option<&[u32]>) -> Result<StageOut> {
+        if let Some(w) = &self.warm {
+            w.touch();
+        }
         self.release(&batch.releases);
         let hidden = std::mem::replace(&mut batch.hidden.data, HiddenData::F32(Vec::new()));
         let mut opened = Vec::new();
         let result = self.run_inner(batch, tokens, hidden, &mut opened);
+        // the window runs from the end of the step: the gap to the next one is the other
+        // stages' work
+        if let Some(w) = &self.warm {
+            w.touch();
+        }
         if result.is_err() {
             for id in opened {
                 self.seqs.remove(&id);

@@ -47,6 +47,9 @@ pub struct WorkerOptions {
     pub link: LinkConfig,
     /// Send hidden states in bf16.
     pub bf16: bool,
+    /// How long the stage keeps its cores awake after a micro-batch ([`crate::warm`]; zero:
+    /// not at all).
+    pub keep_warm: Duration,
     /// Announce this worker on the LAN to this UDP port ([`crate::discovery`]); `None`: do not.
     pub announce: Option<u16>,
 }
@@ -538,7 +541,7 @@ impl Brain {
             let model = runner.model().clone();
             drop(runner);
             let kv = model.kv_pool(a.kv_bytes as usize, Some(a.ctx as usize))?;
-            let runner = StageRunner::new(model, kv, self.opts.bf16);
+            let runner = StageRunner::new(model, kv, self.opts.bf16, self.opts.keep_warm);
             let cap = runner.kv().capacity_tokens() as u64;
             self.runner = Some((h, s, e, runner));
             tracing::info!(kv_capacity_tokens = cap, "stage ready (weights kept)");
@@ -665,7 +668,12 @@ impl Brain {
                 ..Default::default()
             },
         )?;
-        let runner = StageRunner::new(Arc::new(loaded.model), loaded.kv, self.opts.bf16);
+        let runner = StageRunner::new(
+            Arc::new(loaded.model),
+            loaded.kv,
+            self.opts.bf16,
+            self.opts.keep_warm,
+        );
         let cap = runner.kv().capacity_tokens() as u64;
         self.runner = Some((a.model_hash, a.layer_start, a.layer_end, runner));
         let load_ms = self.load_started.elapsed().as_millis() as u64;

@@ -120,6 +120,11 @@ pub struct LinkArgs {
     /// Hidden states on the wire in bf16 (half the bytes, slightly different results).
     #[arg(long)]
     pub bf16: bool,
+    /// Milliseconds a pipeline stage keeps its cores awake after each micro-batch, with
+    /// idle-priority spinners that give way to the compute at once (a core that sleeps between
+    /// a stage's bursts is slow to wake); 0 turns it off. Linux only.
+    #[arg(long, default_value_t = cluster::warm::DEFAULT_KEEP_WARM.as_millis() as u64)]
+    pub keep_warm_ms: u64,
 }
 
 impl LinkArgs {
@@ -132,6 +137,7 @@ impl LinkArgs {
             transport: TransportChoice::Auto,
             wait: WaitStrategy::Block,
             bf16: false,
+            keep_warm_ms: cluster::warm::DEFAULT_KEEP_WARM.as_millis() as u64,
         }
     }
 
@@ -159,6 +165,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         threads,
         link: args.link.config()?,
         bf16: args.link.bf16,
+        keep_warm: Duration::from_millis(args.link.keep_warm_ms),
         announce: (!args.no_announce).then_some(args.discovery_port),
     };
     cluster::worker::run(opts, |addr| {
@@ -227,6 +234,7 @@ impl HeadArgs {
             },
             split: self.split.clone(),
             bf16: self.link.bf16,
+            keep_warm: Duration::from_millis(self.link.keep_warm_ms),
             cache_dir: self
                 .cache_dir
                 .clone()

@@ -89,7 +89,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     ignore_eos: bool,
     /// Run the request once, unmeasured, before the measured run (as llama-bench warms up):
-    /// experts a GGUF model routes to for the first time are packed then. One node only.
+    /// experts a GGUF model routes to for the first time are packed then (on every stage, with
+    /// --workers).
     #[arg(long)]
     warmup: bool,
     /// Print one JSON object instead of streaming text.
@@ -282,9 +283,6 @@ fn run_cluster(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.logits_out.is_some() {
         bail!("--logits-out runs on one node without --workers");
     }
-    if args.warmup {
-        bail!("--warmup runs on one node without --workers");
-    }
     let load_start = Instant::now();
     let n = args.parallel;
     let c = args.head.start(
@@ -296,6 +294,14 @@ fn run_cluster(args: &GenerateArgs) -> anyhow::Result<()> {
     )?;
     let load_secs = load_start.elapsed().as_secs_f64();
     let prompt = prompt_ids(args, c.text())?;
+    if args.warmup {
+        // every stage packs the experts the requests route to, outside the measured run
+        let streams = requests(args, &prompt, &sampling(args))
+            .into_iter()
+            .map(|r| c.submit(r))
+            .collect::<cluster::Result<Vec<_>>>()?;
+        collect_runs(streams)?;
+    }
     let started = Instant::now();
     let streams = requests(args, &prompt, &sampling(args))
         .into_iter()

@@ -116,6 +116,7 @@ pub fn run_until(
         },
         split: args.split.clone(),
         bf16: args.link.bf16,
+        keep_warm: std::time::Duration::from_millis(args.link.keep_warm_ms),
         cache_dir: args
             .cache_dir
             .clone()

@@ -86,6 +86,7 @@ fn head_opts(model: &Path, workers: Vec<String>, key: ClusterKey, cache: &Path) 
         },
         split: None,
         bf16: false,
+        keep_warm: cluster::warm::DEFAULT_KEEP_WARM,
         cache_dir: cache.to_path_buf(),
         memory_limit: None,
         kv_memory: None,

@@ -56,6 +56,7 @@ fn opts(
         },
         split: None,
         bf16: false,
+        keep_warm: cluster::warm::DEFAULT_KEEP_WARM,
         cache_dir: dir.join("head"),
         memory_limit: None,
         kv_memory: None,

@@ -806,7 +806,12 @@ impl Supervisor {
         if let Some(r) = self.held.take() {
             if r.model().layers() == layers {
                 let kv = r.model().kv_pool(kv_bytes, Some(self.ctx))?;
-                return Ok(StageRunner::new(r.model().clone(), kv, self.opts.bf16));
+                return Ok(StageRunner::new(
+                    r.model().clone(),
+                    kv,
+                    self.opts.bf16,
+                    self.opts.keep_warm,
+                ));
             }
             drop(r);
         }
@@ -830,6 +835,7 @@ impl Supervisor {
             Arc::new(loaded.model),
             loaded.kv,
             self.opts.bf16,
+            self.opts.keep_warm,
         ))
     }
 
