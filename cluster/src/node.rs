@@ -190,13 +190,33 @@ pub fn node_id(cache: &Path) -> Result<String> {
     Ok(id)
 }
 
-/// Bytes of the matrix each format's rate is measured on: well past the caches (in a debug
-/// build, whose kernels are no measure of anything, a small one that costs little).
-const SPEED_BYTES: usize = if cfg!(debug_assertions) {
-    2 << 20
-} else {
-    48 << 20
-};
+/// Bytes of the matrices each format's rate is measured on: four times the last-level cache,
+/// 64–256 MiB, so that the products stream from memory as a model's weights do (at 48 MiB on a
+/// 32 MiB L3 the rates came out about a sixth above a model's). In a debug build, whose kernels
+/// are no measure of anything, a small set that costs little.
+fn speed_bytes() -> usize {
+    if cfg!(debug_assertions) {
+        return 2 << 20;
+    }
+    (4 * last_level_cache().unwrap_or(32 << 20)).clamp(64 << 20, 256 << 20)
+}
+
+/// The size of this CPU's largest cache, where the system says (Linux's sysfs).
+fn last_level_cache() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let size = std::fs::read_to_string(e.ok()?.path().join("size")).ok()?;
+        let size = size.trim();
+        let (n, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+        let n: usize = n.parse().ok()?;
+        match unit {
+            "K" => Some(n << 10),
+            "M" => Some(n << 20),
+            _ => None,
+        }
+    })
+    .max()
+}
 
 /// How long each format's products run.
 const RATE_WINDOW: std::time::Duration =
@@ -243,8 +263,8 @@ pub fn speed_wait(timeout: std::time::Duration) -> Vec<Rate> {
 }
 
 /// How fast this node's matrix-vector kernels stream each weight format (one activation row,
-/// the process's compute threads, three matrices 768, 2048 and 4096 wide, 48 MiB in all): the
-/// memory bandwidth decode sees, capped by compute where dequantizing costs more than reading.
+/// the process's compute threads, three matrices 768, 2048 and 4096 wide, [`speed_bytes`] in
+/// all): the memory bandwidth decode sees, capped by compute where dequantizing costs more than reading.
 /// The median of the products run over 150 ms per format (in a debug build, 2 MiB and 20 ms).
 /// Formats the kernels do not run here are left out.
 pub fn measure_speed() -> Vec<Rate> {
@@ -268,7 +288,7 @@ pub fn measure_speed() -> Vec<Rate> {
         let mut total = 0usize;
         for cols in shapes {
             let row = f.row_bytes(cols);
-            let rows = (SPEED_BYTES / shapes.len() / row).max(16) / 16 * 16;
+            let rows = (speed_bytes() / shapes.len() / row).max(16) / 16 * 16;
             // a random 64 KiB pattern, repeated; finite scales and values: every 16-bit
             // half's exponent below all ones
             let mut pattern = vec![0u8; 64 << 10];
@@ -365,6 +385,15 @@ mod tests {
         let b = node_id(dir.path()).unwrap();
         assert_ne!(b, a);
         assert_eq!(node_id(dir.path()).unwrap(), b);
+    }
+
+    #[test]
+    fn the_last_level_cache_is_read_where_the_system_says() {
+        if std::path::Path::new("/sys/devices/system/cpu/cpu0/cache").exists() {
+            let c = last_level_cache();
+            assert!(c.is_some_and(|c| c >= 64 << 10), "{c:?}");
+        }
+        assert!(speed_bytes() >= 2 << 20);
     }
 
     #[test]
