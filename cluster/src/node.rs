@@ -263,8 +263,8 @@ pub fn speed_wait(timeout: std::time::Duration) -> Vec<Rate> {
 }
 
 /// How fast this node's matrix-vector kernels stream each weight format (one activation row,
-/// the process's compute threads, three matrices 768, 2048 and 4096 wide, [`speed_bytes`] in
-/// all): the memory bandwidth decode sees, capped by compute where dequantizing costs more than reading.
+/// the process's compute threads, three matrices 768, 2048 and 4096 wide, four times the
+/// last-level cache in all, 64–256 MiB): the memory bandwidth decode sees, capped by compute where dequantizing costs more than reading.
 /// The median of the products run over 150 ms per format (in a debug build, 2 MiB and 20 ms).
 /// Formats the kernels do not run here are left out.
 pub fn measure_speed() -> Vec<Rate> {
