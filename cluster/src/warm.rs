@@ -12,6 +12,7 @@
 //! only on a core nothing else wants, and a waking compute thread preempts them at once. They
 //! spin for `window` after each micro-batch, then sleep until the next, so an idle cluster costs
 //! nothing. Linux only; elsewhere there is no idle priority to spin at, and nothing is started.
+//! Nor under a cgroup CPU quota, which spinning time would count against.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -88,6 +89,11 @@ impl KeepWarm {
         if threads == 0 || window.is_zero() || !cfg!(target_os = "linux") {
             return None;
         }
+        if let Some(quota) = cpu_quota() {
+            // spinning time would count against the quota and throttle the compute
+            tracing::info!(%quota, "a CPU quota is set: the stage does not keep its cores awake");
+            return None;
+        }
         let shared = Arc::new(Shared {
             epoch: Instant::now(),
             window_us: window.as_micros() as u64,
@@ -144,6 +150,21 @@ impl Drop for KeepWarm {
     }
 }
 
+/// This process's cgroup v2 CPU quota (`cpu.max` other than `max`), if one is set.
+fn cpu_quota() -> Option<String> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    // cgroup v2: the line "0::/path"
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{}/cpu.max", path.trim_end())).ok()?;
+    quota_of(&max).map(str::to_string)
+}
+
+/// The quota in a `cpu.max` text ("QUOTA PERIOD"), unless it is "max" (none).
+fn quota_of(cpu_max: &str) -> Option<&str> {
+    let quota = cpu_max.split_whitespace().next()?;
+    (quota != "max").then_some(cpu_max.trim())
+}
+
 /// Puts the calling thread at the idle scheduling priority; false where it cannot.
 fn set_idle_priority() -> bool {
     #[cfg(target_os = "linux")]
@@ -161,7 +182,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cpu_quota_is_read_from_cpu_max() {
+        assert_eq!(quota_of("max 100000\n"), None);
+        assert_eq!(quota_of("200000 100000\n"), Some("200000 100000"));
+        assert_eq!(quota_of(""), None);
+    }
+
+    #[test]
     fn spins_after_a_touch_then_sleeps_and_stops_when_dropped() {
+        if cpu_quota().is_some() {
+            // under a quota nothing is started (checked below in its own terms)
+            assert!(KeepWarm::start(1, DEFAULT_KEEP_WARM).is_none());
+            return;
+        }
         assert!(KeepWarm::start(0, DEFAULT_KEEP_WARM).is_none());
         assert!(KeepWarm::start(1, Duration::ZERO).is_none());
         if !cfg!(target_os = "linux") {
