@@ -105,9 +105,6 @@ impl StageRunner {
     /// differs from the cache's, a sequence twice), no room for a new sequence, or a failed step.
     /// On an error no sequence's cache changes, and new sequences of the batch are dropped.
     pub fn run(&mut self, batch: &mut Batch, tokens: Option<&[u32]>) -> Result<StageOut> {
-        if let Some(w) = &self.warm {
-            w.touch();
-        }
         self.release(&batch.releases);
         let hidden = std::mem::replace(&mut batch.hidden.data, HiddenData::F32(Vec::new()));
         let mut opened = Vec::new();

@@ -14,7 +14,7 @@
 //! nothing. Linux only; elsewhere there is no idle priority to spin at, and nothing is started.
 //! Nor under a cgroup CPU quota, which spinning time would count against.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,8 @@ struct Shared {
     window_us: u64,
     /// Microseconds since `epoch` of the last micro-batch ([`NEVER`] before the first).
     last_us: AtomicU64,
-    /// Some spinner sleeps (or is about to): `touch` must wake it.
-    sleeping: AtomicBool,
+    /// Spinners asleep (or about to be): while any, `touch` must wake them.
+    sleeping: AtomicUsize,
     stop: AtomicBool,
     /// Rounds of spinning so far (a few microseconds each).
     rounds: AtomicU64,
@@ -67,9 +67,10 @@ impl Shared {
                 continue;
             }
             let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.sleeping.store(true, Ordering::SeqCst);
+            self.sleeping.fetch_add(1, Ordering::SeqCst);
             // checked again under the lock: a `touch` after this sees `sleeping` and notifies
-            // under the lock, so the wake-up cannot be lost
+            // under the lock, so the wake-up cannot be lost (a count, not a flag: one spinner
+            // waking must not hide another that still sleeps)
             while !self.stop.load(Ordering::Acquire) && !self.warm() {
                 g = self
                     .wake
@@ -77,7 +78,7 @@ impl Shared {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-            self.sleeping.store(false, Ordering::SeqCst);
+            self.sleeping.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -98,7 +99,7 @@ impl KeepWarm {
             epoch: Instant::now(),
             window_us: window.as_micros() as u64,
             last_us: AtomicU64::new(NEVER),
-            sleeping: AtomicBool::new(false),
+            sleeping: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             rounds: AtomicU64::new(0),
             lock: Mutex::new(()),
@@ -120,7 +121,7 @@ impl KeepWarm {
     pub fn touch(&self) {
         let s = &self.shared;
         s.last_us.store(s.now_us(), Ordering::SeqCst);
-        if s.sleeping.load(Ordering::SeqCst) {
+        if s.sleeping.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }

@@ -34,17 +34,16 @@ impl LazyPacked {
         (rows, cols): (usize, usize),
         release: fn(&[u8]),
     ) -> Option<Self> {
-        let len = rows.checked_mul(format.row_bytes(cols))?;
-        (PackedMatrix::tiles_shape(format, rows, cols) && start.checked_add(len)? <= map.len())
-            .then(|| LazyPacked {
-                map,
-                start,
-                format,
-                rows,
-                cols,
-                release,
-                packed: std::sync::OnceLock::new(),
-            })
+        PackedMatrix::blocks_within(format, rows, cols, start, map.len())?;
+        Some(LazyPacked {
+            map,
+            start,
+            format,
+            rows,
+            cols,
+            release,
+            packed: std::sync::OnceLock::new(),
+        })
     }
 
     /// The packed matrix, packed now if this is its first use.

@@ -541,12 +541,12 @@ impl Store {
                             LazyPacked::new(map.clone(), start, format, (out, inp), release_pages)
                                 .map(|l| Mat::Lazy(Arc::new(l)))
                         };
-                        m
-                            .ok_or_else(|| {
-                                Error::Candle(candle_core::Error::Msg(format!(
-                                    "tensor {stacked:?}: expert {e} does not pack as a [{out}, {inp}] {format:?} matrix"
-                                )))
-                            })
+                        m.ok_or_else(|| {
+                            let shape = format!("[{out}, {inp}] {format:?}");
+                            Error::Candle(candle_core::Error::Msg(format!(
+                                "tensor {stacked:?}: expert {e} does not fit a {shape} matrix"
+                            )))
+                        })
                     })
                     .collect();
             }

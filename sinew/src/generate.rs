@@ -294,20 +294,19 @@ fn run_cluster(args: &GenerateArgs) -> anyhow::Result<()> {
     )?;
     let load_secs = load_start.elapsed().as_secs_f64();
     let prompt = prompt_ids(args, c.text())?;
-    if args.warmup {
-        // every stage packs the experts the requests route to, outside the measured run
+    let run_all = || -> anyhow::Result<Vec<SeqRun>> {
         let streams = requests(args, &prompt, &sampling(args))
             .into_iter()
             .map(|r| c.submit(r))
             .collect::<cluster::Result<Vec<_>>>()?;
-        collect_runs(streams)?;
+        collect_runs(streams)
+    };
+    if args.warmup {
+        // every stage packs the experts the requests route to, outside the measured run
+        run_all()?;
     }
     let started = Instant::now();
-    let streams = requests(args, &prompt, &sampling(args))
-        .into_iter()
-        .map(|r| c.submit(r))
-        .collect::<cluster::Result<Vec<_>>>()?;
-    let runs = collect_runs(streams)?;
+    let runs = run_all()?;
     let t = Timing::of(&runs, started, prompt.len());
     let state = c.state();
     if args.head.hold_s > 0 {

@@ -71,6 +71,28 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
+/// Operations that discover workers announcing to `port`.
+fn discovering(port: u16) -> Operations {
+    Operations {
+        discover: Some(port),
+        ..Operations::default()
+    }
+}
+
+/// A worker on loopback announcing to `port`, caching in `dir/name`: the node and its address.
+fn announcing_worker(key: &Path, dir: &Path, name: &str, port: u16) -> (Node, String) {
+    Node::worker(
+        key,
+        "127.0.0.1:0",
+        &[
+            "--cache-dir",
+            &dir.join(name).to_string_lossy(),
+            "--discovery-port",
+            &port.to_string(),
+        ],
+    )
+}
+
 fn stages(st: &ClusterState) -> usize {
     st.nodes.iter().filter(|n| n.layers.is_some()).count()
 }
@@ -114,33 +136,13 @@ fn discovery_adds_announced_workers_refuses_strangers_and_replays_and_forgets_th
     let m = model(dir.path());
     let port = free_udp_port();
     let ops = Operations {
-        discover: Some(port),
         forget_after: Duration::from_secs(3),
-        ..Operations::default()
+        ..discovering(port)
     };
     let c = start(opts(&m, Vec::new(), k.clone(), dir.path(), ops));
-    let port_s = port.to_string();
     // a worker of another cluster announces too: never added
-    let (_stranger, _) = Node::worker(
-        &other_path,
-        "127.0.0.1:0",
-        &[
-            "--cache-dir",
-            &dir.path().join("s").to_string_lossy(),
-            "--discovery-port",
-            &port_s,
-        ],
-    );
-    let (w, addr) = Node::worker(
-        &kpath,
-        "127.0.0.1:0",
-        &[
-            "--cache-dir",
-            &dir.path().join("w").to_string_lossy(),
-            "--discovery-port",
-            &port_s,
-        ],
-    );
+    let (_stranger, _) = announcing_worker(&other_path, dir.path(), "s", port);
+    let (w, addr) = announcing_worker(&kpath, dir.path(), "w", port);
     let took = wait_for(
         &c,
         Duration::from_secs(20),
@@ -267,16 +269,7 @@ fn a_worker_in_another_network_namespace_is_discovered() {
     let m = model(dir.path());
     let port = free_udp_port();
     let ns = Netns::new("c", "10gbit");
-    let mut o = opts(
-        &m,
-        Vec::new(),
-        k,
-        dir.path(),
-        Operations {
-            discover: Some(port),
-            ..Operations::default()
-        },
-    );
+    let mut o = opts(&m, Vec::new(), k, dir.path(), discovering(port));
     o.link.transport = TransportChoice::Only(transport::TransportKind::TCP);
     let c = start(o);
     let (_w, addr) = ns.worker(
@@ -513,23 +506,10 @@ fn a_worker_listed_and_discovered_under_two_addresses_joins_once() {
     let (kpath, k) = key(dir.path(), 0x5a);
     let m = model(dir.path());
     let port = free_udp_port();
-    let port_s = port.to_string();
-    let (_w, addr) = Node::worker(
-        &kpath,
-        "127.0.0.1:0",
-        &[
-            "--cache-dir",
-            &dir.path().join("w").to_string_lossy(),
-            "--discovery-port",
-            &port_s,
-        ],
-    );
+    let (_w, addr) = announcing_worker(&kpath, dir.path(), "w", port);
     // listed as localhost:PORT, announced from 127.0.0.1:PORT
     let listed = addr.replace("127.0.0.1", "localhost");
-    let ops = Operations {
-        discover: Some(port),
-        ..Operations::default()
-    };
+    let ops = discovering(port);
     let c = start(opts(&m, vec![listed.clone()], k, dir.path(), ops));
     wait_for(
         &c,
@@ -564,10 +544,7 @@ fn discovery_on_a_port_held_by_another_program_is_a_clear_error() {
     // held without SO_REUSEADDR: no one may share it
     let holder = UdpSocket::bind("0.0.0.0:0").unwrap();
     let port = holder.local_addr().unwrap().port();
-    let ops = Operations {
-        discover: Some(port),
-        ..Operations::default()
-    };
+    let ops = discovering(port);
     let e = match Cluster::start(opts(&m, Vec::new(), k, dir.path(), ops)) {
         Ok(_) => panic!("a head started without its discovery port"),
         Err(e) => e.to_string(),

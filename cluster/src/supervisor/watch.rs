@@ -1,13 +1,14 @@
 //! The link health watch: while no request runs, the head measures every link of the plan (the
 //! probe used at join: three empty round trips, then the better of two transfers — of 8 MiB, or
-//! about 0.2 s of the link's baseline where that is less) every `watch_every`. A link below `min_fraction` of its baseline bandwidth, or whose round trip rose
-//! past `max_rtt_rise_us`, twice in a row, gets a warning (logged naming both nodes and the
-//! figures, shown in the state, `/metrics` and `sinew status`) until it recovers. A link that
-//! fails its probe or falls below a tenth of its baseline, twice in a row, is no longer usable:
-//! when the nodes left can hold the model, the head re-plans without the node at its far end
-//! (benched for [`BENCH`], then tried again). While the head's own probe fills a worker's link,
-//! that worker's late pongs are not a failure (the probe's deadlines stand in for the heartbeat):
-//! a slow link is measured, not mistaken for a dead node.
+//! about 0.2 s of the link's baseline where that is less) every `watch_every`. A link below
+//! `min_fraction` of its baseline bandwidth, or whose round trip rose past `max_rtt_rise_us`, twice
+//! in a row, gets a warning (logged naming both nodes and the figures, shown in the state,
+//! `/metrics` and `sinew status`) until it recovers. A link that fails its probe or falls below a
+//! tenth of its baseline, twice in a row, is no longer usable: when the nodes left can hold the
+//! model, the head re-plans without the node at its far end (benched for [`BENCH`], then tried
+//! again). While the head's own probe fills a worker's link, that worker's late pongs are not a
+//! failure (the probe's deadlines stand in for the heartbeat): a slow link is measured, not
+//! mistaken for a dead node.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::RecvTimeoutError;

@@ -55,15 +55,15 @@ impl PackedMatrix {
         rows: usize,
         cols: usize,
     ) -> Option<Self> {
-        let len = rows.checked_mul(format.row_bytes(cols))?;
-        let fits = start.checked_add(len).is_some_and(|end| end <= map.len());
-        (format.reads_in_place() && Self::tiles_shape(format, rows, cols) && fits).then(|| {
-            PackedMatrix {
-                format,
-                rows,
-                cols,
-                store: Store::InPlace(InPlace { map, start, len }),
-            }
+        if !format.reads_in_place() {
+            return None;
+        }
+        let len = Self::blocks_within(format, rows, cols, start, map.len())?;
+        Some(PackedMatrix {
+            format,
+            rows,
+            cols,
+            store: Store::InPlace(InPlace { map, start, len }),
         })
     }
 

@@ -471,7 +471,20 @@ impl PackedMatrix {
             && cols.is_multiple_of(format.block_elems())
     }
 
-    /// Zeroed tiles for a [rows, cols] matrix, or `None` when the shape does not tile.
+    /// Bytes of the GGUF blocks of a [rows, cols] matrix of `format` starting at `start` in a
+    /// buffer of `available` bytes, if the shape tiles and the blocks lie inside the buffer.
+    pub fn blocks_within(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        start: usize,
+        available: usize,
+    ) -> Option<usize> {
+        let len = rows.checked_mul(format.row_bytes(cols))?;
+        let inside = start.checked_add(len).is_some_and(|end| end <= available);
+        (Self::tiles_shape(format, rows, cols) && inside).then_some(len)
+    }
+
     /// Bytes a packed `[rows, cols]` matrix of `format` holds, if the shape tiles.
     pub fn packed_bytes(format: Format, rows: usize, cols: usize) -> Option<usize> {
         Self::tiles_shape(format, rows, cols)
