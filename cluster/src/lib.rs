@@ -40,6 +40,7 @@ pub mod node;
 pub mod pipeline;
 pub mod plan;
 pub mod predict;
+pub mod speed;
 pub mod stage;
 mod supervisor;
 pub mod survey;

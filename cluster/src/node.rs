@@ -8,7 +8,8 @@ use std::time::UNIX_EPOCH;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::wire::{Advert, Hash, ModelFile, PROTOCOL_VERSION, Rate};
+use crate::speed::speed_now;
+use crate::wire::{Advert, Hash, ModelFile, PROTOCOL_VERSION};
 
 /// The default cache directory: `$XDG_CACHE_HOME/sinew` (`~/.cache/sinew`).
 pub fn default_cache_dir() -> PathBuf {
@@ -190,161 +191,6 @@ pub fn node_id(cache: &Path) -> Result<String> {
     Ok(id)
 }
 
-/// Bytes of the matrices each format's rate is measured on: four times the last-level cache,
-/// 64–256 MiB, so that the products stream from memory as a model's weights do (at 48 MiB on a
-/// 32 MiB L3 the rates came out about a sixth above a model's). In a debug build, whose kernels
-/// are no measure of anything, a small set that costs little.
-fn speed_bytes() -> usize {
-    if cfg!(debug_assertions) {
-        return 2 << 20;
-    }
-    (4 * last_level_cache().unwrap_or(32 << 20)).clamp(64 << 20, 256 << 20)
-}
-
-/// The size of this CPU's largest cache, where the system says (Linux's sysfs).
-fn last_level_cache() -> Option<usize> {
-    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
-    dir.filter_map(|e| {
-        let size = std::fs::read_to_string(e.ok()?.path().join("size")).ok()?;
-        let size = size.trim();
-        let (n, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
-        let n: usize = n.parse().ok()?;
-        match unit {
-            "K" => Some(n << 10),
-            "M" => Some(n << 20),
-            _ => None,
-        }
-    })
-    .max()
-}
-
-/// How long each format's products run.
-const RATE_WINDOW: std::time::Duration =
-    std::time::Duration::from_millis(if cfg!(debug_assertions) { 20 } else { 150 });
-
-static SPEED: std::sync::OnceLock<Vec<Rate>> = std::sync::OnceLock::new();
-
-/// Starts measuring this node's kernel rates ([`measure_speed`]) on a thread of its own, once
-/// per process; [`speed_now`] and [`speed_wait`] read the result.
-pub fn measure_speed_in_background() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        let _ = std::thread::Builder::new()
-            .name("sinew-speed".into())
-            .spawn(|| {
-                let rates = measure_speed();
-                let text: Vec<String> = rates
-                    .iter()
-                    .map(|r| format!("{} {:.1} GB/s", r.format, r.bytes_per_s as f64 / 1e9))
-                    .collect();
-                tracing::info!(rates = %text.join(", "), "kernel rates measured");
-                let _ = SPEED.set(rates);
-            });
-    });
-}
-
-/// The kernel rates if measured by now (empty if not yet).
-pub fn speed_now() -> Vec<Rate> {
-    SPEED.get().cloned().unwrap_or_default()
-}
-
-/// The kernel rates, measuring them first if no measurement has started, waiting at most
-/// `timeout` for one under way (then empty).
-pub fn speed_wait(timeout: std::time::Duration) -> Vec<Rate> {
-    measure_speed_in_background();
-    let end = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < end {
-        if let Some(s) = SPEED.get() {
-            return s.clone();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    Vec::new()
-}
-
-/// How fast this node's matrix-vector kernels stream each weight format (one activation row,
-/// the process's compute threads, three matrices 768, 2048 and 4096 wide, four times the
-/// last-level cache in all, 64–256 MiB): the memory bandwidth decode sees, capped by compute
-/// where dequantizing costs more than reading.
-/// The median of the products run over 150 ms per format (in a debug build, 2 MiB and 20 ms).
-/// Formats the kernels do not run here are left out.
-pub fn measure_speed() -> Vec<Rate> {
-    use candle_core::quantized::GgmlDType as D;
-    use engine::kernels::Format;
-    // a decoder's mix of shapes: expert down projections (768 wide), the hidden width, and
-    // attention outputs (4096 wide)
-    let shapes = [768usize, 2048, 4096];
-    let mut out = Vec::new();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for (dtype, name) in [
-        (D::Q4K, "q4_k"),
-        (D::Q6K, "q6_k"),
-        (D::Q8_0, "q8_0"),
-        (D::BF16, "bf16"),
-        (D::F16, "f16"),
-        (D::F32, "f32"),
-    ] {
-        let Some(f) = Format::of(dtype) else { continue };
-        let mut mats = Vec::new();
-        let mut total = 0usize;
-        for cols in shapes {
-            let row = f.row_bytes(cols);
-            let rows = (speed_bytes() / shapes.len() / row).max(16) / 16 * 16;
-            // a random 64 KiB pattern, repeated; finite scales and values: every 16-bit
-            // half's exponent below all ones
-            let mut pattern = vec![0u8; 64 << 10];
-            for c in pattern.chunks_mut(8) {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                c.copy_from_slice(&(seed & 0x3fff_3fff_3fff_3fff).to_le_bytes());
-            }
-            let mut bytes = vec![0u8; rows * row];
-            for c in bytes.chunks_mut(pattern.len()) {
-                c.copy_from_slice(&pattern[..c.len()]);
-            }
-            let (Some(m), Ok(x)) = (
-                engine::linear::Mat::from_blocks(dtype, &bytes, rows, cols),
-                candle_core::Tensor::ones(
-                    (1, cols),
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                ),
-            ) else {
-                continue;
-            };
-            total += rows * row;
-            mats.push((m, x));
-        }
-        if mats.len() != shapes.len() {
-            continue;
-        }
-        // sustained, not the luckiest moment: products for at least RATE_WINDOW (and 5),
-        // the median of their times
-        let mut times = Vec::new();
-        let started = std::time::Instant::now();
-        'reps: while times.len() < 5 || (started.elapsed() < RATE_WINDOW && times.len() < 1000) {
-            let t = std::time::Instant::now();
-            for (m, x) in &mats {
-                if m.forward(x).is_err() {
-                    times.clear();
-                    break 'reps;
-                }
-            }
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        let best = times.get(times.len() / 2).copied().unwrap_or(f64::MAX);
-        if best < f64::MAX {
-            out.push(Rate {
-                format: name.into(),
-                bytes_per_s: (total as f64 / best.max(1e-9)) as u64,
-            });
-        }
-    }
-    out
-}
-
 /// The protocol version this process speaks: [`PROTOCOL_VERSION`], unless the test-only
 /// `SINEW_TEST_PROTOCOL_VERSION` says otherwise (how the tests make two versions meet).
 pub fn protocol_version() -> u16 {
@@ -386,30 +232,5 @@ mod tests {
         let b = node_id(dir.path()).unwrap();
         assert_ne!(b, a);
         assert_eq!(node_id(dir.path()).unwrap(), b);
-    }
-
-    #[test]
-    fn the_last_level_cache_is_read_where_the_system_says() {
-        if std::path::Path::new("/sys/devices/system/cpu/cpu0/cache").exists() {
-            let c = last_level_cache();
-            assert!(c.is_some_and(|c| c >= 64 << 10), "{c:?}");
-        }
-        let set = speed_bytes();
-        if cfg!(debug_assertions) {
-            assert_eq!(set, 2 << 20);
-        } else {
-            assert!((64 << 20..=256 << 20).contains(&set), "{set}");
-        }
-    }
-
-    #[test]
-    fn speed_is_measured_for_the_formats_the_kernels_run() {
-        let s = measure_speed();
-        if engine::kernels::Format::Q4K.native() {
-            assert!(
-                s.iter().any(|r| r.format == "q4_k" && r.bytes_per_s > 0),
-                "{s:?}"
-            );
-        }
     }
 }

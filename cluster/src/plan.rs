@@ -495,10 +495,13 @@ mod tests {
                 .map(|&b| vec![("q4_k".to_string(), b)])
                 .collect(),
             layer_expert_reads: vec![Vec::new(); layers.len()],
+            layer_matrices: vec![vec![("q4_k".to_string(), 7)]; layers.len()],
+            layer_expert_matrices: vec![Vec::new(); layers.len()],
             layer_bytes: layers,
             embed_bytes: embed,
             head_bytes: head,
             head_reads: vec![("q6_k".to_string(), head)],
+            head_matrices: vec![("q6_k".to_string(), 1)],
         }
     }
 

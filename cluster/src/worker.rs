@@ -80,7 +80,7 @@ pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result
     std::fs::create_dir_all(&opts.cache_dir).map_err(|e| Error::io(&opts.cache_dir, e))?;
     let advert = node::advert(&opts.models, &opts.cache_dir, opts.threads)?;
     // after hashing the model files, which would share the cores with it
-    node::measure_speed_in_background();
+    crate::speed::measure_speed_in_background();
     for f in &advert.files {
         tracing::info!(file = %f.name, size = f.size, hash = %hex(&f.hash), "holding model file");
     }
@@ -158,7 +158,7 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
                 return;
             }
             let mut advert = advert.clone();
-            advert.speed = node::speed_wait(Duration::from_secs(5));
+            advert.speed = crate::speed::speed_wait(Duration::from_secs(5));
             if send(&mut tx, &Msg::Advert(advert)).is_err() {
                 return;
             }
@@ -197,7 +197,7 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
             }
             tracing::debug!(%peer, "surveyed");
             let mut advert = advert.clone();
-            advert.speed = node::speed_wait(crate::survey::SURVEY_IDLE);
+            advert.speed = crate::speed::speed_wait(crate::survey::SURVEY_IDLE);
             if send(&mut tx, &Msg::Advert(advert)).is_err() {
                 return;
             }

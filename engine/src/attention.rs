@@ -321,6 +321,89 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     _mm_cvtss_f32(s1) + tail
 }
 
+/// A decode step's attention, set up to be timed: one query row over `positions` cached
+/// positions in each of `layers` caches of its own (random keys and values), the way a model's
+/// decode step runs it layer after layer. How a node measures what attention costs it
+/// (`cluster::node::measure_speed`) without a model.
+pub struct AttentionProbe {
+    heads: Heads,
+    positions: usize,
+    q: Vec<f32>,
+    caches: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl AttentionProbe {
+    /// A probe of `heads` query heads sharing `kv_heads` key/value heads of `head_dim` values,
+    /// `positions` cached (at least 1), over `layers` caches (at least 1). `None` where the
+    /// heads do not divide into groups or a size is 0.
+    pub fn new(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        positions: usize,
+        layers: usize,
+    ) -> Option<Self> {
+        if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
+            return None;
+        }
+        let positions = positions.max(1);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let q = random(heads * head_dim);
+        let per = positions * kv_heads * head_dim;
+        let caches = (0..layers.max(1))
+            .map(|_| (random(per), random(per)))
+            .collect();
+        Some(Self {
+            heads: Heads {
+                heads,
+                kv_heads,
+                head_dim,
+            },
+            positions,
+            q,
+            caches,
+        })
+    }
+
+    /// Multiply-adds of one layer's attention: scores and weighted values,
+    /// `2 · heads · head_dim · positions`.
+    pub fn multiply_adds(&self) -> u64 {
+        2 * (self.heads.heads * self.heads.head_dim * self.positions) as u64
+    }
+
+    /// Layers the probe runs.
+    pub fn layers(&self) -> usize {
+        self.caches.len()
+    }
+
+    /// Runs every layer's attention once (the last cached position is the query's own); returns
+    /// a sum of the outputs, so that the work cannot be skipped.
+    pub fn run(&self) -> f32 {
+        let mut sum = 0f32;
+        for (k, v) in &self.caches {
+            let seq = SeqAttention {
+                row: 0,
+                rows: 1,
+                start: self.positions - 1,
+                k,
+                v,
+            };
+            sum += attend(&self.q, &[seq], self.heads).iter().sum::<f32>();
+        }
+        sum
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,5 +485,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn probe_shapes_and_runs() {
+        assert!(AttentionProbe::new(6, 4, 8, 3, 1).is_none());
+        assert!(AttentionProbe::new(4, 0, 8, 3, 1).is_none());
+        let p = AttentionProbe::new(8, 2, 16, 5, 3).unwrap();
+        assert_eq!(p.multiply_adds(), 2 * 8 * 16 * 5);
+        assert_eq!(p.layers(), 3);
+        // softmax weights sum to 1: each output is a convex mix of values in [-0.5, 0.5]
+        let s = p.run();
+        assert!(s.is_finite() && s.abs() <= 0.5 * 8.0 * 16.0 * 3.0, "{s}");
+        assert_eq!(s.to_bits(), p.run().to_bits());
     }
 }

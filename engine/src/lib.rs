@@ -46,6 +46,7 @@ pub mod model;
 pub mod scheduler;
 pub mod weights;
 
+pub use attention::AttentionProbe;
 pub use config::{Architecture, ModelConfig};
 pub use decode::{DecodeParams, Decoded, Decoder, TokenLogprob, prompt_logprobs};
 pub use error::{Error, Result};

@@ -33,6 +33,15 @@ pub struct Layout {
     pub layer_expert_reads: Vec<Vec<(String, u64)>>,
     /// The bytes the output head reads per token, by format (the last stage).
     pub head_reads: Vec<(String, u64)>,
+    /// Per layer, how many matrices (tensors of two or more dimensions) of each format hold its
+    /// `layer_reads`: a token runs one product with each.
+    pub layer_matrices: Vec<Vec<(String, u64)>>,
+    /// Per layer, how many expert matrices of each format hold its `layer_expert_reads` (a
+    /// stacked tensor counts one per expert): a token runs products with `top_k / num_experts`
+    /// of them.
+    pub layer_expert_matrices: Vec<Vec<(String, u64)>>,
+    /// The output head's matrices, by format.
+    pub head_matrices: Vec<(String, u64)>,
 }
 
 impl Layout {
@@ -90,6 +99,19 @@ fn info_bytes(info: &TensorInfo) -> u64 {
     (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
 }
 
+/// Whether a GGUF tensor holds experts: stacked (`blk.N.ffn_gate_exps.weight`) or one expert's
+/// (`blk.N.ffn_gate.E.weight`).
+fn is_expert(name: &str) -> bool {
+    if name.contains("_exps") {
+        return true;
+    }
+    let mut parts = name.split('.');
+    parts.next() == Some("blk")
+        && parts.next().is_some_and(|l| l.parse::<usize>().is_ok())
+        && parts.next().is_some_and(|p| p.starts_with("ffn_"))
+        && parts.next().is_some_and(|e| e.parse::<usize>().is_ok())
+}
+
 /// The layer of a GGUF tensor name (`blk.N.…`), if it belongs to one.
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
@@ -113,25 +135,41 @@ pub fn layout(path: &Path) -> Result<Layout> {
     let mut layer_bytes = vec![0u64; config.num_layers];
     let mut layer_reads = vec![Vec::new(); config.num_layers];
     let mut layer_expert_reads = vec![Vec::new(); config.num_layers];
+    let mut layer_matrices = vec![Vec::new(); config.num_layers];
+    let mut layer_expert_matrices = vec![Vec::new(); config.num_layers];
     let mut head_reads = Vec::new();
+    let mut head_matrices = Vec::new();
     let mut embed_read = None;
+    let experts = config.moe.as_ref().map_or(1, |m| m.num_experts.max(1)) as u64;
     let (mut embed, mut head, mut has_output) = (0u64, 0u64, false);
     for (name, info) in &content.tensor_infos {
         let b = info_bytes(info);
         let format = format_name(info.ggml_dtype);
+        // products: a stacked expert tensor is one matrix per expert
+        let matrices = match info.shape.rank() {
+            0 | 1 => 0,
+            _ if name.contains("_exps") => experts,
+            _ => 1,
+        };
         if let Some(l) = layer_of(name)
             && l < config.num_layers
         {
-            let reads = if name.contains("_exps") {
-                &mut layer_expert_reads[l]
+            let (reads, counts) = if is_expert(name) {
+                (&mut layer_expert_reads[l], &mut layer_expert_matrices[l])
             } else {
-                &mut layer_reads[l]
+                (&mut layer_reads[l], &mut layer_matrices[l])
             };
             add_read(reads, format.clone(), b);
+            if matrices > 0 {
+                add_read(counts, format.clone(), matrices);
+            }
         } else if name == "token_embd.weight" {
             embed_read = Some((format.clone(), b));
         } else {
             add_read(&mut head_reads, format.clone(), b);
+            if matrices > 0 {
+                add_read(&mut head_matrices, format.clone(), matrices);
+            }
         }
         match layer_of(name) {
             Some(l) => {
@@ -158,7 +196,8 @@ pub fn layout(path: &Path) -> Result<Layout> {
         // tied: the last stage reads the embedding as its head
         head += embed;
         if let Some((f, b)) = embed_read {
-            add_read(&mut head_reads, f, b);
+            add_read(&mut head_reads, f.clone(), b);
+            add_read(&mut head_matrices, f, 1);
         }
     }
     Ok(Layout {
@@ -169,7 +208,65 @@ pub fn layout(path: &Path) -> Result<Layout> {
         layer_reads,
         layer_expert_reads,
         head_reads,
+        layer_matrices,
+        layer_expert_matrices,
+        head_matrices,
     })
+}
+
+/// A matrix (or a stack of experts' matrices) a decode step runs products with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatrixInfo {
+    /// The tensor's name.
+    pub name: String,
+    /// Its layer; `None` for the output head.
+    pub layer: Option<usize>,
+    /// Its format.
+    pub dtype: candle_core::quantized::GgmlDType,
+    /// Output rows of one matrix.
+    pub rows: usize,
+    /// Input columns.
+    pub cols: usize,
+    /// Matrices it holds: the experts of a stacked tensor, else 1.
+    pub count: usize,
+    /// Whether it holds experts (a token runs `top_k / num_experts` of them).
+    pub expert: bool,
+}
+
+/// The matrices of `path`'s decoder layers and output head (the embedding, when tied), from
+/// its GGUF header: what a decode step multiplies by.
+///
+/// # Errors
+/// As [`layout`].
+pub fn matrices(path: &Path) -> Result<Vec<MatrixInfo>> {
+    let (content, _) = read_content(path)?;
+    let config = ModelConfig::from_gguf(&content, path)?;
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let mut out = Vec::new();
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        if dims.len() < 2 {
+            continue;
+        }
+        let layer = layer_of(name).filter(|&l| l < config.num_layers);
+        let head = name == "output.weight" || (name == "token_embd.weight" && !has_output);
+        if layer.is_none() && !head {
+            continue;
+        }
+        let stacked = dims.len() > 2;
+        let count = if stacked { dims[0] } else { 1 };
+        let cols = dims[dims.len() - 1];
+        out.push(MatrixInfo {
+            name: name.clone(),
+            layer,
+            dtype: info.ggml_dtype,
+            rows: info.shape.elem_count() / cols.max(1) / count.max(1),
+            cols,
+            count,
+            expert: layer.is_some() && is_expert(name),
+        });
+    }
+    Ok(out)
 }
 
 /// The names of the tensors a stage holding `layers` of a model with `n` layers reads.

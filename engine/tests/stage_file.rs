@@ -61,6 +61,56 @@ fn a_stage_file_loads_the_same_stage_and_holds_only_its_tensors() {
         )
         .unwrap();
         let l = layout(&full).unwrap();
+        // products per token: q, k, v, o and the router or the dense MLP; every expert's three
+        // matrices, stacked or one tensor each; the output head
+        let count = |c: &[(String, u64)]| c.iter().map(|(_, n)| n).sum::<u64>();
+        for layer in 0..4 {
+            let dense = if experts > 0 { 5 } else { 7 };
+            assert_eq!(count(&l.layer_matrices[layer]), dense, "{quant:?} {layer}");
+            assert_eq!(
+                count(&l.layer_expert_matrices[layer]),
+                3 * experts as u64,
+                "{quant:?} {layer}"
+            );
+            assert_eq!(l.layer_expert_reads[layer].is_empty(), experts == 0);
+        }
+        assert_eq!(count(&l.head_matrices), 1);
+        // the same matrices, one by one, with their shapes
+        let m = engine::stage_file::matrices(&full).unwrap();
+        let h = shape.hidden_size;
+        assert!(
+            m.iter()
+                .any(|x| x.layer.is_none() && (x.rows, x.cols) == (shape.vocab_size, h))
+        );
+        for layer in 0..4 {
+            let of = |expert: bool| -> usize {
+                m.iter()
+                    .filter(|x| x.layer == Some(layer) && x.expert == expert)
+                    .map(|x| x.count)
+                    .sum()
+            };
+            assert_eq!(of(false), if experts > 0 { 5 } else { 7 });
+            assert_eq!(of(true), 3 * experts);
+            let i = if experts > 0 {
+                shape.expert_intermediate_size
+            } else {
+                shape.intermediate_size
+            };
+            // gate and up [i, h], down [h, i]: for experts, each matrix of the stack
+            for x in m.iter().filter(|x| x.layer == Some(layer)) {
+                let ffn = x.expert || (experts == 0 && (x.rows == i || x.cols == i));
+                if ffn {
+                    assert!(
+                        (x.rows, x.cols) == (i, h) || (x.rows, x.cols) == (h, i),
+                        "{x:?}"
+                    );
+                }
+            }
+            assert!(
+                m.iter()
+                    .any(|x| x.layer == Some(layer) && (x.rows, x.cols) == (h, i))
+            );
+        }
         let whole = std::fs::metadata(&full).unwrap().len();
         let sum: u64 = l.layer_bytes.iter().sum::<u64>() + l.embed_bytes;
         assert!(

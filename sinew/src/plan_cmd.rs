@@ -44,6 +44,10 @@ pub struct PlanArgs {
     /// Sequences running at once.
     #[arg(long, default_value_t = 16)]
     max_seqs: usize,
+    /// Context position the decode speed is predicted at (tokens already in the sequence;
+    /// default 256, at most the context).
+    #[arg(long)]
+    position: Option<usize>,
     /// Prompt positions of one sequence per micro-batch (as `sinew serve`).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
@@ -120,9 +124,12 @@ fn parse_node(spec: &str, here: &[Rate]) -> anyhow::Result<(u64, Vec<Rate>)> {
             if r == 0 {
                 bail!("--nodes {spec}: a rate of 0");
             }
+            // the rate given; the fixed cost per product this node's
+            let call_ns = here.iter().map(|r| r.call_ns).max().unwrap_or(0);
             vec![Rate {
                 format: "any".into(),
                 bytes_per_s: r as u64,
+                call_ns,
             }]
         }
         None => here.to_vec(),
@@ -172,7 +179,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
         .min(layout.config.max_position_embeddings)
         .max(1);
     let serving = Serving::new(ctx, args.max_seqs, args.max_seqs + args.prefill_chunk);
-    let here = cluster::node::speed_wait(Duration::from_secs(120));
+    let here = cluster::speed::speed_wait(Duration::from_secs(120));
     let usable = |available: u64| {
         args.node_memory
             .map_or_else(|| cluster::plan::usable(available), |m| m as u64)
@@ -257,7 +264,21 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
         Some(s) => StagePlan::split(&layout, &budgets, serving, s),
         None => StagePlan::place(&layout, &budgets, serving),
     };
-    let hidden = layout.config.hidden_size as u64 * if args.link.bf16 { 2 } else { 4 };
+    let position = args
+        .position
+        .unwrap_or(cluster::predict::DEFAULT_POSITION)
+        .min(ctx);
+    let work = cluster::predict::Workload {
+        hidden_bytes: layout.config.hidden_size as u64 * if args.link.bf16 { 2 } else { 4 },
+        seqs: args.max_seqs,
+        position,
+        attention_s: cluster::speed::measure_attention(&layout.config, position)
+            .context("the model has no attention heads")?,
+        // a model whose formats the kernels do not all run is predicted from the rates alone
+        timed: cluster::speed::measure_model(&args.model)
+            .ok()
+            .map(|times| cluster::predict::Timed::new(times, &here)),
+    };
     let prediction = placed.as_ref().ok().and_then(|p| {
         let rates: Vec<Vec<Rate>> = p
             .stages
@@ -265,7 +286,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
             .map(|s| nodes[s.node].rates.clone())
             .collect();
         let speeds: Vec<LinkSpeed> = links.iter().map(|l| l.speed).collect();
-        predict(&layout, p, &rates, &speeds, hidden, args.max_seqs)
+        predict(&layout, p, &rates, &speeds, &work)
     });
     let report = Report {
         args: &args,
@@ -387,8 +408,9 @@ impl Report<'_> {
                         hops.join(", ")
                     );
                     println!(
-                        "predicted decode: {:.1} tok/s single stream, {:.1} tok/s over {} sequences",
-                        x.single_tokens_per_s, x.aggregate_tokens_per_s, x.seqs
+                        "predicted decode at position {}: {:.1} tok/s single stream, {:.1} tok/s \
+                         over {} sequences",
+                        x.position, x.single_tokens_per_s, x.aggregate_tokens_per_s, x.seqs
                     );
                 } else {
                     println!("no prediction: a node has no measured kernel rates");

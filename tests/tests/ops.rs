@@ -453,6 +453,7 @@ fn sinew_plan_places_like_the_head_and_surveys_without_disturbing_it() {
     assert_eq!(v["links"].as_array().unwrap().len(), 3, "{v:#}");
     assert_eq!(v["kv_capacity_tokens"], 512);
     let p = &v["prediction"];
+    assert_eq!(p["position"], 256, "{v:#}");
     assert!(p["single_tokens_per_s"].as_f64().unwrap() > 0.0, "{v:#}");
     assert!(
         p["aggregate_tokens_per_s"].as_f64().unwrap() >= p["single_tokens_per_s"].as_f64().unwrap(),

@@ -107,6 +107,9 @@ pub(crate) struct Supervisor {
     held: Option<StageRunner>,
     model_hash: Option<Hash>,
     layout: Option<Layout>,
+    /// The model's products and attention as timed on this node, for predictions (timed at
+    /// the first plan).
+    timed: Option<(Option<crate::speed::ModelTimes>, usize, f64)>,
     /// Whether membership changed since the last plan.
     dirty: bool,
     retry_plan_at: Option<Instant>,
@@ -156,6 +159,7 @@ impl Supervisor {
             held: None,
             model_hash: None,
             layout: None,
+            timed: None,
             dirty: true,
             retry_plan_at: None,
             stats,
@@ -165,7 +169,7 @@ impl Supervisor {
 
     pub(crate) fn run(mut self) {
         // this node's kernel rates, before hashing and loading would share the cores with them
-        let rates = node::speed_wait(Duration::from_secs(30));
+        let rates = crate::speed::speed_wait(Duration::from_secs(30));
         self.update_head(|n| n.speed = rates);
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -634,19 +638,6 @@ impl Supervisor {
             .unwrap_or_else(|e| e.into_inner())
             .links
             .clone();
-        let prediction = self.predict(&plan, &up, &links);
-        if let Some(p) = &prediction {
-            tracing::info!(
-                single = format!("{:.1}", p.single_tokens_per_s),
-                aggregate = format!("{:.1}", p.aggregate_tokens_per_s),
-                seqs = p.seqs,
-                "predicted decode tok/s"
-            );
-        }
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .prediction = prediction;
         let _ = self.cmd.send(Cmd::Install(Box::new(Pipeline {
             epoch,
             runner,
@@ -654,6 +645,22 @@ impl Supervisor {
             stages: plan.stages.len(),
             capacity,
         })));
+        // after the install: the first prediction times the model's products (a second or two
+        // the pipeline need not wait for)
+        let prediction = self.predict(&plan, &up, &links);
+        if let Some(p) = &prediction {
+            tracing::info!(
+                single = format!("{:.1}", p.single_tokens_per_s),
+                aggregate = format!("{:.1}", p.aggregate_tokens_per_s),
+                seqs = p.seqs,
+                position = p.position,
+                "predicted decode tok/s"
+            );
+        }
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prediction = prediction;
         self.plan = Some((up, epoch));
         // the links were just measured: the first health sample is one period away
         self.watch.started();
@@ -670,7 +677,7 @@ impl Supervisor {
     ) -> Option<crate::predict::Prediction> {
         let layout = self.layout().ok()??;
         // measured when the supervisor started
-        let mut rates = vec![node::speed_now()];
+        let mut rates = vec![crate::speed::speed_now()];
         for &i in up {
             rates.push(self.members[i].up.as_ref()?.advert.speed.clone());
         }
@@ -681,15 +688,23 @@ impl Supervisor {
                 bytes_per_s: l.baseline_bytes_per_s,
             })
             .collect();
-        let hidden = layout.config.hidden_size as u64 * if self.opts.bf16 { 2 } else { 4 };
-        crate::predict::predict(
-            &layout,
-            plan,
-            &rates,
-            &links,
-            hidden,
-            self.opts.batch.max_seqs,
-        )
+        let position = crate::predict::DEFAULT_POSITION.min(self.ctx);
+        if self.timed.is_none() {
+            let times = crate::speed::measure_model(&self.opts.model)
+                .inspect_err(|e| tracing::debug!(error = %e, "the model's products not timed"))
+                .ok();
+            let attention = crate::speed::measure_attention(&layout.config, position)?;
+            self.timed = Some((times, position, attention));
+        }
+        let (times, position, attention_s) = self.timed.clone()?;
+        let work = crate::predict::Workload {
+            hidden_bytes: layout.config.hidden_size as u64 * if self.opts.bf16 { 2 } else { 4 },
+            seqs: self.opts.batch.max_seqs,
+            position,
+            attention_s,
+            timed: times.map(|times| crate::predict::Timed::new(times, &rates[0])),
+        };
+        crate::predict::predict(&layout, plan, &rates, &links, &work)
     }
 
     /// Places the layers over the head and the members `up`: the plan, or (a Hugging Face

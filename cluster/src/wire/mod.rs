@@ -8,7 +8,7 @@ use engine::{SamplingParams, TokenLogprob};
 use transport::codec::{DecodeError, Reader, Writer};
 
 /// The cluster protocol's version. A head and a worker of different versions refuse each other.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// A content hash (SHA-256) of a model file.
 pub type Hash = [u8; 32];
@@ -47,14 +47,18 @@ pub struct Advert {
     pub speed: Vec<Rate>,
 }
 
-/// How fast a node's matrix-vector kernel reads weights of one format: the bytes of a matrix
-/// larger than the caches over the time of one product, with the node's threads.
+/// How fast a node's matrix-vector kernel reads weights of one format, with the node's threads: a
+/// product of one activation row with a matrix of `b` bytes (from memory, not the caches) takes
+/// `call_ns + b / bytes_per_s` seconds.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rate {
     /// The format's name (`q4_k`, `q6_k`, `q8_0`, `bf16`, `f16`, `f32`).
     pub format: String,
     /// Weight bytes per second.
     pub bytes_per_s: u64,
+    /// Nanoseconds each product costs whatever its size (quantizing the activation row, starting
+    /// the threads and the memory streams); 0 in a version-2 advert, which did not carry it.
+    pub call_ns: u64,
 }
 
 /// The head's assignment of a stage to a worker.
@@ -534,6 +538,9 @@ impl Msg {
                     for r in &a.speed {
                         put_str(&mut b, &r.format);
                         b.put_u64(r.bytes_per_s);
+                        if a.version >= 3 {
+                            b.put_u64(r.call_ns);
+                        }
                     }
                 }
                 T_ADVERT
@@ -710,12 +717,15 @@ impl Msg {
                 let (node_id, speed) = if version >= 2 {
                     let id = str(&mut r, "node id")?;
                     let n = r.u32("rate count")?;
-                    let n = count(&r, n, 12, "rate count")?;
+                    // version 3 appended each rate's cost per product
+                    let per = if version >= 3 { 20 } else { 12 };
+                    let n = count(&r, n, per, "rate count")?;
                     let mut speed = Vec::with_capacity(n);
                     for _ in 0..n {
                         speed.push(Rate {
                             format: str(&mut r, "rate format")?,
                             bytes_per_s: r.u64("rate")?,
+                            call_ns: if version >= 3 { r.u64("call cost")? } else { 0 },
                         });
                     }
                     (id, speed)

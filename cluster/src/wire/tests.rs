@@ -120,10 +120,13 @@ fn link_report() -> impl Strategy<Value = LinkReport> {
 fn msg() -> impl Strategy<Value = Msg> {
     let file = ("[a-z.]{1,12}", any::<u64>(), any::<[u8; 32]>())
         .prop_map(|(name, size, hash)| ModelFile { name, size, hash });
-    let rate = ("[a-z0-9_]{1,6}", any::<u64>()).prop_map(|(format, bytes_per_s)| Rate {
-        format,
-        bytes_per_s,
-    });
+    let rate = ("[a-z0-9_]{1,6}", any::<u64>(), any::<u64>()).prop_map(
+        |(format, bytes_per_s, call_ns)| Rate {
+            format,
+            bytes_per_s,
+            call_ns,
+        },
+    );
     let advert = (
         any::<u16>(),
         "[a-z-]{0,10}",
@@ -136,8 +139,11 @@ fn msg() -> impl Strategy<Value = Msg> {
     )
         .prop_map(
             |(version, hostname, mem_total, mem_available, cores, cpu_features, files, v2)| {
-                // a version-1 advert has no id or rates
-                let (node_id, speed) = if version >= 2 { v2 } else { Default::default() };
+                // a version-1 advert has no id or rates, a version-2 advert no cost per product
+                let (node_id, mut speed) = if version >= 2 { v2 } else { Default::default() };
+                if version < 3 {
+                    speed.iter_mut().for_each(|r: &mut Rate| r.call_ns = 0);
+                }
                 Msg::Advert(Advert {
                     version,
                     hostname,
