@@ -11,7 +11,7 @@
 # are packed when first routed to, and a decode step that packs them is not the steady state the
 # prediction describes).
 # Results: bench/out/plan.jsonl and a table (prediction, measured median [min–max], error).
-# Knobs: LAYERS TOKENS ROUNDS.
+# Knobs: LAYERS TOKENS ROUNDS, MODELS (names as bench/models.sh; default "moe-q4_k dense-q4_k").
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT="$ROOT/bench/out"
@@ -22,8 +22,8 @@ ROUNDS=${ROUNDS:-3}
 (cd "$ROOT" && cargo build --release -q -p sinew)
 SINEW="$ROOT/target/release/sinew"
 . "$ROOT/bench/models.sh"
-MOE_FILE=$(model_file moe-q4_k)
-DENSE_FILE=$(model_file dense-q4_k)
+MODEL_FILES=()
+for m in ${MODELS:-moe-q4_k dense-q4_k}; do MODEL_FILES+=("$(model_file "$m")"); done
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 KEY="$WORK/cluster.key"
@@ -33,7 +33,7 @@ RESULTS="$OUT/plan.jsonl"
 : > "$RESULTS"
 PROMPT_IDS=$(seq -s, 10 25)
 
-for MODEL in "$MOE_FILE" "$DENSE_FILE"; do
+for MODEL in "${MODEL_FILES[@]}"; do
   NAME=$(basename "$MODEL" .gguf)
   ADDRS=()
   for i in 1 2; do
