@@ -6,7 +6,8 @@
 //!   [`engine::Event`]s, [`Cluster::state`] the nodes, plan and counters. With no workers it is a
 //!   single node and the same API holds.
 //! - [`worker::run`] (`sinew worker`): a node that waits for a head and serves as a stage.
-//! - [`plan`]: placement, a pure function.
+//! - [`plan`]: placement, a pure function; [`predict`]: the decode speed of a plan, from what
+//!   [`speed`] measures on each node.
 //! - [`wire`]: the protocol's messages, sans-IO.
 //!
 //! The token path is synchronous threads and binary messages: each micro-batch's hidden states go

@@ -274,11 +274,17 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
         position,
         attention_s: cluster::speed::measure_attention(&layout.config, position)
             .context("the model has no attention heads")?,
-        // a model whose formats the kernels do not all run is predicted from the rates alone
+        // a model whose products cannot be timed here (too large for the memory available) is
+        // predicted from the rates alone
         timed: cluster::speed::measure_model(&args.model)
+            .inspect_err(|e| eprintln!("the model's products not timed: {e}"))
             .ok()
             .map(|times| cluster::predict::Timed::new(times, &here)),
     };
+    // this node: the rates measured with the products
+    if let (true, Some(t)) = (args.nodes.is_empty(), &work.timed) {
+        nodes[0].rates = t.rates.clone();
+    }
     let prediction = placed.as_ref().ok().and_then(|p| {
         let rates: Vec<Vec<Rate>> = p
             .stages

@@ -38,7 +38,8 @@ type Products = BTreeMap<(&'static str, usize), BTreeMap<(u32, usize), usize>>;
 /// format (20 in a debug build); the times are the medians of all passes.
 ///
 /// # Errors
-/// The file's header cannot be read, or a matrix cannot be made in its format.
+/// The file's header cannot be read, a matrix cannot be made in its format, or the matrices
+/// would take more than a quarter of the memory available.
 pub fn measure_model(path: &std::path::Path) -> engine::Result<ModelTimes> {
     let layout = engine::stage_file::layout(path)?;
     let infos = engine::stage_file::matrices(path)?;
@@ -57,10 +58,37 @@ pub fn measure_model(path: &std::path::Path) -> engine::Result<ModelTimes> {
         };
         kind_of.push(k);
     }
+    // what the timing holds at once: every kind's copies (the set, or one copy where a kind is
+    // larger) and one format's two sets; a quarter of the memory available at most, so that
+    // timing never crowds out a loaded stage
+    let dtypes = &dtypes;
+    let bytes = |p: &Products| -> usize {
+        p.iter()
+            .flat_map(|(&(_, cols), shapes)| {
+                shapes.iter().map(move |(&(d, rows), &count)| {
+                    let dtype = dtypes.iter().find(|t| **t as u32 == d);
+                    dtype.map_or(0, |t| rows * cols / t.block_size() * t.type_size() * count)
+                })
+            })
+            .sum()
+    };
+    let need: usize = kinds
+        .iter()
+        .map(|p| bytes(p).max(speed_bytes()))
+        .sum::<usize>()
+        + 2 * speed_bytes();
+    let (_, available) = crate::node::memory();
+    if available > 0 && need as u64 > available / 4 {
+        return Err(engine::Error::Request(format!(
+            "timing the model's products needs {} MiB, over a quarter of the {} MiB available",
+            need >> 20,
+            available >> 20
+        )));
+    }
     let mut seed = 0x6a09_e667_f3bc_c908u64;
     let mut timed = kinds
         .iter()
-        .map(|p| Timed::new(p, &dtypes, &mut seed))
+        .map(|p| Timed::new(p, dtypes, &mut seed))
         .collect::<engine::Result<Vec<_>>>()?;
     let window = std::time::Duration::from_millis(if cfg!(debug_assertions) { 20 } else { 300 });
     let mut rates = Vec::new();

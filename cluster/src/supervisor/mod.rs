@@ -24,6 +24,7 @@ use crate::stage::StageRunner;
 use crate::wire::{Advert, Assign, Hash, Msg};
 
 mod members;
+mod prediction;
 mod watch;
 
 /// Bytes per weights message.
@@ -107,9 +108,8 @@ pub(crate) struct Supervisor {
     held: Option<StageRunner>,
     model_hash: Option<Hash>,
     layout: Option<Layout>,
-    /// The model's products and attention as timed on this node, for predictions (timed at
-    /// the first plan).
-    timed: Option<(Option<crate::speed::ModelTimes>, usize, f64)>,
+    /// Works out each plan's predicted speed in the background.
+    predictor: prediction::Predictor,
     /// Whether membership changed since the last plan.
     dirty: bool,
     retry_plan_at: Option<Instant>,
@@ -159,7 +159,7 @@ impl Supervisor {
             held: None,
             model_hash: None,
             layout: None,
-            timed: None,
+            predictor: prediction::Predictor::default(),
             dirty: true,
             retry_plan_at: None,
             stats,
@@ -168,13 +168,13 @@ impl Supervisor {
     }
 
     pub(crate) fn run(mut self) {
-        // this node's kernel rates, before hashing and loading would share the cores with them
-        let rates = crate::speed::speed_wait(Duration::from_secs(30));
-        self.update_head(|n| n.speed = rates);
+        // this node's kernel rates, in the background: planning needs none of them
+        crate::speed::measure_speed_in_background();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
+            self.note_own_rates();
             self.connect_missing();
             while let Ok(ev) = self.ev_rx.try_recv() {
                 self.event(ev);
@@ -266,9 +266,12 @@ impl Supervisor {
         }
     }
 
-    fn update_head(&self, f: impl FnOnce(&mut NodeState)) {
+    /// Shows this node's kernel rates once they are measured.
+    fn note_own_rates(&self) {
         let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut sh.nodes[0]);
+        if sh.nodes[0].speed.is_empty() {
+            sh.nodes[0].speed = crate::speed::speed_now();
+        }
     }
 
     fn update_node(&self, member: usize, f: impl FnOnce(&mut NodeState)) {
@@ -645,66 +648,56 @@ impl Supervisor {
             stages: plan.stages.len(),
             capacity,
         })));
-        // after the install: the first prediction times the model's products (a second or two
-        // the pipeline need not wait for)
-        let prediction = self.predict(&plan, &up, &links);
-        if let Some(p) = &prediction {
-            tracing::info!(
-                single = format!("{:.1}", p.single_tokens_per_s),
-                aggregate = format!("{:.1}", p.aggregate_tokens_per_s),
-                seqs = p.seqs,
-                position = p.position,
-                "predicted decode tok/s"
-            );
-        }
+        // in the background: the first prediction times the model's products
         self.shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .prediction = prediction;
+            .prediction = None;
+        self.predict(&plan, &up, &links, epoch);
         self.plan = Some((up, epoch));
         // the links were just measured: the first health sample is one period away
         self.watch.started();
         Ok(())
     }
 
-    /// The plan's predicted decode speed, from the nodes' kernel rates and the links as
-    /// measured at join ([`crate::predict`]).
+    /// Starts predicting the plan's decode speed, from the nodes' kernel rates and the links as
+    /// measured at join ([`crate::predict`]); the result lands in the shared state.
     fn predict(
         &mut self,
         plan: &StagePlan,
         up: &[usize],
         links: &[crate::head::LinkState],
-    ) -> Option<crate::predict::Prediction> {
-        let layout = self.layout().ok()??;
-        // measured when the supervisor started
-        let mut rates = vec![crate::speed::speed_now()];
+        epoch: u64,
+    ) {
+        let Ok(Some(layout)) = self.layout() else {
+            return;
+        };
+        let mut worker_rates = Vec::new();
         for &i in up {
-            rates.push(self.members[i].up.as_ref()?.advert.speed.clone());
+            match self.members[i].up.as_ref() {
+                Some(u) => worker_rates.push(u.advert.speed.clone()),
+                None => return,
+            }
         }
-        let links: Vec<crate::predict::LinkSpeed> = links
+        let links = links
             .iter()
             .map(|l| crate::predict::LinkSpeed {
                 rtt_us: l.baseline_rtt_us,
                 bytes_per_s: l.baseline_bytes_per_s,
             })
             .collect();
-        let position = crate::predict::DEFAULT_POSITION.min(self.ctx);
-        if self.timed.is_none() {
-            let times = crate::speed::measure_model(&self.opts.model)
-                .inspect_err(|e| tracing::debug!(error = %e, "the model's products not timed"))
-                .ok();
-            let attention = crate::speed::measure_attention(&layout.config, position)?;
-            self.timed = Some((times, position, attention));
-        }
-        let (times, position, attention_s) = self.timed.clone()?;
-        let work = crate::predict::Workload {
+        let inputs = prediction::Inputs {
+            model: self.opts.model.clone(),
             hidden_bytes: layout.config.hidden_size as u64 * if self.opts.bf16 { 2 } else { 4 },
+            layout,
+            plan: plan.clone(),
+            worker_rates,
+            links,
             seqs: self.opts.batch.max_seqs,
-            position,
-            attention_s,
-            timed: times.map(|times| crate::predict::Timed::new(times, &rates[0])),
+            position: crate::predict::DEFAULT_POSITION.min(self.ctx),
+            epoch,
         };
-        crate::predict::predict(&layout, plan, &rates, &links, &work)
+        self.predictor.start(inputs, self.shared.clone());
     }
 
     /// Places the layers over the head and the members `up`: the plan, or (a Hugging Face
