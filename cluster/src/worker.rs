@@ -157,13 +157,18 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
                 let _ = send(&mut tx, &Msg::Refuse(why));
                 return;
             }
+            // the rates measured so far: a join never waits for them
             let mut advert = advert.clone();
-            advert.speed = crate::speed::speed_wait(Duration::from_secs(5));
+            advert.speed = crate::speed::speed_now();
+            let later = advert.speed.is_empty();
             if send(&mut tx, &Msg::Advert(advert)).is_err() {
                 return;
             }
             tracing::info!(%peer, head = %format!("{head_id:#x}"), "a head connected");
             let tx = Arc::new(Mutex::new(tx));
+            if later {
+                send_rates_when_measured(tx.clone());
+            }
             let _ = ev.send(Ev::Head {
                 head_id,
                 tx: tx.clone(),
@@ -204,6 +209,22 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
             crate::survey::serve(rx, tx, mine, cfg);
         }
         other => tracing::warn!(%peer, "a link opened with {other:?}; dropped"),
+    }
+}
+
+/// Sends the head this node's kernel rates once measured (within a minute), on a thread of its
+/// own: an advert sent before they were sent none.
+fn send_rates_when_measured(tx: SharedSender) {
+    let spawned = std::thread::Builder::new()
+        .name("sinew-rates".into())
+        .spawn(move || {
+            let rates = crate::speed::speed_wait(Duration::from_secs(60));
+            if !rates.is_empty() {
+                let _ = send_shared(&tx, &Msg::Rates(rates));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread to send the kernel rates from");
     }
 }
 

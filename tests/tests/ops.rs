@@ -502,6 +502,51 @@ fn sinew_plan_places_like_the_head_and_surveys_without_disturbing_it() {
 }
 
 #[test]
+fn a_worker_joins_before_its_rates_are_measured_and_sends_them_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kpath, k) = key(dir.path(), 0x5b);
+    let m = model(dir.path());
+    // the worker measures its kernel rates 10 s after it starts
+    let mut cmd = sinew_tests::sinew();
+    cmd.env("SINEW_TEST_SPEED_DELAY_MS", "10000")
+        .args([
+            "worker",
+            "--threads",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-announce",
+            "--cache-dir",
+        ])
+        .arg(dir.path().join("w"))
+        .arg("--cluster-key-file")
+        .arg(&kpath);
+    let started = Instant::now();
+    let mut w = Node::spawn(cmd);
+    let addr = w.wait_for_line("worker listening on ", Duration::from_secs(60));
+    let c = start(opts(&m, vec![addr], k, dir.path(), Operations::default()));
+    wait_for(&c, Duration::from_secs(30), "two stages", |st| {
+        stages(st) == 2
+    });
+    // serving without waiting for them: no rates for the worker, so no prediction yet
+    let st = c.state();
+    if started.elapsed() < Duration::from_secs(9) {
+        assert!(st.nodes[1].speed.is_empty(), "{st:#?}");
+        assert!(st.prediction.is_none(), "{st:#?}");
+    } else {
+        eprintln!("joined too late to see the worker without rates; checking only what follows");
+    }
+    // then they arrive, and the plan is predicted with them
+    wait_for(
+        &c,
+        Duration::from_secs(60),
+        "the worker's rates and a prediction",
+        |st| !st.nodes[1].speed.is_empty() && st.prediction.is_some(),
+    );
+    drop(w);
+}
+
+#[test]
 fn a_worker_listed_and_discovered_under_two_addresses_joins_once() {
     let dir = tempfile::tempdir().unwrap();
     let (kpath, k) = key(dir.path(), 0x5a);

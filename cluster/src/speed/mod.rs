@@ -60,6 +60,13 @@ pub fn measure_speed_in_background() {
         let _ = std::thread::Builder::new()
             .name("sinew-speed".into())
             .spawn(|| {
+                // test-only: how the tests make a worker join before its rates are measured
+                if let Some(ms) = std::env::var("SINEW_TEST_SPEED_DELAY_MS")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
                 let rates = measure_speed();
                 let text: Vec<String> = rates
                     .iter()

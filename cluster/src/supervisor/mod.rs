@@ -110,6 +110,8 @@ pub(crate) struct Supervisor {
     layout: Option<Layout>,
     /// Works out each plan's predicted speed in the background.
     predictor: prediction::Predictor,
+    /// The plan last predicted, with its epoch, for predicting it again.
+    planned: Option<(u64, StagePlan)>,
     /// Whether membership changed since the last plan.
     dirty: bool,
     retry_plan_at: Option<Instant>,
@@ -160,6 +162,7 @@ impl Supervisor {
             model_hash: None,
             layout: None,
             predictor: prediction::Predictor::default(),
+            planned: None,
             dirty: true,
             retry_plan_at: None,
             stats,
@@ -260,9 +263,32 @@ impl Supervisor {
                     Msg::StageError(e) => {
                         tracing::error!(worker = %self.members[member].addr, error = %e, "stage error")
                     }
+                    Msg::Rates(rates) => self.rates_arrived(member, rates),
                     other => tracing::debug!("unexpected message from a worker: {other:?}"),
                 }
             }
+        }
+    }
+
+    /// A worker's kernel rates, measured after it joined: kept, shown, and the plan that holds
+    /// it predicted again.
+    fn rates_arrived(&mut self, member: usize, rates: Vec<crate::wire::Rate>) {
+        if let Some(u) = self.members[member].up.as_mut() {
+            u.advert.speed = rates.clone();
+        }
+        self.update_node(member, |n| n.speed = rates);
+        if let (Some((up, epoch)), Some((planned, plan))) =
+            (self.plan.clone(), self.planned.clone())
+            && planned == epoch
+            && up.contains(&member)
+        {
+            let links = self
+                .shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .links
+                .clone();
+            self.predict(&plan, &up, &links, epoch);
         }
     }
 
@@ -654,6 +680,7 @@ impl Supervisor {
             .unwrap_or_else(|e| e.into_inner())
             .prediction = None;
         self.predict(&plan, &up, &links, epoch);
+        self.planned = Some((epoch, plan));
         self.plan = Some((up, epoch));
         // the links were just measured: the first health sample is one period away
         self.watch.started();

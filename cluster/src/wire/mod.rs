@@ -324,6 +324,8 @@ pub enum Msg {
     },
     /// Worker → head or observer: a link measurement, or why it failed.
     LinkSample(Result<LinkReport, String>),
+    /// Worker → head: its kernel rates, measured after its advert went without them.
+    Rates(Vec<Rate>),
     /// Worker → worker, first on a peer link: which plan and stage the sender serves.
     PeerHello {
         /// Protocol version.
@@ -355,6 +357,7 @@ const T_SURVEY: u32 = 0x5110;
 const T_PROBE_PEER: u32 = 0x5111;
 const T_SAMPLE_NEXT: u32 = 0x5112;
 const T_LINK_SAMPLE: u32 = 0x5113;
+const T_RATES: u32 = 0x5114;
 
 /// Longest string field, bytes.
 const MAX_STR: usize = 1 << 20;
@@ -417,6 +420,33 @@ fn put_logprob(b: &mut Vec<u8>, lp: &TokenLogprob) {
 }
 
 /// A count of items of at least `min_bytes` each, checked against what remains.
+fn put_rates(b: &mut Vec<u8>, rates: &[Rate], call_ns: bool) {
+    b.put_u32(rates.len() as u32);
+    for r in rates {
+        put_str(b, &r.format);
+        b.put_u64(r.bytes_per_s);
+        if call_ns {
+            b.put_u64(r.call_ns);
+        }
+    }
+}
+
+/// Kernel rates: a count, then each format, rate and (`call_ns`: from version 3) cost per
+/// product.
+fn rates(r: &mut Reader<'_>, call_ns: bool) -> Result<Vec<Rate>, DecodeError> {
+    let n = r.u32("rate count")?;
+    let n = count(r, n, if call_ns { 20 } else { 12 }, "rate count")?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Rate {
+            format: str(r, "rate format")?,
+            bytes_per_s: r.u64("rate")?,
+            call_ns: if call_ns { r.u64("call cost")? } else { 0 },
+        });
+    }
+    Ok(out)
+}
+
 fn count(
     r: &Reader<'_>,
     n: u32,
@@ -534,14 +564,7 @@ impl Msg {
                 }
                 if a.version >= 2 {
                     put_str(&mut b, &a.node_id);
-                    b.put_u32(a.speed.len() as u32);
-                    for r in &a.speed {
-                        put_str(&mut b, &r.format);
-                        b.put_u64(r.bytes_per_s);
-                        if a.version >= 3 {
-                            b.put_u64(r.call_ns);
-                        }
-                    }
+                    put_rates(&mut b, &a.speed, a.version >= 3);
                 }
                 T_ADVERT
             }
@@ -667,6 +690,10 @@ impl Msg {
                 b.put_u64(*bytes);
                 T_SAMPLE_NEXT
             }
+            Msg::Rates(rates) => {
+                put_rates(&mut b, rates, true);
+                T_RATES
+            }
             Msg::LinkSample(r) => {
                 match r {
                     Ok(l) => {
@@ -716,19 +743,8 @@ impl Msg {
                 // that the version check can name both versions
                 let (node_id, speed) = if version >= 2 {
                     let id = str(&mut r, "node id")?;
-                    let n = r.u32("rate count")?;
                     // version 3 appended each rate's cost per product
-                    let per = if version >= 3 { 20 } else { 12 };
-                    let n = count(&r, n, per, "rate count")?;
-                    let mut speed = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        speed.push(Rate {
-                            format: str(&mut r, "rate format")?,
-                            bytes_per_s: r.u64("rate")?,
-                            call_ns: if version >= 3 { r.u64("call cost")? } else { 0 },
-                        });
-                    }
-                    (id, speed)
+                    (id, rates(&mut r, version >= 3)?)
                 } else {
                     (String::new(), Vec::new())
                 };
@@ -802,6 +818,7 @@ impl Msg {
             T_SAMPLE_NEXT => Msg::SampleNext {
                 bytes: r.u64("probe bytes")?,
             },
+            T_RATES => Msg::Rates(rates(&mut r, true)?),
             T_LINK_SAMPLE => Msg::LinkSample(if flag(&mut r, "sample")? {
                 Ok(link(&mut r)?)
             } else {

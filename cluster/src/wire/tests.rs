@@ -241,6 +241,17 @@ fn msg() -> impl Strategy<Value = Msg> {
         (any::<u64>(), any::<u64>()).prop_map(|(id, bytes)| Msg::ProbeAck { id, bytes }),
         any::<u64>().prop_map(Msg::Ping),
         any::<u64>().prop_map(Msg::Pong),
+        proptest::collection::vec(
+            ("[a-z0-9_]{1,6}", any::<u64>(), any::<u64>()).prop_map(
+                |(format, bytes_per_s, call_ns)| Rate {
+                    format,
+                    bytes_per_s,
+                    call_ns
+                }
+            ),
+            0..4
+        )
+        .prop_map(Msg::Rates),
         batch().prop_map(Msg::Batch),
         (any::<u64>(), proptest::collection::vec(result, 0..4)).prop_map(|(id, results)| {
             Msg::Sampled(Sampled {
