@@ -68,6 +68,9 @@ pub struct Operations {
     pub min_fraction: f64,
     /// A link whose round trip exceeds this many microseconds more than its baseline is degraded.
     pub max_rtt_rise_us: f64,
+    /// Predict each plan's decode speed ([`crate::predict`]): the first prediction times the
+    /// model's products on this node, while no request runs.
+    pub predict: bool,
 }
 
 impl Default for Operations {
@@ -78,6 +81,7 @@ impl Default for Operations {
             watch_every: Duration::from_secs(10),
             min_fraction: 0.7,
             max_rtt_rise_us: 2000.0,
+            predict: true,
         }
     }
 }

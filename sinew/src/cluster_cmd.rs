@@ -101,6 +101,7 @@ impl OpsArgs {
             watch_every: secs(self.link_watch, "link-watch")?,
             min_fraction: self.link_min_fraction,
             max_rtt_rise_us: self.link_max_rtt_rise_us,
+            predict: true,
         })
     }
 }
@@ -241,7 +242,11 @@ impl HeadArgs {
                 .unwrap_or_else(cluster::node::default_cache_dir),
             memory_limit: self.node_memory.map(|m| m as u64),
             kv_memory: None,
-            ops: cluster::Operations::default(),
+            // a one-off run: no prediction, whose timing would share the cores with it
+            ops: cluster::Operations {
+                predict: false,
+                ..Default::default()
+            },
         };
         let c = Cluster::start(opts)?;
         if !c.wait_ready(Duration::from_secs(self.ready_timeout_s)) {

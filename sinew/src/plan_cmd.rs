@@ -276,7 +276,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
             .context("the model has no attention heads")?,
         // a model whose products cannot be timed here (too large for the memory available) is
         // predicted from the rates alone
-        timed: cluster::speed::measure_model(&args.model)
+        timed: cluster::speed::measure_model(&args.model, &|| false)
             .inspect_err(|e| eprintln!("the model's products not timed: {e}"))
             .ok()
             .map(|times| cluster::predict::Timed::new(times, &here)),

@@ -16,7 +16,7 @@ use crate::wire::Rate;
 
 mod model;
 
-pub use model::{ModelTimes, measure_model};
+pub use model::{ModelTimes, TimingError, measure_model};
 
 /// Bytes of each set of matrices a format's rate is measured on: four times the last-level
 /// cache, 64–256 MiB, so that the products stream from memory as a model's weights do (at 48 MiB

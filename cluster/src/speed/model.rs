@@ -24,6 +24,17 @@ pub struct ModelTimes {
     pub rates: Vec<Rate>,
 }
 
+/// Why a model's products were not timed.
+#[derive(Debug, thiserror::Error)]
+pub enum TimingError {
+    /// Asked to stop.
+    #[error("stopped: the node has other work")]
+    Stopped,
+    /// The model or its matrices.
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
+}
+
 /// A layer's products: (group, columns) → (format as GGML's number, rows) → count.
 type Products = BTreeMap<(&'static str, usize), BTreeMap<(u32, usize), usize>>;
 
@@ -37,10 +48,16 @@ type Products = BTreeMap<(&'static str, usize), BTreeMap<(u32, usize), usize>>;
 /// ([`super::measure_speed`]'s sets), pass for pass in turn with the products, 300 ms per
 /// format (20 in a debug build); the times are the medians of all passes.
 ///
+/// `stop` is asked between each set of matrices made and each pass: true gives up (the node has
+/// other work, which the timing would slow and which would skew it).
+///
 /// # Errors
-/// The file's header cannot be read, a matrix cannot be made in its format, or the matrices
-/// would take more than a quarter of the memory available.
-pub fn measure_model(path: &std::path::Path) -> engine::Result<ModelTimes> {
+/// [`TimingError::Stopped`]; the file's header cannot be read, a matrix cannot be made in its
+/// format, or the matrices would take more than a quarter of the memory available.
+pub fn measure_model(
+    path: &std::path::Path,
+    stop: &dyn Fn() -> bool,
+) -> Result<ModelTimes, TimingError> {
     let layout = engine::stage_file::layout(path)?;
     let infos = engine::stage_file::matrices(path)?;
     let dtypes: Vec<GgmlDType> = infos.iter().map(|m| m.dtype).collect();
@@ -83,13 +100,17 @@ pub fn measure_model(path: &std::path::Path) -> engine::Result<ModelTimes> {
             "timing the model's products needs {} MiB, over a quarter of the {} MiB available",
             need >> 20,
             available >> 20
-        )));
+        ))
+        .into());
     }
     let mut seed = 0x6a09_e667_f3bc_c908u64;
-    let mut timed = kinds
-        .iter()
-        .map(|p| Timed::new(p, dtypes, &mut seed))
-        .collect::<engine::Result<Vec<_>>>()?;
+    let mut timed = Vec::with_capacity(kinds.len());
+    for p in &kinds {
+        if stop() {
+            return Err(TimingError::Stopped);
+        }
+        timed.push(Timed::new(p, dtypes, &mut seed)?);
+    }
     let window = std::time::Duration::from_millis(if cfg!(debug_assertions) { 20 } else { 300 });
     let mut rates = Vec::new();
     let formats = main_formats(&layout, &infos);
@@ -103,6 +124,9 @@ pub fn measure_model(path: &std::path::Path) -> engine::Result<ModelTimes> {
         let started = std::time::Instant::now();
         let mut passes = 0;
         while passes < 3 || (started.elapsed() < window && passes < 1000) {
+            if stop() {
+                return Err(TimingError::Stopped);
+            }
             for t in &mut timed {
                 t.pass()?;
             }
@@ -309,7 +333,7 @@ mod tests {
             .unwrap();
             path
         };
-        let moe = measure_model(&write(&shape, "moe.gguf")).unwrap();
+        let moe = measure_model(&write(&shape, "moe.gguf"), &|| false).unwrap();
         assert_eq!(moe.layer_s.len(), 3);
         // layers alike are timed once
         assert!(moe.layer_s.iter().all(|&t| t > 0.0 && t == moe.layer_s[0]));
@@ -322,7 +346,12 @@ mod tests {
             "{:?}",
             moe.rates
         );
-        assert!(measure_model(&dir.path().join("absent.gguf")).is_err());
+        assert!(measure_model(&dir.path().join("absent.gguf"), &|| false).is_err());
+        // asked to stop: stops
+        assert!(matches!(
+            measure_model(&dir.path().join("moe.gguf"), &|| true),
+            Err(TimingError::Stopped)
+        ));
         // the products a layer runs: q, k, v, o, the router, and 2 experts' three matrices
         let l = engine::stage_file::layout(&dir.path().join("moe.gguf")).unwrap();
         let infos = engine::stage_file::matrices(&dir.path().join("moe.gguf")).unwrap();

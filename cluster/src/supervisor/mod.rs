@@ -171,13 +171,10 @@ impl Supervisor {
     }
 
     pub(crate) fn run(mut self) {
-        // this node's kernel rates, in the background: planning needs none of them
-        crate::speed::measure_speed_in_background();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            self.note_own_rates();
             self.connect_missing();
             while let Ok(ev) = self.ev_rx.try_recv() {
                 self.event(ev);
@@ -289,14 +286,6 @@ impl Supervisor {
                 .links
                 .clone();
             self.predict(&plan, &up, &links, epoch);
-        }
-    }
-
-    /// Shows this node's kernel rates once they are measured.
-    fn note_own_rates(&self) {
-        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        if sh.nodes[0].speed.is_empty() {
-            sh.nodes[0].speed = crate::speed::speed_now();
         }
     }
 
@@ -696,6 +685,9 @@ impl Supervisor {
         links: &[crate::head::LinkState],
         epoch: u64,
     ) {
+        if !self.opts.ops.predict {
+            return;
+        }
         let Ok(Some(layout)) = self.layout() else {
             return;
         };
@@ -723,6 +715,7 @@ impl Supervisor {
             seqs: self.opts.batch.max_seqs,
             position: crate::predict::DEFAULT_POSITION.min(self.ctx),
             epoch,
+            stats: self.stats.clone(),
         };
         self.predictor.start(inputs, self.shared.clone());
     }

@@ -1,6 +1,8 @@
 //! The plan's predicted decode speed ([`crate::predict`]), worked out on a thread of its own after
-//! each plan is installed: the first one times the model's products and attention on this node
-//! (a few seconds the supervisor and the pipeline need not wait for), the later ones reuse them.
+//! each plan is installed. The first one times the model's products and attention on this node —
+//! a few seconds of the cores the pipeline computes on, so only while no request runs: a request
+//! that arrives meanwhile stops the timing, which starts again at the next idle moment. The later
+//! ones reuse those times.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -9,6 +11,7 @@ use std::time::Duration;
 use engine::stage_file::Layout;
 
 use crate::head::Shared;
+use crate::pipeline::PipelineStats;
 use crate::plan::StagePlan;
 use crate::predict::{LinkSpeed, Timed, Workload};
 use crate::speed::ModelTimes;
@@ -42,6 +45,8 @@ pub(super) struct Inputs {
     pub(super) position: usize,
     /// The plan's epoch: a prediction for a plan since replaced is dropped.
     pub(super) epoch: u64,
+    /// The pipeline's counters: whether requests run.
+    pub(super) stats: Arc<Mutex<PipelineStats>>,
 }
 
 impl Predictor {
@@ -52,7 +57,7 @@ impl Predictor {
         let spawned = std::thread::Builder::new()
             .name("sinew-predict".into())
             .spawn(move || {
-                let p = predict(&measured, &inputs);
+                let p = predict(&measured, &inputs, &shared);
                 if let Some(p) = &p {
                     tracing::info!(
                         single = format!("{:.1}", p.single_tokens_per_s),
@@ -73,32 +78,68 @@ impl Predictor {
     }
 }
 
+/// Whether the pipeline serves with nothing running or queued.
+fn idle(stats: &Mutex<PipelineStats>) -> bool {
+    let s = stats.lock().unwrap_or_else(|e| e.into_inner());
+    s.serving && s.running == 0 && s.queued == 0
+}
+
+/// This node's measurements for `inputs`, made once (while idle, as often as requests stop
+/// them), then kept; `None` once `inputs`' plan no longer serves, or for a model without
+/// attention heads.
+fn measure(
+    measured: &Mutex<Option<Measured>>,
+    inputs: &Inputs,
+    shared: &Mutex<Shared>,
+) -> Option<Measured> {
+    let current = || shared.lock().unwrap_or_else(|e| e.into_inner()).epoch == inputs.epoch;
+    // one thread measures; one predicting a later plan meanwhile waits for it
+    let mut m = measured.lock().unwrap_or_else(|e| e.into_inner());
+    while m.is_none() {
+        if !current() {
+            return None;
+        }
+        if !idle(&inputs.stats) {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let busy = || !idle(&inputs.stats);
+        let times = match crate::speed::measure_model(&inputs.model, &busy) {
+            Ok(t) => Some(t),
+            Err(crate::speed::TimingError::Stopped) => continue,
+            Err(e) => {
+                tracing::info!(error = %e, "the model's products not timed");
+                None
+            }
+        };
+        let attention_s = crate::speed::measure_attention(&inputs.layout.config, inputs.position)?;
+        if busy() {
+            continue;
+        }
+        *m = Some(Measured {
+            times,
+            position: inputs.position,
+            attention_s,
+        });
+    }
+    m.clone()
+}
+
 fn predict(
     measured: &Mutex<Option<Measured>>,
     inputs: &Inputs,
+    shared: &Mutex<Shared>,
 ) -> Option<crate::predict::Prediction> {
-    // this node's rates, measured at start (the model is timed after them, not beside them)
-    let here = crate::speed::speed_wait(Duration::from_secs(60));
-    let m = {
-        // one thread measures; one predicting a later plan meanwhile waits for it
-        let mut m = measured.lock().unwrap_or_else(|e| e.into_inner());
-        if m.is_none() {
-            let times = crate::speed::measure_model(&inputs.model)
-                .inspect_err(|e| tracing::info!(error = %e, "the model's products not timed"))
-                .ok();
-            let attention_s =
-                crate::speed::measure_attention(&inputs.layout.config, inputs.position)?;
-            *m = Some(Measured {
-                times,
-                position: inputs.position,
-                attention_s,
-            });
-        }
-        m.clone()?
+    let m = measure(measured, inputs, shared)?;
+    let timed = m.times.map(|t| Timed::new(t, &crate::speed::speed_now()));
+    // the head's rates: those measured with its products; where they could not be timed, its
+    // rates measured on their own
+    let head = match &timed {
+        Some(t) => t.rates.clone(),
+        None => crate::speed::speed_wait(Duration::from_secs(60)),
     };
-    let timed = m.times.map(|t| Timed::new(t, &here));
-    // the head's rates: those measured with its products, where they were timed
-    let mut rates = vec![timed.as_ref().map_or(here, |t| t.rates.clone())];
+    shared.lock().unwrap_or_else(|e| e.into_inner()).nodes[0].speed = head.clone();
+    let mut rates = vec![head];
     rates.extend(inputs.worker_rates.iter().cloned());
     let work = Workload {
         hidden_bytes: inputs.hidden_bytes,
