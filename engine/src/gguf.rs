@@ -245,9 +245,20 @@ fn metadata(
                     _ => None,
                 })
                 .collect();
+            // an embedding with more rows than the tokenizer has tokens (padded for alignment,
+            // or a synthetic model's vocabulary): llama.cpp wants a token per row, so the rest
+            // are placeholders of type unused (5), as its own converter writes them
+            let tokens = vocab.len();
+            vocab.extend((tokens..c.vocab_size).map(|i| (format!("[PAD{i}]"), i as u64)));
             let types: Vec<Value> = vocab
                 .iter()
-                .map(|(_, i)| Value::I32(if special.contains(i) { 3 } else { 1 }))
+                .map(|(_, i)| {
+                    Value::I32(match i {
+                        i if *i as usize >= tokens => 5,
+                        i if special.contains(i) => 3,
+                        _ => 1,
+                    })
+                })
                 .collect();
             m.push(("tokenizer.ggml.model".into(), s("gpt2")));
             m.push(("tokenizer.ggml.pre".into(), s("qwen2")));

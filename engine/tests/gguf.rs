@@ -445,6 +445,12 @@ fn written_files_are_gguf_v3_with_llama_cpp_s_file_type_and_special_tokens() {
         let u = |k: &str| c.metadata[k].to_u32().unwrap();
         assert_eq!(u("general.file_type"), file_type);
         assert_eq!(u("general.quantization_version"), 2);
+        // a token per embedding row (512; the built-in tokenizer has 384), the rest unused
+        let tokens = c.metadata["tokenizer.ggml.tokens"].to_vec().unwrap();
+        let types = c.metadata["tokenizer.ggml.token_type"].to_vec().unwrap();
+        assert_eq!((tokens.len(), types.len()), (512, 512));
+        let kind = |i: usize| types[i].to_i32().unwrap();
+        assert!((0..384).all(|i| kind(i) != 5) && (384..512).all(|i| kind(i) == 5));
         // no BOS in the built-in tokenizer: <|endoftext|> (id 0), as llama.cpp's Qwen converter
         assert_eq!(u("tokenizer.ggml.bos_token_id"), 0);
         assert!(
