@@ -112,14 +112,61 @@ pub fn measure(tx: &mut LinkSender, rx: &mut Rx, big: usize) -> Result<crate::wi
     let transport = tx.info().transport.to_string();
     measure_with(
         transport,
-        |m, deadline| {
-            let (tag, payload) = m.encode();
-            tx.send_until(tag, &payload, deadline)?;
-            Ok(())
-        },
+        probe_sender(tx),
         |deadline| rx.recv(deadline),
         big,
     )
+}
+
+/// Sends probes on `tx` with the deadline given.
+fn probe_sender(tx: &mut LinkSender) -> impl FnMut(&Msg, Deadline) -> Result<()> + '_ {
+    |m, deadline| {
+        let (tag, payload) = m.encode();
+        tx.send_until(tag, &payload, deadline)?;
+        Ok(())
+    }
+}
+
+/// [`measure`] on a worker's control link as it joins: the worker sends its kernel rates
+/// ([`Msg::Rates`]) as soon as they are measured, which may fall between the probes' answers;
+/// they are kept and returned, not taken for a wrong answer.
+///
+/// # Errors
+/// As [`measure`].
+pub fn measure_join(
+    tx: &mut LinkSender,
+    rx: &mut Rx,
+    big: usize,
+) -> Result<(crate::wire::LinkReport, Option<Vec<crate::wire::Rate>>)> {
+    let transport = tx.info().transport.to_string();
+    measure_keeping_rates(
+        transport,
+        probe_sender(tx),
+        |deadline| rx.recv(deadline),
+        big,
+    )
+}
+
+/// [`measure_with`], keeping the last [`Msg::Rates`] that arrives among the answers.
+fn measure_keeping_rates(
+    transport: String,
+    send: impl FnMut(&Msg, Deadline) -> Result<()>,
+    mut recv: impl FnMut(Deadline) -> Result<Msg>,
+    big: usize,
+) -> Result<(crate::wire::LinkReport, Option<Vec<crate::wire::Rate>>)> {
+    let mut kept = None;
+    let report = measure_with(
+        transport,
+        send,
+        |deadline| loop {
+            match recv(deadline)? {
+                Msg::Rates(rates) => kept = Some(rates),
+                other => return Ok(other),
+            }
+        },
+        big,
+    )?;
+    Ok((report, kept))
 }
 
 /// [`measure`] over any way of sending a probe and reading its answer (a shared sender and
@@ -158,4 +205,78 @@ pub fn measure_with(
         rtt_us: rtt.as_micros().min(u128::from(u32::MAX)) as u32,
         bytes_per_s: (big as f64 / secs) as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Rate;
+    use std::collections::VecDeque;
+
+    /// A peer that answers every probe, and sends its rates after the `after`-th answer.
+    fn scripted(after: usize) -> Result<(crate::wire::LinkReport, Option<Vec<Rate>>)> {
+        let rates = vec![Rate {
+            format: "q4_k".into(),
+            bytes_per_s: 1 << 30,
+            call_ns: 500,
+        }];
+        let inbox = std::cell::RefCell::new(VecDeque::new());
+        let mut answered = 0;
+        measure_keeping_rates(
+            "tcp".into(),
+            |m, _| {
+                let Msg::Probe { id, pad } = m else {
+                    panic!("sent {m:?}, not a probe");
+                };
+                inbox.borrow_mut().push_back(probe_ack(*id, pad));
+                answered += 1;
+                if answered == after {
+                    inbox.borrow_mut().push_back(Msg::Rates(rates.clone()));
+                }
+                Ok(())
+            },
+            |_| {
+                inbox
+                    .borrow_mut()
+                    .pop_front()
+                    .ok_or_else(|| Error::Protocol("no answer".into()))
+            },
+            64,
+        )
+    }
+
+    #[test]
+    fn rates_among_the_probe_answers_are_kept_wherever_they_fall() {
+        // five probes: rates sent after the last answer are the reader's, not the join's
+        for after in 1..5 {
+            let (report, kept) = scripted(after).unwrap();
+            assert_eq!(report.transport, "tcp");
+            assert!(report.bytes_per_s > 0);
+            assert_eq!(
+                kept.map(|r| r[0].call_ns),
+                Some(500),
+                "after answer {after}"
+            );
+        }
+        for after in [0, 5] {
+            let (_, kept) = scripted(after).unwrap();
+            assert!(kept.is_none());
+        }
+    }
+
+    #[test]
+    fn any_other_message_among_the_answers_is_a_protocol_error() {
+        let mut first = true;
+        let r = measure_keeping_rates(
+            "tcp".into(),
+            |_, _| Ok(()),
+            |_| {
+                let m = Msg::Ping(if first { 1 } else { 2 });
+                first = false;
+                Ok(m)
+            },
+            64,
+        );
+        assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
+    }
 }

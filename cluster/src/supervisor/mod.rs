@@ -351,7 +351,7 @@ impl Supervisor {
                 head_id: self.head_id,
             },
         )?;
-        let advert = match rx.recv(Deadline::after(Duration::from_secs(10)))? {
+        let mut advert = match rx.recv(Deadline::after(Duration::from_secs(10)))? {
             Msg::Advert(a) => a,
             Msg::Refuse(why) => {
                 return Err(Error::Refused(format!("worker {addr} refused: {why}")));
@@ -366,7 +366,11 @@ impl Supervisor {
             let _ = crate::io::send(&mut tx, &Msg::Refuse(why.clone()));
             return Err(Error::Refused(why));
         }
-        let report = crate::io::measure(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
+        let (report, early_rates) =
+            crate::io::measure_join(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
+        if let Some(rates) = early_rates {
+            advert.speed = rates;
+        }
         let (samples_tx, samples) = mpsc::channel();
         self.generation += 1;
         let generation = self.generation;
