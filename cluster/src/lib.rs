@@ -33,6 +33,7 @@
 //! # Ok::<(), cluster::Error>(())
 //! ```
 
+pub mod addr;
 pub mod discovery;
 pub mod error;
 pub mod head;

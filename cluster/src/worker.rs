@@ -60,6 +60,8 @@ enum Ev {
         head_id: u64,
         tx: SharedSender,
         generation: u64,
+        /// This end's address on the head's link.
+        local: Option<SocketAddr>,
     },
     /// A message from the head.
     Control { generation: u64, msg: Msg },
@@ -137,6 +139,7 @@ pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result
 /// Reads a new link's first message and hands the link on.
 fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &LinkConfig) {
     let peer = link.info().peer_addr.clone();
+    let local = link.info().local_addr;
     let (mut tx, rx) = link.split();
     let mut rx = Rx::new(rx);
     let first = match rx.recv(Deadline::after(HELLO_TIMEOUT)) {
@@ -173,6 +176,7 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
                 head_id,
                 tx: tx.clone(),
                 generation,
+                local,
             });
             control_reader(rx, tx, generation, ev);
         }
@@ -332,6 +336,8 @@ struct Brain {
     head: Option<(u64, SharedSender)>,
     /// The id of the head served (kept until another head connects).
     head_id: Option<u64>,
+    /// This end's address on the head's link (the scope of a link-local next stage).
+    head_local: Option<SocketAddr>,
     assign: Option<Assign>,
     /// The loaded stage: its model file hash and range, and the runner.
     runner: Option<([u8; 32], u32, u32, StageRunner)>,
@@ -350,6 +356,7 @@ impl Brain {
             next_link: None,
             head: None,
             head_id: None,
+            head_local: None,
             assign: None,
             runner: None,
             down: None,
@@ -380,6 +387,7 @@ impl Brain {
                 head_id,
                 tx,
                 generation,
+                local,
             } => {
                 // the same head again, through another address (listed and discovered under
                 // two spellings): one membership only; a link of it that died ends the session
@@ -398,6 +406,7 @@ impl Brain {
                 self.end_session(&format!("head {head_id:#x} connected"));
                 self.head = Some((generation, tx));
                 self.head_id = Some(head_id);
+                self.head_local = local;
             }
             Ev::HeadGone { generation, why } => {
                 if self.head.as_ref().is_some_and(|h| h.0 == generation) {
@@ -530,6 +539,7 @@ impl Brain {
         if let Some(next) = &a.next {
             let mut cfg = self.opts.link.clone();
             cfg.connect_timeout = Duration::from_secs(10);
+            let next = crate::addr::with_scope(next, self.head_local);
             let mut link = tcp::connect(next.as_str(), &cfg)?;
             let (tag, payload) = Msg::PeerHello {
                 version: self.advert.version,

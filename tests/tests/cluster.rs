@@ -674,6 +674,48 @@ fn a_worker_in_another_network_namespace_over_shaped_veth_links() {
 }
 
 #[test]
+fn a_stage_beside_the_head_is_reached_from_another_namespace() {
+    if !can_make_namespaces() {
+        eprintln!("skipped: needs root and iproute2 (ip netns, tc)");
+        return;
+    }
+    // the head knows its neighbour worker as 127.0.0.1; the stage before it, in another network
+    // namespace, must dial it at the head's address on its link instead
+    let dir = tempfile::tempdir().unwrap();
+    let (kpath, k) = key(dir.path());
+    let name = "qwen3_moe_sparse_step";
+    let model = fixture_gguf(name);
+    let prompt = prompt_of(name);
+    let want = reference(&model, &prompt, greedy(8), None);
+    let ns = Netns::new("c", "10gbit");
+    let (_far, far) = ns.worker(
+        &kpath,
+        &["--cache-dir", &dir.path().join("far").to_string_lossy()],
+    );
+    let (_near, near) = Node::worker(
+        &kpath,
+        "0.0.0.0:0",
+        &["--cache-dir", &dir.path().join("near").to_string_lossy()],
+    );
+    let port = near.rsplit(':').next().unwrap();
+    let near = format!("127.0.0.1:{port}");
+    let mut opts = head_opts(&model, vec![far, near], k, &dir.path().join("head"));
+    opts.link.transport = TransportChoice::Only(transport::TransportKind::TCP);
+    let c = start(opts);
+    assert_eq!(stages(&c), 3, "{:?}", c.state());
+    let s = c
+        .submit(Request {
+            prompt,
+            params: greedy(8),
+            prompt_logprobs: None,
+        })
+        .unwrap();
+    let got = drain(&s, Duration::from_secs(60));
+    assert!(got.error.is_none(), "{:?}", got.error);
+    assert_eq!(got.tokens, want.tokens);
+}
+
+#[test]
 fn a_restarted_head_finds_its_workers_still_running() {
     let dir = tempfile::tempdir().unwrap();
     let (kpath, k) = key(dir.path());

@@ -33,6 +33,9 @@ pub struct LinkInfo {
     pub transport: TransportKind,
     /// The peer's address, printable.
     pub peer_addr: String,
+    /// This end's address on the connection that set the link up (which interface, and on an
+    /// IPv6 link-local connection, which scope, reaches the peer); `None` where it is unknown.
+    pub local_addr: Option<std::net::SocketAddr>,
     /// The peer's node id, as it proved in the handshake.
     pub peer_node_id: u64,
     /// The protocol version in use.

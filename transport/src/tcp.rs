@@ -443,6 +443,7 @@ fn establish(
     let info = LinkInfo {
         transport: selection.chosen,
         peer_addr: peer_s.clone(),
+        local_addr: stream.local_addr().ok(),
         peer_node_id: est.peer_node_id,
         version: est.version,
         max_payload: est.max_payload,

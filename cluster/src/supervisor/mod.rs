@@ -59,6 +59,9 @@ struct Up {
     /// Set while the head's own probe fills the link: pongs may queue behind it, so the reader
     /// waits on (the probe has deadlines of its own).
     probing: Arc<AtomicBool>,
+    /// The head's address on this link (what the worker's next stage dials when it runs beside
+    /// the head: [`crate::addr::next_for`]).
+    local: Option<std::net::SocketAddr>,
 }
 
 struct Member {
@@ -446,6 +449,7 @@ impl Supervisor {
             report,
             samples,
             probing,
+            local: info.local_addr,
         });
         self.members[i].last_error = None;
         self.check_duplicates();
@@ -512,7 +516,10 @@ impl Supervisor {
         // workers first (they load in parallel), then the head
         for (k, &i) in up.iter().enumerate() {
             let st = &plan.stages[k + 1];
-            let next = up.get(k + 1).map(|&j| self.members[j].addr.clone());
+            let next = up.get(k + 1).map(|&j| {
+                let via = self.members[i].up.as_ref().and_then(|u| u.local);
+                crate::addr::next_for(&self.members[j].addr, &self.members[i].addr, via)
+            });
             let a = Assign {
                 stage: (k + 1) as u32,
                 stages: plan.stages.len() as u32,
