@@ -86,7 +86,15 @@ pub fn run(opts: WorkerOptions, on_listening: impl FnOnce(SocketAddr)) -> Result
     for f in &advert.files {
         tracing::info!(file = %f.name, size = f.size, hash = %hex(&f.hash), "holding model file");
     }
-    let listener = tcp::Listener::bind(opts.listen.as_str(), &opts.link)?;
+    let listener = match tcp::Listener::bind(opts.listen.as_str(), &opts.link) {
+        // every IPv6 address, on a host without IPv6: every IPv4 one
+        Err(e) if opts.listen.starts_with("[::]:") => {
+            let v4 = opts.listen.replacen("[::]", "0.0.0.0", 1);
+            tracing::info!(error = %e, listen = %v4, "no IPv6; listening on IPv4 alone");
+            tcp::Listener::bind(v4.as_str(), &opts.link)?
+        }
+        r => r?,
+    };
     let addr = listener.local_addr()?;
     tracing::info!(node_id = %advert.node_id, %addr, "worker up");
     if let Some(port) = opts.announce {

@@ -14,8 +14,9 @@ use crate::keys::KeyArgs;
 /// Arguments of `sinew worker`.
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
-    /// Address to listen on for a head and for the previous stage.
-    #[arg(long, default_value = "0.0.0.0:7471")]
+    /// Address to listen on for a head and for the previous stage (the default takes IPv4 and
+    /// IPv6 both; IPv4 alone on a host without IPv6).
+    #[arg(long, default_value = "[::]:7471")]
     listen: String,
     /// A model file this worker holds (repeatable); a head serving the same file (same hash) has
     /// the worker load its layers from it, otherwise it sends them.

@@ -440,6 +440,22 @@ impl Netns {
         ns
     }
 
+    /// Takes the IPv4 addresses off both ends of the veth pair: the link is left with IPv6
+    /// link-local addresses only.
+    pub fn ipv6_only(&self) {
+        sh(&["ip", "-4", "addr", "flush", "dev", &self.outer]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.name,
+            "-4",
+            "addr",
+            "flush",
+            "dev",
+            &self.inner,
+        ]);
+    }
+
     /// Shapes both ends of the veth pair with `tc tbf` at `rate`: `verb` "add" the first time,
     /// "change" after.
     pub fn shape(&self, verb: &str, rate: &str) {
@@ -460,11 +476,16 @@ impl Netns {
     /// Starts `sinew worker` inside the namespace on its address (TCP links, one thread) with
     /// the cluster key in `key` and `extra` arguments; returns it and its address once it listens.
     pub fn worker(&self, key: &Path, extra: &[&str]) -> (Node, String) {
+        self.worker_at(&format!("{}:0", self.host), key, extra)
+    }
+
+    /// [`Netns::worker`] listening on `listen`.
+    pub fn worker_at(&self, listen: &str, key: &Path, extra: &[&str]) -> (Node, String) {
         let mut cmd = std::process::Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
             .arg(sinew_bin())
             .args(["worker", "--threads", "1", "--transport", "tcp", "--listen"])
-            .arg(format!("{}:0", self.host))
+            .arg(listen)
             .arg("--cluster-key-file")
             .arg(key)
             .args(extra);

@@ -258,21 +258,29 @@ fn nodes_that_share_an_id_are_told_apart_and_warned() {
     );
 }
 
-#[test]
-fn a_worker_in_another_network_namespace_is_discovered() {
-    if !can_make_namespaces() {
-        eprintln!("skipped: needs root and iproute2 (ip netns, tc)");
-        return;
-    }
+/// A head discovers a worker started in a new network namespace (`tag`), IPv4 and IPv6 on its
+/// link or IPv6 link-local only; returns how long after the worker listened it served, and the
+/// head's state then.
+fn discovered_in_a_namespace(tag: &str, ipv6_only: bool) -> (Duration, ClusterState) {
     let dir = tempfile::tempdir().unwrap();
     let (kpath, k) = key(dir.path(), 0x5a);
     let m = model(dir.path());
     let port = free_udp_port();
-    let ns = Netns::new("c", "10gbit");
+    let ns = Netns::new(tag, "10gbit");
+    if ipv6_only {
+        // no broadcast reaches the head then, only the IPv6 group does
+        ns.ipv6_only();
+    }
     let mut o = opts(&m, Vec::new(), k, dir.path(), discovering(port));
     o.link.transport = TransportChoice::Only(transport::TransportKind::TCP);
     let c = start(o);
-    let (_w, addr) = ns.worker(
+    let listen = if ipv6_only {
+        "[::]:0".to_string()
+    } else {
+        format!("{}:0", ns.host)
+    };
+    let (_w, addr) = ns.worker_at(
+        &listen,
         &kpath,
         &[
             "--discovery-port",
@@ -285,9 +293,42 @@ fn a_worker_in_another_network_namespace_is_discovered() {
         &c,
         Duration::from_secs(20),
         "the namespaced worker serving",
-        |st| stages(st) == 2 && st.nodes.iter().any(|n| n.addr == addr && n.up),
+        |st| {
+            st.ready
+                && stages(st) == 2
+                && st.nodes.iter().any(|n| {
+                    n.up && n.layers.is_some()
+                        && if ipv6_only {
+                            n.addr.starts_with("[fe80::")
+                        } else {
+                            n.addr == addr
+                        }
+                })
+        },
     );
+    (took, c.state())
+}
+
+#[test]
+fn a_worker_in_another_network_namespace_is_discovered() {
+    if !can_make_namespaces() {
+        eprintln!("skipped: needs root and iproute2 (ip netns, tc)");
+        return;
+    }
+    let (took, _) = discovered_in_a_namespace("c", false);
     eprintln!("discovered across namespaces and serving in {took:?}");
+}
+
+#[test]
+fn a_worker_on_an_ipv6_link_local_only_link_is_discovered_and_serves() {
+    if !can_make_namespaces() || !Path::new("/proc/sys/net/ipv6").exists() {
+        eprintln!("skipped: needs root, iproute2 (ip netns, tc) and IPv6");
+        return;
+    }
+    // link-local addresses pass duplicate detection (about a second) before they announce
+    let (took, st) = discovered_in_a_namespace("e", true);
+    eprintln!("discovered over IPv6 link-local and serving in {took:?}");
+    assert_eq!(st.nodes.len(), 2, "one member per worker process: {st:#?}");
 }
 
 #[test]

@@ -158,6 +158,10 @@ impl Listener {
         let socket = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))
             .map_err(io_err)?;
         socket.set_reuse_address(true).map_err(io_err)?;
+        if a.is_ipv6() && a.ip().is_unspecified() {
+            // `[::]` takes IPv4 connections too, whatever the host's default
+            socket.set_only_v6(false).map_err(io_err)?;
+        }
         // accepted connections inherit it from their start
         set_congestion(&socket, cfg);
         socket.bind(&a.into()).map_err(io_err)?;

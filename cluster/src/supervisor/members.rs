@@ -9,22 +9,36 @@ use crate::head::{NodeState, Refused};
 
 /// Refusals remembered (by source and reason).
 const MAX_REFUSED: usize = 32;
+/// Addresses remembered per announcing worker process.
+const MAX_ADDRESSES: usize = 8;
 
 impl Supervisor {
     /// An announcement heard: a new worker joins the members (and is connected to at once), a
-    /// known or forgotten one is refreshed; a refusal is listed.
+    /// known or forgotten one is refreshed; a refusal is listed. A worker process heard at
+    /// several addresses (IPv4 and IPv6, several interfaces) is one member, at the address heard
+    /// first; the others are tried in turn while it does not connect ([`Self::next_address`]).
     pub(super) fn heard(&mut self, h: Heard) {
         match h {
             Heard::Node { addr, announcement } => {
                 let key = addr.to_string();
-                match self.members.iter().position(|m| m.addr == key) {
+                let sender = (announcement.node_id.clone(), announcement.instance);
+                let found = self.members.iter().position(|m| m.addr == key).or_else(|| {
+                    self.members
+                        .iter()
+                        .position(|m| m.announced.as_ref() == Some(&sender))
+                });
+                match found {
                     Some(i) => {
                         let m = &mut self.members[i];
                         m.last_heard = Instant::now();
+                        m.announced = Some(sender);
+                        if !m.heard_at.contains(&key) && m.heard_at.len() < MAX_ADDRESSES {
+                            m.heard_at.push(key);
+                        }
                         if m.forgotten {
                             m.forgotten = false;
                             m.last_try = None;
-                            tracing::info!(worker = %key, id = %announcement.node_id, "a departed worker is back");
+                            tracing::info!(worker = %m.addr, id = %announcement.node_id, "a departed worker is back");
                             let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
                             sh.forgotten.remove(&i);
                         }
@@ -36,7 +50,10 @@ impl Supervisor {
                             host = %announcement.hostname,
                             "discovered a worker"
                         );
-                        self.members.push(Member::new(key.clone(), true));
+                        let mut m = Member::new(key.clone(), true);
+                        m.announced = Some(sender);
+                        m.heard_at.push(key.clone());
+                        self.members.push(m);
                         let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
                         let mut n = NodeState::waiting(key, true);
                         n.id = announcement.node_id;
@@ -46,6 +63,23 @@ impl Supervisor {
                 }
             }
             Heard::Refused { from, why } => self.refuse(&from.ip().to_string(), &why.to_string()),
+        }
+    }
+
+    /// After a failed connection, a discovered worker heard at other addresses moves to the next
+    /// of them (in the order heard, round again), tried at the next attempt.
+    pub(super) fn next_address(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        if !m.discovered || m.heard_at.len() < 2 {
+            return;
+        }
+        let at = m.heard_at.iter().position(|a| *a == m.addr).unwrap_or(0);
+        let next = m.heard_at[(at + 1) % m.heard_at.len()].clone();
+        tracing::info!(from = %m.addr, to = %next, "trying a worker at another address it announces from");
+        m.addr = next.clone();
+        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = sh.nodes.get_mut(i + 1) {
+            n.addr = next;
         }
     }
 

@@ -77,6 +77,11 @@ struct Member {
     forgotten: bool,
     /// Left out of plans until then: a link to it no longer usable.
     benched_until: Option<Instant>,
+    /// The process that announced it (node id and instance), heard perhaps at several addresses.
+    announced: Option<(String, u64)>,
+    /// The addresses that process announced from, in the order heard: tried in turn while the
+    /// one in use does not connect.
+    heard_at: Vec<String>,
 }
 
 impl Member {
@@ -90,6 +95,8 @@ impl Member {
             last_heard: Instant::now(),
             forgotten: false,
             benched_until: None,
+            announced: None,
+            heard_at: Vec::new(),
         }
     }
 }
@@ -333,6 +340,9 @@ impl Supervisor {
                         n.up = false;
                         n.error = Some(why);
                     });
+                    if !matches!(e, Error::Refused(_)) {
+                        self.next_address(i);
+                    }
                 }
             }
         }
