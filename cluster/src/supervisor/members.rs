@@ -1,6 +1,7 @@
 //! Membership: workers that discovery finds, refusals, departed workers leaving the state, and
 //! nodes that share an id.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::{Member, Supervisor};
@@ -97,10 +98,9 @@ impl Supervisor {
             return;
         }
         // a flood from many sources logs a line a second, not a line a packet
-        static LAST_LOG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let last = LAST_LOG.load(std::sync::atomic::Ordering::Relaxed);
+        let last = self.refusal_logged_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 1000 {
-            LAST_LOG.store(now, std::sync::atomic::Ordering::Relaxed);
+            self.refusal_logged_ms.store(now, Ordering::Relaxed);
             tracing::warn!(%from, %reason, "refused a node");
         }
         if sh.refused.len() >= MAX_REFUSED {

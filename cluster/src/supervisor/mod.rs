@@ -12,17 +12,18 @@ use std::time::{Duration, Instant};
 use engine::stage_file::Layout;
 use engine::{LoadOptions, Loaded};
 use sha2::{Digest, Sha256};
-use transport::{Deadline, tcp};
+use transport::Deadline;
 
 use crate::error::{Error, Result};
-use crate::head::{ClusterOptions, HEARTBEAT_TIMEOUT, NodeState, PING_EVERY, Shared};
-use crate::io::{Rx, SharedSender, is_timeout, send_shared};
+use crate::head::{ClusterOptions, NodeState, Shared};
+use crate::io::{SharedSender, send_shared};
 use crate::node::{self, hex};
 use crate::pipeline::{Cmd, Pipeline};
 use crate::plan::{NodeBudget, Serving, StagePlan};
 use crate::stage::StageRunner;
 use crate::wire::{Advert, Assign, Hash, Msg};
 
+mod join;
 mod members;
 mod prediction;
 mod watch;
@@ -127,6 +128,9 @@ pub(crate) struct Supervisor {
     retry_plan_at: Option<Instant>,
     stats: Arc<Mutex<crate::pipeline::PipelineStats>>,
     watch: watch::Watch,
+    /// When a refusal was last logged (milliseconds since the epoch): a flood from many
+    /// sources logs a line a second.
+    refusal_logged_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Supervisor {
@@ -177,6 +181,7 @@ impl Supervisor {
             retry_plan_at: None,
             stats,
             watch: watch::Watch::default(),
+            refusal_logged_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -304,166 +309,6 @@ impl Supervisor {
         if let Some(n) = sh.nodes.get_mut(member + 1) {
             f(n);
         }
-    }
-
-    /// Tries the workers not connected (each at most once a second).
-    fn connect_missing(&mut self) {
-        for i in 0..self.members.len() {
-            let m = &self.members[i];
-            if m.up.is_some()
-                || m.forgotten
-                || m.last_try
-                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-            {
-                continue;
-            }
-            self.members[i].last_try = Some(Instant::now());
-            match self.connect(i) {
-                Ok(()) => {
-                    self.dirty = true;
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    if self.members[i].last_error.as_deref() != Some(&why) {
-                        tracing::warn!(worker = %self.members[i].addr, error = %why, "worker not joined");
-                    }
-                    // a node that answers but will not be a member: listed with the reason
-                    if matches!(
-                        e,
-                        Error::Refused(_) | Error::Transport(transport::Error::Handshake { .. })
-                    ) {
-                        let addr = self.members[i].addr.clone();
-                        self.refuse(&addr, &why);
-                    }
-                    self.members[i].last_error = Some(why.clone());
-                    self.update_node(i, |n| {
-                        n.up = false;
-                        n.error = Some(why);
-                    });
-                    if !matches!(e, Error::Refused(_)) {
-                        self.next_address(i);
-                    }
-                }
-            }
-        }
-    }
-
-    fn connect(&mut self, i: usize) -> Result<()> {
-        let addr = self.members[i].addr.clone();
-        let mut cfg = self.opts.link.clone();
-        cfg.connect_timeout = Duration::from_millis(500);
-        let link = tcp::connect(addr.as_str(), &cfg)?;
-        let info = link.info().clone();
-        let (mut tx, rx) = link.split();
-        let mut rx = Rx::new(rx);
-        let mine = node::protocol_version();
-        crate::io::send(
-            &mut tx,
-            &Msg::HeadHello {
-                version: mine,
-                head_id: self.head_id,
-            },
-        )?;
-        let mut advert = match rx.recv(Deadline::after(Duration::from_secs(10)))? {
-            Msg::Advert(a) => a,
-            Msg::Refuse(why) => {
-                return Err(Error::Refused(format!("worker {addr} refused: {why}")));
-            }
-            other => return Err(Error::Protocol(format!("worker {addr} answered {other:?}"))),
-        };
-        if advert.version != mine {
-            let why = format!(
-                "protocol mismatch: the head speaks cluster protocol v{mine}, the worker at {addr} v{}",
-                advert.version
-            );
-            let _ = crate::io::send(&mut tx, &Msg::Refuse(why.clone()));
-            return Err(Error::Refused(why));
-        }
-        let (report, early_rates) =
-            crate::io::measure_join(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
-        if let Some(rates) = early_rates {
-            advert.speed = rates;
-        }
-        let (samples_tx, samples) = mpsc::channel();
-        self.generation += 1;
-        let generation = self.generation;
-        let tx = Arc::new(Mutex::new(tx));
-        let alive = Arc::new(AtomicBool::new(true));
-        let probing = Arc::new(AtomicBool::new(false));
-        let base = Instant::now();
-        tracing::info!(
-            worker = %addr,
-            id = %advert.node_id,
-            host = %advert.hostname,
-            memory = advert.mem_available,
-            cores = advert.cores,
-            link = %info.transport,
-            rtt_us = report.rtt_us,
-            mb_per_s = report.bytes_per_s / 1_000_000,
-            "worker joined"
-        );
-        self.update_node(i, |n| {
-            n.up = true;
-            n.id = advert.node_id.clone();
-            n.speed = advert.speed.clone();
-            n.hostname = advert.hostname.clone();
-            n.mem_total = advert.mem_total;
-            n.mem_available = advert.mem_available;
-            n.cores = advert.cores;
-            n.cpu_features = advert.cpu_features.clone();
-            n.link = Some(info.transport.to_string());
-            n.rtt_us = Some(f64::from(report.rtt_us));
-            n.bytes_per_s = Some(report.bytes_per_s as f64);
-            n.error = None;
-        });
-        // the reader: pongs, the last stage's tokens, setup messages; silence is failure
-        {
-            let ev = self.ev_tx.clone();
-            let cmd = self.cmd.clone();
-            let shared = self.shared.clone();
-            let alive = alive.clone();
-            let probing = probing.clone();
-            std::thread::Builder::new()
-                .name("sinew-worker-rx".into())
-                .spawn(move || {
-                    reader(
-                        rx,
-                        ReaderCtx {
-                            member: i,
-                            generation,
-                            ev,
-                            cmd,
-                            shared,
-                            alive,
-                            base,
-                            samples: samples_tx,
-                            probing,
-                        },
-                    )
-                })
-                .map_err(|e| Error::io("thread", e))?;
-        }
-        {
-            let tx = tx.clone();
-            let alive = alive.clone();
-            std::thread::Builder::new()
-                .name("sinew-ping".into())
-                .spawn(move || pinger(tx, alive, base))
-                .map_err(|e| Error::io("thread", e))?;
-        }
-        self.members[i].up = Some(Up {
-            generation,
-            tx,
-            advert,
-            alive,
-            report,
-            samples,
-            probing,
-            local: info.local_addr,
-        });
-        self.members[i].last_error = None;
-        self.check_duplicates();
-        Ok(())
     }
 
     fn layout(&mut self) -> Result<Option<Layout>> {
@@ -964,96 +809,5 @@ fn random_u64() -> u64 {
                 .map_or(0, |d| d.as_nanos() as u64);
             t ^ (u64::from(std::process::id()) << 32)
         }
-    }
-}
-
-/// What a worker's reader thread reports to and shares with.
-struct ReaderCtx {
-    member: usize,
-    generation: u64,
-    ev: Sender<SupEv>,
-    cmd: Sender<Cmd>,
-    shared: Arc<Mutex<Shared>>,
-    alive: Arc<AtomicBool>,
-    base: Instant,
-    samples: Sender<Msg>,
-    probing: Arc<AtomicBool>,
-}
-
-/// Reads a worker's control link: pongs (round trip), the last stage's tokens (to the pipeline),
-/// the rest to the supervisor. Silence past [`HEARTBEAT_TIMEOUT`] or a failed link is the
-/// worker's failure.
-fn reader(mut rx: Rx, ctx: ReaderCtx) {
-    let ReaderCtx {
-        member,
-        generation,
-        ev,
-        cmd,
-        shared,
-        alive,
-        base,
-        samples,
-        probing,
-    } = ctx;
-    loop {
-        if !alive.load(Ordering::Acquire) {
-            return;
-        }
-        match rx.recv(Deadline::after(HEARTBEAT_TIMEOUT)) {
-            Ok(Msg::Pong(t)) => {
-                let now = base.elapsed().as_micros() as u64;
-                let rtt = now.saturating_sub(t) as f64;
-                let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(n) = sh.nodes.get_mut(member + 1) {
-                    n.rtt_us = Some(rtt);
-                }
-            }
-            Ok(Msg::Sampled(s)) => {
-                let _ = cmd.send(Cmd::Sampled(s));
-            }
-            Ok(m @ (Msg::ProbeAck { .. } | Msg::LinkSample(_))) => {
-                let _ = samples.send(m);
-            }
-            Ok(msg) => {
-                if ev
-                    .send(SupEv::Msg {
-                        member,
-                        generation,
-                        msg,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            // the head's own link probe holds the pongs up; it has deadlines of its own
-            Err(e) if is_timeout(&e) && probing.load(Ordering::Acquire) => continue,
-            Err(e) => {
-                let why = if is_timeout(&e) {
-                    format!("no answer for {HEARTBEAT_TIMEOUT:?}")
-                } else {
-                    e.to_string()
-                };
-                alive.store(false, Ordering::Release);
-                let _ = ev.send(SupEv::Gone {
-                    member,
-                    generation,
-                    why,
-                });
-                return;
-            }
-        }
-    }
-}
-
-/// Pings a worker until it is gone. A ping carries the time since `base`, which the reader
-/// shares, so its pong gives the round trip.
-fn pinger(tx: SharedSender, alive: Arc<AtomicBool>, base: Instant) {
-    while alive.load(Ordering::Acquire) {
-        let t = base.elapsed().as_micros() as u64;
-        if send_shared(&tx, &Msg::Ping(t)).is_err() {
-            return;
-        }
-        std::thread::sleep(PING_EVERY);
     }
 }
