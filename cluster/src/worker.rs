@@ -224,6 +224,12 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
     }
 }
 
+/// A worker's refusal of a second link from the head it serves (the head reached it at two
+/// addresses): the head, finding its own id in it, knows the member for a duplicate.
+pub(crate) fn serving_already(head_id: u64) -> String {
+    format!("this worker already serves head {head_id:#x} through another link")
+}
+
 /// Sends the head this node's kernel rates once measured (within a minute), on a thread of its
 /// own: an advert sent before they were sent none.
 fn send_rates_when_measured(tx: SharedSender) {
@@ -402,12 +408,7 @@ impl Brain {
                 // within HEAD_TIMEOUT, and then it may connect again
                 if self.head_id == Some(head_id) && self.head.is_some() {
                     tracing::info!(head = %format!("{head_id:#x}"), "refused a second link from the head it serves");
-                    let _ = send_shared(
-                        &tx,
-                        &Msg::Refuse(format!(
-                            "this worker already serves head {head_id:#x} through another link"
-                        )),
-                    );
+                    let _ = send_shared(&tx, &Msg::Refuse(serving_already(head_id)));
                     return;
                 }
                 // a new head replaces the old one (a head restarted before the old link failed)

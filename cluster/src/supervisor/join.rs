@@ -24,6 +24,7 @@ impl Supervisor {
             let m = &self.members[i];
             if m.up.is_some()
                 || m.forgotten
+                || m.duplicate
                 || m.last_try
                     .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
             {
@@ -33,6 +34,12 @@ impl Supervisor {
             match self.connect(i) {
                 Ok(()) => {
                     self.dirty = true;
+                }
+                Err(Error::Refused(why))
+                    if self.members[i].discovered
+                        && why.contains(&crate::worker::serving_already(self.head_id)) =>
+                {
+                    self.hide_duplicate(i);
                 }
                 Err(e) => {
                     let why = e.to_string();

@@ -32,6 +32,13 @@ impl Supervisor {
                     Some(i) => {
                         let m = &mut self.members[i];
                         m.last_heard = Instant::now();
+                        if m.duplicate && m.announced.as_ref() != Some(&sender) {
+                            // another process there now: perhaps no longer the listed one
+                            m.duplicate = false;
+                            m.last_try = None;
+                            let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                            sh.forgotten.remove(&i);
+                        }
                         m.announced = Some(sender);
                         if !m.heard_at.contains(&key) && m.heard_at.len() < MAX_ADDRESSES {
                             m.heard_at.push(key);
@@ -82,6 +89,16 @@ impl Supervisor {
         if let Some(n) = sh.nodes.get_mut(i + 1) {
             n.addr = next;
         }
+    }
+
+    /// A discovered member turned out to be a worker that serves this head already, through a
+    /// member listed under another address: it leaves the state (no second row, no refusal).
+    pub(super) fn hide_duplicate(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        m.duplicate = true;
+        tracing::info!(worker = %m.addr, "discovered at another address of a worker already serving; not a member");
+        let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        sh.forgotten.insert(i);
     }
 
     /// Lists a refusal (logged the first time a source is refused for a reason).

@@ -76,6 +76,9 @@ struct Member {
     last_heard: Instant,
     /// Left the state: discovered, then down and silent past `forget_after`.
     forgotten: bool,
+    /// Left the state: discovered, but a worker that serves this head through another member
+    /// (listed in `--workers` under another address); tried again when another process announces.
+    duplicate: bool,
     /// Left out of plans until then: a link to it no longer usable.
     benched_until: Option<Instant>,
     /// The process that announced it (node id and instance), heard perhaps at several addresses.
@@ -95,6 +98,7 @@ impl Member {
             discovered,
             last_heard: Instant::now(),
             forgotten: false,
+            duplicate: false,
             benched_until: None,
             announced: None,
             heard_at: Vec::new(),
