@@ -36,8 +36,8 @@ impl Supervisor {
                     self.dirty = true;
                 }
                 Err(Error::Refused(why))
-                    if self.members[i].discovered
-                        && why.contains(&crate::worker::serving_already(self.head_id)) =>
+                    if why.contains(&crate::worker::serving_already(self.head_id))
+                        && self.serves_as_another(i) =>
                 {
                     self.hide_duplicate(i);
                 }

@@ -75,20 +75,38 @@ impl Supervisor {
     }
 
     /// After a failed connection, a discovered worker heard at other addresses moves to the next
-    /// of them (in the order heard, round again), tried at the next attempt.
+    /// of them (in the order heard, round again): tried at once, the first again a second later.
     pub(super) fn next_address(&mut self, i: usize) {
         let m = &mut self.members[i];
         if !m.discovered || m.heard_at.len() < 2 {
             return;
         }
         let at = m.heard_at.iter().position(|a| *a == m.addr).unwrap_or(0);
-        let next = m.heard_at[(at + 1) % m.heard_at.len()].clone();
+        let k = (at + 1) % m.heard_at.len();
+        let next = m.heard_at[k].clone();
         tracing::info!(from = %m.addr, to = %next, "trying a worker at another address it announces from");
         m.addr = next.clone();
+        if k != 0 {
+            // the next address at once; a second a round, as for any member
+            m.last_try = None;
+        }
         let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = sh.nodes.get_mut(i + 1) {
             n.addr = next;
         }
+    }
+
+    /// Whether discovered member `i` announces the node id of another member that is up (the
+    /// worker it refused a second link for; not its own earlier link, still open at its end).
+    pub(super) fn serves_as_another(&self, i: usize) -> bool {
+        let m = &self.members[i];
+        let Some((id, _)) = m.announced.as_ref().filter(|_| m.discovered) else {
+            return false;
+        };
+        self.members
+            .iter()
+            .enumerate()
+            .any(|(j, o)| j != i && o.up.as_ref().is_some_and(|u| u.advert.node_id == *id))
     }
 
     /// A discovered member turned out to be a worker that serves this head already, through a
