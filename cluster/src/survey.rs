@@ -28,6 +28,8 @@ pub struct Survey {
     tx: LinkSender,
     rx: Rx,
     addr: String,
+    /// This end's address on the link (what a worker dials for a node beside the observer).
+    local: Option<std::net::SocketAddr>,
 }
 
 impl Survey {
@@ -40,6 +42,7 @@ impl Survey {
         let mut cfg = cfg.clone();
         cfg.connect_timeout = Duration::from_secs(5);
         let link = tcp::connect(addr, &cfg)?;
+        let local = link.info().local_addr;
         let (mut tx, rx) = link.split();
         let mut rx = Rx::new(rx);
         let version = crate::node::protocol_version();
@@ -55,6 +58,7 @@ impl Survey {
                 tx,
                 rx,
                 addr: addr.to_string(),
+                local,
             },
             Surveyed {
                 addr: addr.to_string(),
@@ -69,7 +73,9 @@ impl Survey {
     /// # Errors
     /// The link failed, or the worker could not reach `to`.
     pub fn peer_link(&mut self, to: &str) -> Result<LinkReport> {
-        send(&mut self.tx, &Msg::ProbePeer(to.to_string()))?;
+        // as the pipeline gives it: reachable from that worker
+        let dial = crate::addr::next_for(to, &self.addr, self.local);
+        send(&mut self.tx, &Msg::ProbePeer(dial))?;
         match self.rx.recv(Deadline::after(Duration::from_secs(60)))? {
             Msg::LinkSample(Ok(r)) => Ok(r),
             Msg::LinkSample(Err(e)) => Err(Error::Degraded(format!(
@@ -89,7 +95,16 @@ pub(crate) const SURVEY_IDLE: Duration = Duration::from_secs(30);
 /// Serves an observer (`sinew plan`): answers probes, and measures links to other workers when
 /// asked, until it hangs up or is silent for [`SURVEY_IDLE`]. The worker's head and stage are
 /// not touched.
-pub(crate) fn serve(mut rx: Rx, mut tx: LinkSender, version: u16, cfg: &LinkConfig) {
+///
+/// `local` is this end's address on the observer's link: the scope of a link-local address it
+/// asks for ([`crate::addr::with_scope`]).
+pub(crate) fn serve(
+    mut rx: Rx,
+    mut tx: LinkSender,
+    version: u16,
+    cfg: &LinkConfig,
+    local: Option<std::net::SocketAddr>,
+) {
     loop {
         match rx.recv(Deadline::after(SURVEY_IDLE)) {
             Ok(Msg::Probe { id, pad }) => {
@@ -99,6 +114,7 @@ pub(crate) fn serve(mut rx: Rx, mut tx: LinkSender, version: u16, cfg: &LinkConf
                 }
             }
             Ok(Msg::ProbePeer(addr)) => {
+                let addr = crate::addr::with_scope(&addr, local);
                 let r = probe_peer(&addr, version, cfg).map_err(|e| e.to_string());
                 if send(&mut tx, &Msg::LinkSample(r)).is_err() {
                     return;

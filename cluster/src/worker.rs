@@ -218,7 +218,7 @@ fn greet(link: Link, generation: u64, advert: &Advert, ev: &Sender<Ev>, cfg: &Li
             if send(&mut tx, &Msg::Advert(advert)).is_err() {
                 return;
             }
-            crate::survey::serve(rx, tx, mine, cfg);
+            crate::survey::serve(rx, tx, mine, cfg, local);
         }
         other => tracing::warn!(%peer, "a link opened with {other:?}; dropped"),
     }

@@ -137,7 +137,10 @@ fn parse_node(spec: &str, here: &[Rate]) -> anyhow::Result<(u64, Vec<Rate>)> {
     Ok((mem as u64, rates))
 }
 
-fn discovered(args: &PlanArgs, key: &transport::ClusterKey) -> anyhow::Result<Vec<String>> {
+/// The workers heard within `--discover-for`: one entry per worker process (node id and
+/// instance), with the addresses it announced from in the order heard (IPv4 first), sorted by
+/// node id.
+fn discovered(args: &PlanArgs, key: &transport::ClusterKey) -> anyhow::Result<Vec<Vec<String>>> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
@@ -146,13 +149,16 @@ fn discovered(args: &PlanArgs, key: &transport::ClusterKey) -> anyhow::Result<Ve
     })
     .with_context(|| format!("listening for announcements on UDP {}", args.discovery_port))?;
     let end = Instant::now() + Duration::from_secs_f64(args.discover_for.clamp(0.1, 600.0));
-    let mut found: Vec<(String, String)> = Vec::new();
+    let mut found: Vec<((String, u64), Vec<String>)> = Vec::new();
     while let Some(left) = end.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
             Ok(Heard::Node { addr, announcement }) => {
                 let a = addr.to_string();
-                if !found.iter().any(|(x, _)| *x == a) {
-                    found.push((a, announcement.node_id));
+                let sender = (announcement.node_id, announcement.instance);
+                match found.iter_mut().find(|(s, _)| *s == sender) {
+                    Some((_, addrs)) if !addrs.contains(&a) => addrs.push(a),
+                    Some(_) => {}
+                    None => found.push((sender, vec![a])),
                 }
             }
             Ok(Heard::Refused { from, why }) => eprintln!("refused {from}: {why}"),
@@ -162,8 +168,25 @@ fn discovered(args: &PlanArgs, key: &transport::ClusterKey) -> anyhow::Result<Ve
     stop.store(true, std::sync::atomic::Ordering::Release);
     let _ = t.join();
     // a stable order: by node id
-    found.sort_by(|a, b| a.1.cmp(&b.1));
-    Ok(found.into_iter().map(|(a, _)| a).collect())
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found.into_iter().map(|(_, a)| a).collect())
+}
+
+/// Opens a survey of a worker at the first of `addrs` that answers.
+fn survey_any(
+    addrs: &[String],
+    cfg: &transport::LinkConfig,
+) -> anyhow::Result<(String, Survey, cluster::survey::Surveyed)> {
+    let mut first = None;
+    for a in addrs {
+        match Survey::open(a, cfg) {
+            Ok((s, info)) => return Ok((a.clone(), s, info)),
+            Err(e) => {
+                first.get_or_insert(anyhow::Error::new(e).context(format!("surveying {a}")));
+            }
+        }
+    }
+    Err(first.unwrap_or_else(|| anyhow::anyhow!("a worker without an address")))
 }
 
 /// Runs `sinew plan`.
@@ -216,14 +239,17 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     } else {
         let cfg = args.link.config()?;
-        let mut addrs = args.workers.clone();
+        // each worker's addresses: one listed, or those it announced from
+        let mut candidates: Vec<Vec<String>> =
+            args.workers.iter().map(|a| vec![a.clone()]).collect();
         if args.discover {
-            for a in discovered(&args, &cfg.key)? {
-                if !addrs.contains(&a) {
-                    addrs.push(a);
+            for found in discovered(&args, &cfg.key)? {
+                if !found.iter().any(|a| args.workers.contains(a)) {
+                    candidates.push(found);
                 }
             }
         }
+        let mut addrs = Vec::new();
         let (_, avail) = cluster::node::memory();
         nodes.push(Planned {
             name: format!("head ({})", cluster::node::hostname()),
@@ -231,14 +257,15 @@ pub fn run(args: PlanArgs) -> anyhow::Result<std::process::ExitCode> {
             rates: here.clone(),
         });
         let mut surveys = Vec::new();
-        for a in &addrs {
-            let (s, info) = Survey::open(a, &cfg).with_context(|| format!("surveying {a}"))?;
+        for c in &candidates {
+            let (a, s, info) = survey_any(c, &cfg)?;
             nodes.push(Planned {
                 name: a.clone(),
                 usable: usable(info.advert.mem_available),
                 rates: info.advert.speed.clone(),
             });
             surveys.push((s, info));
+            addrs.push(a);
         }
         // head → first → … → last → head
         for k in 0..surveys.len() {

@@ -413,6 +413,58 @@ fn a_throttled_link_gets_a_warning_naming_both_nodes() {
     );
 }
 
+/// Runs `sinew plan --json` on `model` with the key in `key` and `extra` arguments: whether it
+/// succeeded, and its JSON.
+fn sinew_plan(model: &Path, key: &Path, extra: &[&str]) -> (bool, serde_json::Value) {
+    let out = sinew_tests::sinew()
+        .args(["plan", "--model"])
+        .arg(model)
+        .args([
+            "--ctx",
+            "256",
+            "--max-seqs",
+            "2",
+            "--prefill-chunk",
+            "16",
+            "--json",
+            "--cluster-key-file",
+        ])
+        .arg(key)
+        .args(extra)
+        .output()
+        .expect("running sinew plan");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.success(), v)
+}
+
+#[test]
+fn sinew_plan_discovers_each_worker_once_and_surveys_it_where_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kpath, _) = key(dir.path(), 0x5a);
+    let m = model(dir.path());
+    let port = free_udp_port();
+    // listening on the loopback only, announcing from every interface: the first addresses
+    // heard do not answer
+    let _workers: Vec<_> = (0..2)
+        .map(|i| announcing_worker(&kpath, dir.path(), &format!("w{i}"), port))
+        .collect();
+    let (ok, v) = sinew_plan(
+        &m,
+        &kpath,
+        &[
+            "--discover",
+            "--discovery-port",
+            &port.to_string(),
+            "--discover-for",
+            "2.5",
+        ],
+    );
+    assert!(ok, "{v:#}");
+    assert_eq!(v["stages"].as_array().unwrap().len(), 3, "{v:#}");
+    assert_eq!(v["links"].as_array().unwrap().len(), 3, "{v:#}");
+}
+
 #[test]
 fn sinew_plan_places_like_the_head_and_surveys_without_disturbing_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -443,28 +495,7 @@ fn sinew_plan_places_like_the_head_and_surveys_without_disturbing_it() {
     wait_for(&c, Duration::from_secs(30), "three stages", |st| {
         stages(st) == 3
     });
-    let plan = |extra: &[&str]| {
-        let out = sinew_tests::sinew()
-            .args(["plan", "--model"])
-            .arg(&m)
-            .args([
-                "--ctx",
-                "256",
-                "--max-seqs",
-                "2",
-                "--prefill-chunk",
-                "16",
-                "--json",
-                "--cluster-key-file",
-            ])
-            .arg(&kpath)
-            .args(extra)
-            .output()
-            .expect("running sinew plan");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.success(), v)
-    };
+    let plan = |extra: &[&str]| sinew_plan(&m, &kpath, extra);
     let (ok, v) = plan(&["--workers", &addrs.join(",")]);
     assert!(ok, "{v:#}");
     assert_eq!(v["fits"], true);
