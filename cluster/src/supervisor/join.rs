@@ -17,12 +17,69 @@ use crate::node;
 use crate::pipeline::Cmd;
 use crate::wire::Msg;
 
+/// A worker's link after the hello, the advert and the link's measurement: ready to be admitted.
+pub(super) struct Handshaken {
+    tx: transport::LinkSender,
+    rx: Rx,
+    info: transport::LinkInfo,
+    advert: crate::wire::Advert,
+    report: crate::wire::LinkReport,
+}
+
+/// The head's side of a worker joining, on a thread of its own: connects to `addr` (a 500 ms
+/// window), says hello, reads the advert and measures the link (each with its deadline).
+fn handshake(addr: &str, cfg: &transport::LinkConfig, head_id: u64) -> Result<Handshaken> {
+    let mut cfg = cfg.clone();
+    cfg.connect_timeout = Duration::from_millis(500);
+    let link = tcp::connect(addr, &cfg)?;
+    let info = link.info().clone();
+    let (mut tx, rx) = link.split();
+    let mut rx = Rx::new(rx);
+    let mine = node::protocol_version();
+    crate::io::send(
+        &mut tx,
+        &Msg::HeadHello {
+            version: mine,
+            head_id,
+        },
+    )?;
+    let mut advert = match rx.recv(Deadline::after(Duration::from_secs(10)))? {
+        Msg::Advert(a) => a,
+        Msg::Refuse(why) => {
+            return Err(Error::Refused(format!("worker {addr} refused: {why}")));
+        }
+        other => return Err(Error::Protocol(format!("worker {addr} answered {other:?}"))),
+    };
+    if advert.version != mine {
+        let why = format!(
+            "protocol mismatch: the head speaks cluster protocol v{mine}, the worker at {addr} v{}",
+            advert.version
+        );
+        let _ = crate::io::send(&mut tx, &Msg::Refuse(why.clone()));
+        return Err(Error::Refused(why));
+    }
+    let (report, early_rates) = crate::io::measure_join(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
+    if let Some(rates) = early_rates {
+        advert.speed = rates;
+    }
+    Ok(Handshaken {
+        tx,
+        rx,
+        info,
+        advert,
+        report,
+    })
+}
+
 impl Supervisor {
-    /// Tries the workers not connected (each at most once a second).
+    /// Tries the workers not connected (each at most once a second), each on a thread of its
+    /// own: a worker that does not answer holds up nothing else ([`Self::joined`] takes the
+    /// outcome).
     pub(super) fn connect_missing(&mut self) {
         for i in 0..self.members.len() {
             let m = &self.members[i];
             if m.up.is_some()
+                || m.joining
                 || m.forgotten
                 || m.duplicate
                 || m.last_try
@@ -30,79 +87,83 @@ impl Supervisor {
             {
                 continue;
             }
-            self.members[i].last_try = Some(Instant::now());
-            match self.connect(i) {
-                Ok(()) => {
-                    self.dirty = true;
-                }
-                Err(Error::Refused(why))
-                    if why.contains(&crate::worker::serving_already(self.head_id))
-                        && self.serves_as_another(i) =>
-                {
-                    self.hide_duplicate(i);
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    if self.members[i].last_error.as_deref() != Some(&why) {
-                        tracing::warn!(worker = %self.members[i].addr, error = %why, "worker not joined");
-                    }
-                    // a node that answers but will not be a member: listed with the reason
-                    if matches!(
-                        e,
-                        Error::Refused(_) | Error::Transport(transport::Error::Handshake { .. })
-                    ) {
-                        let addr = self.members[i].addr.clone();
-                        self.refuse(&addr, &why);
-                    }
-                    self.members[i].last_error = Some(why.clone());
-                    self.update_node(i, |n| {
-                        n.up = false;
-                        n.error = Some(why);
+            let addr = m.addr.clone();
+            let (cfg, head_id, ev) = (self.opts.link.clone(), self.head_id, self.ev_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name("sinew-join".into())
+                .spawn(move || {
+                    let result = Box::new(handshake(&addr, &cfg, head_id));
+                    let _ = ev.send(SupEv::Joined {
+                        member: i,
+                        addr,
+                        result,
                     });
-                    if !matches!(e, Error::Refused(_)) {
-                        self.next_address(i);
-                    }
+                });
+            let m = &mut self.members[i];
+            m.last_try = Some(Instant::now());
+            match spawned {
+                Ok(_) => m.joining = true,
+                Err(e) => {
+                    tracing::warn!(worker = %m.addr, error = %e, "no thread to join a worker from")
                 }
             }
         }
     }
 
-    fn connect(&mut self, i: usize) -> Result<()> {
-        let addr = self.members[i].addr.clone();
-        let mut cfg = self.opts.link.clone();
-        cfg.connect_timeout = Duration::from_millis(500);
-        let link = tcp::connect(addr.as_str(), &cfg)?;
-        let info = link.info().clone();
-        let (mut tx, rx) = link.split();
-        let mut rx = Rx::new(rx);
-        let mine = node::protocol_version();
-        crate::io::send(
-            &mut tx,
-            &Msg::HeadHello {
-                version: mine,
-                head_id: self.head_id,
-            },
-        )?;
-        let mut advert = match rx.recv(Deadline::after(Duration::from_secs(10)))? {
-            Msg::Advert(a) => a,
-            Msg::Refuse(why) => {
-                return Err(Error::Refused(format!("worker {addr} refused: {why}")));
+    /// A join attempt's outcome: the worker admitted, or the failure recorded (listed when the
+    /// worker answered but refused, its next address tried when it did not answer).
+    pub(super) fn joined(&mut self, i: usize, addr: String, result: Result<Handshaken>) {
+        let m = &mut self.members[i];
+        m.joining = false;
+        if m.addr != addr || m.up.is_some() || m.forgotten || m.duplicate {
+            // the member changed meanwhile: this link closes as it drops
+            return;
+        }
+        match result.and_then(|h| self.admit(i, h)) {
+            Ok(()) => {
+                self.dirty = true;
             }
-            other => return Err(Error::Protocol(format!("worker {addr} answered {other:?}"))),
-        };
-        if advert.version != mine {
-            let why = format!(
-                "protocol mismatch: the head speaks cluster protocol v{mine}, the worker at {addr} v{}",
-                advert.version
-            );
-            let _ = crate::io::send(&mut tx, &Msg::Refuse(why.clone()));
-            return Err(Error::Refused(why));
+            Err(Error::Refused(why))
+                if why.contains(&crate::worker::serving_already(self.head_id))
+                    && self.serves_as_another(i) =>
+            {
+                self.hide_duplicate(i);
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if self.members[i].last_error.as_deref() != Some(&why) {
+                    tracing::warn!(worker = %self.members[i].addr, error = %why, "worker not joined");
+                }
+                // a node that answers but will not be a member: listed with the reason
+                if matches!(
+                    e,
+                    Error::Refused(_) | Error::Transport(transport::Error::Handshake { .. })
+                ) {
+                    let addr = self.members[i].addr.clone();
+                    self.refuse(&addr, &why);
+                }
+                self.members[i].last_error = Some(why.clone());
+                self.update_node(i, |n| {
+                    n.up = false;
+                    n.error = Some(why);
+                });
+                if !matches!(e, Error::Refused(_)) {
+                    self.next_address(i);
+                }
+            }
         }
-        let (report, early_rates) =
-            crate::io::measure_join(&mut tx, &mut rx, crate::io::PROBE_BYTES)?;
-        if let Some(rates) = early_rates {
-            advert.speed = rates;
-        }
+    }
+
+    /// Makes a handshaken worker member `i`: its reader and pinger threads, its state.
+    fn admit(&mut self, i: usize, h: Handshaken) -> Result<()> {
+        let Handshaken {
+            tx,
+            rx,
+            info,
+            advert,
+            report,
+        } = h;
+        let addr = self.members[i].addr.clone();
         let (samples_tx, samples) = mpsc::channel();
         self.generation += 1;
         let generation = self.generation;

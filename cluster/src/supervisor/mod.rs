@@ -30,6 +30,8 @@ mod watch;
 
 /// Bytes per weights message.
 const CHUNK: usize = 4 << 20;
+/// How long joins under way may hold a plan up.
+const JOIN_HOLD: Duration = Duration::from_secs(3);
 
 /// What a worker's reader tells the supervisor.
 enum SupEv {
@@ -45,6 +47,12 @@ enum SupEv {
     },
     /// Discovery heard something.
     Heard(crate::discovery::Heard),
+    /// A join attempt at `addr` ended.
+    Joined {
+        member: usize,
+        addr: String,
+        result: Box<Result<join::Handshaken>>,
+    },
 }
 
 /// A connected worker.
@@ -74,6 +82,8 @@ struct Member {
     discovered: bool,
     /// Its last announcement (discovered members).
     last_heard: Instant,
+    /// A join attempt runs (on its own thread).
+    joining: bool,
     /// Left the state: discovered, then down and silent past `forget_after`.
     forgotten: bool,
     /// Left the state: discovered, but a worker that serves this head through another member
@@ -97,6 +107,7 @@ impl Member {
             last_error: None,
             discovered,
             last_heard: Instant::now(),
+            joining: false,
             forgotten: false,
             duplicate: false,
             benched_until: None,
@@ -132,6 +143,8 @@ pub(crate) struct Supervisor {
     retry_plan_at: Option<Instant>,
     stats: Arc<Mutex<crate::pipeline::PipelineStats>>,
     watch: watch::Watch,
+    /// Since when joins under way have held a plan up.
+    hold_since: Option<Instant>,
     /// When a refusal was last logged (milliseconds since the epoch): a flood from many
     /// sources logs a line a second.
     refusal_logged_ms: std::sync::atomic::AtomicU64,
@@ -186,6 +199,7 @@ impl Supervisor {
             stats,
             watch: watch::Watch::default(),
             refusal_logged_ms: std::sync::atomic::AtomicU64::new(0),
+            hold_since: None,
         })
     }
 
@@ -201,7 +215,15 @@ impl Supervisor {
             self.forget_departed();
             self.unbench();
             let retry_due = self.retry_plan_at.is_some_and(|t| Instant::now() >= t);
-            if self.dirty || retry_due {
+            // joins under way end first (a plan with the workers that answer, not one without
+            // them and another a moment later), but a slow one holds a plan up JOIN_HOLD at most
+            let holding = if self.members.iter().any(|m| m.joining) {
+                self.hold_since.get_or_insert_with(Instant::now).elapsed() < JOIN_HOLD
+            } else {
+                self.hold_since = None;
+                false
+            };
+            if (self.dirty || retry_due) && !holding {
                 self.dirty = false;
                 self.retry_plan_at = None;
                 if let Err(e) = self.replan() {
@@ -231,6 +253,11 @@ impl Supervisor {
     fn event(&mut self, ev: SupEv) {
         match ev {
             SupEv::Heard(h) => self.heard(h),
+            SupEv::Joined {
+                member,
+                addr,
+                result,
+            } => self.joined(member, addr, *result),
             SupEv::Gone {
                 member,
                 generation,
@@ -428,6 +455,15 @@ impl Supervisor {
                 }
                 SupEv::Heard(h) => {
                     self.heard(h);
+                    continue;
+                }
+                // a worker joining meanwhile: in the next plan
+                SupEv::Joined {
+                    member,
+                    addr,
+                    result,
+                } => {
+                    self.joined(member, addr, *result);
                     continue;
                 }
             };
