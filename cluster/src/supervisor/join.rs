@@ -92,7 +92,12 @@ impl Supervisor {
             let spawned = std::thread::Builder::new()
                 .name("sinew-join".into())
                 .spawn(move || {
-                    let result = Box::new(handshake(&addr, &cfg, head_id));
+                    // the outcome is always sent: a member is never left joining
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        handshake(&addr, &cfg, head_id)
+                    }))
+                    .unwrap_or_else(|_| Err(Error::Protocol("the join thread panicked".into())));
+                    let result = Box::new(result);
                     let _ = ev.send(SupEv::Joined {
                         member: i,
                         addr,
