@@ -444,6 +444,10 @@ fn listener(port: u16, v6: bool) -> std::io::Result<UdpSocket> {
     };
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
     s.set_reuse_address(true)?;
+    // BSD sockets share a port with SO_REUSEPORT (each gets every broadcast and multicast); on
+    // Linux SO_REUSEADDR does, and SO_REUSEPORT would split the loopback's unicasts between them
+    #[cfg(target_os = "macos")]
+    s.set_reuse_port(true)?;
     if v6 {
         s.set_only_v6(true)?;
     } else {
