@@ -161,6 +161,51 @@ mod tests {
         }
     }
 
+    fn any_addr() -> impl proptest::strategy::Strategy<Value = SocketAddr> {
+        use proptest::prelude::*;
+        let v4 = (any::<[u8; 4]>(), 1u16..).prop_map(|(o, p)| SocketAddr::from((o, p)));
+        let v4_loop = (any::<[u8; 3]>(), 1u16..)
+            .prop_map(|(o, p)| SocketAddr::from(([127, o[0], o[1], o[2]], p)));
+        let v6 = (any::<[u16; 8]>(), 1u16.., 0u32..8).prop_map(|(s, p, scope)| {
+            let ip = std::net::Ipv6Addr::from(s);
+            SocketAddr::V6(SocketAddrV6::new(ip, p, 0, scope))
+        });
+        let v6_ll = (any::<[u16; 4]>(), 1u16.., 0u32..8).prop_map(|(s, p, scope)| {
+            let ip = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, s[0], s[1], s[2], s[3]);
+            SocketAddr::V6(SocketAddrV6::new(ip, p, 0, scope))
+        });
+        let v6_loop = (1u16..).prop_map(|p| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p)));
+        prop_oneof![v4, v4_loop, v6, v6_ll, v6_loop]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_remote_worker_is_never_told_a_loopback_or_a_foreign_scope(
+            next in any_addr(), from in any_addr(), via in any_addr()
+        ) {
+            let got: SocketAddr = next_for(&next.to_string(), &from.to_string(), Some(via))
+                .parse()
+                .expect("a socket address in, a socket address out");
+            // the port is always the next stage's
+            proptest::prop_assert_eq!(got.port(), next.port());
+            if from.ip().is_loopback() {
+                proptest::prop_assert_eq!(got, next);
+            } else {
+                if !via.ip().is_loopback() {
+                    proptest::prop_assert!(!got.ip().is_loopback(), "{} for {}", got, from);
+                }
+                if let SocketAddr::V6(v6) = got
+                    && is_link_local(&got.ip())
+                {
+                    proptest::prop_assert_eq!(v6.scope_id(), 0);
+                }
+                // the worker's own scope makes it dialable again, and nothing else changes
+                let scoped = with_scope(&got.to_string(), Some(from)).parse::<SocketAddr>().unwrap();
+                proptest::prop_assert_eq!(scoped.ip(), got.ip());
+            }
+        }
+    }
+
     #[test]
     fn link_local_is_fe80_slash_10() {
         assert!(is_link_local(&"fe80::1".parse().unwrap()));
