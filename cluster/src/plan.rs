@@ -438,15 +438,23 @@ fn does_not_fit(
 
 impl fmt::Display for StagePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // as wide as the longest node name (an IPv6 address with its scope is)
+        let w = self
+            .names
+            .iter()
+            .map(|n| n.len())
+            .max()
+            .unwrap_or(0)
+            .max(24);
         writeln!(
             f,
-            "{:<6} {:<24} {:>10} {:>11} {:>11} {:>11} {:>11}",
+            "{:<6} {:<w$} {:>10} {:>11} {:>11} {:>11} {:>11}",
             "stage", "node", "layers", "weights", "kv cache", "activations", "usable"
         )?;
         for (i, s) in self.stages.iter().enumerate() {
             writeln!(
                 f,
-                "{:<6} {:<24} {:>10} {:>11} {:>11} {:>11} {:>11}",
+                "{:<6} {:<w$} {:>10} {:>11} {:>11} {:>11} {:>11}",
                 i,
                 self.names[s.node],
                 format!("{}..{}", s.layers.start, s.layers.end),
@@ -558,6 +566,25 @@ mod tests {
                 prop_assert!((s.layers.len() as i64 - per as i64).abs() <= 1, "{:?}", p.stages);
             }
         }
+    }
+
+    #[test]
+    fn the_table_widens_for_a_long_node_name() {
+        let l = layout(vec![10 << 20; 4], 1 << 20, 1 << 20);
+        let nodes =
+            ["head (vm)", "[fe80::fc:ff:fe00:1%4]:17471", "10.0.0.7:7471"].map(|n| NodeBudget {
+                name: n.into(),
+                usable: 1 << 30,
+            });
+        let text = StagePlan::place(&l, &nodes, serving()).unwrap().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        // header and stages: fixed columns, so one width; the names are whole
+        let widths: Vec<usize> = lines[..lines.len() - 1]
+            .iter()
+            .map(|l| l.chars().count())
+            .collect();
+        assert!(widths.windows(2).all(|w| w[0] == w[1]), "{text}");
+        assert!(text.contains("[fe80::fc:ff:fe00:1%4]:17471 "), "{text}");
     }
 
     #[test]

@@ -261,13 +261,21 @@ pub fn status_table(v: &serde_json::Value) -> String {
             .map(|d| format!(" ({d})"))
             .unwrap_or_default()
     ));
+    // as wide as the longest address (an IPv6 one with its scope is)
+    let w = s
+        .nodes
+        .iter()
+        .map(|n| n.addr.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     out.push_str(&format!(
-        "{:<24} {:<14} {:>4} {:>8} {:>10} {:>10} {:>5} {:>7} {:>10}\n",
+        "{:<w$} {:<14} {:>4} {:>8} {:>10} {:>10} {:>5} {:>7} {:>10}\n",
         "node", "host", "up", "layers", "mem total", "mem avail", "cores", "link", "rtt µs"
     ));
     for n in &s.nodes {
         out.push_str(&format!(
-            "{:<24} {:<14} {:>4} {:>8} {:>10} {:>10} {:>5} {:>7} {:>10}\n",
+            "{:<w$} {:<14} {:>4} {:>8} {:>10} {:>10} {:>5} {:>7} {:>10}\n",
             n.addr,
             n.hostname,
             if n.up { "yes" } else { "no" },
