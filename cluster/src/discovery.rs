@@ -302,29 +302,34 @@ pub const GROUP_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x114);
 /// How often a listener looks for interfaces that came up, to join the IPv6 group on them.
 const REJOIN_EVERY: Duration = Duration::from_secs(5);
 
-/// The indices of the interfaces that are up, can multicast, are not the loopback, and have an
-/// IPv6 address (each once).
-fn multicast_v6_interfaces() -> Vec<u32> {
+/// The host's interface addresses (none where they cannot be read).
+fn interfaces() -> Vec<nix::ifaddrs::InterfaceAddress> {
+    nix::ifaddrs::getifaddrs()
+        .map(Iterator::collect)
+        .unwrap_or_default()
+}
+
+/// The indices of the interfaces in `ifs` that are up, can multicast, are not the loopback, and
+/// have an IPv6 address (each once).
+fn multicast_v6_interfaces(ifs: &[nix::ifaddrs::InterfaceAddress]) -> Vec<u32> {
     use nix::net::if_::InterfaceFlags as F;
     let mut out = Vec::new();
-    if let Ok(ifs) = nix::ifaddrs::getifaddrs() {
-        for i in ifs {
-            let has_v6 = i
-                .address
-                .as_ref()
-                .is_some_and(|a| a.as_sockaddr_in6().is_some());
-            if !has_v6
-                || !i.flags.contains(F::IFF_UP)
-                || !i.flags.contains(F::IFF_MULTICAST)
-                || i.flags.contains(F::IFF_LOOPBACK)
-            {
-                continue;
-            }
-            if let Ok(index) = nix::net::if_::if_nametoindex(i.interface_name.as_str())
-                && !out.contains(&index)
-            {
-                out.push(index);
-            }
+    for i in ifs {
+        let has_v6 = i
+            .address
+            .as_ref()
+            .is_some_and(|a| a.as_sockaddr_in6().is_some());
+        if !has_v6
+            || !i.flags.contains(F::IFF_UP)
+            || !i.flags.contains(F::IFF_MULTICAST)
+            || i.flags.contains(F::IFF_LOOPBACK)
+        {
+            continue;
+        }
+        if let Ok(index) = nix::net::if_::if_nametoindex(i.interface_name.as_str())
+            && !out.contains(&index)
+        {
+            out.push(index);
         }
     }
     out
@@ -335,36 +340,36 @@ fn multicast_v6_interfaces() -> Vec<u32> {
 /// cluster on a host with no network). A head hears a worker first at an address other hosts can
 /// reach too.
 pub fn destinations(port: u16) -> Vec<SocketAddr> {
+    // one walk of the interfaces for both families
+    let ifs = interfaces();
     let mut out = Vec::new();
-    if let Ok(ifs) = nix::ifaddrs::getifaddrs() {
-        for i in ifs {
-            if !i
-                .flags
-                .contains(nix::net::if_::InterfaceFlags::IFF_BROADCAST)
-                || !i.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
-            {
-                continue;
-            }
-            let v4 = |a: Option<&nix::sys::socket::SockaddrStorage>| {
-                a.and_then(|a| a.as_sockaddr_in()).map(|a| a.ip())
-            };
-            // the interface's broadcast address, or one computed from its address and mask
-            // (an address added without one)
-            let b = v4(i.broadcast.as_ref())
-                .filter(|b| !b.is_unspecified())
-                .or_else(|| {
-                    let (a, m) = (v4(i.address.as_ref())?, v4(i.netmask.as_ref())?);
-                    Some(Ipv4Addr::from(u32::from(a) | !u32::from(m)))
-                });
-            if let Some(b) = b {
-                let a = SocketAddr::new(IpAddr::V4(b), port);
-                if !out.contains(&a) {
-                    out.push(a);
-                }
+    for i in &ifs {
+        if !i
+            .flags
+            .contains(nix::net::if_::InterfaceFlags::IFF_BROADCAST)
+            || !i.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+        {
+            continue;
+        }
+        let v4 = |a: Option<&nix::sys::socket::SockaddrStorage>| {
+            a.and_then(|a| a.as_sockaddr_in()).map(|a| a.ip())
+        };
+        // the interface's broadcast address, or one computed from its address and mask
+        // (an address added without one)
+        let b = v4(i.broadcast.as_ref())
+            .filter(|b| !b.is_unspecified())
+            .or_else(|| {
+                let (a, m) = (v4(i.address.as_ref())?, v4(i.netmask.as_ref())?);
+                Some(Ipv4Addr::from(u32::from(a) | !u32::from(m)))
+            });
+        if let Some(b) = b {
+            let a = SocketAddr::new(IpAddr::V4(b), port);
+            if !out.contains(&a) {
+                out.push(a);
             }
         }
     }
-    for index in multicast_v6_interfaces() {
+    for index in multicast_v6_interfaces(&ifs) {
         out.push(SocketAddr::V6(SocketAddrV6::new(GROUP_V6, port, 0, index)));
     }
     out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
@@ -460,7 +465,7 @@ fn listener(port: u16, v6: bool) -> std::io::Result<UdpSocket> {
 
 /// Joins [`GROUP_V6`] on the IPv6 interfaces not joined yet.
 fn join_new(sock: &UdpSocket, joined: &mut Vec<u32>) {
-    for index in multicast_v6_interfaces() {
+    for index in multicast_v6_interfaces(&interfaces()) {
         if joined.contains(&index) {
             continue;
         }
